@@ -1,0 +1,139 @@
+"""Command line: check history files for linearizability.
+
+    python -m jepsen_like.check [--format jsonl|jepsen-etcd|kv] [--model register|kv]
+                                [--timeout-s S] [--workers N] [--report-dir DIR] FILE...
+
+Prints one line per file, ``FILE: linearizable`` / ``not linearizable`` /
+``unknown``, and exits 0 if every file is linearizable, 1 if any is not, 2 if
+any is unknown (and none is not).  A file that cannot be read counts as
+unknown (its error goes to stderr): the checker could not vouch for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from jepsen_like.checker import (
+    FORMATS,
+    LINEARIZABLE,
+    NOT_LINEARIZABLE,
+    UNKNOWN,
+    KvModel,
+    Model,
+    RegisterModel,
+    check,
+    model_for_fs,
+    read_history,
+)
+from jepsen_like.checker.report import write_html_report
+
+EXIT_CODES = {LINEARIZABLE: 0, NOT_LINEARIZABLE: 1, UNKNOWN: 2}
+
+
+def choose_model(name: str | None, fmt: str, fs: set[str]) -> Model:
+    """The model for a file: as asked, else by format (and functions used).
+
+    The ``kv`` corpus reads a never-written key as ``""``, kvsvr as nil.
+    """
+    missing = "" if fmt == "kv" else None
+    if name == "register":
+        return RegisterModel()
+    if name == "kv":
+        return KvModel(missing=missing)
+    if fmt == "jepsen-etcd":
+        return RegisterModel()
+    if fmt == "kv":
+        return KvModel(missing="")
+    return model_for_fs(fs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jepsen_like.check",
+        description="Check histories for linearizability (exit 0: all linearizable, "
+        "1: some not, 2: some unknown).",
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", type=Path)
+    parser.add_argument(
+        "--format", choices=FORMATS, help="history format (default: detected per file)"
+    )
+    parser.add_argument(
+        "--model",
+        choices=("register", "kv"),
+        help="model (default: register for jepsen-etcd, kv for kv, "
+        "register for jsonl unless it uses get/put/append/delete)",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="time budget per file in seconds; past it the verdict is unknown (default 60)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="worker processes for hard keys (default 2)"
+    )
+    parser.add_argument(
+        "--report-dir",
+        type=Path,
+        metavar="DIR",
+        help="write an HTML report FILE.html here for each file that is not linearizable",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="details (bad keys, timings) on stderr"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    verdicts: list[str] = []
+    for path in args.files:
+        try:
+            history, fmt = read_history(path, args.format)
+            model = choose_model(args.model, fmt, {op.f for op in history})
+            result = check(history, model, timeout_s=args.timeout_s, workers=args.workers)
+        except (OSError, ValueError) as exc:
+            print(f"{path}: {UNKNOWN}", flush=True)
+            print(f"{path}: error: {exc}", file=sys.stderr)
+            verdicts.append(UNKNOWN)
+            continue
+        verdicts.append(result.verdict)
+        print(f"{path}: {result.verdict}", flush=True)
+        if args.verbose:
+            print(
+                f"{path}: {fmt}, {model.name} model, {len(result.keys)} key(s), "
+                f"{result.elapsed_s:.3f} s",
+                file=sys.stderr,
+            )
+            for key in result.bad_keys:
+                key_result = result.keys[key]
+                print(
+                    f"{path}:   key {key!r}: not linearizable, longest linearizable prefix "
+                    f"{len(key_result.prefix)} of {len(key_result.ops)} ops, "
+                    f"breaks at op {key_result.failed_op}",
+                    file=sys.stderr,
+                )
+            for key in result.unknown_keys:
+                print(f"{path}:   key {key!r}: unknown (time budget)", file=sys.stderr)
+        if args.report_dir is not None and result.verdict == NOT_LINEARIZABLE:
+            args.report_dir.mkdir(parents=True, exist_ok=True)
+            report = write_html_report(
+                result, args.report_dir / f"{path.name}.html", title=str(path)
+            )
+            print(f"{path}: report {report}", file=sys.stderr)
+    combined = (
+        NOT_LINEARIZABLE
+        if NOT_LINEARIZABLE in verdicts
+        else UNKNOWN
+        if UNKNOWN in verdicts
+        else LINEARIZABLE
+    )
+    return EXIT_CODES[combined]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Sequential specifications the checker searches against.
+
+A model is a pure function ``step(state, op) -> (ok, new_state)`` plus an
+initial state.  Purity and hashable states are what make Lowe's memo sound:
+the search identifies a configuration by (set of linearized operations,
+state), so two paths reaching the same pair are interchangeable.
+
+Models here describe *one key*: the checker splits a history per key first
+(P-compositionality), so a key-value map is checked as many independent
+single-key models.
+
+Operations of unknown outcome need no special case in a model: the search
+only tries to linearize them when ``step`` says they can succeed in the
+current state, and is free to leave them out (a cas whose comparison fails
+then is the same as a cas that never happened).
+
+Besides ``step``, a model offers two optional accelerations (see
+:class:`BaseModel` for the neutral defaults):
+
+* ``read_reachable`` lets the search drop a configuration from which a read
+  that must come next can no longer succeed;
+* ``specialize`` returns a version of the model for one key's operations that
+  merges states no operation can ever tell apart, so the memo recognises
+  them as one.  The built-in models merge values that no read returns and no
+  cas expects (nor extends to one, by appending): after concurrent blind
+  appends that a later put overwrites, every order of them is one state
+  instead of k! different strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any, Protocol
+
+
+class OpLike(Protocol):
+    """What a model looks at: the function and the (frozen) value."""
+
+    @property
+    def f(self) -> str: ...
+
+    @property
+    def value(self) -> Any: ...
+
+
+class Model(Protocol):
+    """A sequential specification of one key.
+
+    ``fs`` lists the functions the model understands (the checker rejects
+    others up front rather than calling every history non-linearizable);
+    ``read_fs`` lists those that never change the state, which lets the
+    checker drop reads whose result is unknown (they constrain nothing) and
+    linearize a fitting read as early as possible.
+
+    ``step`` must depend on the operation's ``f`` and ``value`` only: the
+    search treats unknown-outcome operations with equal ``(f, value)`` as
+    interchangeable.  ``describe`` renders a state for reports.
+    """
+
+    name: str
+    fs: frozenset[str]
+    read_fs: frozenset[str]
+
+    def init(self) -> Hashable: ...
+
+    def step(self, state: Any, op: OpLike) -> tuple[bool, Any]: ...
+
+    def describe(self, state: Any) -> str: ...
+
+    def read_reachable(self, state: Any, read: OpLike, changers: Sequence[OpLike]) -> bool: ...
+
+    def specialize(self, ops: Sequence[OpLike]) -> Model: ...
+
+
+class BaseModel:
+    """Neutral defaults for the optional parts of :class:`Model`."""
+
+    name = "model"
+    fs: frozenset[str] = frozenset()
+    read_fs: frozenset[str] = frozenset()
+
+    def init(self) -> Hashable:
+        return None
+
+    def step(self, state: Any, op: OpLike) -> tuple[bool, Any]:
+        raise NotImplementedError
+
+    def describe(self, state: Any) -> str:
+        return repr(state)
+
+    def read_reachable(self, state: Any, read: OpLike, changers: Sequence[OpLike]) -> bool:
+        """Could some order of some of ``changers`` make ``read`` succeed?
+
+        ``changers`` are the state-changing operations that may still come
+        before ``read``.  ``True`` is always a safe answer; ``False`` must be
+        certain, since the search then abandons the configuration.
+        """
+        return True
+
+    def specialize(self, ops: Sequence[OpLike]) -> Model:
+        """A model for exactly these operations, free to merge states they
+        cannot distinguish.  The default merges nothing."""
+        return self
+
+
+class _Unobserved:
+    """A state no remaining operation can tell from another of its kind.
+
+    ``kind`` keeps what an append needs to know (string, list or other value)
+    so that merging never changes which operations succeed.
+    """
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"<unobserved {self.kind}>"
+
+    def __reduce__(self) -> str:
+        return f"UNOBSERVED_{self.kind.upper()}"
+
+
+UNOBSERVED_STR = _Unobserved("str")
+UNOBSERVED_LIST = _Unobserved("list")
+UNOBSERVED_OTHER = _Unobserved("other")
+
+
+def _unobserved(value: Any) -> _Unobserved:
+    if isinstance(value, str):
+        return UNOBSERVED_STR
+    if isinstance(value, tuple):
+        return UNOBSERVED_LIST
+    return UNOBSERVED_OTHER
+
+
+def _prefixes(value: Any) -> list[Any]:
+    """The value and everything appending could grow into it."""
+    if isinstance(value, str | tuple):
+        return [value[:i] for i in range(len(value) + 1)]
+    return [value]
+
+
+def _show(value: Any) -> str:
+    return "nil" if value is None else repr(value)
+
+
+class RegisterModel(BaseModel):
+    """A single register: ``read`` / ``write`` / ``cas``, starting at nil.
+
+    ``cas`` carries ``[expected, new]``; a successful (``ok``) cas means the
+    register held ``expected``, as in Jepsen's etcd and Knossos.
+    """
+
+    name = "register"
+    fs = frozenset({"read", "write", "cas"})
+    read_fs = frozenset({"read"})
+
+    def __init__(self, observed: frozenset[Any] | None = None) -> None:
+        #: Values some read returns or some cas expects; others are merged.
+        self.observed = observed
+
+    def _canon(self, value: Any) -> Any:
+        observed = self.observed
+        if observed is None or value is None or value in observed:
+            return value
+        return _unobserved(value)
+
+    def step(self, state: Any, op: OpLike) -> tuple[bool, Any]:
+        f = op.f
+        if f == "read":
+            return state == op.value, state
+        if f == "write":
+            return True, self._canon(op.value)
+        if f == "cas":
+            expected, new = op.value
+            if state == expected:
+                return True, self._canon(new)
+            return False, state
+        raise ValueError(f"register model has no function {f!r}")
+
+    def describe(self, state: Any) -> str:
+        return _show(state)
+
+    def read_reachable(self, state: Any, read: OpLike, changers: Sequence[OpLike]) -> bool:
+        """The value read must be the current one or be written by a changer."""
+        target = read.value
+        if state == target:
+            return True
+        for op in changers:
+            if op.f == "write" and op.value == target:
+                return True
+            if op.f == "cas" and op.value[1] == target:
+                return True
+        return False
+
+    def specialize(self, ops: Sequence[OpLike]) -> Model:
+        observed: set[Any] = set()
+        for op in ops:
+            if op.f == "read":
+                observed.add(op.value)
+            elif op.f == "cas":
+                observed.add(op.value[0])
+        return RegisterModel(frozenset(observed))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RegisterModel) and other.observed == self.observed
+
+    def __hash__(self) -> int:
+        return hash((RegisterModel, self.observed))
+
+    def __repr__(self) -> str:
+        return "RegisterModel()"
+
+
+class KvModel(BaseModel):
+    """One key of a key-value map: ``get`` / ``put`` / ``append`` / ``delete``.
+
+    The state is the key's value, ``None`` while the key is absent (initially
+    and after ``delete``).  ``missing`` is what a ``get`` of an absent key
+    returns: ``None`` for kvsvr, ``""`` for the ``kv`` corpus files.  ``append``
+    concatenates a string to a string value (absent counts as ``""``); any
+    other appended value is added as one element of a list (Jepsen's
+    list-append).  The register functions ``read`` / ``write`` / ``cas`` are
+    accepted as aliases so that one model covers kvsvr histories that mix
+    them (``cas [nil v]`` succeeds on an absent key).
+    """
+
+    name = "kv"
+    fs = frozenset({"get", "put", "append", "delete", "read", "write", "cas"})
+    read_fs = frozenset({"get", "read"})
+
+    def __init__(self, missing: Any = None, observed: frozenset[Any] | None = None) -> None:
+        self.missing = missing
+        #: Values (and prefixes of values) some get returns or some cas
+        #: expects; others are merged into one unobserved state per kind.
+        self.observed = observed
+
+    def _canon(self, value: Any) -> Any:
+        observed = self.observed
+        if observed is None or value is None or value in observed:
+            return value
+        return _unobserved(value)
+
+    def step(self, state: Any, op: OpLike) -> tuple[bool, Any]:
+        f = op.f
+        if f == "get" or f == "read":
+            current = self.missing if state is None else state
+            return current == op.value, state
+        if f == "put" or f == "write":
+            return True, self._canon(op.value)
+        if f == "append":
+            value = op.value
+            if isinstance(value, str):
+                if state is None:
+                    return True, self._canon(value)
+                if state is UNOBSERVED_STR:
+                    return True, state  # a longer unobserved string stays unobserved
+                if not isinstance(state, str):
+                    return False, state
+                return True, self._canon(state + value)
+            if state is None:
+                return True, self._canon((value,))
+            if state is UNOBSERVED_LIST:
+                return True, state
+            if not isinstance(state, tuple):
+                return False, state
+            return True, self._canon((*state, value))
+        if f == "delete":
+            return True, None
+        if f == "cas":
+            expected, new = op.value
+            current = self.missing if state is None and expected is not None else state
+            if current == expected:
+                return True, self._canon(new)
+            return False, state
+        raise ValueError(f"kv model has no function {f!r}")
+
+    def describe(self, state: Any) -> str:
+        return "(absent)" if state is None else repr(state)
+
+    def read_reachable(self, state: Any, read: OpLike, changers: Sequence[OpLike]) -> bool:
+        """Whatever the order, the value ends as the last reset plus appends.
+
+        A reset is the current state, a put/write, a delete or a cas's new
+        value; after the last one only appends remain.  So the value read
+        must equal a reset or, if appends are pending, extend one.
+        """
+        target = read.value
+        bases: list[Any] = [state]
+        has_append = False
+        for op in changers:
+            f = op.f
+            if f == "append":
+                has_append = True
+            elif f == "put" or f == "write":
+                bases.append(op.value)
+            elif f == "delete":
+                bases.append(None)
+            elif f == "cas":
+                bases.append(op.value[1])
+        missing = self.missing
+        for base in bases:
+            if (missing if base is None else base) == target:
+                return True
+            if has_append and _extends(base, target):
+                return True
+        return False
+
+    def specialize(self, ops: Sequence[OpLike]) -> Model:
+        observed: set[Any] = set()
+        for op in ops:
+            if op.f == "get" or op.f == "read":
+                observed.update(_prefixes(op.value))
+            elif op.f == "cas":
+                observed.update(_prefixes(op.value[0]))
+        return KvModel(self.missing, frozenset(observed))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, KvModel)
+            and other.missing == self.missing
+            and other.observed == self.observed
+        )
+
+    def __hash__(self) -> int:
+        return hash((KvModel, self.missing, self.observed))
+
+    def __repr__(self) -> str:
+        return f"KvModel(missing={self.missing!r})"
+
+
+def _extends(base: Any, target: Any) -> bool:
+    """Could appending to ``base`` give ``target``?  (``None``: absent, empty.)"""
+    if isinstance(target, str):
+        return base is None or (isinstance(base, str) and target.startswith(base))
+    if isinstance(target, tuple):
+        return base is None or (isinstance(base, tuple) and target[: len(base)] == base)
+    return False
+
+
+REGISTER_FS = RegisterModel.fs
+
+
+def model_for_fs(fs: set[str] | frozenset[str]) -> Model:
+    """The default model for a history using functions ``fs``.
+
+    A register when only read/write/cas appear, else the key-value model.
+    """
+    if fs <= REGISTER_FS:
+        return RegisterModel()
+    return KvModel()

@@ -1,0 +1,235 @@
+"""One simulated run: clients, a register workload, a seeded nemesis, a history.
+
+`simulate(seed)` builds a `World`, lets client processes issue read / write /
+cas operations on a few keys while the nemesis partitions the network and
+crashes and restarts nodes, then heals everything and reads every key one
+last time. The result carries the history (Jepsen-style operation dicts) for
+the checker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jepsen_like.sim.world import NetworkFaults, World
+from kvsvr.protocol.coordinator import Mutation, Outcome
+
+
+@dataclass
+class SimConfig:
+    nodes: int = 3
+    keys: int = 3
+    processes: int = 6
+    operations: int = 500
+    loss: float = 0.05
+    duplication: float = 0.05
+    delay_min_s: float = 0.0005
+    delay_max_s: float = 0.01
+    # Mean gap between nemesis actions, and how long a fault lasts, in simulated seconds.
+    nemesis_every_s: float = 0.15
+    fault_duration_s: float = 0.3
+    # Chance a client sends to a random node rather than the key's preferred one.
+    stray_coordinator: float = 0.3
+
+
+@dataclass
+class SimResult:
+    seed: int
+    history: list[dict[str, Any]]
+    faults: list[str] = field(default_factory=list)
+    messages: int = 0
+    sim_time_s: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _decode(value: bytes | None) -> int | None:
+    return None if value is None else int(value)
+
+
+class _Client:
+    """One client thread: issues operations one after another."""
+
+    def __init__(self, run: _Run, thread: int) -> None:
+        self.run = run
+        self.thread = thread
+        self.process = thread
+        # value -> version this client last saw it at, per key (for cas).
+        self.seen: dict[bytes, tuple[int | None, int]] = {}
+
+    def next_op(self) -> None:
+        run = self.run
+        if run.issued >= run.config.operations:
+            return
+        run.issued += 1
+        world = run.world
+        rng = run.rng
+        key_index = rng.randrange(run.config.keys)
+        key = f"k{key_index}".encode()
+        node = run.preferred_node(key)
+        if rng.random() < run.config.stray_coordinator:
+            node = rng.choice(world.replicas)
+        roll = rng.random()
+        if roll < 0.4:
+            self._invoke("read", key, None)
+            world.read(node, key, lambda o: self._done_read(key, o))
+        elif roll < 0.75:
+            run.next_value += 1
+            value = run.next_value
+            self._invoke("write", key, value)
+            world.write(
+                node, key, Mutation(str(value).encode()), lambda o: self._done_write(key, value, o)
+            )
+        else:
+            run.next_value += 1
+            new = run.next_value
+            expected, version = self.seen.get(key, (None, 0))
+            self._invoke("cas", key, [expected, new])
+            world.write(
+                node,
+                key,
+                Mutation(str(new).encode(), if_version=version),
+                lambda o: self._done_cas(key, expected, new, o),
+            )
+
+    def _invoke(self, f: str, key: bytes, value: Any) -> None:
+        self.run.record(self.process, "invoke", f, key, value)
+
+    def _complete(self, kind: str, f: str, key: bytes, value: Any) -> None:
+        self.run.record(self.process, kind, f, key, value)
+        if kind == "info":
+            # As in Jepsen: a process whose operation is in doubt is retired.
+            self.process += self.run.config.processes
+        self.run.world.at(self.run.rng.uniform(0, 0.002), self.next_op)
+
+    def _done_read(self, key: bytes, outcome: Outcome | None) -> None:
+        if outcome is None or outcome.status != "ok":
+            self._complete("fail", "read", key, None)  # a read that failed changed nothing
+            return
+        value = _decode(outcome.value)
+        self.seen[key] = (value, outcome.version)
+        self._complete("ok", "read", key, value)
+
+    def _done_write(self, key: bytes, value: int, outcome: Outcome | None) -> None:
+        if outcome is None or outcome.status != "ok":
+            self._complete("info", "write", key, value)
+            return
+        self.seen[key] = (value, outcome.version)
+        self._complete("ok", "write", key, value)
+
+    def _done_cas(
+        self, key: bytes, expected: int | None, new: int, outcome: Outcome | None
+    ) -> None:
+        if outcome is None or outcome.status == "unavailable":
+            self._complete("info", "cas", key, [expected, new])
+        elif outcome.status == "conflict":
+            self._complete("fail", "cas", key, [expected, new])
+        else:
+            self.seen[key] = (new, outcome.version)
+            self._complete("ok", "cas", key, [expected, new])
+
+
+class _Run:
+    def __init__(self, seed: int, config: SimConfig, trace: Callable[[str], None] | None) -> None:
+        self.config = config
+        faults = NetworkFaults(
+            delay_min_s=config.delay_min_s,
+            delay_max_s=config.delay_max_s,
+            loss=config.loss,
+            duplication=config.duplication,
+        )
+        self.world = World(seed, config.nodes, faults, trace)
+        self.rng = self.world.rng
+        self.history: list[dict[str, Any]] = []
+        self.issued = 0
+        self.next_value = 0
+        self.faults: list[str] = []
+
+    def preferred_node(self, key: bytes) -> int:
+        replicas = self.world.replicas
+        return replicas[sum(key) % len(replicas)]
+
+    def record(self, process: int, kind: str, f: str, key: bytes, value: Any) -> None:
+        self.history.append(
+            {
+                "process": process,
+                "type": kind,
+                "f": f,
+                "key": key.decode(),
+                "value": value,
+                "time": int(self.world.now_s * 1e9),
+                "index": len(self.history),
+            }
+        )
+        self.world.log(f"p{process} {kind} {f} {key.decode()} {value}")
+
+    def nemesis(self) -> None:
+        if self.issued >= self.config.operations:
+            return
+        world = self.world
+        rng = self.rng
+        action = rng.choice(["partition", "crash", "isolate", "none"])
+        nodes = list(world.replicas)
+        if action == "partition":
+            rng.shuffle(nodes)
+            cut = rng.randrange(1, len(nodes))
+            groups = [set(nodes[:cut]), set(nodes[cut:])]
+            world.partition(groups)
+            world.at(self.config.fault_duration_s, world.heal)
+            self.faults.append(f"{world.now_s:.3f} partition {groups}")
+        elif action == "isolate":
+            victim = rng.choice(nodes)
+            world.partition([{victim}, set(nodes) - {victim}])
+            world.at(self.config.fault_duration_s, world.heal)
+            self.faults.append(f"{world.now_s:.3f} isolate n{victim}")
+        elif action == "crash":
+            victim = rng.choice(nodes)
+            world.crash(victim)
+            world.at(self.config.fault_duration_s, lambda: world.restart(victim))
+            self.faults.append(f"{world.now_s:.3f} crash n{victim}")
+        world.at(rng.expovariate(1 / self.config.nemesis_every_s), self.nemesis)
+
+
+def simulate(
+    seed: int, config: SimConfig | None = None, trace: Callable[[str], None] | None = None
+) -> SimResult:
+    config = config or SimConfig()
+    run = _Run(seed, config, trace)
+    world = run.world
+    clients = [_Client(run, thread) for thread in range(config.processes)]
+    for client in clients:
+        world.at(run.rng.uniform(0, 0.001), client.next_op)
+    world.at(config.nemesis_every_s, run.nemesis)
+    world.run_until_idle()
+    # Heal, bring every node back, and read every key once more.
+    world.heal()
+    for node_id in world.replicas:
+        world.restart(node_id)
+    final_process = 10**6
+    for key_index in range(config.keys):
+        key = f"k{key_index}".encode()
+        final_process += 1
+        process = final_process
+        run.record(process, "invoke", "read", key, None)
+
+        def done(outcome: Outcome | None, key: bytes = key, process: int = process) -> None:
+            if outcome is None or outcome.status != "ok":
+                run.record(process, "fail", "read", key, None)
+            else:
+                run.record(process, "ok", "read", key, _decode(outcome.value))
+
+        world.read(run.preferred_node(key), key, done)
+        world.run_until_idle()
+    counts: dict[str, int] = {}
+    for op in run.history:
+        if op["type"] != "invoke":
+            counts[op["type"]] = counts.get(op["type"], 0) + 1
+    return SimResult(
+        seed=seed,
+        history=run.history,
+        faults=run.faults,
+        messages=world.messages_sent,
+        sim_time_s=world.now_s,
+        counts=counts,
+    )

@@ -1,0 +1,1 @@
+"""kvsvr: a distributed, strongly consistent key-value store."""

@@ -1,0 +1,645 @@
+"""RPC over TCP with trio: one connection carries many requests at once.
+
+The client side is `connect` + `RpcConnection`; the server side is `serve` with
+a `Handler`. Both sides run the same shape on a connection: a receive loop
+that decodes frames and dispatches them, and a send loop that writes, in one
+`send_all`, every frame queued since its previous write (so the messages bound
+for one peer are batched). Everything that runs in the background lives in a
+nursery; every queue and count has a limit below.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Protocol
+
+import trio
+
+from kvsvr.errors import AuthenticationFailed, FrameError, KvsvrError, Unavailable
+from kvsvr.net.auth import ClientHandshake, ServerHandshake
+from kvsvr.net.framing import FEED_BYTES_MAX, FrameDecoder, encode_frame
+from kvsvr.net.messages import (
+    CONNECTION_REQUEST_ID,
+    OneWay,
+    Reply,
+    Request,
+    encode_message,
+    error_reply,
+    error_reply_for,
+    from_wire,
+    ok_reply,
+)
+
+logger = logging.getLogger(__name__)
+
+# --- limits -------------------------------------------------------------------
+
+# Bytes asked of the socket per read: what the frame decoder is sized to take.
+RECEIVE_BYTES_MAX: Final = FEED_BYTES_MAX
+
+# Frames waiting for a connection's send loop. A full queue makes `request` and
+# handler replies wait (backpressure) and makes `send_oneway` drop, so a slow or
+# stuck peer costs a bounded amount of memory.
+OUTGOING_FRAMES_MAX: Final = 1024
+
+# Bytes waiting for a connection's send loop: 8 MiB keeps a 10 Gbit/s link busy
+# for several milliseconds of round trip, and bounds memory per peer. A single
+# frame is always admitted to an empty queue, even one of `MAX_FRAME_BYTES`.
+OUTGOING_BYTES_MAX: Final = 8 * 1024 * 1024
+
+# Bytes joined into one `send_all`: enough to carry hundreds of small messages
+# per system call, little enough that joining them is a cheap copy. A frame
+# larger than this is sent on its own.
+SEND_BATCH_BYTES_MAX: Final = 1024 * 1024
+
+# Requests one client connection keeps outstanding. Past it, `request` waits for
+# a reply to free a slot, so a caller in a loop cannot build an unbounded table
+# of waiters (or flood the server).
+REQUESTS_IN_FLIGHT_MAX: Final = 1024
+
+# Requests one server connection runs at once. Past it the server stops reading
+# that connection until a handler finishes: TCP flow control then pushes back on
+# the client instead of the server queueing work without limit.
+SERVER_REQUESTS_IN_FLIGHT_MAX: Final = 256
+
+# Connections one server holds. Each costs buffers and tasks; past the limit new
+# connections are closed at once rather than degrading every existing one.
+SERVER_CONNECTIONS_MAX: Final = 1024
+
+# Time a new connection gets to authenticate, so a peer that connects and then
+# stays silent does not hold a connection slot forever.
+HANDSHAKE_TIMEOUT_S: Final = 5.0
+
+# Time a closing server connection gets to flush its last replies (such as the
+# error about a bad frame) to a peer that may not be reading.
+CLOSE_FLUSH_TIMEOUT_S: Final = 1.0
+
+
+# --- shared machinery -----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    frames_sent: int = 0
+    send_calls: int = 0  # one per coalesced batch: frames_sent / send_calls is the batching
+    oneway_dropped: int = 0
+
+
+class _OutgoingQueue:
+    """Encoded frames waiting for the send loop, bounded in count and bytes."""
+
+    def __init__(self) -> None:
+        self._frames: deque[bytes] = deque()
+        self._bytes = 0
+        self._closed = False
+        self._room = trio.lowlevel.ParkingLot()  # producers waiting for space
+        self._frames_ready = trio.lowlevel.ParkingLot()  # the send loop waiting for frames
+
+    def _has_room(self, size: int) -> bool:
+        if not self._frames:
+            return True
+        return len(self._frames) < OUTGOING_FRAMES_MAX and self._bytes + size <= OUTGOING_BYTES_MAX
+
+    def _append(self, frame: bytes) -> None:
+        self._frames.append(frame)
+        self._bytes += len(frame)
+        self._frames_ready.unpark_all()
+
+    def put_nowait(self, frame: bytes) -> bool:
+        """Queue `frame` if there is room; False if the queue is full or closed."""
+        if self._closed or not self._has_room(len(frame)):
+            return False
+        self._append(frame)
+        return True
+
+    async def put(self, frame: bytes) -> None:
+        """Queue `frame`, waiting while the queue is full. Raises
+        `trio.ClosedResourceError` once the queue is closed."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._closed and not self._has_room(len(frame)):
+            await self._room.park()
+        if self._closed:
+            raise trio.ClosedResourceError("the connection is closed")
+        self._append(frame)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def take_batch(self) -> list[bytes]:
+        """The frames queued since the last call (at least one, up to
+        `SEND_BATCH_BYTES_MAX`), waiting for one if none is; empty once the queue
+        is closed and drained."""
+        await trio.lowlevel.checkpoint()
+        while not self._frames and not self._closed:
+            await self._frames_ready.park()
+        batch: list[bytes] = []
+        batch_bytes = 0
+        while self._frames and (
+            not batch or batch_bytes + len(self._frames[0]) <= SEND_BATCH_BYTES_MAX
+        ):
+            frame = self._frames.popleft()
+            batch.append(frame)
+            batch_bytes += len(frame)
+        self._bytes -= batch_bytes
+        self._room.unpark_all()
+        return batch
+
+    def close(self) -> None:
+        """Refuse new frames; the send loop still drains those already queued."""
+        self._closed = True
+        self._room.unpark_all()
+        self._frames_ready.unpark_all()
+
+
+async def _send_queued_frames(
+    stream: trio.abc.SendStream, queue: _OutgoingQueue, stats: ConnectionStats
+) -> None:
+    """Write batches until the queue is closed and drained."""
+    while batch := await queue.take_batch():
+        await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+        stats.send_calls += 1
+        stats.frames_sent += len(batch)
+
+
+async def _receive_frame(stream: trio.abc.ReceiveStream, decoder: FrameDecoder) -> object:
+    """One frame, reading as needed (handshake only: later reads use the loops)."""
+    await trio.lowlevel.checkpoint()
+    while (frame := decoder.next_frame()) is None:
+        data = await stream.receive_some(RECEIVE_BYTES_MAX)
+        if not data:
+            raise trio.BrokenResourceError("the peer closed the connection")
+        decoder.feed(data)
+    return frame
+
+
+def _set_nodelay(stream: trio.SocketStream) -> None:
+    # Requests and replies are small and latency-bound; batching is done above, by
+    # the send loop, so Nagle's delay would only add latency.
+    stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+
+
+def _format_peer(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer_of(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "unknown peer"
+    return _format_peer(str(address[0]), int(address[1]))
+
+
+# --- client -----------------------------------------------------------------------
+
+
+async def connect(
+    host: str, port: int, *, secret: bytes | None, connect_timeout_s: float
+) -> RpcConnection:
+    """Open a TCP connection to a kvsvr node and authenticate.
+
+    `connect_timeout_s` bounds the TCP connect and the handshake together.
+    Raises `Unavailable` if the node cannot be reached, times out, or does not
+    speak the protocol, and `AuthenticationFailed` if the secrets do not match.
+    The returned connection must be started before use: `async with connection:`
+    or `await nursery.start(connection.run)`.
+    """
+    peer = _format_peer(host, port)
+    stream: trio.SocketStream | None = None
+    try:
+        with trio.fail_after(connect_timeout_s):
+            stream = await trio.open_tcp_stream(host, port)
+            _set_nodelay(stream)
+            decoder = await _client_handshake(stream, secret)
+    except BaseException as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        error = _connect_error(peer, connect_timeout_s, exc)
+        if error is exc:
+            raise
+        raise error from exc
+    return RpcConnection(stream, decoder, peer)
+
+
+def _connect_error(peer: str, connect_timeout_s: float, exc: BaseException) -> BaseException:
+    if isinstance(exc, trio.TooSlowError):
+        return Unavailable(f"connecting to {peer} timed out after {connect_timeout_s} s")
+    if isinstance(exc, AuthenticationFailed):
+        return AuthenticationFailed(f"authenticating with {peer} failed: {exc}")
+    if isinstance(exc, FrameError):
+        return Unavailable(f"{peer} does not speak the kvsvr protocol: {exc}")
+    if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
+        return Unavailable(f"cannot connect to {peer}: {exc}")
+    return exc
+
+
+async def _client_handshake(stream: trio.SocketStream, secret: bytes | None) -> FrameDecoder:
+    handshake = ClientHandshake(secret, os.urandom)
+    decoder = FrameDecoder()
+    auth = handshake.receive_hello(await _receive_frame(stream, decoder))
+    await stream.send_all(encode_frame(auth))
+    handshake.receive_verdict(await _receive_frame(stream, decoder))
+    return decoder
+
+
+class _PendingRequest:
+    __slots__ = ("_error", "_reply", "done")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self._reply: Reply | None = None
+        self._error: KvsvrError | None = None
+
+    def resolve(self, reply: Reply) -> None:
+        if not self.done.is_set():
+            self._reply = reply
+            self.done.set()
+
+    def fail(self, error: KvsvrError) -> None:
+        if not self.done.is_set():
+            self._error = error
+            self.done.set()
+
+    def result(self) -> object:
+        if self._error is not None:
+            raise self._error
+        assert self._reply is not None, "result() before the request finished"
+        if not self._reply.ok:
+            raise self._reply.error()
+        return self._reply.body
+
+
+class RpcConnection:
+    """A client connection that multiplexes many requests over one TCP stream.
+
+    Made by `connect`. Its send and receive loops run inside `run`, which must
+    be hosted in a nursery, in one of two ways:
+
+        async with await connect(...) as connection:   # hosts its own nursery
+            await connection.request("get", body)
+
+        connection = await connect(...)
+        await nursery.start(connection.run)             # hosted by the caller
+        ...
+        await connection.aclose()
+
+    When the connection breaks, `run` returns (it does not raise), `closed`
+    becomes True, and every waiting and later `request` raises `Unavailable`.
+    A closed connection stays closed: reconnecting is the caller's business.
+    """
+
+    def __init__(self, stream: trio.SocketStream, decoder: FrameDecoder, peer: str) -> None:
+        self.peer = peer
+        self.stats = ConnectionStats()
+        self._stream = stream
+        self._decoder = decoder
+        self._outgoing = _OutgoingQueue()
+        self._in_flight = trio.Semaphore(REQUESTS_IN_FLIGHT_MAX)
+        self._pending: dict[int, _PendingRequest] = {}
+        self._request_ids = itertools.count(1)
+        self._started = False
+        self._run_scope: trio.CancelScope | None = None
+        self._finished = trio.Event()
+        self._close_reason: str | None = None
+        self._exit_stack: AsyncExitStack | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._close_reason is not None
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._close_reason
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the send and receive loops until the connection closes."""
+        if self._started:
+            raise RuntimeError("RpcConnection.run() may be called only once")
+        self._started = True
+        try:
+            with trio.CancelScope() as scope:
+                self._run_scope = scope
+                if self.closed:
+                    scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_loop)
+                    nursery.start_soon(self._receive_loop)
+                    task_status.started()
+        finally:
+            self._shutdown("the connection's task ended")
+            await trio.aclose_forcefully(self._stream)
+            self._finished.set()
+
+    async def request(self, method: str, body: object) -> object:
+        """Send a request and wait for its reply's body.
+
+        A failed reply raises the error class its code names (`Conflict`...).
+        Raises `Unavailable` if the connection is or becomes closed before the
+        reply arrives, and `FrameError` if the request cannot be encoded.
+        """
+        if not self._started:
+            raise RuntimeError(
+                "RpcConnection is not running: use `async with connection:` "
+                "or `await nursery.start(connection.run)`"
+            )
+        async with self._in_flight:
+            if self._close_reason is not None:
+                raise self._lost_error()
+            request_id = next(self._request_ids)
+            frame = encode_message(Request(request_id, method, body))
+            pending = _PendingRequest()
+            self._pending[request_id] = pending
+            try:
+                await self._outgoing.put(frame)
+                await pending.done.wait()
+            except trio.ClosedResourceError:
+                # Closed while queueing: _shutdown has already failed `pending`.
+                assert pending.done.is_set()
+            finally:
+                del self._pending[request_id]
+        return pending.result()
+
+    def send_oneway(self, method: str, body: object) -> None:
+        """Queue a message that gets no reply, without waiting. It is dropped
+        (and counted in `stats.oneway_dropped`) if the connection is closed or its
+        outgoing queue is full. Raises `FrameError` if it cannot be encoded."""
+        frame = encode_message(OneWay(method, body))
+        if not self._outgoing.put_nowait(frame):
+            self.stats.oneway_dropped += 1
+
+    async def aclose(self) -> None:
+        """Close the connection; waiting requests raise `Unavailable`."""
+        self._shutdown("closed by its owner")
+        if self._started:
+            await self._finished.wait()
+        else:
+            await trio.aclose_forcefully(self._stream)
+
+    async def __aenter__(self) -> RpcConnection:
+        if not self._started:
+            stack = AsyncExitStack()
+            await stack.enter_async_context(self._hosted())
+            self._exit_stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        stack, self._exit_stack = self._exit_stack, None
+        if stack is None:
+            await self.aclose()
+            return None
+        return await stack.__aexit__(exc_type, exc_value, traceback)
+
+    @asynccontextmanager
+    async def _hosted(self) -> AsyncIterator[None]:
+        # The body of `async with connection:` runs inside this nursery. Its
+        # exception is carried out of the nursery and re-raised as is, so callers
+        # see their own error rather than an ExceptionGroup wrapping it.
+        body_error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            try:
+                yield
+            except BaseException as exc:
+                body_error = exc
+            finally:
+                self._shutdown("closed by its owner")
+        if body_error is not None:
+            raise body_error
+
+    def _shutdown(self, reason: str) -> None:
+        if self._close_reason is not None:
+            return
+        logger.debug("connection to %s closing: %s", self.peer, reason)
+        self._close_reason = reason
+        self._outgoing.close()
+        for pending in self._pending.values():
+            pending.fail(self._lost_error())
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    def _lost_error(self) -> Unavailable:
+        return Unavailable(f"connection to {self.peer} lost ({self._close_reason})")
+
+    async def _send_loop(self) -> None:
+        try:
+            await _send_queued_frames(self._stream, self._outgoing, self.stats)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._shutdown(f"sending failed: {exc}")
+
+    async def _receive_loop(self) -> None:
+        try:
+            while True:
+                while (frame := self._decoder.next_frame()) is not None:
+                    self._dispatch(from_wire(frame))
+                data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+                if not data:
+                    self._shutdown("the peer closed the connection")
+                    return
+                self._decoder.feed(data)
+        except FrameError as exc:
+            self._shutdown(f"bad frame from the peer: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._shutdown(f"receiving failed: {exc}")
+
+    def _dispatch(self, message: Request | Reply | OneWay) -> None:
+        if not isinstance(message, Reply):
+            raise FrameError("the server sent a request or one-way message; only replies expected")
+        if message.request_id == CONNECTION_REQUEST_ID and not message.ok:
+            self._shutdown(f"the peer reported: {message.error()!r}")
+            return
+        pending = self._pending.get(message.request_id)
+        if pending is not None:  # None: the request was cancelled; drop its reply
+            pending.resolve(message)
+
+
+# --- server -------------------------------------------------------------------------
+
+
+class Handler(Protocol):
+    """What a server does with what clients send. `peer` is "host:port"."""
+
+    async def handle_request(self, peer: str, method: str, body: object) -> object:
+        """The reply body; raise a `KvsvrError` to answer with its code."""
+        ...
+
+    def handle_oneway(self, peer: str, method: str, body: object) -> None:
+        """Take a message that gets no reply. Must not block."""
+        ...
+
+
+async def serve(
+    host: str,
+    port: int,
+    handler: Handler,
+    *,
+    secret: bytes | None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections forever, serving each with `handler`.
+
+    Reports the bound port through `task_status` (so port 0 works):
+    `port = await nursery.start(serve, host, 0, handler, secret=...)`. With a
+    `host` that resolves to several addresses and port 0, each listener gets its
+    own port and only the first is reported. `secret=None` serves an open
+    cluster. No connection's failure, however malformed its input, stops the
+    server.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_port = int(listeners[0].socket.getsockname()[1])
+    server = _Server(handler, secret)
+    task_status.started(bound_port)
+    await trio.serve_listeners(server.serve_connection, listeners)
+
+
+class _Server:
+    def __init__(self, handler: Handler, secret: bytes | None) -> None:
+        self._handler = handler
+        self._secret = secret
+        self._connections = 0
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        peer = _peer_of(stream)
+        if self._connections >= SERVER_CONNECTIONS_MAX:
+            logger.warning("refusing %s: already serving %d connections", peer, self._connections)
+            await trio.aclose_forcefully(stream)
+            return
+        self._connections += 1
+        try:
+            _set_nodelay(stream)
+            decoder = await self._handshake(stream, peer)
+            if decoder is not None:
+                await _ServerConnection(stream, decoder, self._handler, peer).run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.debug("connection from %s broke: %s", peer, exc)
+        except Exception:
+            logger.exception("connection from %s failed", peer)
+        finally:
+            self._connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _handshake(self, stream: trio.SocketStream, peer: str) -> FrameDecoder | None:
+        """The decoder (holding any bytes read past the handshake) if the peer
+        authenticated, else None."""
+        handshake = ServerHandshake(self._secret, os.urandom)
+        decoder = FrameDecoder()
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            await stream.send_all(encode_frame(handshake.hello()))
+            try:
+                auth: object = await _receive_frame(stream, decoder)
+            except FrameError as exc:
+                logger.info("bad handshake frame from %s: %s", peer, exc)
+                auth = None  # denied below as malformed
+            verdict = handshake.receive_auth(auth)
+            await stream.send_all(encode_frame(verdict))
+            if handshake.authenticated:
+                return decoder
+            logger.warning("denied %s: %s", peer, handshake.denial_reason)
+            return None
+        logger.info("handshake with %s timed out after %s s", peer, HANDSHAKE_TIMEOUT_S)
+        return None
+
+
+class _ServerConnection:
+    def __init__(
+        self, stream: trio.SocketStream, decoder: FrameDecoder, handler: Handler, peer: str
+    ) -> None:
+        self._stream = stream
+        self._decoder = decoder
+        self._handler = handler
+        self._peer = peer
+        self._outgoing = _OutgoingQueue()
+        self._in_flight = trio.Semaphore(SERVER_REQUESTS_IN_FLIGHT_MAX)
+        self.stats = ConnectionStats()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as connection_nursery:
+            connection_nursery.start_soon(self._send_loop, connection_nursery.cancel_scope)
+            async with trio.open_nursery() as handler_nursery:
+                frame_error = await self._receive_requests(handler_nursery)
+                # The peer is gone or has broken the framing: nobody will read
+                # the answers of requests still running.
+                handler_nursery.cancel_scope.cancel()
+            if frame_error is not None:
+                report = error_reply(CONNECTION_REQUEST_ID, FrameError.code, str(frame_error))
+                self._outgoing.put_nowait(encode_message(report))
+            self._outgoing.close()
+            connection_nursery.cancel_scope.deadline = trio.current_time() + CLOSE_FLUSH_TIMEOUT_S
+
+    async def _send_loop(self, connection_scope: trio.CancelScope) -> None:
+        try:
+            await _send_queued_frames(self._stream, self._outgoing, self.stats)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.debug("sending to %s failed: %s", self._peer, exc)
+            connection_scope.cancel()
+
+    async def _receive_requests(self, handler_nursery: trio.Nursery) -> FrameError | None:
+        """Read and dispatch until the peer leaves (None) or breaks the framing."""
+        try:
+            while True:
+                while (frame := self._decoder.next_frame()) is not None:
+                    await self._dispatch(from_wire(frame), handler_nursery)
+                data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+                if not data:
+                    return None
+                self._decoder.feed(data)
+        except FrameError as exc:
+            logger.warning("bad frame from %s, closing the connection: %s", self._peer, exc)
+            return exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.debug("receiving from %s failed: %s", self._peer, exc)
+            return None
+
+    async def _dispatch(
+        self, message: Request | Reply | OneWay, handler_nursery: trio.Nursery
+    ) -> None:
+        if isinstance(message, Request):
+            # Waiting here for a free slot is the backpressure: no reads until then.
+            await self._in_flight.acquire()
+            handler_nursery.start_soon(self._answer, message)
+        elif isinstance(message, OneWay):
+            self._deliver_oneway(message)
+        else:
+            raise FrameError("a client sent a reply; clients send requests and one-way messages")
+
+    async def _answer(self, request: Request) -> None:
+        try:
+            reply = await self._call_handler(request)
+            try:
+                frame = encode_message(reply)
+            except FrameError as exc:
+                logger.error("reply to %r from %s not sent: %s", request.method, self._peer, exc)
+                frame = encode_message(
+                    error_reply(request.request_id, KvsvrError.code, f"internal error: {exc}")
+                )
+            try:
+                await self._outgoing.put(frame)
+            except trio.ClosedResourceError:
+                pass  # the connection is closing; nobody will read the reply
+        finally:
+            self._in_flight.release()
+
+    async def _call_handler(self, request: Request) -> Reply:
+        try:
+            body = await self._handler.handle_request(self._peer, request.method, request.body)
+        except KvsvrError as exc:
+            return error_reply_for(request.request_id, exc)
+        except Exception as exc:
+            logger.exception("handler for %r from %s failed", request.method, self._peer)
+            return error_reply(request.request_id, KvsvrError.code, f"internal error: {exc!r}")
+        return ok_reply(request.request_id, body)
+
+    def _deliver_oneway(self, message: OneWay) -> None:
+        try:
+            self._handler.handle_oneway(self._peer, message.method, message.body)
+        except Exception:
+            logger.exception("one-way handler for %r from %s failed", message.method, self._peer)

@@ -1,0 +1,766 @@
+"""Coordinators for strong tables: read, write (put / delete / compare-and-set), scan.
+
+Each operation is a generator. It yields a `Round` (messages to send to some
+replicas, how many positive replies it needs, one-way messages to fire, and a
+delay to wait first) and receives back the replies that came in, as a dict
+from replica to reply. It returns an `Outcome`. It never touches a socket, a
+clock or a disk: the node drives it over TCP and LMDB, the tests and the
+simulator drive it in memory. The driver's duties, all of them:
+
+- wait `delay_s`, then send every request and every one-way message;
+- return as soon as `quorum` replies are positive (`is_positive`), or enough
+  refusals came that the quorum is out of reach, or the round timed out;
+- run at most one operation per (table, key) at a time on one coordinator
+  (the fast path's correctness does not rely on it; its speed does).
+
+Per key, per version, single-decree Paxos; a ballot promised for a key holds
+for every later version, so a coordinator whose last proposal on a key was
+chosen still holds a majority's promise and skips phase 1 (the fast path).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from kvsvr.protocol.messages import (
+    Accept,
+    AcceptReply,
+    Commit,
+    Prepare,
+    Promise,
+    Read,
+    ReadReply,
+    Reply,
+    Request,
+    ScanEntry,
+    ScanReply,
+    ScanRequest,
+)
+from kvsvr.protocol.state import Accepted, Ballot
+
+# Rounds one operation may try before giving up with Unavailable. Each failed
+# round means a duel with another coordinator or a missing majority; beyond a
+# handful, the client is better served by an answer ("outcome unknown") than
+# by more waiting.
+ATTEMPTS_MAX = 8
+# Backoff between attempts after a duel, in seconds, doubled per attempt,
+# randomised so that duelling coordinators fall out of step.
+BACKOFF_BASE_S = 0.002
+BACKOFF_MAX_S = 0.2
+# Keys for which a coordinator remembers that it holds the promise (fast path).
+# Bounded so a node touching millions of keys does not grow without end; a
+# forgotten lease only costs one extra round trip.
+LEASES_MAX = 200_000
+
+NodeId: TypeAlias = int
+
+
+def is_positive(reply: Reply) -> bool:
+    """Whether a reply counts toward a round's quorum."""
+    if isinstance(reply, Promise | AcceptReply):
+        return reply.ok
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    requests: dict[NodeId, Request]
+    quorum: int
+    oneway: list[tuple[NodeId, Request]] = field(default_factory=list)
+    delay_s: float = 0.0
+
+
+Replies: TypeAlias = dict[NodeId, Reply]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What an operation ended with.
+
+    status: "ok"; "conflict" (a condition failed, nothing written);
+    "unavailable" (no majority in time: the outcome is unknown).
+    For reads `value` is None when the key is absent.
+    """
+
+    status: str
+    version: int = 0
+    value: bytes | None = None
+    expires_at_ms: int | None = None
+    detail: str = ""
+    entries: tuple[ScanEntry, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """A write: the new value (None deletes) and its conditions."""
+
+    value: bytes | None
+    expires_at_ms: int | None = None
+    if_version: int | None = None
+    if_absent: bool = False
+
+    def allows(self, version: int, present: bool | None) -> bool:
+        """Whether the conditions hold; `present` None means not known, which
+        only `if_absent` needs (the caller fetches the value first)."""
+        if self.if_version is not None and self.if_version != version:
+            return False
+        if self.if_absent:
+            assert present is not None, "if_absent needs to know whether the key is present"
+            return not present
+        return True
+
+
+@dataclass(slots=True)
+class Lease:
+    """This coordinator's last proposal on a key was chosen under `ballot`."""
+
+    ballot: Ballot
+    version: int
+    present: bool | None  # None: not known (then if_absent takes the full path)
+
+
+@dataclass(slots=True)
+class CoordinatorStats:
+    writes: int = 0
+    fast_path_writes: int = 0
+    fast_path_failures: int = 0
+    recoveries: int = 0
+    reads: int = 0
+    conflicts: int = 0
+    unavailable: int = 0
+    duels: int = 0
+
+
+def _present(value: bytes | None, expires_at_ms: int | None, now_ms: int) -> bool:
+    return value is not None and (expires_at_ms is None or expires_at_ms > now_ms)
+
+
+class Coordinator:
+    """One node's coordinator state, shared by all the operations it runs."""
+
+    def __init__(self, node_id: NodeId, rng: random.Random) -> None:
+        assert node_id > 0, "node ids start at 1 so that ballot (0, 0) is below all"
+        self.node_id = node_id
+        self.rng = rng
+        self.round_seen = 0
+        self.leases: OrderedDict[tuple[str, bytes], Lease] = OrderedDict()
+        self.stats = CoordinatorStats()
+        self._op_counter = 0
+
+    # ------------------------------------------------------------ helpers
+
+    def next_op_id(self) -> int:
+        self._op_counter += 1
+        # Unique across nodes and restarts with overwhelming probability.
+        return (self.node_id << 48) ^ (self.rng.getrandbits(40) << 8) ^ self._op_counter
+
+    def next_ballot(self) -> Ballot:
+        self.round_seen += 1
+        return (self.round_seen, self.node_id)
+
+    def observe(self, ballot: Ballot) -> None:
+        self.round_seen = max(self.round_seen, ballot[0])
+
+    def take_lease(self, table: str, key: bytes) -> Lease | None:
+        return self.leases.pop((table, key), None)
+
+    def drop_lease(self, table: str, key: bytes) -> None:
+        self.leases.pop((table, key), None)
+
+    def put_lease(self, table: str, key: bytes, lease: Lease) -> None:
+        self.leases[(table, key)] = lease
+        self.leases.move_to_end((table, key))
+        while len(self.leases) > LEASES_MAX:
+            self.leases.popitem(last=False)
+
+    def known_for(self, node: NodeId, known_version: int) -> int:
+        """The version to tell `node` we already hold. Our own replica sends its
+        value anyway (it costs nothing in-process); remote ones leave it out
+        when it is the version our replica holds."""
+        return -1 if node == self.node_id else known_version
+
+    def backoff_s(self, attempt: int) -> float:
+        ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * (2**attempt))
+        return self.rng.uniform(0, ceiling)
+
+    # ------------------------------------------------------------ operations
+
+    def write(
+        self,
+        table: str,
+        key: bytes,
+        replicas: list[NodeId],
+        mutation: Mutation,
+        now_ms: int,
+        known_version: int = -1,
+    ) -> Generator[Round, Replies, Outcome]:
+        """put / delete / compare-and-set on one key."""
+        return _write(self, table, key, replicas, mutation, now_ms, known_version)
+
+    def read(
+        self,
+        table: str,
+        key: bytes,
+        replicas: list[NodeId],
+        now_ms: int,
+        known_version: int = -1,
+    ) -> Generator[Round, Replies, Outcome]:
+        """A linearizable read of one key."""
+        return _read(self, table, key, replicas, now_ms, known_version)
+
+    def scan(
+        self,
+        table: str,
+        prefix: bytes,
+        start: bytes,
+        end: bytes,
+        limit: int,
+        replicas: list[NodeId],
+        now_ms: int,
+    ) -> Generator[Round, Replies, Outcome]:
+        """Rows of one partition key in [start, end); each key read as by `read`."""
+        return _scan(self, table, prefix, start, end, limit, replicas, now_ms)
+
+
+def majority(replicas: list[NodeId]) -> int:
+    return len(replicas) // 2 + 1
+
+
+def _commit_messages(
+    table: str,
+    key: bytes,
+    replicas: list[NodeId],
+    acceptors: set[NodeId],
+    version: int,
+    ballot: Ballot,
+    value: bytes | None,
+    expires_at_ms: int | None,
+    op_id: int,
+) -> list[tuple[NodeId, Request]]:
+    """Commit to every replica: by reference to those that accepted, with the
+    value to the others (they may have missed the accept)."""
+    messages: list[tuple[NodeId, Request]] = []
+    for node in replicas:
+        has_value = node not in acceptors
+        messages.append(
+            (
+                node,
+                Commit(
+                    table,
+                    key,
+                    version,
+                    ballot,
+                    has_value,
+                    value if has_value else None,
+                    expires_at_ms if has_value else None,
+                    op_id,
+                ),
+            )
+        )
+    return messages
+
+
+@dataclass(slots=True)
+class _Chosen:
+    """The latest chosen value a phase 1 or a read round found."""
+
+    version: int
+    value: bytes | None
+    expires_at_ms: int | None
+    value_known: bool
+    op_id: int = 0
+
+
+def _latest_chosen(replies: Replies) -> _Chosen:
+    version = max(
+        (r.version for r in replies.values() if isinstance(r, Promise | ReadReply)), default=0
+    )
+    op_id = 0
+    for reply in replies.values():
+        if isinstance(reply, Promise | ReadReply) and reply.version == version:
+            op_id = reply.op_id
+            if reply.has_value:
+                return _Chosen(version, reply.value, reply.expires_at_ms, True, op_id)
+    return _Chosen(version, None, None, version == 0, op_id)
+
+
+def _fetch_value(
+    table: str, key: bytes, chosen: _Chosen, replies: Replies
+) -> Generator[Round, Replies, _Chosen | None]:
+    """Ask the replicas that hold the latest version for its value (they left it
+    out because they thought we had it)."""
+    holders = [
+        node
+        for node, reply in replies.items()
+        if isinstance(reply, Promise | ReadReply) and reply.version == chosen.version
+    ]
+    fetched = yield Round({node: Read(table, key, -1) for node in holders}, quorum=1)
+    for reply in fetched.values():
+        if isinstance(reply, ReadReply) and reply.version >= chosen.version and reply.has_value:
+            return _Chosen(reply.version, reply.value, reply.expires_at_ms, True, reply.op_id)
+    return None
+
+
+def _highest_proposal(promises: list[Promise], above: int) -> Accepted | None:
+    """The proposal phase 1 must finish first: the highest version in flight
+    above the latest chosen one, and for that version the highest ballot."""
+    best: Accepted | None = None
+    for promise in promises:
+        accepted = promise.accepted
+        if accepted is None or accepted.version <= above:
+            continue
+        if best is None or (accepted.version, accepted.ballot) > (best.version, best.ballot):
+            best = accepted
+    return best
+
+
+def _accept_round(
+    coordinator: Coordinator,
+    table: str,
+    key: bytes,
+    replicas: list[NodeId],
+    ballot: Ballot,
+    version: int,
+    proposal: Mutation,
+    op_id: int,
+    commit: tuple[int, Ballot] | None,
+    oneway: list[tuple[NodeId, Request]],
+) -> Generator[Round, Replies, set[NodeId] | None]:
+    """Phase 2. Returns the acceptors when a majority accepted, else None."""
+    commit_version, commit_ballot = commit if commit is not None else (0, (0, 0))
+    message = Accept(
+        table,
+        key,
+        ballot,
+        version,
+        proposal.value,
+        proposal.expires_at_ms,
+        op_id,
+        commit_version,
+        commit_ballot,
+    )
+    replies = yield Round(
+        {node: message for node in replicas}, quorum=majority(replicas), oneway=oneway
+    )
+    acceptors = {n for n, r in replies.items() if isinstance(r, AcceptReply) and r.ok}
+    for reply in replies.values():
+        if isinstance(reply, AcceptReply) and not reply.ok:
+            coordinator.observe(reply.promised)
+    if len(acceptors) >= majority(replicas):
+        return acceptors
+    return None
+
+
+def _write(
+    coordinator: Coordinator,
+    table: str,
+    key: bytes,
+    replicas: list[NodeId],
+    mutation: Mutation,
+    now_ms: int,
+    known_version: int,
+) -> Generator[Round, Replies, Outcome]:
+    """Fast path if we hold the key's promise, else phase 1 + recovery + phase 2.
+
+    Every proposal of this operation carries its `op_id`. Once an accept round
+    was sent for version V, that proposal may be chosen later, even by another
+    coordinator's recovery; so before proposing again we must learn its fate:
+    chosen (done), lost (V went to another operation: try again), or unknowable
+    (a later version is chosen on top of V: answer "unavailable", outcome unknown,
+    rather than risk applying the operation twice).
+    """
+    assert replicas, "a key has at least one replica"
+    stats = coordinator.stats
+    stats.writes += 1
+    op_id = coordinator.next_op_id()
+    quorum = majority(replicas)
+    pending_oneway: list[tuple[NodeId, Request]] = []
+    delay_s = 0.0
+    attempted: int | None = None  # the version our last accept round proposed at
+
+    lease = coordinator.take_lease(table, key)
+    if lease is not None and lease.present is None and mutation.if_absent:
+        lease = None
+    if lease is not None:
+        if not mutation.allows(lease.version, lease.present):
+            coordinator.put_lease(table, key, lease)
+            stats.conflicts += 1
+            return Outcome("conflict", version=lease.version, detail="condition failed")
+        attempted = lease.version + 1
+        acceptors = yield from _accept_round(
+            coordinator,
+            table,
+            key,
+            replicas,
+            lease.ballot,
+            attempted,
+            mutation,
+            op_id,
+            (lease.version, lease.ballot),
+            [],
+        )
+        if acceptors is not None:
+            stats.fast_path_writes += 1
+            return (
+                yield from _finish_write(
+                    coordinator,
+                    table,
+                    key,
+                    replicas,
+                    acceptors,
+                    lease.ballot,
+                    attempted,
+                    mutation,
+                    op_id,
+                )
+            )
+        stats.fast_path_failures += 1
+
+    for attempt in range(ATTEMPTS_MAX):
+        ballot = coordinator.next_ballot()
+        replies = yield Round(
+            {
+                node: Prepare(table, key, ballot, coordinator.known_for(node, known_version))
+                for node in replicas
+            },
+            quorum=quorum,
+            oneway=pending_oneway,
+            delay_s=delay_s,
+        )
+        pending_oneway = []
+        promised = {n: r for n, r in replies.items() if isinstance(r, Promise) and r.ok}
+        for reply in replies.values():
+            if isinstance(reply, Promise) and not reply.ok:
+                coordinator.observe(reply.promised)
+        if len(promised) < quorum:
+            stats.duels += 1
+            delay_s = coordinator.backoff_s(attempt)
+            continue
+
+        chosen = _latest_chosen(dict(promised))
+        in_flight = _highest_proposal(list(promised.values()), chosen.version)
+        if in_flight is not None:
+            # Recovery: a proposal may have been chosen that we have not seen
+            # committed. Finish it under our ballot before anything else.
+            stats.recoveries += 1
+            proposal = Mutation(in_flight.value, in_flight.expires_at_ms)
+            acceptors = yield from _accept_round(
+                coordinator,
+                table,
+                key,
+                replicas,
+                ballot,
+                in_flight.version,
+                proposal,
+                in_flight.op_id,
+                None,
+                [],
+            )
+            if acceptors is None:
+                stats.duels += 1
+                delay_s = coordinator.backoff_s(attempt)
+                continue
+            pending_oneway = _commit_messages(
+                table,
+                key,
+                replicas,
+                acceptors,
+                in_flight.version,
+                ballot,
+                in_flight.value,
+                in_flight.expires_at_ms,
+                in_flight.op_id,
+            )
+            chosen = _Chosen(
+                in_flight.version, in_flight.value, in_flight.expires_at_ms, True, in_flight.op_id
+            )
+
+        if attempted is not None and chosen.version >= attempted:
+            if chosen.op_id == op_id:
+                # Our earlier attempt was chosen: that is our answer.
+                coordinator.put_lease(
+                    table, key, Lease(ballot, chosen.version, mutation.value is not None)
+                )
+                yield Round({}, quorum=0, oneway=pending_oneway)
+                return Outcome("ok", version=chosen.version)
+            if chosen.version > attempted:
+                if pending_oneway:
+                    yield Round({}, quorum=0, oneway=pending_oneway)
+                stats.unavailable += 1
+                return Outcome(
+                    "unavailable",
+                    detail="lost track of an attempt that may have been chosen; outcome unknown",
+                )
+            attempted = None  # version `attempted` went to another operation
+
+        if not chosen.value_known and mutation.if_absent:
+            # Only `if_absent` needs the value itself; `if_version` needs the version.
+            fetched = yield from _fetch_value(table, key, chosen, replies)
+            if fetched is None or fetched.version != chosen.version:
+                delay_s = coordinator.backoff_s(attempt)
+                continue
+            chosen = fetched
+
+        present = (
+            _present(chosen.value, chosen.expires_at_ms, now_ms) if chosen.value_known else None
+        )
+        if not mutation.allows(chosen.version, present):
+            coordinator.put_lease(table, key, Lease(ballot, chosen.version, present))
+            if pending_oneway:
+                yield Round({}, quorum=0, oneway=pending_oneway)
+            stats.conflicts += 1
+            return Outcome("conflict", version=chosen.version, detail="condition failed")
+
+        attempted = chosen.version + 1
+        acceptors = yield from _accept_round(
+            coordinator,
+            table,
+            key,
+            replicas,
+            ballot,
+            attempted,
+            mutation,
+            op_id,
+            None,
+            pending_oneway,
+        )
+        pending_oneway = []
+        if acceptors is None:
+            stats.duels += 1
+            delay_s = coordinator.backoff_s(attempt)
+            continue
+        return (
+            yield from _finish_write(
+                coordinator, table, key, replicas, acceptors, ballot, attempted, mutation, op_id
+            )
+        )
+
+    stats.unavailable += 1
+    if pending_oneway:
+        yield Round({}, quorum=0, oneway=pending_oneway)
+    return Outcome("unavailable", detail="no majority of replicas accepted in time")
+
+
+def _finish_write(
+    coordinator: Coordinator,
+    table: str,
+    key: bytes,
+    replicas: list[NodeId],
+    acceptors: set[NodeId],
+    ballot: Ballot,
+    version: int,
+    mutation: Mutation,
+    op_id: int,
+) -> Generator[Round, Replies, Outcome]:
+    coordinator.put_lease(table, key, Lease(ballot, version, mutation.value is not None))
+    commits = _commit_messages(
+        table,
+        key,
+        replicas,
+        acceptors,
+        version,
+        ballot,
+        mutation.value,
+        mutation.expires_at_ms,
+        op_id,
+    )
+    yield Round({}, quorum=0, oneway=commits)
+    return Outcome("ok", version=version)
+
+
+def _read(
+    coordinator: Coordinator,
+    table: str,
+    key: bytes,
+    replicas: list[NodeId],
+    now_ms: int,
+    known_version: int,
+) -> Generator[Round, Replies, Outcome]:
+    stats = coordinator.stats
+    stats.reads += 1
+    quorum = majority(replicas)
+    delay_s = 0.0
+    for attempt in range(ATTEMPTS_MAX):
+        replies = yield Round(
+            {
+                node: Read(table, key, coordinator.known_for(node, known_version))
+                for node in replicas
+            },
+            quorum=quorum,
+            delay_s=delay_s,
+        )
+        if len(replies) < quorum:
+            delay_s = coordinator.backoff_s(attempt)
+            continue
+        chosen = _latest_chosen(replies)
+        in_flight = any(
+            isinstance(r, ReadReply) and r.accepted_version > chosen.version
+            for r in replies.values()
+        )
+        if in_flight:
+            # A proposal above the latest chosen version may or may not be
+            # chosen: settle it with a full Paxos round, then read again.
+            coordinator.drop_lease(table, key)
+            outcome = yield from _recover(coordinator, table, key, replicas)
+            if outcome is None:
+                delay_s = coordinator.backoff_s(attempt)
+                continue
+            chosen = outcome
+        elif not chosen.value_known:
+            fetched = yield from _fetch_value(table, key, chosen, replies)
+            if fetched is None:
+                delay_s = coordinator.backoff_s(attempt)
+                continue
+            chosen = fetched
+        repairs: list[tuple[NodeId, Request]] = [
+            (
+                node,
+                Commit(
+                    table,
+                    key,
+                    chosen.version,
+                    (0, 0),
+                    True,
+                    chosen.value,
+                    chosen.expires_at_ms,
+                    chosen.op_id,
+                ),
+            )
+            for node, reply in replies.items()
+            if isinstance(reply, ReadReply) and reply.version < chosen.version
+        ]
+        if repairs:
+            yield Round({}, quorum=0, oneway=repairs)
+        present = _present(chosen.value, chosen.expires_at_ms, now_ms)
+        return Outcome(
+            "ok",
+            version=chosen.version,
+            value=chosen.value if present else None,
+            expires_at_ms=chosen.expires_at_ms if present else None,
+        )
+    stats.unavailable += 1
+    return Outcome("unavailable", detail="no majority of replicas answered in time")
+
+
+def _recover(
+    coordinator: Coordinator, table: str, key: bytes, replicas: list[NodeId]
+) -> Generator[Round, Replies, _Chosen | None]:
+    """Phase 1 plus, if a proposal is in flight, phase 2 for it. Returns the
+    latest chosen value afterwards, or None if this attempt lost a duel."""
+    coordinator.stats.recoveries += 1
+    quorum = majority(replicas)
+    ballot = coordinator.next_ballot()
+    prepare = Prepare(table, key, ballot, -1)
+    replies = yield Round({node: prepare for node in replicas}, quorum=quorum)
+    promises = [r for r in replies.values() if isinstance(r, Promise) and r.ok]
+    for reply in replies.values():
+        if isinstance(reply, Promise) and not reply.ok:
+            coordinator.observe(reply.promised)
+    if len(promises) < quorum:
+        return None
+    chosen = _latest_chosen({n: r for n, r in replies.items() if isinstance(r, Promise) and r.ok})
+    in_flight = _highest_proposal(promises, chosen.version)
+    if in_flight is None:
+        return chosen if chosen.value_known else None
+    acceptors = yield from _accept_round(
+        coordinator,
+        table,
+        key,
+        replicas,
+        ballot,
+        in_flight.version,
+        Mutation(in_flight.value, in_flight.expires_at_ms),
+        in_flight.op_id,
+        None,
+        [],
+    )
+    if acceptors is None:
+        return None
+    commits = _commit_messages(
+        table,
+        key,
+        replicas,
+        acceptors,
+        in_flight.version,
+        ballot,
+        in_flight.value,
+        in_flight.expires_at_ms,
+        in_flight.op_id,
+    )
+    coordinator.put_lease(table, key, Lease(ballot, in_flight.version, in_flight.value is not None))
+    yield Round({}, quorum=0, oneway=commits)
+    return _Chosen(
+        in_flight.version, in_flight.value, in_flight.expires_at_ms, True, in_flight.op_id
+    )
+
+
+def _scan(
+    coordinator: Coordinator,
+    table: str,
+    prefix: bytes,
+    start: bytes,
+    end: bytes,
+    limit: int,
+    replicas: list[NodeId],
+    now_ms: int,
+) -> Generator[Round, Replies, Outcome]:
+    """Merge a majority's rows; a key whose replicas disagree about an in-flight
+    proposal is read on its own, with recovery, before it is reported."""
+    quorum = majority(replicas)
+    request = ScanRequest(table, prefix, start, end, limit)
+    replies: Replies = {}
+    for attempt in range(ATTEMPTS_MAX):
+        replies = yield Round(
+            {node: request for node in replicas},
+            quorum=quorum,
+            delay_s=coordinator.backoff_s(attempt) if attempt else 0.0,
+        )
+        if len(replies) >= quorum:
+            break
+    else:
+        coordinator.stats.unavailable += 1
+        return Outcome("unavailable", detail="no majority of replicas answered in time")
+
+    scan_replies = [r for r in replies.values() if isinstance(r, ScanReply)]
+    # Keys past the last key of a replica that stopped at its limit may be
+    # missing from its answer: report only up to the smallest such key.
+    cutoff: bytes | None = None
+    for reply in scan_replies:
+        if reply.truncated and reply.entries:
+            last = reply.entries[-1].key
+            cutoff = last if cutoff is None else min(cutoff, last)
+    latest: dict[bytes, ScanEntry] = {}
+    unsettled: set[bytes] = set()
+    for reply in scan_replies:
+        for entry in reply.entries:
+            if cutoff is not None and entry.key > cutoff:
+                continue
+            current = latest.get(entry.key)
+            if current is None or entry.version > current.version:
+                latest[entry.key] = entry
+            if entry.accepted_version > 0:
+                unsettled.add(entry.key)
+    for key in sorted(unsettled):
+        entry = latest[key]
+        if not any(
+            e.key == key and e.accepted_version > entry.version
+            for reply in scan_replies
+            for e in reply.entries
+        ):
+            continue
+        outcome = yield from _read(coordinator, table, key, replicas, now_ms, -1)
+        if outcome.status != "ok":
+            return outcome
+        latest[key] = ScanEntry(key, outcome.version, outcome.value, outcome.expires_at_ms, 0)
+    # A key seen on only part of the quorum with a lower version everywhere else
+    # is as settled as a read: the highest chosen version wins.
+    entries = tuple(
+        latest[key]
+        for key in sorted(latest)
+        if _present(latest[key].value, latest[key].expires_at_ms, now_ms)
+    )[:limit]
+    return Outcome("ok", entries=entries)

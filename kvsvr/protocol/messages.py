@@ -1,0 +1,403 @@
+"""Messages between coordinators and replicas, and their wire form.
+
+Every message names its key as (table, encoded key). On the wire a message is a
+msgpack list: its tag first, then its fields in order. `from_wire` checks every
+field's type and raises `FrameError` on anything else, so a malformed message
+never reaches the replica state machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from kvsvr.errors import FrameError
+from kvsvr.protocol.state import Accepted, Ballot
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    """Phase 1: promise `ballot` for every version of the key above your chosen one."""
+
+    table: str
+    key: bytes
+    ballot: Ballot
+    # The coordinator already holds the value of this version: replicas at it
+    # (or below) send versions only, not values.
+    known_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Phase 2: accept `value` as the proposal for `version` under `ballot`."""
+
+    table: str
+    key: bytes
+    ballot: Ballot
+    version: int
+    value: bytes | None
+    expires_at_ms: int | None
+    op_id: int
+    # Piggy-backed commit of the previous version: (version, ballot it was chosen
+    # under). A replica that accepted exactly that proposal learns it is chosen.
+    commit_version: int = 0
+    commit_ballot: Ballot = (0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """`version` is chosen. With `has_value`, the value travels along (read
+    repair, replicas that missed the accept); without it, a replica commits the
+    proposal it accepted under `ballot`, if it has it."""
+
+    table: str
+    key: bytes
+    version: int
+    ballot: Ballot
+    has_value: bool
+    value: bytes | None
+    expires_at_ms: int | None
+    op_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Report your chosen version and any proposal in flight."""
+
+    table: str
+    key: bytes
+    known_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRequest:
+    """Report every row in [start, end) (end empty: to the end of the prefix)."""
+
+    table: str
+    prefix: bytes
+    start: bytes
+    end: bytes
+    limit: int
+
+
+# ---------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True, slots=True)
+class Promise:
+    ok: bool
+    promised: Ballot  # on a refusal: the higher ballot already promised
+    version: int
+    has_value: bool  # False when version <= the coordinator's known_version
+    value: bytes | None
+    expires_at_ms: int | None
+    accepted: Accepted | None
+    op_id: int  # of the chosen value at `version`
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptReply:
+    ok: bool
+    promised: Ballot
+    version: int  # the replica's chosen version
+
+
+@dataclass(frozen=True, slots=True)
+class ReadReply:
+    version: int
+    has_value: bool
+    value: bytes | None
+    expires_at_ms: int | None
+    accepted_ballot: Ballot | None
+    accepted_version: int  # 0 when nothing is in flight
+    promised: Ballot
+    op_id: int  # of the chosen value at `version`
+
+
+@dataclass(frozen=True, slots=True)
+class ScanEntry:
+    key: bytes
+    version: int
+    value: bytes | None
+    expires_at_ms: int | None
+    accepted_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScanReply:
+    entries: tuple[ScanEntry, ...]
+    truncated: bool  # the replica stopped at the limit
+
+
+Request: TypeAlias = Prepare | Accept | Commit | Read | ScanRequest
+Reply: TypeAlias = Promise | AcceptReply | ReadReply | ScanReply
+
+
+# ---------------------------------------------------------------- wire form
+
+
+def _ballot_out(ballot: Ballot) -> list[int]:
+    return [ballot[0], ballot[1]]
+
+
+def _ballot_in(raw: Any) -> Ballot:
+    if (
+        not isinstance(raw, list | tuple)
+        or len(raw) != 2
+        or not all(isinstance(part, int) and not isinstance(part, bool) for part in raw)
+    ):
+        raise FrameError(f"bad ballot: {raw!r}")
+    return (raw[0], raw[1])
+
+
+def _int(raw: Any, what: str) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        raise FrameError(f"{what} must be an int")
+    return raw
+
+
+def _opt_int(raw: Any, what: str) -> int | None:
+    return None if raw is None else _int(raw, what)
+
+
+def _bool(raw: Any, what: str) -> bool:
+    if not isinstance(raw, bool):
+        raise FrameError(f"{what} must be a bool")
+    return raw
+
+
+def _bytes(raw: Any, what: str) -> bytes:
+    if not isinstance(raw, bytes):
+        raise FrameError(f"{what} must be bytes")
+    return raw
+
+
+def _opt_bytes(raw: Any, what: str) -> bytes | None:
+    return None if raw is None else _bytes(raw, what)
+
+
+def _str(raw: Any, what: str) -> str:
+    if not isinstance(raw, str):
+        raise FrameError(f"{what} must be a str")
+    return raw
+
+
+def _accepted_out(accepted: Accepted | None) -> list[Any] | None:
+    if accepted is None:
+        return None
+    return [
+        _ballot_out(accepted.ballot),
+        accepted.version,
+        accepted.value,
+        accepted.expires_at_ms,
+        accepted.op_id,
+    ]
+
+
+def _accepted_in(raw: Any) -> Accepted | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) != 5:
+        raise FrameError("bad accepted proposal")
+    return Accepted(
+        ballot=_ballot_in(raw[0]),
+        version=_int(raw[1], "accepted version"),
+        value=_opt_bytes(raw[2], "accepted value"),
+        expires_at_ms=_opt_int(raw[3], "accepted expiry"),
+        op_id=_int(raw[4], "op id"),
+    )
+
+
+def to_wire(message: Request | Reply) -> list[Any]:
+    """The msgpack-ready list form of a message."""
+    match message:
+        case Prepare():
+            return [
+                "prepare",
+                message.table,
+                message.key,
+                _ballot_out(message.ballot),
+                message.known_version,
+            ]
+        case Accept():
+            return [
+                "accept",
+                message.table,
+                message.key,
+                _ballot_out(message.ballot),
+                message.version,
+                message.value,
+                message.expires_at_ms,
+                message.op_id,
+                message.commit_version,
+                _ballot_out(message.commit_ballot),
+            ]
+        case Commit():
+            return [
+                "commit",
+                message.table,
+                message.key,
+                message.version,
+                _ballot_out(message.ballot),
+                message.has_value,
+                message.value,
+                message.expires_at_ms,
+                message.op_id,
+            ]
+        case Read():
+            return ["read", message.table, message.key, message.known_version]
+        case ScanRequest():
+            return [
+                "scan",
+                message.table,
+                message.prefix,
+                message.start,
+                message.end,
+                message.limit,
+            ]
+        case Promise():
+            return [
+                "promise",
+                message.ok,
+                _ballot_out(message.promised),
+                message.version,
+                message.has_value,
+                message.value,
+                message.expires_at_ms,
+                _accepted_out(message.accepted),
+                message.op_id,
+            ]
+        case AcceptReply():
+            return ["accepted", message.ok, _ballot_out(message.promised), message.version]
+        case ReadReply():
+            return [
+                "readreply",
+                message.version,
+                message.has_value,
+                message.value,
+                message.expires_at_ms,
+                None if message.accepted_ballot is None else _ballot_out(message.accepted_ballot),
+                message.accepted_version,
+                _ballot_out(message.promised),
+                message.op_id,
+            ]
+        case ScanReply():
+            return [
+                "scanreply",
+                [
+                    [e.key, e.version, e.value, e.expires_at_ms, e.accepted_version]
+                    for e in message.entries
+                ],
+                message.truncated,
+            ]
+    raise AssertionError(f"not a message: {message!r}")
+
+
+_FIELD_COUNTS = {
+    "prepare": 5,
+    "accept": 10,
+    "commit": 9,
+    "read": 4,
+    "scan": 6,
+    "promise": 9,
+    "accepted": 4,
+    "readreply": 9,
+    "scanreply": 3,
+}
+
+
+def from_wire(raw: Any) -> Request | Reply:
+    """Parse and type-check a message; anything malformed raises `FrameError`."""
+    if not isinstance(raw, list) or not raw or not isinstance(raw[0], str):
+        raise FrameError("a message must be a list starting with its tag")
+    tag = raw[0]
+    count = _FIELD_COUNTS.get(tag)
+    if count is None:
+        raise FrameError(f"unknown message type {tag!r}")
+    if len(raw) != count:
+        raise FrameError(f"{tag} takes {count - 1} fields, got {len(raw) - 1}")
+    match tag:
+        case "prepare":
+            return Prepare(
+                _str(raw[1], "table"),
+                _bytes(raw[2], "key"),
+                _ballot_in(raw[3]),
+                _int(raw[4], "known version"),
+            )
+        case "accept":
+            return Accept(
+                _str(raw[1], "table"),
+                _bytes(raw[2], "key"),
+                _ballot_in(raw[3]),
+                _int(raw[4], "version"),
+                _opt_bytes(raw[5], "value"),
+                _opt_int(raw[6], "expiry"),
+                _int(raw[7], "op id"),
+                _int(raw[8], "commit version"),
+                _ballot_in(raw[9]),
+            )
+        case "commit":
+            return Commit(
+                _str(raw[1], "table"),
+                _bytes(raw[2], "key"),
+                _int(raw[3], "version"),
+                _ballot_in(raw[4]),
+                _bool(raw[5], "has value"),
+                _opt_bytes(raw[6], "value"),
+                _opt_int(raw[7], "expiry"),
+                _int(raw[8], "op id"),
+            )
+        case "read":
+            return Read(_str(raw[1], "table"), _bytes(raw[2], "key"), _int(raw[3], "known"))
+        case "scan":
+            return ScanRequest(
+                _str(raw[1], "table"),
+                _bytes(raw[2], "prefix"),
+                _bytes(raw[3], "start"),
+                _bytes(raw[4], "end"),
+                _int(raw[5], "limit"),
+            )
+        case "promise":
+            return Promise(
+                _bool(raw[1], "ok"),
+                _ballot_in(raw[2]),
+                _int(raw[3], "version"),
+                _bool(raw[4], "has value"),
+                _opt_bytes(raw[5], "value"),
+                _opt_int(raw[6], "expiry"),
+                _accepted_in(raw[7]),
+                _int(raw[8], "op id"),
+            )
+        case "accepted":
+            return AcceptReply(_bool(raw[1], "ok"), _ballot_in(raw[2]), _int(raw[3], "version"))
+        case "readreply":
+            return ReadReply(
+                _int(raw[1], "version"),
+                _bool(raw[2], "has value"),
+                _opt_bytes(raw[3], "value"),
+                _opt_int(raw[4], "expiry"),
+                None if raw[5] is None else _ballot_in(raw[5]),
+                _int(raw[6], "accepted version"),
+                _ballot_in(raw[7]),
+                _int(raw[8], "op id"),
+            )
+        case "scanreply":
+            if not isinstance(raw[1], list):
+                raise FrameError("scan entries must be a list")
+            entries = []
+            for item in raw[1]:
+                if not isinstance(item, list) or len(item) != 5:
+                    raise FrameError("bad scan entry")
+                entries.append(
+                    ScanEntry(
+                        _bytes(item[0], "key"),
+                        _int(item[1], "version"),
+                        _opt_bytes(item[2], "value"),
+                        _opt_int(item[3], "expiry"),
+                        _int(item[4], "accepted version"),
+                    )
+                )
+            return ScanReply(tuple(entries), _bool(raw[2], "truncated"))
+    raise AssertionError(tag)

@@ -1,0 +1,186 @@
+"""The replica state machine: one key's Paxos acceptor and learner, as pure functions.
+
+Each handler takes the key's current row and a message and returns the row to
+persist (None when nothing changed) and the reply. The caller must make the
+new row durable before sending the reply: a promise or an accept that was
+answered and then forgotten in a crash breaks Paxos.
+
+All transitions, in one place:
+
+Prepare  ballot > promised                    -> promised = ballot; Promise ok
+Prepare  otherwise                            -> unchanged; Promise refused
+Accept   ballot >= promised, version > chosen,
+         and (ballot, version) not below the
+         accepted proposal's                  -> promised = ballot, accepted = it; ok
+Accept   otherwise                            -> (piggy-backed commit only); refused
+Commit   version > chosen, value known (sent,
+         or the proposal accepted under ballot) -> chosen = (version, value)
+Read     always                               -> unchanged; ReadReply
+
+Prepare needs a strictly higher ballot so that a coordinator that restarted
+and reuses a ballot can never collect a second set of promises for it.
+Accept takes an equal ballot (that is ordinary phase 2) but refuses a proposal
+older than the one it holds under the same ballot: a delayed duplicate must
+not overwrite a newer proposal that may already be chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kvsvr.protocol.messages import (
+    Accept,
+    AcceptReply,
+    Commit,
+    Prepare,
+    Promise,
+    Read,
+    ReadReply,
+    ScanEntry,
+)
+from kvsvr.protocol.state import Accepted, Ballot, Row
+
+
+def check_row(row: Row) -> None:
+    """Invariants every stored row satisfies."""
+    assert row.version >= 0
+    assert row.version > 0 or row.value is None
+    if row.accepted is not None:
+        assert row.accepted.version > row.version, "an accepted proposal is above chosen"
+        assert row.accepted.ballot <= row.promised, "accepted under a ballot we promised"
+
+
+def _check_transition(old: Row, new: Row) -> Row:
+    assert new.version >= old.version, "a chosen version never decreases"
+    assert new.promised >= old.promised, "a promise never goes below an earlier promise"
+    if new.version == old.version and old.version > 0:
+        assert new.value == old.value, "a chosen version never changes its value"
+    check_row(new)
+    return new
+
+
+def apply_commit(
+    row: Row,
+    version: int,
+    ballot: Ballot,
+    has_value: bool,
+    value: bytes | None,
+    expires_at_ms: int | None,
+    op_id: int,
+) -> Row | None:
+    """Learn that `version` is chosen. None when the row does not change."""
+    if version <= row.version:
+        return None
+    accepted = row.accepted
+    if not has_value:
+        if accepted is None or accepted.version != version or accepted.ballot != ballot:
+            return None  # we never saw that proposal; repair will bring the value
+        value = accepted.value
+        expires_at_ms = accepted.expires_at_ms
+        op_id = accepted.op_id
+    if accepted is not None and accepted.version <= version:
+        accepted = None
+    return _check_transition(
+        row,
+        replace(
+            row,
+            version=version,
+            value=value,
+            expires_at_ms=expires_at_ms,
+            accepted=accepted,
+            op_id=op_id,
+        ),
+    )
+
+
+def on_prepare(row: Row, message: Prepare) -> tuple[Row | None, Promise]:
+    if message.ballot <= row.promised:
+        return None, Promise(
+            ok=False,
+            promised=row.promised,
+            version=row.version,
+            has_value=False,
+            value=None,
+            expires_at_ms=None,
+            accepted=None,
+            op_id=row.op_id,
+        )
+    new_row = _check_transition(row, replace(row, promised=message.ballot))
+    include_value = row.version > message.known_version
+    return new_row, Promise(
+        ok=True,
+        promised=message.ballot,
+        version=row.version,
+        has_value=include_value,
+        value=row.value if include_value else None,
+        expires_at_ms=row.expires_at_ms if include_value else None,
+        accepted=row.accepted,
+        op_id=row.op_id,
+    )
+
+
+def on_accept(row: Row, message: Accept) -> tuple[Row | None, AcceptReply]:
+    changed: Row | None = None
+    if message.commit_version > 0:
+        changed = apply_commit(
+            row, message.commit_version, message.commit_ballot, False, None, None, 0
+        )
+        if changed is not None:
+            row = changed
+    accepted = row.accepted
+    refused = (
+        message.ballot < row.promised
+        or message.version <= row.version
+        or (
+            accepted is not None
+            and (message.ballot, message.version) < (accepted.ballot, accepted.version)
+        )
+    )
+    if refused:
+        return changed, AcceptReply(ok=False, promised=row.promised, version=row.version)
+    proposal = Accepted(
+        ballot=message.ballot,
+        version=message.version,
+        value=message.value,
+        expires_at_ms=message.expires_at_ms,
+        op_id=message.op_id,
+    )
+    new_row = _check_transition(row, replace(row, promised=message.ballot, accepted=proposal))
+    return new_row, AcceptReply(ok=True, promised=message.ballot, version=row.version)
+
+
+def on_commit(row: Row, message: Commit) -> Row | None:
+    return apply_commit(
+        row,
+        message.version,
+        message.ballot,
+        message.has_value,
+        message.value,
+        message.expires_at_ms,
+        message.op_id,
+    )
+
+
+def on_read(row: Row, message: Read) -> ReadReply:
+    include_value = row.version > message.known_version
+    accepted = row.accepted
+    return ReadReply(
+        version=row.version,
+        has_value=include_value,
+        value=row.value if include_value else None,
+        expires_at_ms=row.expires_at_ms if include_value else None,
+        accepted_ballot=None if accepted is None else accepted.ballot,
+        accepted_version=0 if accepted is None else accepted.version,
+        promised=row.promised,
+        op_id=row.op_id,
+    )
+
+
+def scan_entry(key: bytes, row: Row) -> ScanEntry:
+    return ScanEntry(
+        key=key,
+        version=row.version,
+        value=row.value,
+        expires_at_ms=row.expires_at_ms,
+        accepted_version=0 if row.accepted is None else row.accepted.version,
+    )

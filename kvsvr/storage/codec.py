@@ -1,0 +1,215 @@
+"""The on-disk encoding of a `Row`: crc32c, then msgpack of a compact list.
+
+Layout: 4-byte little-endian crc32c of the body, then the body, msgpack of
+
+    [format_version, version, value, expires_at_ms, promised_round,
+     promised_node, accepted, hlc, op_id]
+
+where `accepted` is None or
+`[ballot_round, ballot_node, version, value, expires_at_ms, op_id]`.
+
+`decode_row` checks everything (crc, msgpack, field count, every field's type
+and range, the format version) and raises `CorruptRow` for anything wrong:
+a damaged row is never served as data, and a caller never has to catch
+anything but `CorruptRow`.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import crc32c
+import msgpack
+
+from kvsvr.errors import CorruptRow
+from kvsvr.protocol.state import Accepted, Row
+
+# Bumped when the layout changes, so an old node reading a new row (or the
+# reverse) reports a clear error instead of misreading fields.
+ROW_FORMAT_VERSION = 1
+
+# Every integer field is stored as a msgpack uint (versions, ballots, hlc and
+# unix milliseconds are never negative); 2**64 - 1 is msgpack's largest uint.
+ROW_INT_MAX = (1 << 64) - 1
+
+_CRC = struct.Struct("<I")
+CRC_BYTES = _CRC.size
+
+# Fields of the top-level list and of the `accepted` list. The unpacker is told
+# no array may be longer, so a damaged length prefix cannot make it allocate.
+ROW_FIELD_COUNT = 9
+ACCEPTED_FIELD_COUNT = 6
+
+
+def encode_row(row: Row) -> bytes:
+    """The stored bytes of `row`. Raises ValueError for a row that could not be
+    decoded again (wrong types, out-of-range integers): that is a caller bug,
+    and it must not reach the disk."""
+    problem = row_problem(row)
+    if problem is not None:
+        raise ValueError(f"cannot encode row: {problem}")
+    accepted: list[Any] | None = None
+    if row.accepted is not None:
+        proposal = row.accepted
+        accepted = [
+            proposal.ballot[0],
+            proposal.ballot[1],
+            proposal.version,
+            proposal.value,
+            proposal.expires_at_ms,
+            proposal.op_id,
+        ]
+    fields: list[Any] = [
+        ROW_FORMAT_VERSION,
+        row.version,
+        row.value,
+        row.expires_at_ms,
+        row.promised[0],
+        row.promised[1],
+        accepted,
+        row.hlc,
+        row.op_id,
+    ]
+    assert len(fields) == ROW_FIELD_COUNT
+    body: bytes = msgpack.packb(fields, use_bin_type=True)
+    return _CRC.pack(crc32c.crc32c(body)) + body
+
+
+def decode_row(data: bytes) -> Row:
+    """The `Row` stored as `data`; `CorruptRow` if `data` is not exactly one
+    intact row of a known format version."""
+    if not isinstance(data, bytes):
+        raise CorruptRow(f"row data must be bytes, not {type(data).__name__}")
+    if len(data) <= CRC_BYTES:
+        raise CorruptRow(f"row truncated: {len(data)} bytes")
+    (crc_stored,) = _CRC.unpack_from(data)
+    body = data[CRC_BYTES:]
+    crc_computed = crc32c.crc32c(body)
+    if crc_stored != crc_computed:
+        raise CorruptRow(
+            f"row crc32c mismatch: stored {crc_stored:#010x}, computed {crc_computed:#010x}"
+        )
+    try:
+        fields = msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=True,
+            max_array_len=ROW_FIELD_COUNT,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as error:  # msgpack raises many types; all mean "not a row"
+        raise CorruptRow(f"row body is not valid msgpack: {error!r}") from error
+    row = _row_from_fields(fields)
+    problem = row_problem(row)
+    if problem is not None:
+        raise CorruptRow(f"row has a bad field: {problem}")
+    return row
+
+
+def _row_from_fields(fields: object) -> Row:
+    """Assemble a Row without judging field types; `row_problem` does that."""
+    if not isinstance(fields, list) or len(fields) != ROW_FIELD_COUNT:
+        raise CorruptRow(f"row body is not a list of {ROW_FIELD_COUNT} fields")
+    format_version = fields[0]
+    if not _is_uint(format_version):
+        raise CorruptRow("row format version is not an integer")
+    if format_version != ROW_FORMAT_VERSION:
+        raise CorruptRow(f"unknown row format version {format_version}")
+    (
+        _,
+        version,
+        value,
+        expires_at_ms,
+        promised_round,
+        promised_node,
+        accepted_fields,
+        hlc,
+        op_id,
+    ) = fields
+    accepted: Accepted | None = None
+    if accepted_fields is not None:
+        if not isinstance(accepted_fields, list) or len(accepted_fields) != ACCEPTED_FIELD_COUNT:
+            raise CorruptRow(f"row accepted is not a list of {ACCEPTED_FIELD_COUNT} fields")
+        (
+            ballot_round,
+            ballot_node,
+            accepted_version,
+            accepted_value,
+            accepted_expires,
+            accepted_op_id,
+        ) = accepted_fields
+        accepted = Accepted(
+            ballot=(ballot_round, ballot_node),
+            version=accepted_version,
+            value=accepted_value,
+            expires_at_ms=accepted_expires,
+            op_id=accepted_op_id,
+        )
+    return Row(
+        version=version,
+        value=value,
+        expires_at_ms=expires_at_ms,
+        promised=(promised_round, promised_node),
+        accepted=accepted,
+        hlc=hlc,
+        op_id=op_id,
+    )
+
+
+def row_problem(row: Row) -> str | None:
+    """What makes `row` unstorable, or None. Shared by encode and decode, so
+    every row that encodes also decodes."""
+    if not isinstance(row, Row):
+        return f"not a Row: {type(row).__name__}"
+    checks: list[tuple[str, str | None]] = [
+        ("version", _uint_problem(row.version)),
+        ("value", _value_problem(row.value)),
+        ("expires_at_ms", _optional_uint_problem(row.expires_at_ms)),
+        ("promised", _ballot_problem(row.promised)),
+        ("hlc", _uint_problem(row.hlc)),
+        ("op_id", _uint_problem(row.op_id)),
+    ]
+    if row.accepted is not None:
+        accepted = row.accepted
+        if not isinstance(accepted, Accepted):
+            return f"accepted: not an Accepted: {type(accepted).__name__}"
+        checks += [
+            ("accepted.ballot", _ballot_problem(accepted.ballot)),
+            ("accepted.version", _uint_problem(accepted.version)),
+            ("accepted.value", _value_problem(accepted.value)),
+            ("accepted.expires_at_ms", _optional_uint_problem(accepted.expires_at_ms)),
+            ("accepted.op_id", _uint_problem(accepted.op_id)),
+        ]
+    for name, problem in checks:
+        if problem is not None:
+            return f"{name}: {problem}"
+    return None
+
+
+def _is_uint(value: object) -> bool:
+    # bool is an int subclass; a stored True is damage, not the integer 1.
+    return type(value) is int and 0 <= value <= ROW_INT_MAX
+
+
+def _uint_problem(value: object) -> str | None:
+    if _is_uint(value):
+        return None
+    return f"expected an integer in [0, 2**64), got {value!r:.80}"
+
+
+def _optional_uint_problem(value: object) -> str | None:
+    return None if value is None else _uint_problem(value)
+
+
+def _value_problem(value: object) -> str | None:
+    if value is None or type(value) is bytes:
+        return None
+    return f"expected bytes or None, got {type(value).__name__}"
+
+
+def _ballot_problem(ballot: object) -> str | None:
+    if not isinstance(ballot, tuple) or len(ballot) != 2:
+        return f"expected a (round, node_index) tuple, got {ballot!r:.80}"
+    return _uint_problem(ballot[0]) or _uint_problem(ballot[1])

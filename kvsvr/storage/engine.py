@@ -1,0 +1,710 @@
+"""The node's LMDB store: tables of rows, `meta`, `hints`, one group-commit writer.
+
+Threading model. Everything here runs on the trio thread except the body of a
+commit, which runs in one `trio.to_thread.run_sync` call: one LMDB write
+transaction, one fsync, never an await inside it. Reads run inline on the trio
+thread (an LMDB read is about a microsecond). `stage*` and every other method
+must be called from the trio thread only (they touch the overlay and the
+batch queue without locks); the worker thread only reads an op list handed to
+it, which nothing mutates while the commit runs.
+
+Pending overlay. `stage` records a write in memory and queues it; `read_row`
+and `scan` see it at once, before it is durable. A protocol handler reads a
+key, computes the new row, stages it and then awaits durability; a second
+message for the same key, handled while the first commit runs, reads the
+staged row, never the stale one on disk. A staged write must not be *answered*
+before `wait_durable` returns: the overlay serves the node's own next
+decision, never an acknowledgement.
+
+Commit failure is fail-stop. If a commit raises (`lmdb.MapFullError`, an I/O
+error from fsync, anything), the writer
+  1. fails that batch and every batch queued behind it (their
+     `wait_durable` raises `StorageFailed`, so nothing is acknowledged),
+  2. clears the overlay, so reads show only what LMDB holds, never a write
+     that is not on disk,
+  3. refuses every later `stage` with `StorageFailed`, and
+  4. raises `StorageFailed` out of `run`, which takes down the node's nursery
+     loudly rather than letting it limp on without a disk.
+Per-op problems that would fail a whole batch (bad key size, oversized
+record, unknown table) are rejected by `stage` with `InvalidRequest` before
+they reach a batch, so a batch fails only for reasons of the environment. The
+fix for a full map is to restart the node with a larger `map_size_bytes`; what
+was durable is still there. Safety of writes a failed commit might still have
+left on disk (an fsync error after LMDB wrote its meta page): they were never
+acknowledged, and holding a promise or an accepted value that was never
+answered is safe in Paxos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, NoReturn
+
+import lmdb
+import trio
+
+from kvsvr.errors import CorruptRow, InvalidRequest, KvsvrError, Unavailable
+from kvsvr.protocol.state import Row
+from kvsvr.storage.codec import decode_row, encode_row
+
+# --- Limits and LMDB settings ----------------------------------------------
+
+# Address space reserved for the data file; LMDB never grows past it (a full
+# map fails the commit; see the module docstring). 1 GiB is a test/dev default;
+# production nodes pass their disk budget.
+DEFAULT_MAP_SIZE_BYTES = 1 << 30
+# LMDB rounds the map to pages; below a few MiB the b-tree cannot even hold the
+# sub-database records plus one batch.
+MAP_SIZE_BYTES_MIN = 1 << 20
+
+# LMDB keeps named databases in a fixed array sized at open and searches it on
+# every open_db; tables are declared in the cluster config and are few.
+MAX_DBS = 64
+# Two of the named databases are ours: `meta` and `hints`.
+TABLE_COUNT_MAX = MAX_DBS - 2
+# Table names live inside LMDB's key of the sub-database record (`t:` + name)
+# and in every error message; a short bound keeps both readable.
+TABLE_NAME_BYTES_MAX = 64
+
+# Reader slots in the lock file. Reads run on the trio thread one at a time
+# and the writer thread takes none, so a node needs one or two; LMDB's default
+# of 126 leaves room for tools (mdb_stat, backups) opening the same files.
+MAX_READERS = 126
+# py-lmdb keeps this many finished read transactions to reuse: inline reads on
+# one thread need only one, and reuse avoids a reader-slot lock per read.
+MAX_SPARE_TXNS = 1
+
+# Files and directory are private to the node's user: they hold user data.
+FILE_MODE = 0o700
+
+# At most this many ops per commit: bounds the dirty pages LMDB holds in
+# memory and the fsync latency every waiter of one batch pays.
+BATCH_OPS_MAX = 4096
+# At most this many key+value bytes per commit, for the same reason; at disk
+# bandwidths of a few hundred MB/s this keeps one commit in the tens of ms.
+BATCH_BYTES_MAX = 16 << 20
+# One record (key + encoded row) must fit in an empty batch, or it could never
+# be committed.
+RECORD_BYTES_MAX = BATCH_BYTES_MAX
+# Everything staged but not yet committed (overlay and queued batches) is held
+# in memory; past these bounds `stage` refuses with `StorageOverloaded` (the
+# caller answers "unavailable") instead of growing without limit. 16 full
+# batches of ops, a quarter GiB of bytes.
+STAGED_OPS_MAX = 16 * BATCH_OPS_MAX
+STAGED_BYTES_MAX = 256 << 20
+
+# A scan returns at most this many rows: a scan result travels in one frame
+# and is built in memory on the trio thread.
+SCAN_ROWS_MAX = 10_000
+
+# Named sub-databases.
+TABLE_DB_PREFIX: Final = b"t:"
+META_DB: Final = b"meta"
+HINTS_DB: Final = b"hints"
+RAW_DBS: Final = frozenset({META_DB, HINTS_DB})
+
+
+# --- Errors -------------------------------------------------------------------
+
+
+class StorageFailed(KvsvrError):
+    """A commit failed (map full, I/O error). The write is not durable and the
+    store has stopped accepting writes; the node must restart."""
+
+    code = "storage_failed"
+
+
+class StorageOverloaded(Unavailable):
+    """Too much is staged and not yet committed; nothing was staged. Retry later."""
+
+
+class StorageClosed(Unavailable):
+    """The store is closing or closed; nothing was staged."""
+
+
+# --- Statistics, tickets, batches ----------------------------------------------
+
+
+@dataclass(slots=True)
+class StorageStats:
+    """Counters of the group-commit writer, for metrics and benchmarks."""
+
+    batches_committed: int = 0
+    ops_committed: int = 0
+    bytes_committed: int = 0
+    max_batch_ops: int = 0
+
+
+@dataclass(slots=True)
+class _Op:
+    db_name: bytes
+    key: bytes
+    data: bytes | None  # None: delete the key
+    seq: int  # staging order; tells a later write to the same key from this one
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.key) + (0 if self.data is None else len(self.data))
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    ops: list[_Op] = field(default_factory=list)
+    size_bytes: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+    error: StorageFailed | None = None
+
+    def fits(self, op_count: int, size_bytes: int) -> bool:
+        return (
+            len(self.ops) + op_count <= BATCH_OPS_MAX
+            and self.size_bytes + size_bytes <= BATCH_BYTES_MAX
+        )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CommitTicket:
+    """Returned by `stage`; pass it to `Storage.wait_durable`."""
+
+    _batch: _Batch
+
+    @property
+    def is_durable(self) -> bool:
+        """True once the write is committed and fsynced."""
+        return self._batch.done.is_set() and self._batch.error is None
+
+
+# LMDB environments must never cross a fork (their locks and mmap belong to
+# the process that opened them). Cheaper than os.getpid() on every call.
+_process_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _process_generation
+    _process_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --- The store -------------------------------------------------------------------
+
+
+class Storage:
+    """One node's LMDB environment. Create with `Storage.open`, start the writer
+    with `await nursery.start(storage.run)`, finish with `await storage.aclose()`."""
+
+    def __init__(
+        self,
+        env: lmdb.Environment,
+        dbs: dict[bytes, lmdb._Database],
+        table_dbs: dict[str, bytes],
+    ) -> None:
+        """Use `Storage.open`."""
+        self._env = env
+        self._dbs = dbs  # never mutated after open: the writer thread reads it
+        self._table_dbs = table_dbs
+        self._key_bytes_max = env.max_key_size()
+        self._generation = _process_generation
+        # Staged, uncommitted writes by database and key: the latest one wins.
+        self._overlay: dict[bytes, dict[bytes, _Op]] = {name: {} for name in dbs}
+        self._sealed: deque[_Batch] = deque()  # full batches, oldest first
+        self._gathering = _Batch()  # the batch new writes join
+        self._staged_ops = 0  # in every uncommitted batch, including the one committing
+        self._staged_bytes = 0
+        self._seq = 0
+        self._wakeup = trio.Event()  # set when there is work or on close
+        self._writer_running = False
+        self._writer_stopped = trio.Event()
+        self._commit_in_flight = False
+        self._closing = False
+        self._closed = False
+        self._failure: StorageFailed | None = None
+        self._stats = StorageStats()
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        tables: Iterable[str],
+        map_size_bytes: int = DEFAULT_MAP_SIZE_BYTES,
+    ) -> Storage:
+        """Open (creating if needed) the environment at directory `path` with one
+        sub-database per table plus `meta` and `hints`. Call it in the process
+        that uses the store, after any fork."""
+        table_dbs = _table_db_names(tables)
+        if type(map_size_bytes) is not int or map_size_bytes < MAP_SIZE_BYTES_MIN:
+            raise InvalidRequest(f"map_size_bytes must be an int >= {MAP_SIZE_BYTES_MIN}")
+        env = open_environment(path, map_size_bytes=map_size_bytes)
+        try:
+            db_names = [*table_dbs.values(), META_DB, HINTS_DB]
+            with env.begin(write=True) as txn:
+                dbs = {name: env.open_db(name, txn=txn, create=True) for name in db_names}
+        except BaseException:
+            env.close()
+            raise
+        return cls(env, dbs, table_dbs)
+
+    # --- Reads (inline) -----------------------------------------------------------
+
+    def read_row(self, table: str, key: bytes) -> Row | None:
+        """The row of `key` (a staged write shadows LMDB), or None if absent.
+        Raises `CorruptRow` for a row that fails its checks."""
+        data = self._read(self._table_db(table), key)
+        return None if data is None else _decode(table, key, data)
+
+    def scan(
+        self, table: str, start: bytes, end: bytes | None, limit: int
+    ) -> list[tuple[bytes, Row]]:
+        """Rows with `start <= key < end` (`end` None: no upper bound), ascending,
+        at most `limit`; staged writes and deletes are merged in. A corrupt row
+        in the range raises `CorruptRow`: a scan never skips data silently."""
+        found = self._scan(self._table_db(table), start, end, limit)
+        return [(key, _decode(table, key, data)) for key, data in found]
+
+    def scan_prefix(self, table: str, prefix: bytes, limit: int) -> list[tuple[bytes, Row]]:
+        """Rows whose key starts with `prefix`, ascending, at most `limit`."""
+        return self.scan(table, prefix, prefix_end(prefix), limit)
+
+    def read_meta(self, key: bytes) -> bytes | None:
+        return self._read(META_DB, key)
+
+    def read_raw(self, db_name: bytes, key: bytes) -> bytes | None:
+        """A value of `meta` or `hints` (staged writes included)."""
+        return self._read(_raw_db(db_name), key)
+
+    def scan_raw(
+        self, db_name: bytes, start: bytes, end: bytes | None, limit: int
+    ) -> list[tuple[bytes, bytes]]:
+        """Like `scan`, over `meta` or `hints`, returning the stored bytes."""
+        return self._scan(_raw_db(db_name), start, end, limit)
+
+    # --- Writes ----------------------------------------------------------------
+
+    def stage(self, table: str, key: bytes, row: Row | None) -> CommitTicket:
+        """Queue `row` (None: delete the key) for the next commit and make it
+        visible to reads at once. Trio thread only. Raises `InvalidRequest`
+        (bad table, key or row), `StorageOverloaded`, `StorageClosed` or
+        `StorageFailed`; in every case nothing was staged."""
+        return self._stage_all([self._prepare(table, key, row)])
+
+    def stage_meta(self, key: bytes, value: bytes | None) -> CommitTicket:
+        return self.stage_raw(META_DB, key, value)
+
+    def stage_raw(self, db_name: bytes, key: bytes, value: bytes | None) -> CommitTicket:
+        """Like `stage`, for raw bytes in `meta` or `hints`."""
+        return self._stage_all([self._prepare_raw(_raw_db(db_name), key, value)])
+
+    async def wait_durable(self, ticket: CommitTicket) -> None:
+        """Return once the ticket's write is committed and fsynced; raise
+        `StorageFailed` if its commit failed."""
+        await ticket._batch.done.wait()
+        failure = ticket._batch.error
+        if failure is not None:
+            raise StorageFailed(str(failure)) from failure.__cause__
+
+    async def write(self, ops: Sequence[tuple[str, bytes, Row | None]]) -> None:
+        """Stage every (table, key, row) and wait until they are durable. The ops
+        commit together in one transaction (all or none); either every op is
+        staged or, if one is invalid, none is."""
+        if len(ops) == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        ticket = self._stage_all([self._prepare(table, key, row) for table, key, row in ops])
+        await self.wait_durable(ticket)
+
+    # --- The group-commit writer ----------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task: commit whatever is staged, batch after batch, until
+        `aclose`. Start it with `await nursery.start(storage.run)`. Raises
+        `StorageFailed` if a commit fails (see the module docstring)."""
+        self._check_process()
+        if self._writer_running or self._closing:
+            raise RuntimeError("Storage.run is already running, or the store is closing")
+        self._writer_running = True
+        self._writer_stopped = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                batch = self._take_batch()
+                if batch is not None:
+                    await self._commit(batch)
+                elif self._closing or self._failure is not None:
+                    return
+                else:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+        finally:
+            self._writer_running = False
+            self._writer_stopped.set()
+
+    async def aclose(self) -> None:
+        """Refuse new writes, commit everything staged, close the environment.
+        Idempotent. Shielded: a cancelled shutdown still finishes the writes it
+        had accepted (a bounded amount: at most `STAGED_OPS_MAX`)."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closing = True
+        self._wakeup.set()
+        try:
+            with trio.CancelScope(shield=True):
+                if self._writer_running:
+                    await self._writer_stopped.wait()
+                while (batch := self._take_batch()) is not None:
+                    await self._commit(batch)
+        finally:
+            self._close_env()
+
+    def close(self) -> None:
+        """Synchronous `aclose`, for code outside trio (tools, benchmarks): it
+        commits what is staged on the calling thread. Inside trio use `aclose`."""
+        if self._closed:
+            return
+        if self._commit_in_flight:
+            raise RuntimeError("Storage.close() while a commit runs; use aclose()")
+        self._closing = True
+        self._wakeup.set()
+        try:
+            while (batch := self._take_batch()) is not None:
+                self._commit_sync(batch)
+        finally:
+            self._close_env()
+
+    @property
+    def stats(self) -> StorageStats:
+        """A snapshot of the writer's counters."""
+        return dataclasses.replace(self._stats)
+
+    @property
+    def staged_ops(self) -> int:
+        """Writes staged and not yet committed."""
+        return self._staged_ops
+
+    @property
+    def overlay_size(self) -> int:
+        """Keys the overlay holds (staged, not yet committed)."""
+        return sum(len(entries) for entries in self._overlay.values())
+
+    @property
+    def failure(self) -> StorageFailed | None:
+        """The commit failure that stopped the store, if any."""
+        return self._failure
+
+    # --- Internals: reads ------------------------------------------------------
+
+    def _read(self, db_name: bytes, key: bytes) -> bytes | None:
+        self._check_readable()
+        self._check_key(key)
+        staged = self._overlay[db_name].get(key)
+        if staged is not None:
+            return staged.data
+        with self._env.begin(db=self._dbs[db_name]) as txn:
+            return txn.get(key)
+
+    def _scan(
+        self, db_name: bytes, start: bytes, end: bytes | None, limit: int
+    ) -> list[tuple[bytes, bytes]]:
+        """Merge LMDB's range with the overlay's, overlay first on equal keys."""
+        self._check_readable()
+        _check_range(start, end, limit)
+        # The overlay is bounded by STAGED_OPS_MAX; a linear filter is cheap
+        # next to building the rows.
+        staged = sorted(
+            (key, op.data)
+            for key, op in self._overlay[db_name].items()
+            if start <= key and (end is None or key < end)
+        )
+        found: list[tuple[bytes, bytes]] = []
+        staged_index = 0
+        with self._env.begin(db=self._dbs[db_name]) as txn:
+            cursor = txn.cursor()
+            on_disk = cursor.set_range(start) if start else cursor.first()
+            while len(found) < limit:
+                disk_key: bytes | None = cursor.key() if on_disk else None
+                if disk_key is not None and end is not None and disk_key >= end:
+                    disk_key = None
+                staged_key = staged[staged_index][0] if staged_index < len(staged) else None
+                if staged_key is None and disk_key is None:
+                    break
+                if staged_key is not None and (disk_key is None or staged_key <= disk_key):
+                    if staged_key == disk_key:
+                        on_disk = cursor.next()  # shadowed by the staged write
+                    data = staged[staged_index][1]
+                    staged_index += 1
+                    if data is not None:
+                        found.append((staged_key, data))
+                else:
+                    assert disk_key is not None
+                    found.append((disk_key, cursor.value()))
+                    on_disk = cursor.next()
+        assert len(found) <= limit
+        assert all(found[i][0] < found[i + 1][0] for i in range(len(found) - 1))
+        return found
+
+    # --- Internals: staging ------------------------------------------------------
+
+    def _prepare(self, table: str, key: bytes, row: Row | None) -> _Op:
+        db_name = self._table_db(table)
+        if row is not None and not isinstance(row, Row):
+            raise InvalidRequest(f"a row must be a Row or None, not {type(row).__name__}")
+        try:
+            data = None if row is None else encode_row(row)
+        except ValueError as error:
+            raise InvalidRequest(f"table {table!r} key {key!r}: {error}") from error
+        return self._prepare_raw(db_name, key, data)
+
+    def _prepare_raw(self, db_name: bytes, key: bytes, data: bytes | None) -> _Op:
+        self._check_key(key)
+        if data is not None and type(data) is not bytes:
+            raise InvalidRequest(f"a stored value must be bytes or None, not {type(data).__name__}")
+        op = _Op(db_name=db_name, key=key, data=data, seq=0)
+        if op.size_bytes > RECORD_BYTES_MAX:
+            raise InvalidRequest(
+                f"record is {op.size_bytes} bytes; the limit is {RECORD_BYTES_MAX}"
+            )
+        return op
+
+    def _stage_all(self, ops: list[_Op]) -> CommitTicket:
+        """Stage `ops` into one batch (so they commit atomically), or none of them."""
+        assert ops
+        self._check_writable()
+        size_bytes = sum(op.size_bytes for op in ops)
+        if len(ops) > BATCH_OPS_MAX or size_bytes > BATCH_BYTES_MAX:
+            raise InvalidRequest(
+                f"{len(ops)} ops of {size_bytes} bytes exceed one batch "
+                f"({BATCH_OPS_MAX} ops, {BATCH_BYTES_MAX} bytes)"
+            )
+        if (
+            self._staged_ops + len(ops) > STAGED_OPS_MAX
+            or self._staged_bytes + size_bytes > STAGED_BYTES_MAX
+        ):
+            raise StorageOverloaded(
+                f"{self._staged_ops} writes ({self._staged_bytes} bytes) await commit"
+            )
+        if not self._gathering.fits(len(ops), size_bytes):
+            self._sealed.append(self._gathering)
+            self._gathering = _Batch()
+        batch = self._gathering
+        assert batch.fits(len(ops), size_bytes)
+        for op in ops:
+            self._seq += 1
+            op.seq = self._seq
+            batch.ops.append(op)
+            self._overlay[op.db_name][op.key] = op
+        batch.size_bytes += size_bytes
+        self._staged_ops += len(ops)
+        self._staged_bytes += size_bytes
+        self._wakeup.set()
+        return CommitTicket(batch)
+
+    # --- Internals: committing ----------------------------------------------------
+
+    def _take_batch(self) -> _Batch | None:
+        """The oldest uncommitted batch, or None. Takes the gathering batch too:
+        what arrived while the last commit ran goes in the next one."""
+        if self._failure is not None:
+            return None
+        if self._sealed:
+            return self._sealed.popleft()
+        if self._gathering.ops:
+            batch = self._gathering
+            self._gathering = _Batch()
+            return batch
+        return None
+
+    async def _commit(self, batch: _Batch) -> None:
+        assert not self._commit_in_flight, "one commit at a time"
+        self._commit_in_flight = True
+        try:
+            # Shielded: once taken, a batch is committed and its waiters told,
+            # even if the writer is being cancelled (one fsync at most).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._commit_in_thread, batch.ops)
+        except Exception as error:
+            self._fail(batch, error)
+        finally:
+            self._commit_in_flight = False
+        self._finish(batch)
+
+    def _commit_sync(self, batch: _Batch) -> None:
+        assert not self._commit_in_flight
+        try:
+            self._commit_in_thread(batch.ops)
+        except Exception as error:
+            self._fail(batch, error)
+        self._finish(batch)
+
+    def _commit_in_thread(self, ops: list[_Op]) -> None:
+        """One write transaction, committed (and fsynced) or aborted as a whole.
+        Runs in a worker thread: touches only `ops`, `_env` and `_dbs`."""
+        with self._env.begin(write=True) as txn:
+            for op in ops:
+                if op.data is None:
+                    txn.delete(op.key, db=self._dbs[op.db_name])
+                else:
+                    txn.put(op.key, op.data, db=self._dbs[op.db_name])
+
+    def _finish(self, batch: _Batch) -> None:
+        """Trio thread, right after the commit: retire the batch's overlay
+        entries (unless a later write to the key was staged), wake its waiters."""
+        for op in batch.ops:
+            entries = self._overlay[op.db_name]
+            if entries.get(op.key) is op:
+                del entries[op.key]
+        self._staged_ops -= len(batch.ops)
+        self._staged_bytes -= batch.size_bytes
+        assert self._staged_ops >= 0 and self._staged_bytes >= 0
+        self._stats.batches_committed += 1
+        self._stats.ops_committed += len(batch.ops)
+        self._stats.bytes_committed += batch.size_bytes
+        self._stats.max_batch_ops = max(self._stats.max_batch_ops, len(batch.ops))
+        batch.done.set()
+
+    def _fail(self, batch: _Batch, error: Exception) -> NoReturn:
+        """Fail-stop: fail this batch and every one behind it, drop the overlay,
+        refuse further writes, raise `StorageFailed`."""
+        failed = [batch, *self._sealed]
+        if self._gathering.ops:
+            failed.append(self._gathering)
+        lost_ops = sum(len(each.ops) for each in failed)
+        failure = StorageFailed(
+            f"LMDB commit of {len(batch.ops)} writes failed ({error!r}); the store "
+            f"stopped: {lost_ops} staged writes were not made durable and further "
+            "writes are refused. Restart the node (with a larger map_size_bytes "
+            "if the map is full)."
+        )
+        failure.__cause__ = error
+        self._failure = failure
+        self._sealed.clear()
+        self._gathering = _Batch()
+        for entries in self._overlay.values():
+            entries.clear()
+        self._staged_ops = 0
+        self._staged_bytes = 0
+        for each in failed:
+            each.error = failure
+            each.done.set()
+        self._wakeup.set()
+        raise failure
+
+    # --- Internals: checks ------------------------------------------------------
+
+    def _close_env(self) -> None:
+        self._closing = True
+        self._closed = True
+        self._env.close()
+
+    def _table_db(self, table: str) -> bytes:
+        db_name = self._table_dbs.get(table)
+        if db_name is None:
+            raise InvalidRequest(f"unknown table {table!r}")
+        return db_name
+
+    def _check_key(self, key: bytes) -> None:
+        if type(key) is not bytes:
+            raise InvalidRequest(f"a stored key must be bytes, not {type(key).__name__}")
+        if not 0 < len(key) <= self._key_bytes_max:
+            raise InvalidRequest(
+                f"a stored key must be 1 to {self._key_bytes_max} bytes, not {len(key)}"
+            )
+
+    def _check_process(self) -> None:
+        if self._generation != _process_generation:
+            raise RuntimeError("an LMDB environment must not be used across fork")
+
+    def _check_readable(self) -> None:
+        self._check_process()
+        if self._closed:
+            raise StorageClosed("the store is closed")
+
+    def _check_writable(self) -> None:
+        self._check_process()
+        if self._failure is not None:
+            raise StorageFailed(str(self._failure)) from self._failure.__cause__
+        if self._closing:
+            raise StorageClosed("the store is closing; no new writes")
+
+
+# --- Helpers -------------------------------------------------------------------
+
+
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with `prefix`, or None
+    if there is none (empty prefix, or only 0xff bytes)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def open_environment(path: str | Path, *, map_size_bytes: int) -> lmdb.Environment:
+    """The LMDB environment at directory `path` with kvsvr's settings, every
+    durability flag explicit. Shared with the raw-LMDB benchmark so both
+    measure the same thing."""
+    return lmdb.open(
+        str(path),
+        map_size=map_size_bytes,
+        subdir=True,
+        readonly=False,
+        create=True,
+        mode=FILE_MODE,
+        # Durability: fsync data and meta page on every commit, through
+        # write(2) rather than a writable map (a stray pointer cannot
+        # scribble on the file, and a torn page cannot reach the meta).
+        sync=True,
+        metasync=True,
+        map_async=False,
+        writemap=False,
+        # Random point reads: kernel readahead would only evict useful pages.
+        readahead=False,
+        # Zero malloc'd pages before they are written, so freed memory
+        # (other users' data) never lands in the file.
+        meminit=True,
+        lock=True,
+        max_dbs=MAX_DBS,
+        max_readers=MAX_READERS,
+        max_spare_txns=MAX_SPARE_TXNS,
+    )
+
+
+def _table_db_names(tables: Iterable[str]) -> dict[str, bytes]:
+    table_dbs: dict[str, bytes] = {}
+    for table in tables:
+        if type(table) is not str or not table:
+            raise InvalidRequest(f"a table name must be a non-empty str, not {table!r}")
+        encoded = table.encode("utf-8")
+        if len(encoded) > TABLE_NAME_BYTES_MAX:
+            raise InvalidRequest(f"table name {table!r} is over {TABLE_NAME_BYTES_MAX} bytes")
+        if table in table_dbs:
+            raise InvalidRequest(f"table {table!r} declared twice")
+        table_dbs[table] = TABLE_DB_PREFIX + encoded
+    if len(table_dbs) > TABLE_COUNT_MAX:
+        raise InvalidRequest(f"{len(table_dbs)} tables; the limit is {TABLE_COUNT_MAX}")
+    return table_dbs
+
+
+def _raw_db(db_name: bytes) -> bytes:
+    if db_name not in RAW_DBS:
+        raise InvalidRequest(f"unknown raw database {db_name!r}; expected one of {sorted(RAW_DBS)}")
+    return db_name
+
+
+def _check_range(start: bytes, end: bytes | None, limit: int) -> None:
+    if type(start) is not bytes or (end is not None and type(end) is not bytes):
+        raise InvalidRequest("scan bounds must be bytes")
+    if type(limit) is not int or not 0 <= limit <= SCAN_ROWS_MAX:
+        raise InvalidRequest(f"scan limit must be an int in [0, {SCAN_ROWS_MAX}], not {limit!r}")
+
+
+def _decode(table: str, key: bytes, data: bytes) -> Row:
+    try:
+        return decode_row(data)
+    except CorruptRow as error:
+        raise CorruptRow(f"table {table!r} key {key!r}: {error}") from error

@@ -1,0 +1,574 @@
+"""Storage tests: the row codec (property tests) and the LMDB engine on a temporary
+directory (group commit, pending overlay, scans, corruption, fail-stop)."""
+
+from __future__ import annotations
+
+import struct
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import crc32c
+import msgpack
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvsvr.errors import CorruptRow, InvalidRequest
+from kvsvr.protocol.state import Accepted, Row
+from kvsvr.storage import (
+    HINTS_DB,
+    CommitTicket,
+    Storage,
+    StorageClosed,
+    StorageFailed,
+    StorageOverloaded,
+    decode_row,
+    encode_row,
+    engine,
+)
+from kvsvr.storage.codec import ROW_INT_MAX
+from kvsvr.storage.engine import MAP_SIZE_BYTES_MIN, prefix_end
+
+TABLES = ["users", "posts"]
+
+# --- Strategies -------------------------------------------------------------------
+
+uints = st.integers(min_value=0, max_value=ROW_INT_MAX)
+small_uints = st.integers(min_value=0, max_value=1000)
+values = st.none() | st.binary(max_size=64)
+ballots = st.tuples(uints, uints)
+accepted_proposals = st.builds(
+    Accepted,
+    ballot=ballots,
+    version=uints,
+    value=values,
+    expires_at_ms=st.none() | uints,
+    op_id=uints,
+)
+rows = st.builds(
+    Row,
+    version=uints,
+    value=values,
+    expires_at_ms=st.none() | uints,
+    promised=ballots,
+    accepted=st.none() | accepted_proposals,
+    hlc=uints,
+    op_id=uints,
+)
+# Anything msgpack can carry, to feed the decoder well-formed but wrong bodies.
+msgpack_objects = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=ROW_INT_MAX)
+    | st.floats(allow_nan=False)
+    | st.binary(max_size=8)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=9),
+    max_leaves=20,
+)
+
+
+def with_crc(body: bytes) -> bytes:
+    return struct.pack("<I", crc32c.crc32c(body)) + body
+
+
+def row_of(n: int) -> Row:
+    return Row(version=n, value=b"value-%d" % n, promised=(n, 1), hlc=n)
+
+
+# --- Codec ------------------------------------------------------------------------
+
+
+@given(rows)
+def test_codec_round_trips_every_row(row: Row) -> None:
+    assert decode_row(encode_row(row)) == row
+
+
+@given(rows, st.data())
+def test_codec_detects_any_flipped_byte(row: Row, data: st.DataObject) -> None:
+    encoded = encode_row(row)
+    index = data.draw(st.integers(min_value=0, max_value=len(encoded) - 1))
+    mask = data.draw(st.integers(min_value=1, max_value=255))
+    damaged = bytearray(encoded)
+    damaged[index] ^= mask
+    with pytest.raises(CorruptRow):
+        decode_row(bytes(damaged))
+
+
+@given(rows, st.data())
+def test_codec_detects_truncation(row: Row, data: st.DataObject) -> None:
+    encoded = encode_row(row)
+    length = data.draw(st.integers(min_value=0, max_value=len(encoded) - 1))
+    with pytest.raises(CorruptRow):
+        decode_row(encoded[:length])
+
+
+@given(st.binary(max_size=200))
+def test_codec_random_bytes_are_corrupt_or_a_row(data: bytes) -> None:
+    try:
+        assert isinstance(decode_row(data), Row)
+    except CorruptRow:
+        pass
+
+
+@given(st.binary(max_size=200))
+def test_codec_random_body_with_valid_crc_is_corrupt_or_a_row(body: bytes) -> None:
+    try:
+        assert isinstance(decode_row(with_crc(body)), Row)
+    except CorruptRow:
+        pass
+
+
+@given(st.lists(msgpack_objects, min_size=8, max_size=8) | msgpack_objects)
+def test_codec_wrong_shapes_with_valid_crc_are_corrupt_or_valid(fields: object) -> None:
+    data = with_crc(msgpack.packb(fields, use_bin_type=True))
+    try:
+        row = decode_row(data)
+    except CorruptRow:
+        return
+    assert decode_row(encode_row(row)) == row  # whatever decodes is a valid row
+
+
+def good_fields() -> list[object]:
+    return [1, 3, b"v", None, 4, 2, [5, 1, 4, b"w", 99, 11], 7, 12]
+
+
+@pytest.mark.parametrize(
+    ("index", "bad_value", "message"),
+    [
+        (0, 2, "unknown row format version 2"),
+        (0, True, "format version is not an integer"),
+        (1, True, "version"),
+        (1, -1, "version"),
+        (1, 1.0, "version"),
+        (2, "text", "value"),
+        (3, "soon", "expires_at_ms"),
+        (4, None, "promised"),
+        (6, [5, 1, 4, b"w", 99], "accepted"),
+        (6, [5, 1, 4, "w", 99, 11], "accepted.value"),
+        (6, [5, 1, 4, b"w", 99, -1], "accepted.op_id"),
+        (6, {"a": 1}, "not valid msgpack"),  # maps are refused by the unpacker
+        (7, b"\x00", "hlc"),
+        (8, "id", "op_id"),
+    ],
+)
+def test_codec_rejects_each_bad_field(index: int, bad_value: object, message: str) -> None:
+    fields = good_fields()
+    assert isinstance(decode_row(with_crc(msgpack.packb(fields, use_bin_type=True))), Row)
+    fields[index] = bad_value
+    with pytest.raises(CorruptRow, match=message):
+        decode_row(with_crc(msgpack.packb(fields, use_bin_type=True)))
+
+
+def test_codec_rejects_wrong_lengths_and_trailing_data() -> None:
+    body = msgpack.packb(good_fields(), use_bin_type=True)
+    for bad in [b"", b"\x00\x00\x00\x00", with_crc(body + b"\x00"), with_crc(body[:-1])]:
+        with pytest.raises(CorruptRow):
+            decode_row(bad)
+    for fields in [good_fields()[:8], [*good_fields(), 0]]:
+        with pytest.raises(CorruptRow):
+            decode_row(with_crc(msgpack.packb(fields, use_bin_type=True)))
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        Row(version=-1),
+        Row(version=1 << 64),
+        Row(value="text"),  # type: ignore[arg-type]
+        Row(promised=(1,)),  # type: ignore[arg-type]
+        Row(hlc=True),
+        Row(accepted=Accepted(ballot=(1, 1), version=2, value=b"x", expires_at_ms=-5)),
+    ],
+)
+def test_codec_refuses_to_encode_invalid_rows(row: Row) -> None:
+    with pytest.raises(ValueError, match="cannot encode row"):
+        encode_row(row)
+
+
+# --- Engine helpers -----------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running(path: Path, **kwargs: int) -> AsyncIterator[Storage]:
+    """A store with its writer running; closed (everything committed) on exit."""
+    storage = Storage.open(path, tables=TABLES, **kwargs)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(storage.run)
+            yield storage
+            await storage.aclose()
+    finally:
+        await storage.aclose()
+
+
+def gate_commits(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> threading.Semaphore:
+    """Make every commit wait for one release of the returned semaphore."""
+    permits = threading.Semaphore(0)
+    commit = storage._commit_in_thread
+
+    def gated(ops: list[engine._Op]) -> None:
+        assert permits.acquire(timeout=10), "test never released the commit"
+        commit(ops)
+
+    monkeypatch.setattr(storage, "_commit_in_thread", gated)
+    return permits
+
+
+# --- Engine: basics ------------------------------------------------------------------
+
+
+async def test_write_read_and_survive_reopen(tmp_path: Path) -> None:
+    async with running(tmp_path / "db") as storage:
+        await storage.write([("users", b"alice", row_of(1)), ("posts", b"p1", row_of(2))])
+        assert storage.read_row("users", b"alice") == row_of(1)
+        assert storage.read_row("posts", b"alice") is None  # tables are separate
+        await storage.wait_durable(storage.stage_meta(b"epoch", b"7"))
+        await storage.wait_durable(storage.stage_raw(HINTS_DB, b"h1", b"hint"))
+    async with running(tmp_path / "db") as storage:
+        assert storage.read_row("users", b"alice") == row_of(1)
+        assert storage.read_row("posts", b"p1") == row_of(2)
+        assert storage.read_meta(b"epoch") == b"7"
+        assert storage.read_raw(HINTS_DB, b"h1") == b"hint"
+        assert storage.scan_raw(HINTS_DB, b"", None, 10) == [(b"h1", b"hint")]
+        await storage.write([("users", b"alice", None)])  # delete
+        assert storage.read_row("users", b"alice") is None
+    storage = Storage.open(tmp_path / "db", tables=TABLES)
+    assert storage.read_row("users", b"alice") is None
+    storage.close()
+
+
+async def test_sync_close_commits_staged_writes(tmp_path: Path) -> None:
+    storage = Storage.open(tmp_path / "db", tables=TABLES)
+    ticket = storage.stage("users", b"k", row_of(3))
+    storage.close()
+    assert ticket.is_durable
+    storage = Storage.open(tmp_path / "db", tables=TABLES)
+    assert storage.read_row("users", b"k") == row_of(3)
+    storage.close()
+
+
+async def test_aclose_commits_staged_writes_and_refuses_new_ones(tmp_path: Path) -> None:
+    async with running(tmp_path / "db") as storage:
+        tickets = [storage.stage("users", b"k%d" % n, row_of(n)) for n in range(10)]
+        await storage.aclose()
+        assert all(ticket.is_durable for ticket in tickets)
+        with pytest.raises(StorageClosed):
+            storage.stage("users", b"late", row_of(1))
+        with pytest.raises(StorageClosed):
+            storage.read_row("users", b"k1")
+    async with running(tmp_path / "db") as storage:
+        assert [key for key, _ in storage.scan("users", b"", None, 100)] == sorted(
+            b"k%d" % n for n in range(10)
+        )
+
+
+async def test_unknown_table_and_bad_arguments(tmp_path: Path) -> None:
+    async with running(tmp_path / "db") as storage:
+        with pytest.raises(InvalidRequest, match="unknown table 'x'"):
+            storage.read_row("x", b"k")
+        with pytest.raises(InvalidRequest, match="unknown table 'x'"):
+            storage.stage("x", b"k", row_of(1))
+        with pytest.raises(InvalidRequest, match="unknown table 'x'"):
+            storage.scan("x", b"", None, 10)
+        with pytest.raises(InvalidRequest, match="unknown table 'x'"):
+            await storage.write([("users", b"ok", row_of(1)), ("x", b"k", row_of(1))])
+        assert storage.read_row("users", b"ok") is None  # nothing of that write was staged
+        for key in [b"", b"k" * 512]:
+            with pytest.raises(InvalidRequest, match="stored key"):
+                storage.stage("users", key, row_of(1))
+        with pytest.raises(InvalidRequest, match="cannot encode row"):
+            storage.stage("users", b"k", Row(version=-1))
+        with pytest.raises(InvalidRequest, match="scan limit"):
+            storage.scan("users", b"", None, 10_001)
+        with pytest.raises(InvalidRequest, match="raw database"):
+            storage.stage_raw(b"t:users", b"k", b"v")
+        assert storage.staged_ops == 0
+    with pytest.raises(InvalidRequest, match="declared twice"):
+        Storage.open(tmp_path / "db2", tables=["a", "a"])
+
+
+# --- Engine: group commit and the overlay ----------------------------------------------
+
+
+async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+    writer_count = 200
+    async with running(tmp_path / "db") as storage:
+        async with trio.open_nursery() as nursery:
+            for n in range(writer_count):
+                nursery.start_soon(storage.write, [("users", b"key-%03d" % n, row_of(n))])
+        stats = storage.stats
+        assert stats.ops_committed == writer_count
+        assert stats.batches_committed < writer_count
+        assert stats.max_batch_ops > 1
+        for n in range(writer_count):
+            assert storage.read_row("users", b"key-%03d" % n) == row_of(n)
+        assert storage.overlay_size == 0
+        assert storage.staged_ops == 0
+
+
+async def test_writes_staged_during_a_commit_form_the_next_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(tmp_path / "db") as storage:
+        permits = gate_commits(storage, monkeypatch)
+        try:
+            await check_next_batch(storage, permits)
+        finally:
+            permits.release(100)  # never leave aclose waiting on the gate
+
+
+async def check_next_batch(storage: Storage, permits: threading.Semaphore) -> None:
+    first = storage.stage("users", b"k", row_of(1))
+    await trio.testing.wait_all_tasks_blocked()  # the writer is inside commit 1
+    # A second message for the key, handled while commit 1 runs, sees row 1.
+    assert storage.read_row("users", b"k") == row_of(1)
+    second = storage.stage("users", b"k", row_of(2))
+    others = [storage.stage("users", b"o%d" % n, row_of(n)) for n in range(5)]
+    assert storage.read_row("users", b"k") == row_of(2)
+    permits.release()
+    await storage.wait_durable(first)
+    # Commit 1 is done but a later write to the key is staged: it stays visible.
+    assert not second.is_durable
+    assert storage.read_row("users", b"k") == row_of(2)
+    assert storage.overlay_size == 6
+    permits.release()
+    await storage.wait_durable(second)
+    assert all(ticket.is_durable for ticket in others)
+    assert storage.overlay_size == 0
+    assert storage.read_row("users", b"k") == row_of(2)
+    assert storage.stats.batches_committed == 2
+    assert storage.stats.max_batch_ops == 6
+
+
+async def test_read_your_staged_write_and_overlay_cleanup(tmp_path: Path) -> None:
+    async with running(tmp_path / "db") as storage:
+        await storage.write([("users", b"gone", row_of(1))])
+        ticket = storage.stage("users", b"new", row_of(2))
+        delete = storage.stage("users", b"gone", None)
+        assert not ticket.is_durable  # no checkpoint since stage: cannot be committed yet
+        assert storage.read_row("users", b"new") == row_of(2)
+        assert storage.read_row("users", b"gone") is None
+        assert storage.overlay_size == 2
+        await storage.wait_durable(ticket)
+        await storage.wait_durable(delete)
+        assert storage.overlay_size == 0
+        assert storage.read_row("users", b"new") == row_of(2)
+        assert storage.read_row("users", b"gone") is None
+
+
+async def test_write_commits_its_ops_in_one_batch(tmp_path: Path) -> None:
+    async with running(tmp_path / "db") as storage:
+        await storage.write([("users", b"k%d" % n, row_of(n)) for n in range(50)])
+        assert storage.stats.batches_committed == 1
+        assert storage.stats.max_batch_ops == 50
+
+
+async def test_full_batches_are_sealed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "BATCH_OPS_MAX", 4)
+    async with running(tmp_path / "db") as storage:
+        tickets = [storage.stage("users", b"k%02d" % n, row_of(n)) for n in range(10)]
+        for ticket in tickets:
+            await storage.wait_durable(ticket)
+        assert storage.stats.batches_committed == 3
+        assert storage.stats.max_batch_ops == 4
+
+
+async def test_stage_refuses_past_the_staged_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "STAGED_OPS_MAX", 3)
+    async with running(tmp_path / "db") as storage:
+        tickets = [storage.stage("users", b"k%d" % n, row_of(n)) for n in range(3)]
+        with pytest.raises(StorageOverloaded):
+            storage.stage("users", b"k9", row_of(9))
+        assert storage.read_row("users", b"k9") is None
+        for ticket in tickets:
+            await storage.wait_durable(ticket)
+        await storage.write([("users", b"k9", row_of(9))])  # room again
+
+
+# --- Engine: scans ---------------------------------------------------------------------
+
+
+async def test_scan_order_bounds_limit_and_overlay_merge(tmp_path: Path) -> None:
+    async with running(tmp_path / "db") as storage:
+        await storage.write([("users", bytes([k]), row_of(k)) for k in [1, 3, 5, 7, 9]])
+        await storage.write([("posts", bytes([k]), row_of(k)) for k in [2, 4]])
+
+        def keys(found: list[tuple[bytes, Row]]) -> list[int]:
+            return [key[0] for key, _ in found]
+
+        assert keys(storage.scan("users", b"", None, 100)) == [1, 3, 5, 7, 9]
+        assert keys(storage.scan("users", b"\x03", b"\x07", 100)) == [3, 5]
+        assert keys(storage.scan("users", b"\x04", None, 100)) == [5, 7, 9]
+        assert keys(storage.scan("users", b"", None, 2)) == [1, 3]
+        assert keys(storage.scan("users", b"\x05", b"\x05", 10)) == []
+        assert storage.scan("users", b"", None, 0) == []
+        # Staged, uncommitted: an insert, an overwrite, a delete, one out of range.
+        storage.stage("users", b"\x04", row_of(40))
+        storage.stage("users", b"\x05", row_of(50))
+        storage.stage("users", b"\x07", None)
+        storage.stage("users", b"\x0a", row_of(100))
+        for _ in range(2):  # staged, then committed: the same answer
+            found = storage.scan("users", b"\x02", b"\x0a", 100)
+            assert keys(found) == [3, 4, 5, 9]
+            assert [row.version for _, row in found] == [3, 40, 50, 9]
+            assert keys(storage.scan("users", b"", None, 3)) == [1, 3, 4]
+            assert keys(storage.scan("users", b"\x06", None, 100)) == [9, 10]
+            await storage.write([])
+            await storage.write([("posts", b"\x01", row_of(1))])  # flushes the batch before
+        assert storage.overlay_size == 0
+        assert keys(storage.scan("posts", b"", None, 100)) == [1, 2, 4]
+
+
+async def test_scan_prefix(tmp_path: Path) -> None:
+    keys = [b"a", b"ab", b"ab\xff", b"ab\xff\x00", b"ac", b"b", b"\xff", b"\xff\xff"]
+    async with running(tmp_path / "db") as storage:
+        await storage.write([("users", key, row_of(1)) for key in keys])
+        assert [k for k, _ in storage.scan_prefix("users", b"ab", 100)] == keys[1:4]
+        assert [k for k, _ in storage.scan_prefix("users", b"ab\xff", 100)] == keys[2:4]
+        assert [k for k, _ in storage.scan_prefix("users", b"\xff", 100)] == keys[6:]
+        assert [k for k, _ in storage.scan_prefix("users", b"", 100)] == keys
+        assert [k for k, _ in storage.scan_prefix("users", b"a", 2)] == keys[:2]
+    assert prefix_end(b"ab") == b"ac"
+    assert prefix_end(b"a\xff") == b"b"
+    assert prefix_end(b"\xff\xff") is None
+    assert prefix_end(b"") is None
+
+
+key_space = st.binary(min_size=1, max_size=2)
+model_ops = st.lists(st.tuples(key_space, st.none() | small_uints), max_size=30)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    committed=model_ops,
+    staged=model_ops,
+    start=st.binary(max_size=2),
+    end=st.none() | st.binary(max_size=2),
+    limit=st.integers(min_value=0, max_value=40),
+)
+async def test_scan_matches_a_model(
+    committed: list[tuple[bytes, int | None]],
+    staged: list[tuple[bytes, int | None]],
+    start: bytes,
+    end: bytes | None,
+    limit: int,
+) -> None:
+    model: dict[bytes, Row | None] = {}
+
+    def expected() -> list[tuple[bytes, Row]]:
+        found = [
+            (key, row)
+            for key, row in sorted(model.items())
+            if row is not None and start <= key and (end is None or key < end)
+        ]
+        return found[:limit]
+
+    with tempfile.TemporaryDirectory() as directory:
+        async with running(Path(directory)) as storage:
+            for key, version in committed:
+                model[key] = None if version is None else row_of(version)
+                await storage.write([("users", key, model[key])])
+            tickets: list[CommitTicket] = []
+            for key, version in staged:
+                model[key] = None if version is None else row_of(version)
+                tickets.append(storage.stage("users", key, model[key]))
+            assert storage.scan("users", start, end, limit) == expected()
+            for ticket in tickets:
+                await storage.wait_durable(ticket)
+            assert storage.overlay_size == 0
+            assert storage.scan("users", start, end, limit) == expected()
+
+
+# --- Engine: corruption and failure ----------------------------------------------------
+
+
+async def test_flipped_byte_on_disk_is_never_served(tmp_path: Path) -> None:
+    row = Row(version=5, value=b"distinctive-value-" * 4, promised=(3, 2))
+    encoded = encode_row(row)
+    async with running(tmp_path / "db") as storage:
+        await storage.write([("users", b"victim", row), ("users", b"bystander", row_of(1))])
+    data_file = tmp_path / "db" / "data.mdb"
+    contents = bytearray(data_file.read_bytes())
+    position = contents.find(encoded)
+    assert position >= 0, "the encoded row must be in the data file"
+    while position >= 0:  # every copy LMDB may hold
+        contents[position + 4 + len(encoded) // 2] ^= 0x01  # a byte of the body
+        position = contents.find(encoded, position + 1)
+    data_file.write_bytes(bytes(contents))
+
+    async with running(tmp_path / "db") as storage:
+        with pytest.raises(CorruptRow, match=r"table 'users' key b'victim'.*crc32c"):
+            storage.read_row("users", b"victim")
+        with pytest.raises(CorruptRow, match="victim"):
+            storage.scan("users", b"", None, 10)
+        assert storage.read_row("users", b"bystander") == row_of(1)
+        # Repair (as read repair would) replaces the damaged row.
+        await storage.write([("users", b"victim", row)])
+        assert storage.read_row("users", b"victim") == row
+
+
+async def test_commit_failure_is_fail_stop(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    storage = Storage.open(path, tables=TABLES, map_size_bytes=MAP_SIZE_BYTES_MIN)
+    too_big = Row(version=1, value=b"x" * (2 * MAP_SIZE_BYTES_MIN))
+    with pytest.RaisesGroup(StorageFailed):  # run() raises: the node goes down loudly
+        async with trio.open_nursery() as nursery:
+            await nursery.start(storage.run)
+            await storage.write([("users", b"small", row_of(1))])
+            with pytest.raises(StorageFailed, match="MapFullError") as failed:
+                await storage.write([("users", b"big", too_big)])
+            assert failed.value.__cause__ is not None
+            assert storage.failure is not None
+            assert storage.overlay_size == 0  # nothing claims data that is not on disk
+            assert storage.read_row("users", b"big") is None
+            assert storage.read_row("users", b"small") == row_of(1)
+            with pytest.raises(StorageFailed):
+                storage.stage("users", b"after", row_of(2))
+            await trio.sleep_forever()  # until run()'s failure cancels us
+    await storage.aclose()
+    storage = Storage.open(path, tables=TABLES, map_size_bytes=16 * MAP_SIZE_BYTES_MIN)
+    assert storage.read_row("users", b"small") == row_of(1)
+    assert storage.read_row("users", b"big") is None
+    storage.close()
+
+
+async def test_failure_fails_every_queued_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = Storage.open(tmp_path / "db", tables=TABLES)
+    permits = gate_commits(storage, monkeypatch)
+
+    def failing(ops: list[engine._Op]) -> None:
+        raise OSError(5, "Input/output error")
+
+    outcomes: list[str] = []
+
+    async def write_one(key: bytes) -> None:
+        try:
+            await storage.write([("users", key, row_of(1))])
+            outcomes.append("ok")
+        except StorageFailed:
+            outcomes.append("failed")
+
+    with pytest.RaisesGroup(StorageFailed):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(storage.run)
+            nursery.start_soon(write_one, b"a")
+            await trio.testing.wait_all_tasks_blocked()  # commit of a is gated
+            monkeypatch.setattr(storage, "_commit_in_thread", failing)
+            for key in [b"b", b"c"]:
+                nursery.start_soon(write_one, key)
+            await trio.testing.wait_all_tasks_blocked()
+            assert storage.overlay_size == 3
+            permits.release()
+    assert outcomes == ["ok", "failed", "failed"]
+    assert storage.overlay_size == 0 and storage.staged_ops == 0
+    await storage.aclose()
