@@ -1,0 +1,295 @@
+"""Cluster configuration: a TOML file every node and tool reads.
+
+    [cluster]
+    secret = "change-me"      # optional; absent = open cluster (a warning is logged)
+    partitions = 64           # a power of two, fixed at cluster creation
+    replication = 3           # replicas per partition
+    data_dir = "kvsvr-data"   # each node keeps its LMDB in data_dir/<node id>
+    map_size_mb = 1024        # LMDB map size per node
+
+    [[nodes]]
+    id = "n1"
+    host = "127.0.0.1"
+    port = 7101
+    zone = "z1"
+    # Optional: how *this* node reaches a peer (the fault harness puts proxies here).
+    peer_addresses = { n2 = "127.0.0.1:17102" }
+
+    [[tables]]
+    name = "default"
+    consistency = "strong"    # or "eventual"
+    ttl_s = 0                 # 0: rows never expire
+
+Relative `data_dir` paths are taken relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvsvr.protocol.placement import PARTITIONS_MAX, NodePlace, replica_sets
+
+# Table names become LMDB sub-database names; keep them short and plain.
+TABLE_NAME_BYTES_MAX = 64
+TABLES_MAX = 100  # each table is an LMDB sub-database; LMDB wants a fixed maximum
+
+
+class ConfigError(ValueError):
+    """The cluster configuration is malformed; the message says where."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    id: str
+    index: int  # 1-based position in the file; a node's number in ballots
+    host: str
+    port: int
+    zone: str
+    peer_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TableConfig:
+    name: str
+    consistency: str = "strong"
+    ttl_s: float = 0.0
+    write_quorum: int = 1  # eventual tables: replicas that must acknowledge a write
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    nodes: tuple[NodeConfig, ...]
+    tables: tuple[TableConfig, ...]
+    partitions: int = 64
+    replication: int = 3
+    secret: bytes | None = None
+    data_dir: Path = Path("kvsvr-data")
+    map_size_bytes: int = 1 << 30
+    source: Path | None = None
+
+    def node(self, node_id: str) -> NodeConfig:
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        known = ", ".join(n.id for n in self.nodes)
+        raise ConfigError(f"no node {node_id!r} in the config (nodes: {known})")
+
+    def node_by_index(self, index: int) -> NodeConfig:
+        return self.nodes[index - 1]
+
+    def table(self, name: str) -> TableConfig | None:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        return None
+
+    def replica_sets(self) -> list[list[int]]:
+        """For each partition, the 1-based indexes of its replicas, preferred first."""
+        places = [NodePlace(n.index, n.zone) for n in self.nodes]
+        return replica_sets(places, self.partitions, self.replication)
+
+    def node_data_dir(self, node_id: str) -> Path:
+        return self.data_dir / node_id
+
+
+def _address(text: Any, where: str) -> tuple[str, int]:
+    if not isinstance(text, str) or ":" not in text:
+        raise ConfigError(f"{where}: expected 'host:port', got {text!r}")
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: bad port in {text!r}")
+    return host, int(port)
+
+
+def _require(mapping: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in mapping:
+        raise ConfigError(f"{where}: missing '{key}'")
+    value = mapping[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: '{key}' must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterConfig:
+    cluster = data.get("cluster", {})
+    if not isinstance(cluster, dict):
+        raise ConfigError("[cluster] must be a table")
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise ConfigError("the config needs at least one [[nodes]] entry")
+    nodes: list[NodeConfig] = []
+    for position, raw in enumerate(raw_nodes, start=1):
+        where = f"nodes[{position}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a table")
+        node_id = _require(raw, "id", str, where)
+        port = _require(raw, "port", int, where)
+        if not 0 < port < 65536:
+            raise ConfigError(f"{where}: port {port} out of range")
+        peers_raw = raw.get("peer_addresses", {})
+        if not isinstance(peers_raw, dict):
+            raise ConfigError(f"{where}: peer_addresses must be a table")
+        peers = {
+            str(peer): _address(address, f"{where}.peer_addresses.{peer}")
+            for peer, address in peers_raw.items()
+        }
+        nodes.append(
+            NodeConfig(
+                id=node_id,
+                index=position,
+                host=str(raw.get("host", "127.0.0.1")),
+                port=port,
+                zone=str(raw.get("zone", f"zone-{node_id}")),
+                peer_addresses=peers,
+            )
+        )
+    ids = [n.id for n in nodes]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"node ids must be unique: {ids}")
+    for node in nodes:
+        for peer in node.peer_addresses:
+            if peer not in ids:
+                raise ConfigError(f"node {node.id}: peer_addresses names unknown node {peer!r}")
+
+    raw_tables = data.get("tables", [{"name": "default"}])
+    if not isinstance(raw_tables, list) or not raw_tables:
+        raise ConfigError("[[tables]] must list at least one table")
+    if len(raw_tables) > TABLES_MAX:
+        raise ConfigError(f"at most {TABLES_MAX} tables")
+    tables: list[TableConfig] = []
+    for position, raw in enumerate(raw_tables, start=1):
+        where = f"tables[{position}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a table")
+        name = _require(raw, "name", str, where)
+        if not name or len(name.encode()) > TABLE_NAME_BYTES_MAX or not name.isprintable():
+            raise ConfigError(f"{where}: bad table name {name!r}")
+        consistency = raw.get("consistency", "strong")
+        if consistency not in ("strong", "eventual"):
+            raise ConfigError(f"{where}: consistency must be 'strong' or 'eventual'")
+        ttl_s = raw.get("ttl_s", 0)
+        if not isinstance(ttl_s, int | float) or isinstance(ttl_s, bool) or ttl_s < 0:
+            raise ConfigError(f"{where}: ttl_s must be a number >= 0")
+        write_quorum = raw.get("write_quorum", 1)
+        if not isinstance(write_quorum, int) or write_quorum < 1:
+            raise ConfigError(f"{where}: write_quorum must be an int >= 1")
+        tables.append(TableConfig(name, consistency, float(ttl_s), write_quorum))
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"table names must be unique: {names}")
+
+    partitions = cluster.get("partitions", 64)
+    if (
+        not isinstance(partitions, int)
+        or partitions <= 0
+        or partitions & (partitions - 1)
+        or partitions > PARTITIONS_MAX
+    ):
+        raise ConfigError(f"partitions must be a power of two up to {PARTITIONS_MAX}")
+    replication = cluster.get("replication", min(3, len(nodes)))
+    if not isinstance(replication, int) or not 1 <= replication <= len(nodes):
+        raise ConfigError(f"replication must be between 1 and the node count ({len(nodes)})")
+    secret_raw = cluster.get("secret")
+    if secret_raw is not None and (not isinstance(secret_raw, str) or not secret_raw):
+        raise ConfigError("secret must be a non-empty string")
+    data_dir = Path(str(cluster.get("data_dir", "kvsvr-data")))
+    if source is not None and not data_dir.is_absolute():
+        data_dir = source.parent / data_dir
+    map_size_mb = cluster.get("map_size_mb", 1024)
+    if not isinstance(map_size_mb, int) or map_size_mb < 1:
+        raise ConfigError("map_size_mb must be a positive int")
+    return ClusterConfig(
+        nodes=tuple(nodes),
+        tables=tuple(tables),
+        partitions=partitions,
+        replication=replication,
+        secret=secret_raw.encode() if secret_raw else None,
+        data_dir=data_dir,
+        map_size_bytes=map_size_mb << 20,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    return parse_config(data, source=path.resolve())
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
+    """The TOML text of a config (what `kvsvr up` writes)."""
+    lines = ["[cluster]"]
+    if config.secret is not None:
+        lines.append(f"secret = {_toml_string(config.secret.decode())}")
+    lines += [
+        f"partitions = {config.partitions}",
+        f"replication = {config.replication}",
+        f"data_dir = {_toml_string(data_dir if data_dir is not None else str(config.data_dir))}",
+        f"map_size_mb = {config.map_size_bytes >> 20}",
+        "",
+    ]
+    for node in config.nodes:
+        lines += [
+            "[[nodes]]",
+            f"id = {_toml_string(node.id)}",
+            f"host = {_toml_string(node.host)}",
+            f"port = {node.port}",
+            f"zone = {_toml_string(node.zone)}",
+        ]
+        if node.peer_addresses:
+            inner = ", ".join(
+                f"{peer} = {_toml_string(f'{h}:{p}')}"
+                for peer, (h, p) in node.peer_addresses.items()
+            )
+            lines.append(f"peer_addresses = {{ {inner} }}")
+        lines.append("")
+    for table in config.tables:
+        lines += [
+            "[[tables]]",
+            f"name = {_toml_string(table.name)}",
+            f"consistency = {_toml_string(table.consistency)}",
+            f"ttl_s = {table.ttl_s}",
+            f"write_quorum = {table.write_quorum}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def local_cluster(
+    node_count: int,
+    base_port: int,
+    *,
+    secret: str | None = None,
+    partitions: int = 64,
+    replication: int = 3,
+    tables: tuple[TableConfig, ...] = (TableConfig("default"),),
+) -> ClusterConfig:
+    """A cluster on 127.0.0.1: node i (from 1) on base_port + i, each in its own zone."""
+    nodes = tuple(
+        NodeConfig(id=f"n{i}", index=i, host="127.0.0.1", port=base_port + i, zone=f"z{i}")
+        for i in range(1, node_count + 1)
+    )
+    return ClusterConfig(
+        nodes=nodes,
+        tables=tables,
+        partitions=partitions,
+        replication=min(replication, node_count),
+        secret=secret.encode() if secret else None,
+    )

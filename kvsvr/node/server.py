@@ -1,0 +1,596 @@
+"""The node process: the protocol core wired to LMDB and TCP.
+
+A node is at once a replica (it answers Paxos messages about the keys it
+holds, making every promise and accept durable through the group-commit
+writer before it answers) and a coordinator (it runs client operations as the
+protocol's generators, fanning each round out to the key's replicas and
+collecting until a quorum answered, then cancelling the rest).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from collections.abc import Generator
+from dataclasses import asdict
+from functools import partial
+from typing import Any
+
+import trio
+
+from kvsvr.config import ClusterConfig, NodeConfig, load_config
+from kvsvr.errors import (
+    Conflict,
+    CorruptRow,
+    FrameError,
+    InvalidRequest,
+    KvsvrError,
+    Timeout,
+    Unavailable,
+)
+from kvsvr.keys import decode_key, partition_prefix
+from kvsvr.net import RpcConnection, connect, serve
+from kvsvr.protocol import replica
+from kvsvr.protocol.coordinator import (
+    Coordinator,
+    Mutation,
+    Outcome,
+    Replies,
+    Round,
+    is_positive,
+)
+from kvsvr.protocol.messages import (
+    Accept,
+    AcceptReply,
+    Commit,
+    Prepare,
+    Promise,
+    Read,
+    ReadReply,
+    Reply,
+    Request,
+    ScanReply,
+    ScanRequest,
+    from_wire,
+    to_wire,
+)
+from kvsvr.protocol.placement import partition_of
+from kvsvr.protocol.state import EMPTY_ROW, Row
+from kvsvr.storage import Storage
+from kvsvr.storage.engine import prefix_end
+
+log = logging.getLogger("kvsvr.node")
+
+# A round waits this long for a quorum before the operation decides what to do
+# (retry with a new ballot, or give up). Long enough for a loaded 2-core
+# machine's fsync, short enough that a dead replica costs little.
+ROUND_TIMEOUT_S = 1.0
+# A client operation that has not finished in this time answers Timeout
+# (outcome unknown). Below the client's default of 5 s so the client hears why.
+OPERATION_TIMEOUT_S = 4.0
+OPERATION_TIMEOUT_MAX_S = 60.0
+# Connecting to a peer: give up after this, and do not try again for a while,
+# so that rounds do not keep paying for a dead peer.
+PEER_CONNECT_TIMEOUT_S = 0.5
+PEER_RETRY_AFTER_S = 0.25
+# Largest value a client may store; frames are bounded at 16 MiB.
+VALUE_BYTES_MAX = 1 << 20
+SCAN_LIMIT_MAX = 10_000
+
+PAXOS_METHOD = "px"
+PAXOS_ONEWAY_METHOD = "px1"
+
+_REPLY_TYPES: dict[type, type] = {
+    Prepare: Promise,
+    Accept: AcceptReply,
+    Read: ReadReply,
+    ScanRequest: ScanReply,
+}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class PeerLink:
+    """One multiplexed connection to a peer node, reconnected on demand."""
+
+    def __init__(
+        self, peer: NodeConfig, host: str, port: int, secret: bytes | None, nursery: trio.Nursery
+    ) -> None:
+        self.peer = peer
+        self.host = host
+        self.port = port
+        self.secret = secret
+        self.nursery = nursery
+        self.connection: RpcConnection | None = None
+        self.down_until = 0.0
+        self.connecting = trio.Lock()
+        self.oneway_dropped = 0
+
+    @property
+    def up(self) -> bool:
+        return self.connection is not None and not self.connection.closed
+
+    async def get(self) -> RpcConnection:
+        connection = self.connection
+        if connection is not None and not connection.closed:
+            return connection
+        async with self.connecting:
+            connection = self.connection
+            if connection is not None and not connection.closed:
+                return connection
+            if trio.current_time() < self.down_until:
+                raise Unavailable(f"peer {self.peer.id} is down")
+            try:
+                connection = await connect(
+                    self.host,
+                    self.port,
+                    secret=self.secret,
+                    connect_timeout_s=PEER_CONNECT_TIMEOUT_S,
+                )
+            except KvsvrError:
+                self.down_until = trio.current_time() + PEER_RETRY_AFTER_S
+                raise
+            await self.nursery.start(connection.run)
+            self.connection = connection
+            return connection
+
+    async def request(self, body: list[Any]) -> Any:
+        connection = await self.get()
+        return await connection.request(PAXOS_METHOD, body)
+
+    def send_oneway(self, body: list[Any]) -> None:
+        connection = self.connection
+        if connection is not None and not connection.closed:
+            connection.send_oneway(PAXOS_ONEWAY_METHOD, body)
+        elif not self.connecting.locked() and trio.current_time() >= self.down_until:
+            self.nursery.start_soon(self._connect_and_send, body)
+        else:
+            self.oneway_dropped += 1
+
+    async def _connect_and_send(self, body: list[Any]) -> None:
+        try:
+            connection = await self.get()
+        except KvsvrError:
+            self.oneway_dropped += 1
+            return
+        connection.send_oneway(PAXOS_ONEWAY_METHOD, body)
+
+
+class _KeyLocks:
+    """At most one operation per key on this coordinator at a time, so the fast
+    path is not wasted on self-inflicted duels. Locks vanish when unused."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, bytes], tuple[trio.Lock, int]] = {}
+
+    def acquire_ref(self, slot: tuple[str, bytes]) -> trio.Lock:
+        lock, users = self._locks.get(slot, (None, 0))
+        if lock is None:
+            lock = trio.Lock()
+        self._locks[slot] = (lock, users + 1)
+        return lock
+
+    def release_ref(self, slot: tuple[str, bytes]) -> None:
+        lock, users = self._locks[slot]
+        if users <= 1:
+            del self._locks[slot]
+        else:
+            self._locks[slot] = (lock, users - 1)
+
+
+class Node:
+    def __init__(self, config: ClusterConfig, node_id: str, storage: Storage) -> None:
+        self.config = config
+        self.me = config.node(node_id)
+        self.storage = storage
+        self.coordinator = Coordinator(self.me.index, random.Random())
+        self.replica_sets = config.replica_sets()
+        self.tables = {t.name: t for t in config.tables}
+        self.peers: dict[int, PeerLink] = {}
+        self.key_locks = _KeyLocks()
+        self.started_at = time.time()
+        self.corrupt_rows_seen = 0
+        self.requests_served = 0
+
+    def link_peers(self, nursery: trio.Nursery) -> None:
+        for peer in self.config.nodes:
+            if peer.index == self.me.index:
+                continue
+            host, port = self.me.peer_addresses.get(peer.id, (peer.host, peer.port))
+            self.peers[peer.index] = PeerLink(peer, host, port, self.config.secret, nursery)
+
+    # ------------------------------------------------------------ replica side
+
+    def _check_table(self, table: str) -> None:
+        if table not in self.tables:
+            raise InvalidRequest(f"unknown table {table!r}")
+
+    def _read_row(self, table: str, key: bytes) -> Row:
+        try:
+            return self.storage.read_row(table, key) or EMPTY_ROW
+        except CorruptRow:
+            self.corrupt_rows_seen += 1
+            log.error("corrupt row in table %s key %r: refusing to serve it", table, key)
+            raise
+
+    async def replica_request(self, message: Request) -> Reply:
+        self._check_table(message.table)
+        if isinstance(message, ScanRequest):
+            return self._replica_scan(message)
+        row = self._read_row(message.table, message.key)
+        new_row: Row | None
+        reply: Reply
+        match message:
+            case Prepare():
+                new_row, reply = replica.on_prepare(row, message)
+            case Accept():
+                new_row, reply = replica.on_accept(row, message)
+            case Read():
+                new_row, reply = None, replica.on_read(row, message)
+            case Commit():
+                raise InvalidRequest("commit is a one-way message")
+        if new_row is not None:
+            # Durable before the answer leaves: a forgotten promise breaks Paxos.
+            ticket = self.storage.stage(message.table, message.key, new_row)
+            await self.storage.wait_durable(ticket)
+        return reply
+
+    def replica_oneway(self, message: Request) -> None:
+        if not isinstance(message, Commit):
+            raise InvalidRequest("only commits travel one way")
+        self._check_table(message.table)
+        try:
+            row = self._read_row(message.table, message.key)
+        except CorruptRow:
+            return
+        new_row = replica.on_commit(row, message)
+        if new_row is not None:
+            # Nobody waits on a commit: it is a hint that a value is chosen,
+            # and losing it in a crash only means another repair later.
+            self.storage.stage(message.table, message.key, new_row)
+
+    def _replica_scan(self, message: ScanRequest) -> ScanReply:
+        limit = max(1, min(message.limit, SCAN_LIMIT_MAX))
+        start = max(message.start, message.prefix)
+        end = message.end if message.end else prefix_end(message.prefix)
+        rows = self.storage.scan(message.table, start, end, limit + 1)
+        entries = tuple(replica.scan_entry(key, row) for key, row in rows[:limit])
+        return ScanReply(entries, len(rows) > limit)
+
+    # ------------------------------------------------------------ coordinator side
+
+    async def ask(self, target: int, message: Request) -> Reply:
+        if target == self.me.index:
+            return await self.replica_request(message)
+        raw = await self.peers[target].request(to_wire(message))
+        reply = from_wire(raw)
+        expected = _REPLY_TYPES[type(message)]
+        if not isinstance(reply, expected) or not isinstance(
+            reply, Promise | AcceptReply | ReadReply | ScanReply
+        ):
+            raise FrameError(f"expected {expected.__name__}, got {type(reply).__name__}")
+        return reply
+
+    def send_oneway(self, target: int, message: Request) -> None:
+        if target == self.me.index:
+            try:
+                self.replica_oneway(message)
+            except KvsvrError as error:
+                log.warning("local one-way message refused: %s", error)
+            return
+        self.peers[target].send_oneway(to_wire(message))
+
+    async def quorum_round(self, current: Round) -> Replies:
+        """Fan out, collect until a quorum answered (or cannot), cancel the rest."""
+        replies: Replies = {}
+        total = len(current.requests)
+        enough = trio.Event()
+        finished = 0
+
+        async def ask_one(target: int, message: Request) -> None:
+            nonlocal finished
+            try:
+                replies[target] = await self.ask(target, message)
+            except KvsvrError as error:
+                log.debug("replica %d did not answer: %s", target, error)
+            finished += 1
+            positive = sum(1 for r in replies.values() if is_positive(r))
+            negative = len(replies) - positive
+            if positive >= current.quorum or negative > total - current.quorum or finished == total:
+                enough.set()
+
+        with trio.move_on_after(ROUND_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                for target, message in current.requests.items():
+                    nursery.start_soon(ask_one, target, message)
+                await enough.wait()
+                nursery.cancel_scope.cancel()
+        return dict(replies)
+
+    async def drive(self, operation: Generator[Round, Replies, Outcome]) -> Outcome:
+        replies: Replies | None = None
+        while True:
+            try:
+                current = next(operation) if replies is None else operation.send(replies)
+            except StopIteration as stop:
+                outcome: Outcome = stop.value
+                return outcome
+            for target, message in current.oneway:
+                self.send_oneway(target, message)
+            if not current.requests:
+                replies = {}
+                continue
+            if current.delay_s > 0:
+                await trio.sleep(current.delay_s)
+            replies = await self.quorum_round(current)
+
+    async def coordinate(self, table: str, key: bytes, make: Any, timeout_s: float) -> Outcome:
+        """Run one operation on a key: one at a time per key, bounded in time."""
+        slot = (table, key)
+        lock = self.key_locks.acquire_ref(slot)
+        try:
+            with trio.fail_after(timeout_s):
+                async with lock:
+                    return await self.drive(make())
+        except trio.TooSlowError:
+            raise Timeout(f"operation did not finish in {timeout_s:g} s; outcome unknown") from None
+        finally:
+            self.key_locks.release_ref(slot)
+
+    def replicas_of(self, table: str, partition_key: bytes) -> list[int]:
+        return self.replica_sets[partition_of(table, partition_key, self.config.partitions)]
+
+    def local_version(self, table: str, key: bytes, replicas: list[int]) -> int:
+        if self.me.index not in replicas:
+            return -1
+        try:
+            return self._read_row(table, key).version
+        except CorruptRow:
+            return -1
+
+    # ------------------------------------------------------------ client API
+
+    async def client_get(self, body: dict[str, Any]) -> dict[str, Any]:
+        table, key, partition_key = self._table_and_key(body)
+        consistency = body.get("consistency", "strong")
+        if consistency not in ("strong", "stale", "local"):
+            raise InvalidRequest("consistency must be 'strong', 'stale' or 'local'")
+        replicas = self.replicas_of(table, partition_key)
+        if consistency in ("stale", "local") and self.me.index in replicas:
+            min_version = body.get("min_version") or 0
+            if not isinstance(min_version, int):
+                raise InvalidRequest("min_version must be an int")
+            row = self._read_row(table, key)
+            if consistency == "local" or row.version >= min_version:
+                present = row.value is not None and (
+                    row.expires_at_ms is None or row.expires_at_ms > now_ms()
+                )
+                return {"version": row.version, "value": row.value if present else None}
+        known = self.local_version(table, key, replicas)
+        now = now_ms()
+        outcome = await self.coordinate(
+            table,
+            key,
+            lambda: self.coordinator.read(table, key, replicas, now, known),
+            self._timeout(body),
+        )
+        self._raise_for(outcome)
+        return {"version": outcome.version, "value": outcome.value}
+
+    async def client_put(self, body: dict[str, Any]) -> dict[str, Any]:
+        table, key, partition_key = self._table_and_key(body)
+        value = body.get("value")
+        if value is not None and not isinstance(value, bytes):
+            raise InvalidRequest("value must be bytes (or None to delete)")
+        if value is not None and len(value) > VALUE_BYTES_MAX:
+            raise InvalidRequest(f"value is {len(value)} bytes; the limit is {VALUE_BYTES_MAX}")
+        if_version = body.get("if_version")
+        if if_version is not None and (not isinstance(if_version, int) or if_version < 0):
+            raise InvalidRequest("if_version must be an int >= 0")
+        if_absent = body.get("if_absent", False)
+        if not isinstance(if_absent, bool):
+            raise InvalidRequest("if_absent must be a bool")
+        ttl_s = self.tables[table].ttl_s
+        now = now_ms()
+        expires = now + int(ttl_s * 1000) if ttl_s > 0 and value is not None else None
+        mutation = Mutation(value, expires, if_version, if_absent)
+        replicas = self.replicas_of(table, partition_key)
+        known = self.local_version(table, key, replicas)
+        outcome = await self.coordinate(
+            table,
+            key,
+            lambda: self.coordinator.write(table, key, replicas, mutation, now, known),
+            self._timeout(body),
+        )
+        self._raise_for(outcome)
+        return {"version": outcome.version}
+
+    async def client_scan(self, body: dict[str, Any]) -> dict[str, Any]:
+        table = body.get("table", "default")
+        if not isinstance(table, str):
+            raise InvalidRequest("table must be a str")
+        self._check_table(table)
+        partition_key = body.get("partition_key")
+        if not isinstance(partition_key, bytes) or not partition_key:
+            raise InvalidRequest("partition_key must be non-empty bytes")
+        start = body.get("start") or b""
+        end = body.get("end") or b""
+        if not isinstance(start, bytes) or not isinstance(end, bytes):
+            raise InvalidRequest("start and end must be bytes")
+        limit = body.get("limit", 1000)
+        if not isinstance(limit, int) or not 1 <= limit <= SCAN_LIMIT_MAX:
+            raise InvalidRequest(f"limit must be between 1 and {SCAN_LIMIT_MAX}")
+        prefix = partition_prefix(partition_key)
+        replicas = self.replicas_of(table, partition_key)
+        now = now_ms()
+        end_key = prefix + end if end else b""
+        outcome = await self.coordinate(
+            table,
+            prefix,
+            lambda: self.coordinator.scan(
+                table, prefix, prefix + start, end_key, limit, replicas, now
+            ),
+            self._timeout(body),
+        )
+        self._raise_for(outcome)
+        items = []
+        for entry in outcome.entries:
+            _, sort_key = decode_key(entry.key)
+            items.append([sort_key, entry.value, entry.version])
+        return {"items": items}
+
+    def client_map(self) -> dict[str, Any]:
+        return {
+            "partitions": self.config.partitions,
+            "replication": self.config.replication,
+            "nodes": [
+                {"id": n.id, "index": n.index, "host": n.host, "port": n.port, "zone": n.zone}
+                for n in self.config.nodes
+            ],
+            "replica_sets": self.replica_sets,
+            "tables": [
+                {"name": t.name, "consistency": t.consistency, "ttl_s": t.ttl_s}
+                for t in self.config.tables
+            ],
+        }
+
+    def client_status(self) -> dict[str, Any]:
+        held = sum(1 for s in self.replica_sets if self.me.index in s)
+        preferred = sum(1 for s in self.replica_sets if s and s[0] == self.me.index)
+        return {
+            "node": self.me.id,
+            "address": self.me.address,
+            "zone": self.me.zone,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "partitions": self.config.partitions,
+            "partitions_held": held,
+            "partitions_preferred": preferred,
+            "peers": {
+                link.peer.id: ("connected" if link.up else "not connected")
+                for link in self.peers.values()
+            },
+            "coordinator": asdict(self.coordinator.stats),
+            "storage": asdict(self.storage.stats),
+            "corrupt_rows_seen": self.corrupt_rows_seen,
+            "requests_served": self.requests_served,
+        }
+
+    def _timeout(self, body: dict[str, Any]) -> float:
+        timeout = body.get("timeout_s", OPERATION_TIMEOUT_S)
+        if not isinstance(timeout, int | float) or not 0 < timeout <= OPERATION_TIMEOUT_MAX_S:
+            raise InvalidRequest(f"timeout_s must be in (0, {OPERATION_TIMEOUT_MAX_S}]")
+        return float(timeout)
+
+    def _table_and_key(self, body: dict[str, Any]) -> tuple[str, bytes, bytes]:
+        table = body.get("table", "default")
+        if not isinstance(table, str):
+            raise InvalidRequest("table must be a str")
+        self._check_table(table)
+        key = body.get("key")
+        if not isinstance(key, bytes):
+            raise InvalidRequest("key must be bytes (an encoded key)")
+        partition_key, _ = decode_key(key)
+        if not partition_key:
+            raise InvalidRequest("the partition key must not be empty")
+        return table, key, partition_key
+
+    @staticmethod
+    def _raise_for(outcome: Outcome) -> None:
+        if outcome.status == "ok":
+            return
+        if outcome.status == "conflict":
+            raise Conflict(f"condition failed; the current version is {outcome.version}")
+        raise Unavailable(outcome.detail or "no majority of replicas answered; outcome unknown")
+
+    # ------------------------------------------------------------ the handler
+
+    async def handle_request(self, peer: str, method: str, body: object) -> object:
+        self.requests_served += 1
+        if method == PAXOS_METHOD:
+            return to_wire(await self.replica_request(_as_request(body)))
+        if method == "map":
+            return self.client_map()
+        if method == "status":
+            return self.client_status()
+        if not isinstance(body, dict):
+            raise InvalidRequest(f"{method}: the body must be a map")
+        if method == "get":
+            return await self.client_get(body)
+        if method == "put":
+            return await self.client_put(body)
+        if method == "scan":
+            return await self.client_scan(body)
+        raise InvalidRequest(f"unknown method {method!r}")
+
+    def handle_oneway(self, peer: str, method: str, body: object) -> None:
+        if method != PAXOS_ONEWAY_METHOD:
+            log.warning("unknown one-way method %r from %s", method, peer)
+            return
+        try:
+            self.replica_oneway(_as_request(body))
+        except KvsvrError as error:
+            log.warning("one-way message from %s refused: %s", peer, error)
+
+
+def _as_request(body: object) -> Request:
+    message = from_wire(body)
+    if not isinstance(message, Prepare | Accept | Commit | Read | ScanRequest):
+        raise FrameError(f"{type(message).__name__} is not a request")
+    return message
+
+
+async def serve_node(
+    config: ClusterConfig,
+    node_id: str,
+    *,
+    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node until cancelled; on cancellation, commit what is staged and close."""
+    me = config.node(node_id)
+    data_dir = config.node_data_dir(node_id)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    storage = Storage.open(
+        data_dir, tables=[t.name for t in config.tables], map_size_bytes=config.map_size_bytes
+    )
+    if config.secret is None:
+        log.warning("no cluster secret configured: anyone who can reach %s can use it", me.address)
+    try:
+        async with trio.open_nursery() as storage_nursery:
+            await storage_nursery.start(storage.run)
+            node = Node(config, node_id, storage)
+            async with trio.open_nursery() as nursery:
+                node.link_peers(nursery)
+                await nursery.start(partial(serve, me.host, me.port, node, secret=config.secret))
+                log.info("node %s serving on %s", me.id, me.address)
+                task_status.started(node)
+                await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await storage.aclose()
+        log.info("node %s stopped; storage closed", me.id)
+
+
+async def _main(config: ClusterConfig, node_id: str) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_node, config, node_id)
+            async for signum in signals:
+                log.info("signal %d: stopping", signum)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run_node(config_path: str, node_id: str) -> int:
+    """`kvsvr node`: serve until SIGTERM or SIGINT. Returns the exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {node_id} %(levelname)s %(name)s: %(message)s",
+    )
+    config = load_config(config_path)
+    config.node(node_id)  # fail early, with the list of known ids
+    trio.run(_main, config, node_id)
+    return 0
