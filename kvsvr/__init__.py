@@ -1,1 +1,48 @@
-"""kvsvr: a distributed, strongly consistent key-value store."""
+"""kvsvr: a distributed, strongly consistent key-value store.
+
+import kvsvr
+
+async with kvsvr.connect(["127.0.0.1:7101"], secret="s") as client:
+    await client.put("greeting", b"hello")
+
+with kvsvr.SyncClient(["127.0.0.1:7101"], secret="s") as client:
+    print(client.get("greeting"))
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from kvsvr.client import Client, Item, SyncClient, connect
+from kvsvr.config import ClusterConfig, load_config
+from kvsvr.errors import (
+    AuthenticationFailed,
+    Conflict,
+    CorruptRow,
+    InvalidRequest,
+    KvsvrError,
+    Timeout,
+    Unavailable,
+)
+
+try:
+    __version__: str = _metadata.version("kvsvr")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "AuthenticationFailed",
+    "Client",
+    "ClusterConfig",
+    "Conflict",
+    "CorruptRow",
+    "InvalidRequest",
+    "Item",
+    "KvsvrError",
+    "SyncClient",
+    "Timeout",
+    "Unavailable",
+    "__version__",
+    "connect",
+    "load_config",
+]

@@ -9,12 +9,16 @@ the checker.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jepsen_like.sim.world import NetworkFaults, World
 from kvsvr.protocol.coordinator import Mutation, Outcome
+
+# Final reads after healing: each is retried until one succeeds, at most this often.
+FINAL_READ_ATTEMPTS = 20
 
 
 @dataclass
@@ -32,6 +36,9 @@ class SimConfig:
     fault_duration_s: float = 0.3
     # Chance a client sends to a random node rather than the key's preferred one.
     stray_coordinator: float = 0.3
+    # Let each seed draw its own network profile (loss, duplication, delays up
+    # to beyond the round timeout, so that late replies land in later rounds).
+    vary_network: bool = True
 
 
 @dataclass
@@ -132,6 +139,15 @@ class _Client:
 
 class _Run:
     def __init__(self, seed: int, config: SimConfig, trace: Callable[[str], None] | None) -> None:
+        if config.vary_network:
+            profile = random.Random(seed ^ 0x5EED)
+            config = replace(
+                config,
+                loss=profile.choice([0.0, 0.02, 0.05, 0.15]),
+                duplication=profile.choice([0.0, 0.05, 0.2]),
+                delay_max_s=profile.choice([0.002, 0.01, 0.04, 0.12]),
+                stray_coordinator=profile.choice([0.0, 0.3, 1.0]),
+            )
         self.config = config
         faults = NetworkFaults(
             delay_min_s=config.delay_min_s,
@@ -209,18 +225,20 @@ def simulate(
     final_process = 10**6
     for key_index in range(config.keys):
         key = f"k{key_index}".encode()
-        final_process += 1
-        process = final_process
-        run.record(process, "invoke", "read", key, None)
-
-        def done(outcome: Outcome | None, key: bytes = key, process: int = process) -> None:
-            if outcome is None or outcome.status != "ok":
-                run.record(process, "fail", "read", key, None)
-            else:
+        # Like Jepsen's final reads: retried (a bounded number of times) until
+        # one succeeds, since a round can still time out on a slow network.
+        for _ in range(FINAL_READ_ATTEMPTS):
+            final_process += 1
+            process = final_process
+            run.record(process, "invoke", "read", key, None)
+            result: list[Outcome | None] = []
+            world.read(run.preferred_node(key), key, result.append)
+            world.run_until_idle()
+            outcome = result[0] if result else None
+            if outcome is not None and outcome.status == "ok":
                 run.record(process, "ok", "read", key, _decode(outcome.value))
-
-        world.read(run.preferred_node(key), key, done)
-        world.run_until_idle()
+                break
+            run.record(process, "fail", "read", key, None)
     counts: dict[str, int] = {}
     for op in run.history:
         if op["type"] != "invoke":

@@ -33,7 +33,11 @@ from kvsvr.protocol.messages import Accept, Commit, Prepare, Read, Reply, Reques
 from kvsvr.protocol.state import EMPTY_ROW, Row
 
 # A round the driver has waited this long for is answered with what came in.
+# Drawn per round between these multiples of the network's worst round trip
+# (and at least ROUND_TIMEOUT_S): sometimes below it, so that late replies land
+# in later rounds; mostly above it, so that operations can finish.
 ROUND_TIMEOUT_S = 0.05
+ROUND_TIMEOUT_RTT_FACTORS = (0.5, 3.0)
 LOCAL_DELAY_S = 0.0001
 
 
@@ -290,7 +294,9 @@ class World:
             return
         for dst, message in op.current.requests.items():
             self._send(op.node_id, dst, ("request", op.node_id, op.op_token, round_number, message))
-        self.at(ROUND_TIMEOUT_S, lambda: self._round_timeout(op.op_token, round_number))
+        worst_rtt_s = 2 * self.faults.delay_max_s
+        timeout_s = max(ROUND_TIMEOUT_S, worst_rtt_s * self.rng.uniform(*ROUND_TIMEOUT_RTT_FACTORS))
+        self.at(timeout_s, lambda: self._round_timeout(op.op_token, round_number))
 
     def _round_timeout(self, op_token: int, round_number: int) -> None:
         op = self._ops.get(op_token)

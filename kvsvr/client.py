@@ -1,0 +1,953 @@
+"""The kvsvr client: an async one (trio) and a blocking one for scripts.
+
+    async with kvsvr.connect(["127.0.0.1:7101", "127.0.0.1:7102"], secret="s") as client:
+        version = await client.put("greeting", b"hello")
+        item = await client.get("greeting")            # Item(value=b"hello", version=...)
+        await client.cas("greeting", b"hi", if_version=item.version)
+        await client.put(("alice", "inbox/0001"), b"...")   # (partition key, sort key)
+        rows = await client.scan("alice", start="inbox/", end="inbox0")
+
+    with kvsvr.SyncClient("127.0.0.1:7101") as client:   # the same methods, blocking
+        client.put("greeting", b"hello")
+
+`connect` reaches the first address that answers, fetches the partition map,
+and from then on sends each key straight to its partition's preferred
+coordinator (the first live replica), so writes take the Paxos fast path. It
+opens connections to other nodes when a key first needs them. A node that
+cannot be *connected to* is skipped for `NODE_DOWN_S` and the next replica is
+tried; a request that was *sent* and then lost its connection raises
+`Unavailable` (its outcome is unknown) and is never sent again, except reads,
+which are safe to repeat on another replica.
+
+Keys are `bytes` or `str` (UTF-8), or a tuple `(partition_key, sort_key)`;
+values are `bytes`. Every operation is bounded by the client's `timeout_s` and
+raises `kvsvr.Timeout` past it.
+
+Session guarantee for stale reads: the client remembers, per key, the highest
+version it has written or read (for the `SESSION_KEYS_MAX` most recently used
+keys) and asks a stale read for at least that version, so a session never sees
+its own writes go backwards. Strong reads need no help: they are linearizable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, ParamSpec, TypeVar
+
+import trio
+
+from kvsvr import net
+from kvsvr.errors import InvalidRequest, KvsvrError, Timeout, Unavailable
+from kvsvr.keys import KeyPart, UserKey, encode_key, split_user_key, to_bytes
+from kvsvr.protocol.placement import PARTITIONS_MAX, partition_of
+
+logger = logging.getLogger(__name__)
+
+# --- limits -------------------------------------------------------------------
+
+# The largest value a client sends. A value travels in one frame, is stored in
+# one LMDB row and is copied by every replica and the cache; 1 MiB keeps each of
+# those cheap and far below the frame limit.
+VALUE_BYTES_MAX: Final = 1024 * 1024
+
+# Rows one scan returns. Its reply is one frame, so the product of this and the
+# typical row size must stay well below `net.MAX_FRAME_BYTES`; callers page with
+# `start` for more.
+SCAN_LIMIT_MAX: Final = 10_000
+
+# Keys whose versions the session remembers for stale reads (least recently used
+# forgotten first). An entry costs up to ~1 KiB (a 500-byte key and overhead), so
+# this bounds the memory to ~16 MiB; a forgotten key's stale reads lose only the
+# "never backwards" promise, and only for keys the session has not touched in
+# its last 16 Ki operations.
+SESSION_KEYS_MAX: Final = 16 * 1024
+
+# How long a node that could not be connected to is skipped in favour of the
+# next replica. Short, because a restarted node should get its keys back soon;
+# long enough that every operation meanwhile does not pay a failed connect.
+NODE_DOWN_S: Final = 3.0
+
+# Time one connection attempt (TCP connect and handshake) gets. A live node on
+# the same network answers in milliseconds; past this it is down or drowning,
+# and the next replica should get a try while the operation still has time.
+CONNECT_ATTEMPT_TIMEOUT_S: Final = 2.0
+
+# Time `SyncClient.close` waits for its trio thread to finish closing connections.
+SYNC_CLOSE_TIMEOUT_S: Final = 10.0
+
+CONSISTENCIES: Final = ("strong", "stale", "local")
+
+DEFAULT_TABLE: Final = "default"
+
+
+# --- results and the partition map ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A stored value and the version that wrote it.
+
+    `key` is set by `scan` only, where it is the row's *sort key* (the partition
+    key is the one scanned); `get` leaves it None, as the caller knows the key.
+    """
+
+    value: bytes
+    version: int
+    key: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    id: str
+    index: int  # what the replica sets name nodes by
+    host: str
+    port: int
+    zone: str
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    name: str
+    consistency: str
+    ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionMap:
+    """Where every partition lives, as a node reports it (`"map"`)."""
+
+    partitions: int
+    replication: int
+    nodes: tuple[NodeInfo, ...]
+    replica_sets: tuple[tuple[int, ...], ...]  # node indexes, preferred coordinator first
+    tables: tuple[TableInfo, ...]
+
+    @classmethod
+    def from_wire(cls, body: object) -> PartitionMap:
+        """Parse and check a `"map"` reply; `KvsvrError` if it makes no sense."""
+        try:
+            return _parse_map(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KvsvrError(f"the node sent a malformed partition map: {exc}") from exc
+
+    def node_by_index(self, index: int) -> NodeInfo:
+        for node in self.nodes:
+            if node.index == index:
+                return node
+        raise KvsvrError(f"the partition map names node index {index}, which it does not list")
+
+    def find_node(self, name: str) -> NodeInfo | None:
+        """The node with this id or address ("host:port"), if the map lists it."""
+        for node in self.nodes:
+            if name in (node.id, node.address):
+                return node
+        return None
+
+    def table(self, name: str) -> TableInfo | None:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        return None
+
+    def replicas(self, table: str, partition_key: bytes) -> list[NodeInfo]:
+        """The replicas of a key's partition, preferred coordinator first."""
+        partition = partition_of(table, partition_key, self.partitions)
+        return [self.node_by_index(index) for index in self.replica_sets[partition]]
+
+
+def _parse_map(body: object) -> PartitionMap:
+    if not isinstance(body, dict):
+        raise TypeError(f"expected a dict, got {type(body).__name__}")
+    partitions = _int_field(body, "partitions")
+    if not 0 < partitions <= PARTITIONS_MAX or partitions & (partitions - 1):
+        raise ValueError(f"partitions = {partitions} is not a power of two up to {PARTITIONS_MAX}")
+    nodes = tuple(
+        NodeInfo(
+            id=_str_field(raw, "id"),
+            index=_int_field(raw, "index"),
+            host=_str_field(raw, "host"),
+            port=_int_field(raw, "port"),
+            zone=_str_field(raw, "zone"),
+        )
+        for raw in _list_field(body, "nodes")
+    )
+    if not nodes:
+        raise ValueError("it lists no nodes")
+    indexes = {node.index for node in nodes}
+    replica_sets = tuple(
+        tuple(_checked_index(index, indexes) for index in _as_list(replicas))
+        for replicas in _list_field(body, "replica_sets")
+    )
+    if len(replica_sets) != partitions or not all(replica_sets):
+        raise ValueError(f"expected {partitions} non-empty replica sets, got {len(replica_sets)}")
+    tables = tuple(
+        TableInfo(
+            name=_str_field(raw, "name"),
+            consistency=_str_field(raw, "consistency"),
+            ttl_s=float(raw.get("ttl_s", 0.0)),
+        )
+        for raw in body.get("tables", [])
+    )
+    return PartitionMap(partitions, _int_field(body, "replication"), nodes, replica_sets, tables)
+
+
+def _as_list(value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _list_field(body: Mapping[str, Any], name: str) -> list[Any]:
+    return _as_list(body[name])
+
+
+def _int_field(body: Mapping[str, Any], name: str) -> int:
+    value = body[name]
+    if type(value) is not int:
+        raise TypeError(f"{name!r} must be an int, got {value!r}")
+    return value
+
+
+def _str_field(body: Mapping[str, Any], name: str) -> str:
+    value = body[name]
+    if not isinstance(value, str):
+        raise TypeError(f"{name!r} must be a str, got {value!r}")
+    return value
+
+
+def _checked_index(index: object, known: set[int]) -> int:
+    if type(index) is not int or index not in known:
+        raise ValueError(f"replica set names unknown node index {index!r}")
+    return index
+
+
+# --- routing (pure) ------------------------------------------------------------------
+
+
+def route(
+    partition_map: PartitionMap,
+    table: str,
+    partition_key: bytes,
+    *,
+    down_until: Mapping[str, float],
+    now: float,
+) -> list[NodeInfo]:
+    """The nodes to try for a key, in order: its replicas, preferred coordinator
+    first, with those marked down (by address, until a time) moved to the end so
+    they are still tried when nothing else answers."""
+    replicas = partition_map.replicas(table, partition_key)
+    live = [node for node in replicas if down_until.get(node.address, -math.inf) <= now]
+    down = [node for node in replicas if node not in live]
+    return live + down
+
+
+# --- session versions ---------------------------------------------------------------
+
+
+class SessionVersions:
+    """Per (table, encoded key), the highest version this session wrote or read;
+    least recently used entries beyond `capacity` are forgotten."""
+
+    def __init__(self, capacity: int = SESSION_KEYS_MAX) -> None:
+        assert capacity > 0
+        self._capacity = capacity
+        self._versions: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+    def observe(self, table: str, encoded_key: bytes, version: int) -> None:
+        entry = (table, encoded_key)
+        self._versions[entry] = max(version, self._versions.get(entry, 0))
+        self._versions.move_to_end(entry)
+        while len(self._versions) > self._capacity:
+            self._versions.popitem(last=False)
+
+    def version(self, table: str, encoded_key: bytes) -> int:
+        """The version a read of this key must at least return (0: no constraint)."""
+        entry = (table, encoded_key)
+        version = self._versions.get(entry, 0)
+        if entry in self._versions:
+            self._versions.move_to_end(entry)
+        return version
+
+
+# --- validation (pure) ---------------------------------------------------------------
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """("host", port) from "host:port" or "[v6 host]:port"; InvalidRequest if malformed."""
+    host, separator, port_text = address.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not separator or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidRequest(f"bad node address {address!r}: expected HOST:PORT")
+    return host, int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_value(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise InvalidRequest(
+            f"a value must be bytes, not {type(value).__name__} (encode text with .encode())"
+        )
+    if len(value) > VALUE_BYTES_MAX:
+        raise InvalidRequest(f"the value is {len(value)} bytes; the limit is {VALUE_BYTES_MAX}")
+    return value
+
+
+def _check_version(if_version: object) -> int | None:
+    if if_version is None:
+        return None
+    if type(if_version) is not int or if_version < 0:
+        raise InvalidRequest(f"if_version must be an int >= 0, not {if_version!r}")
+    return if_version
+
+
+def _check_read_options(consistency: object, max_age_s: object) -> float | None:
+    if consistency not in CONSISTENCIES:
+        raise InvalidRequest(f"consistency must be one of {CONSISTENCIES}, not {consistency!r}")
+    if max_age_s is None:
+        return None
+    if (
+        not isinstance(max_age_s, int | float)
+        or isinstance(max_age_s, bool)
+        or not 0 <= max_age_s < math.inf
+    ):
+        raise InvalidRequest(f"max_age_s must be a number >= 0 or None, not {max_age_s!r}")
+    return float(max_age_s)
+
+
+def _check_limit(limit: object) -> int:
+    if type(limit) is not int or not 1 <= limit <= SCAN_LIMIT_MAX:
+        raise InvalidRequest(f"limit must be an int from 1 to {SCAN_LIMIT_MAX}, not {limit!r}")
+    return limit
+
+
+def _check_timeout(timeout_s: object) -> float:
+    if (
+        not isinstance(timeout_s, int | float)
+        or isinstance(timeout_s, bool)
+        or not 0 < timeout_s < math.inf
+    ):
+        raise InvalidRequest(f"timeout_s must be a number > 0, not {timeout_s!r}")
+    return float(timeout_s)
+
+
+def _secret_bytes(secret: str | bytes | None) -> bytes | None:
+    if secret is None or isinstance(secret, bytes):
+        return secret or None
+    if isinstance(secret, str):
+        return secret.encode("utf-8") or None
+    raise InvalidRequest(f"secret must be str, bytes or None, not {type(secret).__name__}")
+
+
+def _address_list(addresses: list[str] | str) -> list[tuple[str, int]]:
+    if isinstance(addresses, str):
+        addresses = addresses.split(",")
+    parsed = [parse_address(address) for address in addresses if address.strip()]
+    if not parsed:
+        raise InvalidRequest("give at least one node address (HOST:PORT)")
+    return parsed
+
+
+# --- reply parsing ------------------------------------------------------------------
+
+
+def _reply_dict(reply: object, method: str) -> dict[str, Any]:
+    if not isinstance(reply, dict):
+        raise KvsvrError(f"malformed {method!r} reply: expected a dict, got {reply!r:.200}")
+    return reply
+
+
+def _reply_version(reply: Mapping[str, Any], method: str) -> int:
+    version = reply.get("version")
+    if type(version) is not int or version < 0:
+        raise KvsvrError(f"malformed {method!r} reply: bad version {version!r:.100}")
+    return version
+
+
+def _get_reply(reply: object) -> tuple[int, bytes | None]:
+    body = _reply_dict(reply, "get")
+    value = body.get("value")
+    if value is not None and not isinstance(value, bytes):
+        raise KvsvrError(f"malformed 'get' reply: value is a {type(value).__name__}")
+    return _reply_version(body, "get"), value
+
+
+def _scan_reply(reply: object) -> list[Item]:
+    rows = _reply_dict(reply, "scan").get("items")
+    if not isinstance(rows, list):
+        raise KvsvrError("malformed 'scan' reply: no list of items")
+    items: list[Item] = []
+    for row in rows:
+        if not (
+            isinstance(row, list)
+            and len(row) == 3
+            and isinstance(row[0], bytes)
+            and isinstance(row[1], bytes)
+            and type(row[2]) is int
+        ):
+            raise KvsvrError(f"malformed 'scan' reply: bad row {row!r:.200}")
+        items.append(Item(value=row[1], version=row[2], key=row[0]))
+    return items
+
+
+# --- the async client ---------------------------------------------------------------
+
+
+class Client:
+    """An async kvsvr client. Make one with `kvsvr.connect(...)`, which hosts its
+    connections' background tasks and closes it on exit."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        partition_map: PartitionMap,
+        *,
+        secret: bytes | None,
+        timeout_s: float,
+        home_address: str | None = None,
+    ) -> None:
+        self._nursery = nursery
+        self._map = partition_map
+        self._secret = secret
+        self._timeout_s = _check_timeout(timeout_s)
+        self._home_address = home_address  # the node `status()` asks by default
+        self._connections: dict[str, net.RpcConnection] = {}
+        self._connect_locks: dict[str, trio.Lock] = {}
+        self._down_until: dict[str, float] = {}
+        self._session = SessionVersions()
+        self._closed = False
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    # --- public operations ---
+
+    async def get(
+        self,
+        key: UserKey,
+        *,
+        table: str = DEFAULT_TABLE,
+        consistency: str = "strong",
+        max_age_s: float | None = None,
+    ) -> Item | None:
+        """The key's value and version, or None if it is absent.
+
+        `consistency="strong"` (the default) is linearizable. `"stale"` and
+        `"local"` are answered by one replica without a quorum round, possibly
+        older than the latest write (at most `max_age_s` old if given) but never
+        older than what this client last wrote or read for the key."""
+        partition_key, encoded = self._key(table, key)
+        max_age = _check_read_options(consistency, max_age_s)
+        min_version = 0 if consistency == "strong" else self._session.version(table, encoded)
+        with self._deadline("get"):
+            version, value = await self._get(
+                table, partition_key, encoded, consistency, max_age, min_version
+            )
+            if version < min_version:
+                # The node should have fallen back to a strong read itself; if it
+                # did not, do it here rather than let the session go backwards.
+                logger.warning(
+                    "a %s read returned version %d < %d", consistency, version, min_version
+                )
+                version, value = await self._get(table, partition_key, encoded, "strong", None, 0)
+        self._session.observe(table, encoded, version)
+        return None if value is None else Item(value=value, version=version)
+
+    async def put(
+        self,
+        key: UserKey,
+        value: bytes,
+        *,
+        table: str = DEFAULT_TABLE,
+        if_version: int | None = None,
+        if_absent: bool = False,
+    ) -> int:
+        """Write `value`; returns the version it was written at. With
+        `if_version`, only if the key's current version is that one; with
+        `if_absent`, only if the key holds no value. Otherwise `Conflict`, and
+        nothing is written."""
+        return await self._write(
+            "put", key, _check_value(value), table=table, if_version=if_version, if_absent=if_absent
+        )
+
+    async def delete(
+        self, key: UserKey, *, table: str = DEFAULT_TABLE, if_version: int | None = None
+    ) -> int:
+        """Delete the key (a tombstone at a new version, which is returned)."""
+        return await self._write(
+            "delete", key, None, table=table, if_version=if_version, if_absent=False
+        )
+
+    async def cas(
+        self, key: UserKey, value: bytes, *, if_version: int, table: str = DEFAULT_TABLE
+    ) -> int:
+        """Compare-and-set: `put(key, value, if_version=if_version)`."""
+        if if_version is None:
+            raise InvalidRequest("cas needs if_version")
+        return await self.put(key, value, table=table, if_version=if_version)
+
+    async def scan(
+        self,
+        partition_key: KeyPart,
+        *,
+        table: str = DEFAULT_TABLE,
+        start: KeyPart | None = None,
+        end: KeyPart | None = None,
+        limit: int = 1000,
+    ) -> list[Item]:
+        """The rows of one partition key with sort keys in [start, end), in
+        sort-key order, at most `limit` of them. Each `Item.key` is a sort key."""
+        self._check_table(table)
+        partition = to_bytes(partition_key)
+        encode_key(partition)  # checks the partition key's size
+        start_key = None if start is None else to_bytes(start)
+        end_key = None if end is None else to_bytes(end)
+        body = {
+            "table": table,
+            "partition_key": partition,
+            "start": start_key,
+            "end": end_key,
+            "limit": _check_limit(limit),
+        }
+        with self._deadline("scan"):
+            reply = await self._call(table, partition, "scan", body, repeatable=True)
+        items = _scan_reply(reply)
+        for item in items:
+            assert item.key is not None
+            self._session.observe(table, encode_key(partition, item.key), item.version)
+        return items
+
+    async def status(self, node: str | None = None) -> dict[str, Any]:
+        """A node's status (id, partitions held, counters...). `node` is a node
+        id or "host:port"; None asks the node the client first reached."""
+        with self._deadline("status"):
+            connection = await self._status_connection(node)
+            return _reply_dict(await connection.request("status", {}), "status")
+
+    async def partition_map(self, *, refresh: bool = False) -> PartitionMap:
+        """The partition map the client routes by; `refresh=True` fetches it anew."""
+        if refresh:
+            with self._deadline("map"):
+                connection = await self._status_connection(None)
+                self._map = PartitionMap.from_wire(await connection.request("map", {}))
+        else:
+            await trio.lowlevel.checkpoint()
+        return self._map
+
+    async def aclose(self) -> None:
+        """Close every connection. Operations after this raise RuntimeError."""
+        self._closed = True
+        connections, self._connections = list(self._connections.values()), {}
+        for connection in connections:
+            await connection.aclose()
+        await trio.lowlevel.checkpoint()
+
+    # --- internals ---
+
+    @contextmanager
+    def _deadline(self, operation: str) -> Iterator[None]:
+        if self._closed:
+            raise RuntimeError("the kvsvr client is closed")
+        try:
+            with trio.fail_after(self._timeout_s):
+                yield
+        except trio.TooSlowError:
+            raise Timeout(
+                f"{operation} timed out after {self._timeout_s} s; the outcome is unknown"
+            ) from None
+
+    def _check_table(self, table: object) -> str:
+        if not isinstance(table, str):
+            raise InvalidRequest(f"a table name must be a str, not {type(table).__name__}")
+        if self._map.tables and self._map.table(table) is None:
+            known = ", ".join(t.name for t in self._map.tables)
+            raise InvalidRequest(f"no table {table!r} in this cluster (tables: {known})")
+        return table
+
+    def _key(self, table: str, key: UserKey) -> tuple[bytes, bytes]:
+        """(partition key, encoded key), checked."""
+        self._check_table(table)
+        partition_key, sort_key = split_user_key(key)
+        return partition_key, encode_key(partition_key, sort_key)
+
+    async def _get(
+        self,
+        table: str,
+        partition_key: bytes,
+        encoded: bytes,
+        consistency: str,
+        max_age_s: float | None,
+        min_version: int,
+    ) -> tuple[int, bytes | None]:
+        body = {
+            "table": table,
+            "key": encoded,
+            "consistency": consistency,
+            "max_age_s": max_age_s,
+            "min_version": min_version,
+        }
+        return _get_reply(await self._call(table, partition_key, "get", body, repeatable=True))
+
+    async def _write(
+        self,
+        operation: str,
+        key: UserKey,
+        value: bytes | None,
+        *,
+        table: str,
+        if_version: int | None,
+        if_absent: bool,
+    ) -> int:
+        partition_key, encoded = self._key(table, key)
+        if not isinstance(if_absent, bool):
+            raise InvalidRequest(f"if_absent must be a bool, not {if_absent!r}")
+        if _check_version(if_version) is not None and if_absent:
+            raise InvalidRequest("give if_version or if_absent, not both")
+        body = {
+            "table": table,
+            "key": encoded,
+            "value": value,
+            "if_version": if_version,
+            "if_absent": if_absent,
+        }
+        with self._deadline(operation):
+            reply = await self._call(table, partition_key, "put", body, repeatable=False)
+        version = _reply_version(_reply_dict(reply, "put"), "put")
+        self._session.observe(table, encoded, version)
+        return version
+
+    async def _call(
+        self, table: str, partition_key: bytes, method: str, body: object, *, repeatable: bool
+    ) -> object:
+        """Send to the first replica that can be reached. A request whose
+        connection is lost after sending goes to the next replica only if
+        `repeatable` (a read); a write's outcome is then unknown: Unavailable."""
+        candidates = route(
+            self._map, table, partition_key, down_until=self._down_until, now=trio.current_time()
+        )
+        failures: list[str] = []
+        for node in candidates:
+            try:
+                connection = await self._connection(node.host, node.port)
+            except Unavailable as exc:
+                failures.append(str(exc))
+                continue
+            try:
+                return await connection.request(method, body)
+            except Unavailable as exc:
+                if not (repeatable and connection.closed):
+                    raise
+                self._mark_down(node.address)
+                failures.append(str(exc))
+        raise Unavailable(
+            f"no replica of the key's partition could be reached: {'; '.join(failures)}"
+        )
+
+    async def _status_connection(self, node: str | None) -> net.RpcConnection:
+        if node is not None:
+            known = self._map.find_node(node)
+            host, port = (known.host, known.port) if known else _node_address(node)
+            return await self._connection(host, port)
+        addresses = [node.address for node in self._map.nodes]
+        if self._home_address is not None:
+            addresses.insert(0, self._home_address)
+        failures: list[str] = []
+        for address in addresses:
+            try:
+                return await self._connection(*parse_address(address))
+            except Unavailable as exc:
+                failures.append(str(exc))
+        raise Unavailable(f"no node could be reached: {'; '.join(failures)}")
+
+    async def _connection(self, host: str, port: int) -> net.RpcConnection:
+        """An open connection to a node, made on first use. Unavailable if it
+        cannot be reached (and the node is then skipped for `NODE_DOWN_S`)."""
+        address = format_address(host, port)
+        lock = self._connect_locks.setdefault(address, trio.Lock())
+        async with lock:  # one connect per node at a time; the others reuse it
+            existing = self._connections.get(address)
+            if existing is not None and not existing.closed:
+                return existing
+            if self._closed:
+                raise RuntimeError("the kvsvr client is closed")
+            try:
+                connection = await net.connect(
+                    host,
+                    port,
+                    secret=self._secret,
+                    connect_timeout_s=min(CONNECT_ATTEMPT_TIMEOUT_S, self._timeout_s),
+                )
+            except Unavailable:
+                self._mark_down(address)
+                raise
+            await self._nursery.start(connection.run)
+            self._connections[address] = connection
+            self._down_until.pop(address, None)
+            return connection
+
+    def _mark_down(self, address: str) -> None:
+        self._down_until[address] = trio.current_time() + NODE_DOWN_S
+
+
+def _node_address(node: str) -> tuple[str, int]:
+    try:
+        return parse_address(node)
+    except InvalidRequest:
+        raise InvalidRequest(
+            f"no node {node!r} in the partition map (give a node id or HOST:PORT)"
+        ) from None
+
+
+@asynccontextmanager
+async def connect(
+    addresses: list[str] | str,
+    *,
+    secret: str | bytes | None = None,
+    timeout_s: float = 5.0,
+) -> AsyncIterator[Client]:
+    """Connect to a kvsvr cluster: `async with kvsvr.connect(...) as client:`.
+
+    `addresses` is a list of "host:port" (or one string, comma-separated); the
+    first that answers supplies the partition map. `secret` is the cluster
+    secret (None for an open cluster). Raises `Unavailable` if no address
+    answers, `AuthenticationFailed` if the secret is refused, and `Timeout` if
+    all that takes longer than `timeout_s`.
+    """
+    seeds = _address_list(addresses)
+    secret_bytes = _secret_bytes(secret)
+    timeout = _check_timeout(timeout_s)
+    # As in RpcConnection._hosted: the body's exception is carried out of the
+    # nursery and re-raised as is, not wrapped in an ExceptionGroup.
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        client: Client | None = None
+        try:
+            client = await _bootstrap(nursery, seeds, secret_bytes, timeout)
+            yield client
+        except BaseException as exc:
+            body_error = exc
+        finally:
+            if client is not None:
+                await client.aclose()
+    if body_error is not None:
+        raise body_error
+
+
+async def _bootstrap(
+    nursery: trio.Nursery, seeds: list[tuple[str, int]], secret: bytes | None, timeout_s: float
+) -> Client:
+    """A client around the first seed that answers with a partition map."""
+    failures: list[str] = []
+    try:
+        with trio.fail_after(timeout_s):
+            for host, port in seeds:
+                try:
+                    return await _client_from_seed(nursery, host, port, secret, timeout_s)
+                except Unavailable as exc:
+                    failures.append(str(exc))
+    except trio.TooSlowError:
+        raise Timeout(
+            f"connecting to the cluster timed out after {timeout_s} s "
+            f"({'; '.join(failures) or 'no node answered'})"
+        ) from None
+    raise Unavailable(f"no node of the cluster could be reached: {'; '.join(failures)}")
+
+
+async def _client_from_seed(
+    nursery: trio.Nursery, host: str, port: int, secret: bytes | None, timeout_s: float
+) -> Client:
+    connection = await net.connect(
+        host, port, secret=secret, connect_timeout_s=min(CONNECT_ATTEMPT_TIMEOUT_S, timeout_s)
+    )
+    await nursery.start(connection.run)
+    try:
+        partition_map = PartitionMap.from_wire(await connection.request("map", {}))
+    except BaseException:
+        # Closing cancels the connection's task at once; the wait may be cut short.
+        with trio.CancelScope(shield=True):
+            await connection.aclose()
+        raise
+    address = format_address(host, port)
+    client = Client(
+        nursery, partition_map, secret=secret, timeout_s=timeout_s, home_address=address
+    )
+    client._connections[address] = connection
+    return client
+
+
+# --- the blocking client --------------------------------------------------------------
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class SyncClient:
+    """A blocking kvsvr client for scripts, with the methods of `Client`.
+
+        with SyncClient(["127.0.0.1:7101"], secret="s") as client:
+            client.put("greeting", b"hello")
+
+    It runs trio and an async `Client` in a background thread of its own and
+    calls into it; several threads may share one SyncClient. `close()` (or
+    leaving the `with` block) closes the connections and ends the thread.
+    """
+
+    def __init__(
+        self,
+        addresses: list[str] | str,
+        *,
+        secret: str | bytes | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._client: Client | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._closed = False
+        self._thread = threading.Thread(
+            target=trio.run,
+            args=(self._main, addresses, secret, timeout_s),
+            name="kvsvr-sync-client",
+            daemon=True,  # a forgotten close() must not keep the interpreter alive
+        )
+        self._thread.start()
+        self._ready.wait()  # connect() is bounded by timeout_s, so this ends
+        if self._client is None:
+            self._thread.join()
+            self._closed = True
+            assert self._error is not None
+            error, self._error = self._error, None
+            raise error
+
+    async def _main(
+        self, addresses: list[str] | str, secret: str | bytes | None, timeout_s: float
+    ) -> None:
+        try:
+            async with connect(addresses, secret=secret, timeout_s=timeout_s) as client:
+                self._stop = trio.Event()
+                self._token = trio.lowlevel.current_trio_token()
+                self._client = client
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:
+            # Carried to the caller's thread: by __init__ or by close().
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def _run(self, method: Callable[_P, Awaitable[_T]], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if self._closed:
+            raise RuntimeError("the kvsvr SyncClient is closed")
+
+        async def call() -> _T:
+            return await method(*args, **kwargs)
+
+        return trio.from_thread.run(call, trio_token=self._token)
+
+    @property
+    def _async(self) -> Client:
+        if self._client is None:
+            raise RuntimeError("the kvsvr SyncClient is closed")
+        return self._client
+
+    def get(
+        self,
+        key: UserKey,
+        *,
+        table: str = DEFAULT_TABLE,
+        consistency: str = "strong",
+        max_age_s: float | None = None,
+    ) -> Item | None:
+        return self._run(
+            self._async.get, key, table=table, consistency=consistency, max_age_s=max_age_s
+        )
+
+    def put(
+        self,
+        key: UserKey,
+        value: bytes,
+        *,
+        table: str = DEFAULT_TABLE,
+        if_version: int | None = None,
+        if_absent: bool = False,
+    ) -> int:
+        return self._run(
+            self._async.put, key, value, table=table, if_version=if_version, if_absent=if_absent
+        )
+
+    def delete(
+        self, key: UserKey, *, table: str = DEFAULT_TABLE, if_version: int | None = None
+    ) -> int:
+        return self._run(self._async.delete, key, table=table, if_version=if_version)
+
+    def cas(
+        self, key: UserKey, value: bytes, *, if_version: int, table: str = DEFAULT_TABLE
+    ) -> int:
+        return self._run(self._async.cas, key, value, if_version=if_version, table=table)
+
+    def scan(
+        self,
+        partition_key: KeyPart,
+        *,
+        table: str = DEFAULT_TABLE,
+        start: KeyPart | None = None,
+        end: KeyPart | None = None,
+        limit: int = 1000,
+    ) -> list[Item]:
+        return self._run(
+            self._async.scan, partition_key, table=table, start=start, end=end, limit=limit
+        )
+
+    def status(self, node: str | None = None) -> dict[str, Any]:
+        return self._run(self._async.status, node)
+
+    def partition_map(self, *, refresh: bool = False) -> PartitionMap:
+        return self._run(self._async.partition_map, refresh=refresh)
+
+    def close(self) -> None:
+        """Close the connections and stop the background thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        stop, token = self._stop, self._token
+        assert stop is not None and token is not None
+        try:
+            trio.from_thread.run_sync(stop.set, trio_token=token)
+        except trio.RunFinishedError:
+            pass  # the thread already ended (its error, if any, is raised below)
+        self._thread.join(SYNC_CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            raise KvsvrError(f"the client thread did not stop within {SYNC_CLOSE_TIMEOUT_S} s")
+        self._client = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
