@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     file=sys.stderr,
                 )
             for key in result.unknown_keys:
-                print(f"{path}:   key {key!r}: unknown (time budget)", file=sys.stderr)
+                note = result.keys[key].note
+                print(f"{path}:   key {key!r}: unknown ({note})", file=sys.stderr)
         if args.report_dir is not None and result.verdict == NOT_LINEARIZABLE:
             args.report_dir.mkdir(parents=True, exist_ok=True)
             report = write_html_report(

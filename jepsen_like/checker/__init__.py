@@ -1,7 +1,21 @@
 """Linearizability checker for kvsvr histories (Wing & Gong / Lowe / Porcupine).
 
-Pure Python, no cluster needed.  See :func:`check` for the entry point and
-``python -m jepsen_like.check`` for the command line.
+Pure Python, no cluster needed.
+
+* History model: :class:`Op` events (invoke / ok / fail / info), paired into
+  :class:`Operation` intervals by :func:`pair_history`.
+* Readers and writers: :func:`read_jsonl` / :func:`write_jsonl` (kvsvr's
+  format), :func:`read_jepsen_etcd`, :func:`read_kv_edn` / :func:`write_edn`,
+  and :func:`read_history` which detects the format.
+* Models: :class:`RegisterModel` (read / write / cas, nil initially) and
+  :class:`KvModel` (get / put / append / delete, plus the register
+  functions), both per key.
+* :func:`check` splits a history per key, searches each key (in worker
+  processes when that pays) within a time budget and returns a
+  :class:`CheckResult`; :func:`write_html_report` explains a violation.
+* :func:`check_stale_reads_monotonic` checks kvsvr's stale reads per process.
+
+The command line is ``python -m jepsen_like.check``.
 """
 
 from .core import (

@@ -19,16 +19,17 @@ from typing import Any
 
 from .history import Op, Operation, pair_history
 from .models import Model, model_for_fs
-from .search import search
-
-LINEARIZABLE = "linearizable"
-NOT_LINEARIZABLE = "not linearizable"
-UNKNOWN = "unknown"
+from .search import LINEARIZABLE as LINEARIZABLE
+from .search import NOT_LINEARIZABLE as NOT_LINEARIZABLE
+from .search import UNKNOWN as UNKNOWN
+from .search import SearchOutcome, search
 
 #: How long a key is tried in-process before it is deemed worth a worker
 #: process, and the most time spent trying keys that way in one check.
 PROBE_S = 0.05
 PROBE_TOTAL_S = 1.0
+#: Longest rendering of a model state kept in a result.
+STATE_CHARS = 300
 
 
 @dataclass(slots=True)
@@ -37,9 +38,12 @@ class KeyResult:
 
     ``ops`` are the key's operations (ids ``0..n-1``).  ``prefix`` is the
     longest linearizable prefix found, as operation ids in linearization order
-    (for a linearizable key: a whole linearization); ``states`` holds the model
-    state after each of them, rendered by the model.  ``failed_op`` is the
-    operation the prefix could not be extended past.
+    (for a linearizable key: a whole linearization).  For keys that are not
+    linearizable or undecided, ``states`` holds the model state after each
+    prefix operation, rendered by the model (cut to ``STATE_CHARS``); for
+    linearizable keys it is left empty, nobody needs it.  ``failed_op`` is the
+    operation the prefix could not be extended past; ``note`` says why a key
+    is undecided.
     """
 
     key: str | None
@@ -52,6 +56,7 @@ class KeyResult:
     elapsed_s: float
     iterations: int
     memo_size: int
+    note: str = ""
 
 
 @dataclass(slots=True)
@@ -105,6 +110,10 @@ def prepare(history: Iterable[Op], model: Model) -> dict[str | None, list[Operat
             raise ValueError(f"{model.name} model cannot check {op.f!r} (event {op.invoke_index})")
         if op.return_ns is None and op.f in model.read_fs:
             continue
+        if op.return_ns is not None and op.return_ns < op.call_ns:
+            raise ValueError(
+                f"event {op.complete_index}: completes before its invoke (event {op.invoke_index})"
+            )
         ops = per_key.setdefault(op.key, [])
         ops.append(replace(op, id=len(ops)))
     return per_key
@@ -116,27 +125,28 @@ def check_key(
     """Search one key's operations and package the answer."""
     start = time.monotonic()
     if deadline is not None and start > deadline:
-        outcome_verdict, prefix, failed, iterations, memo = UNKNOWN, [], None, 0, 0
+        outcome = SearchOutcome(UNKNOWN, [], None, 0, 0, "time budget spent")
     else:
         outcome = search(ops, model, deadline)
-        outcome_verdict, prefix, failed = outcome.verdict, outcome.prefix, outcome.failed_op
-        iterations, memo = outcome.iterations, outcome.memo_size
-    state: Any = model.init()
     states: list[str] = []
-    for op_id in prefix:
-        _, state = model.step(state, ops[op_id])
-        states.append(model.describe(state))
+    if outcome.verdict != LINEARIZABLE:
+        state: Any = model.init()
+        for op_id in outcome.prefix:
+            _, state = model.step(state, ops[op_id])
+            text = model.describe(state)
+            states.append(text if len(text) <= STATE_CHARS else text[: STATE_CHARS - 1] + "…")
     return KeyResult(
         key=key,
-        verdict=outcome_verdict,
+        verdict=outcome.verdict,
         ops=ops,
-        prefix=prefix,
+        prefix=outcome.prefix,
         states=states,
         initial_state=model.describe(model.init()),
-        failed_op=failed,
+        failed_op=outcome.failed_op,
         elapsed_s=time.monotonic() - start,
-        iterations=iterations,
-        memo_size=memo,
+        iterations=outcome.iterations,
+        memo_size=outcome.memo_size,
+        note=outcome.note,
     )
 
 

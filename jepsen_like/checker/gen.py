@@ -25,22 +25,28 @@ GHOST = "ghost"
 
 
 def _random_op(
-    rng: random.Random, model: Model, state: Any, values: Sequence[Any]
+    rng: random.Random, model: Model, state: Any, values: Sequence[Any], serial: int | None
 ) -> tuple[str, Any]:
-    """A random (f, value) for the model; cas usually expects the current value."""
-    if isinstance(model, RegisterModel):
-        f = rng.choice(("read", "read", "write", "cas"))
-    else:
+    """A random (f, value) for the model; cas usually expects the current value.
+
+    With ``serial`` every value written is new (as kvsvr's harness does:
+    ``serial`` itself, or ``"v<serial>"`` for key-value histories).
+    """
+    kv = not isinstance(model, RegisterModel)
+    if kv:
         f = rng.choice(("get", "get", "put", "append", "delete", "cas"))
+    else:
+        f = rng.choice(("read", "read", "write", "cas"))
     if f in ("read", "get", "delete"):
         return f, None
+    new: Any = rng.choice(values) if serial is None else f"v{serial}" if kv else serial
     if f == "cas":
-        current = getattr(model, "missing", None) if state is None else state
-        expected = current if rng.random() < 0.6 else rng.choice(values)
-        return f, [expected, rng.choice(values)]
+        current = getattr(model, "missing", None) if state is None else _thaw(state)
+        expected = current if rng.random() < 0.6 or serial is not None else rng.choice(values)
+        return f, [expected, new]
     if f == "append":
-        return f, f"{rng.choice(values)};"
-    return f, rng.choice(values)
+        return f, f"{new};"
+    return f, new
 
 
 def sequential_history(
@@ -54,14 +60,18 @@ def sequential_history(
     width: int = 20,
     info_rate: float = 0.0,
     ghost_rate: float = 0.0,
+    unique_values: bool = False,
 ) -> list[Op]:
     """A linearizable history of ``n_ops`` operations over ``keys`` keys.
 
-    Operation ``i`` takes effect at time ``10 * i``; its interval reaches up
+    Operation ``i`` takes effect at time ``10 * i + 5``; its interval reaches up
     to ``width`` operations either way, clipped so that a process never has
     two operations at once.  With ``info_rate`` a state-changing operation's
     completion is ``info`` (or missing) although it took effect; with
     ``ghost_rate`` extra ``info`` writes that never took effect are added.
+    ``unique_values`` makes every written value new (``values`` is then
+    unused), as in kvsvr's harness; otherwise values repeat, as in Jepsen's
+    etcd test, which makes the search harder.
     Unsuccessful cas operations complete as ``fail``.  As in Jepsen, a
     process whose operation ends in doubt continues under a new number.
     """
@@ -72,7 +82,7 @@ def sequential_history(
     for i in range(n_ops):
         key = f"k{rng.randrange(keys)}"
         state = states.get(key, model.init())
-        f, value = _random_op(rng, model, state, values)
+        f, value = _random_op(rng, model, state, values, i + 1 if unique_values else None)
         op = Op(0, "ok", f, key, value, 0, 0)
         ok, new_state = model.step(state, _Frozen(op))
         if f in model.read_fs:

@@ -71,6 +71,8 @@ class Model(Protocol):
 
     def specialize(self, ops: Sequence[OpLike]) -> Model: ...
 
+    def irrelevant(self, op: OpLike) -> bool: ...
+
 
 class BaseModel:
     """Neutral defaults for the optional parts of :class:`Model`."""
@@ -101,6 +103,16 @@ class BaseModel:
         """A model for exactly these operations, free to merge states they
         cannot distinguish.  The default merges nothing."""
         return self
+
+    def irrelevant(self, op: OpLike) -> bool:
+        """May this unknown-outcome operation be left out of the search?
+
+        Asked of a specialized model only.  ``True`` promises that any
+        linearization using the operation still works without it; the search
+        then never tries it, which matters because every unknown operation
+        stays a candidate until the end of the history.
+        """
+        return False
 
 
 class _Unobserved:
@@ -204,6 +216,21 @@ class RegisterModel(BaseModel):
                 observed.add(op.value[0])
         return RegisterModel(frozenset(observed))
 
+    def irrelevant(self, op: OpLike) -> bool:
+        """An unknown write (or cas) of a value nobody reads or expects.
+
+        Once it took effect nothing but a later write can succeed, and that
+        write succeeds just as well without it.
+        """
+        if self.observed is None:
+            return False
+        if op.f == "write":
+            return op.value is not None and op.value not in self.observed
+        if op.f == "cas":
+            new = op.value[1]
+            return new is not None and new not in self.observed
+        return False
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RegisterModel) and other.observed == self.observed
 
@@ -231,11 +258,21 @@ class KvModel(BaseModel):
     fs = frozenset({"get", "put", "append", "delete", "read", "write", "cas"})
     read_fs = frozenset({"get", "read"})
 
-    def __init__(self, missing: Any = None, observed: frozenset[Any] | None = None) -> None:
+    def __init__(
+        self,
+        missing: Any = None,
+        observed: frozenset[Any] | None = None,
+        droppable_puts: bool = False,
+        observed_texts: tuple[str, ...] = (),
+    ) -> None:
         self.missing = missing
         #: Values (and prefixes of values) some get returns or some cas
         #: expects; others are merged into one unobserved state per kind.
         self.observed = observed
+        #: Whether :meth:`irrelevant` may drop unknown puts (see there).
+        self.droppable_puts = droppable_puts
+        #: The observed strings, to look for appended pieces in.
+        self.observed_texts = observed_texts
 
     def _canon(self, value: Any) -> Any:
         observed = self.observed
@@ -285,15 +322,17 @@ class KvModel(BaseModel):
 
         A reset is the current state, a put/write, a delete or a cas's new
         value; after the last one only appends remain.  So the value read
-        must equal a reset or, if appends are pending, extend one.
+        must equal a reset or extend one by a concatenation of appended
+        values (each piece may be counted more than once: a safe
+        over-approximation that keeps the test linear).
         """
         target = read.value
         bases: list[Any] = [state]
-        has_append = False
+        pieces: set[Any] = set()
         for op in changers:
             f = op.f
             if f == "append":
-                has_append = True
+                pieces.add(op.value)
             elif f == "put" or f == "write":
                 bases.append(op.value)
             elif f == "delete":
@@ -304,7 +343,7 @@ class KvModel(BaseModel):
         for base in bases:
             if (missing if base is None else base) == target:
                 return True
-            if has_append and _extends(base, target):
+            if pieces and _extends(base, target, pieces):
                 return True
         return False
 
@@ -315,7 +354,31 @@ class KvModel(BaseModel):
                 observed.update(_prefixes(op.value))
             elif op.f == "cas":
                 observed.update(_prefixes(op.value[0]))
-        return KvModel(self.missing, frozenset(observed))
+        texts = tuple(v for v in observed if isinstance(v, str))
+        return KvModel(self.missing, frozenset(observed), _strings_only(ops), texts)
+
+    def irrelevant(self, op: OpLike) -> bool:
+        """An unknown put, cas or append whose result nobody can ever see.
+
+        That is a put (or cas) of a value no get returns, no cas expects and
+        nothing appended to it could become, or an append of a string that
+        occurs in no value read or expected.  After such an operation only
+        appends and resets can succeed until the next reset, so it can be left
+        out provided those appends succeed on whatever value was there
+        instead: guaranteed when every value of the key is a string (or the
+        key has no appends).
+        """
+        if self.observed is None or not self.droppable_puts:
+            return False
+        if op.f == "put" or op.f == "write":
+            new = op.value
+        elif op.f == "cas":
+            new = op.value[1]
+        elif op.f == "append" and isinstance(op.value, str):
+            return not any(op.value in text for text in self.observed_texts)
+        else:
+            return False
+        return new is not None and new not in self.observed
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -331,12 +394,49 @@ class KvModel(BaseModel):
         return f"KvModel(missing={self.missing!r})"
 
 
-def _extends(base: Any, target: Any) -> bool:
-    """Could appending to ``base`` give ``target``?  (``None``: absent, empty.)"""
+def _strings_only(ops: Sequence[OpLike]) -> bool:
+    """True if no append exists or every value a state can take is a string."""
+    if not any(op.f == "append" for op in ops):
+        return True
+    for op in ops:
+        if op.f in ("put", "write", "append"):
+            value = op.value
+        elif op.f == "cas":
+            value = op.value[1]
+        else:
+            continue
+        if not isinstance(value, str):
+            return False
+    return True
+
+
+def _extends(base: Any, target: Any, pieces: set[Any]) -> bool:
+    """Could appending some of ``pieces`` to ``base`` give ``target``?
+
+    ``None`` (absent) is the empty string or list.  For strings this is a
+    small dynamic programme over positions of the remainder.
+    """
     if isinstance(target, str):
-        return base is None or (isinstance(base, str) and target.startswith(base))
+        if base is None:
+            base = ""
+        if not isinstance(base, str) or not target.startswith(base):
+            return False
+        rest = target[len(base) :]
+        words = [p for p in pieces if isinstance(p, str) and p]
+        reach = [False] * (len(rest) + 1)
+        reach[0] = True
+        for i in range(len(rest)):
+            if reach[i]:
+                for word in words:
+                    if rest.startswith(word, i):
+                        reach[i + len(word)] = True
+        return reach[-1]
     if isinstance(target, tuple):
-        return base is None or (isinstance(base, tuple) and target[: len(base)] == base)
+        if base is None:
+            base = ()
+        if not isinstance(base, tuple) or target[: len(base)] != base:
+            return False
+        return all(item in pieces for item in target[len(base) :])
     return False
 
 

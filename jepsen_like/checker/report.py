@@ -82,6 +82,10 @@ def describe_op(op: Operation) -> str:
     return f"{op.f} {shown}"
 
 
+def _key_name(key: str | None) -> str:
+    return "(single register)" if key is None else str(key)
+
+
 def _short(text: str, limit: int = 28) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -239,7 +243,7 @@ def _svg(result: KeyResult, drawn: Sequence[Operation]) -> str:
 def _key_section(result: KeyResult) -> str:
     drawn = _window(result)
     n_ok = sum(1 for op in result.ops if op.return_ns is not None)
-    lines = [f"<h2>Key {_e(result.key if result.key is not None else '(single register)')}: "]
+    lines = [f"<h2>Key {_e(_key_name(result.key))}: "]
     css = "verdict-bad" if result.verdict == NOT_LINEARIZABLE else "verdict-unknown"
     lines.append(f'<span class="{css}">{_e(result.verdict)}</span></h2>')
     lines.append(
@@ -256,7 +260,7 @@ def _key_section(result: KeyResult) -> str:
             "or in any other order tried."
         )
     if result.verdict == UNKNOWN:
-        lines.append("; the time budget ran out before the search finished.")
+        lines.append(f"; the search gave up ({_e(result.note or 'time budget spent')}).")
     lines.append("</p>")
     if len(drawn) < len(result.ops):
         lines.append(
@@ -315,14 +319,14 @@ def render_html_report(result: CheckResult, title: str = "Linearizability report
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f'<h1>{_e(title)}: <span class="{css}">{_e(result.verdict)}</span></h1>',
-        f"<p>Model: <code>{_e(result.model)}</code>. {len(result.keys)} keys checked in "
+        f"<p>Model: <code>{_e(result.model)}</code>. {len(result.keys)} key(s) checked in "
         f"{result.elapsed_s:.2f} s.",
     ]
     if bad:
-        names = ", ".join(_e(r.key) for r in bad)
+        names = ", ".join(_e(_key_name(r.key)) for r in bad)
         out.append(f" Not linearizable: {len(bad)} key(s): {names}.")
     if unknown:
-        names = ", ".join(_e(r.key) for r in unknown)
+        names = ", ".join(_e(_key_name(r.key)) for r in unknown)
         out.append(f" Undecided (time budget): {names}.")
     out.append("</p>")
     for r in bad or unknown:

@@ -50,8 +50,15 @@ from typing import Any
 from .history import Operation
 from .models import Model
 
+LINEARIZABLE = "linearizable"
+NOT_LINEARIZABLE = "not linearizable"
+UNKNOWN = "unknown"
+
 #: How many loop iterations between two looks at the clock.
 DEADLINE_CHECK_EVERY = 1024
+#: Most memo entries one search may hold (a few hundred bytes each) before it
+#: gives up with ``unknown``: a bound on memory as the deadline is on time.
+MAX_MEMO = 4_000_000
 
 
 @dataclass(slots=True)
@@ -70,13 +77,20 @@ class SearchOutcome:
     failed_op: int | None
     iterations: int
     memo_size: int
+    note: str = ""
 
 
-def search(ops: Sequence[Operation], model: Model, deadline: float | None = None) -> SearchOutcome:
+def search(
+    ops: Sequence[Operation],
+    model: Model,
+    deadline: float | None = None,
+    max_memo: int = MAX_MEMO,
+) -> SearchOutcome:
     """Decide whether ``ops`` (one key, ids ``0..len-1``) is linearizable.
 
-    ``deadline`` is a :func:`time.monotonic` reading; once past it the answer is
-    ``unknown``, never a guess.
+    ``deadline`` is a :func:`time.monotonic` reading; once past it, or once
+    the memo holds ``max_memo`` entries, the answer is ``unknown``, never a
+    guess.
     """
     n = len(ops)
     for i, op in enumerate(ops):
@@ -85,12 +99,16 @@ def search(ops: Sequence[Operation], model: Model, deadline: float | None = None
     required = [op.return_ns is not None for op in ops]
     remaining = sum(required)
     if remaining == 0:
-        return SearchOutcome("linearizable", [], None, 0, 0)
+        return SearchOutcome(LINEARIZABLE, [], None, 0, 0)
 
+    model = model.specialize(ops)
     # Events sorted by time, calls before returns at equal times: operations
     # that touch in time are treated as concurrent, the permissive reading.
+    # Unknown-outcome operations the model calls irrelevant get no events.
     events: list[tuple[int, int, int]] = []
     for op in ops:
+        if op.return_ns is None and model.irrelevant(op):
+            continue
         events.append((op.call_ns, 0, op.id))
         if op.return_ns is not None:
             if op.return_ns < op.call_ns:
@@ -114,7 +132,6 @@ def search(ops: Sequence[Operation], model: Model, deadline: float | None = None
         else:
             match[call_node[op_id]] = k
 
-    model = model.specialize(ops)
     step = model.step
     reachable = model.read_reachable
     is_read = [op.f in model.read_fs for op in ops]
@@ -157,7 +174,9 @@ def search(ops: Sequence[Operation], model: Model, deadline: float | None = None
             and iterations % DEADLINE_CHECK_EVERY == 0
             and monotonic() > deadline
         ):
-            return SearchOutcome("unknown", best_prefix, failed_op, iterations, memo_size)
+            return SearchOutcome(
+                UNKNOWN, best_prefix, failed_op, iterations, memo_size, "time budget spent"
+            )
         candidate = -1
         forced = False
         dead = False
@@ -223,6 +242,10 @@ def search(ops: Sequence[Operation], model: Model, deadline: float | None = None
                         seen.append(optional)
                 if fresh:
                     memo_size += 1
+                    if memo_size > max_memo:
+                        return SearchOutcome(
+                            UNKNOWN, best_prefix, failed_op, iterations, memo_size, "memo full"
+                        )
                     stack.append((candidate, state, linearized, forced))
                     state = new_state
                     linearized = new_linearized
@@ -240,9 +263,7 @@ def search(ops: Sequence[Operation], model: Model, deadline: float | None = None
                         remaining -= 1
                         if remaining == 0:
                             prefix = [node_op[s[0]] for s in stack]
-                            return SearchOutcome(
-                                "linearizable", prefix, None, iterations, memo_size
-                            )
+                            return SearchOutcome(LINEARIZABLE, prefix, None, iterations, memo_size)
                     entry = nxt[0]
                     fresh_config = True
                     continue
@@ -259,7 +280,7 @@ def search(ops: Sequence[Operation], model: Model, deadline: float | None = None
         while True:
             if not stack:
                 return SearchOutcome(
-                    "not linearizable", best_prefix, failed_op, iterations, memo_size
+                    NOT_LINEARIZABLE, best_prefix, failed_op, iterations, memo_size
                 )
             entry, state, linearized, was_forced = stack.pop()
             # unlift: return entry first, then the call entry (reverse of lift)
