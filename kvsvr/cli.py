@@ -399,10 +399,18 @@ def _add_scan(commands: _Commands, options: argparse.ArgumentParser) -> None:
 
 
 def _add_status(commands: _Commands, options: argparse.ArgumentParser) -> None:
-    parser = _command(commands, "status", "print a node's status", _cmd_client, parents=[options])
+    parser = _command(
+        commands,
+        "status",
+        "every node's health and partitions held (or one node's full status with --node)",
+        _cmd_client,
+        parents=[options],
+    )
     parser.set_defaults(operation=_status)
     parser.add_argument(
-        "--node", metavar="ID|HOST:PORT", help="which node (default: the first that answers)"
+        "--node",
+        metavar="ID|HOST:PORT",
+        help="show this node's full status (default: a line per node)",
     )
 
 
@@ -576,9 +584,33 @@ async def _scan(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _status(client: Client, args: argparse.Namespace) -> int:
-    for line in format_status(await client.status(args.node)):
+    if args.node is not None:
+        for line in format_status(await client.status(args.node)):
+            _say(line)
+        return EXIT_OK
+    statuses = await client.cluster_status()
+    for line in format_cluster_status(statuses):
         _say(line)
-    return EXIT_OK
+    return EXIT_OK if all(s.get("health") == "up" for s in statuses) else EXIT_UNAVAILABLE
+
+
+def format_cluster_status(statuses: list[dict[str, Any]]) -> list[str]:
+    """One line per node: health, partitions held and preferred, uptime."""
+    header = (
+        f"{'node':<6} {'address':<21} {'zone':<8} {'held':>5} {'pref':>5} {'uptime':>8}  health"
+    )
+    lines = [header]
+    for status in statuses:
+        held = status.get("partitions_held", "-")
+        preferred = status.get("partitions_preferred", "-")
+        uptime = status.get("uptime_s")
+        uptime_text = f"{uptime:.0f}s" if isinstance(uptime, int | float) else "-"
+        lines.append(
+            f"{status.get('node', '?')!s:<6} {status.get('address', '?')!s:<21} "
+            f"{status.get('zone', '?')!s:<8} {held!s:>5} {preferred!s:>5} {uptime_text:>8}  "
+            f"{status.get('health')}"
+        )
+    return lines
 
 
 def format_status(status: dict[str, Any], indent: int = 0) -> list[str]:

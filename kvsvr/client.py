@@ -541,6 +541,28 @@ class Client:
             connection = await self._status_connection(node)
             return _reply_dict(await connection.request("status", {}), "status")
 
+    async def cluster_status(self) -> list[dict[str, Any]]:
+        """Every node of the map, asked at once: its status with `"health"`
+        set to "up", or only its id, address and zone with `"health"` saying
+        why it could not be asked."""
+        results: dict[str, dict[str, Any]] = {}
+
+        async def ask(node: NodeInfo) -> None:
+            try:
+                with trio.fail_after(self._timeout_s):
+                    status = await self.status(node.id)
+                status["health"] = "up"
+            except (KvsvrError, trio.TooSlowError) as error:
+                status = {"node": node.id, "health": f"unreachable ({error})"}
+            status.setdefault("address", f"{node.host}:{node.port}")
+            status.setdefault("zone", node.zone)
+            results[node.id] = status
+
+        async with trio.open_nursery() as nursery:
+            for node in self._map.nodes:
+                nursery.start_soon(ask, node)
+        return [results[node.id] for node in self._map.nodes]
+
     async def partition_map(self, *, refresh: bool = False) -> PartitionMap:
         """The partition map the client routes by; `refresh=True` fetches it anew."""
         if refresh:

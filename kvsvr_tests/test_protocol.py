@@ -404,7 +404,7 @@ def test_partition_of_is_stable_and_in_range() -> None:
 def test_regression_seed_96_recovered_cas() -> None:
     """The simulator seed that found the missing op ids, in its original setting."""
     verdict = check_seed(96, SimConfig(operations=150, vary_network=False))
-    assert verdict.ok, verdict.result.bad_keys()
+    assert verdict.ok, verdict.result.bad_keys
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -433,6 +433,6 @@ def test_fault_schedules_stay_linearizable(
         vary_network=False,
     )
     verdict = check_seed(seed, config)
-    assert verdict.ok, f"seed {seed}: {verdict.verdict}, bad keys {verdict.result.bad_keys()}"
+    assert verdict.ok, f"seed {seed}: {verdict.verdict}, bad keys {verdict.result.bad_keys}"
     final_reads = [op for op in verdict.sim.history if op["process"] > 10**6 and op["type"] == "ok"]
     assert len(final_reads) == keys, "every key readable once the faults heal"

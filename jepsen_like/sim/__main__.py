@@ -14,6 +14,7 @@ import contextlib
 import multiprocessing
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
 from jepsen_like.checker import LINEARIZABLE, NOT_LINEARIZABLE
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             f"seed {args.seed}: {verdict.verdict}; {verdict.sim.counts}; "
             f"{len(verdict.sim.faults)} faults; {verdict.sim.messages} messages"
         )
-        for key in verdict.result.bad_keys():
+        for key in verdict.result.bad_keys:
             print(f"  bad key {key}")
         return 0 if verdict.ok else (1 if verdict.verdict == NOT_LINEARIZABLE else 2)
 
@@ -53,21 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown: list[int] = []
     operations = faults = 0
     jobs = [(seed, config) for seed in seeds]
+    results: Iterable[tuple[int, str, int, int, dict[str, int]]]
     with contextlib.ExitStack() as stack:
         if args.workers > 1:
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(args.workers))
             results = pool.imap_unordered(run_seed_summary, jobs)
         else:
             results = map(run_seed_summary, jobs)
-        for seed, verdict, ops, fault_count, counts in results:
+        for seed, seed_verdict, ops, fault_count, counts in results:
             operations += ops
             faults += fault_count
-            if verdict == NOT_LINEARIZABLE:
+            if seed_verdict == NOT_LINEARIZABLE:
                 failing.append(seed)
                 print(f"FAIL seed {seed}: not linearizable ({counts})", flush=True)
-            elif verdict != LINEARIZABLE:
+            elif seed_verdict != LINEARIZABLE:
                 unknown.append(seed)
-                print(f"UNKNOWN seed {seed}: {verdict}", flush=True)
+                print(f"UNKNOWN seed {seed}: {seed_verdict}", flush=True)
     elapsed = time.monotonic() - started
     print(
         f"{len(seeds)} seeds ({args.nodes} nodes, {args.ops} ops each) in {elapsed:.1f} s "

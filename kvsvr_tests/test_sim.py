@@ -1,0 +1,47 @@
+"""The deterministic simulator: seeds replay exactly, and a batch of seeds of the
+real protocol core under faults is linearizable (CI runs at least 200)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from jepsen_like.sim.__main__ import main
+from jepsen_like.sim.check import check_seed
+from jepsen_like.sim.run import SimConfig, simulate
+
+# CI runs this many seeds of 500 operations each; the issue asks for >= 200.
+CI_SEEDS = 240
+
+
+def test_a_seed_replays_exactly() -> None:
+    first: list[str] = []
+    second: list[str] = []
+    simulate(7, SimConfig(operations=300), first.append)
+    simulate(7, SimConfig(operations=300), second.append)
+    assert len(first) > 1000
+    assert first == second
+
+
+def test_different_seeds_differ() -> None:
+    assert simulate(1).history != simulate(2).history
+
+
+def test_seeds_inject_faults_and_make_progress() -> None:
+    verdict = check_seed(3)
+    assert verdict.ok
+    assert verdict.sim.faults, "the nemesis acted"
+    assert verdict.sim.counts.get("ok", 0) > 100, "operations succeeded despite the faults"
+    assert verdict.sim.counts.get("info", 0) > 0, "some outcomes were unknown"
+
+
+@pytest.mark.parametrize("nodes", [3, 5])
+def test_many_seeds_are_linearizable(nodes: int, capsys: pytest.CaptureFixture[str]) -> None:
+    seeds = CI_SEEDS if nodes == 3 else CI_SEEDS // 4
+    code = main(["--seeds", str(seeds), "--nodes", str(nodes), "--start-seed", str(nodes * 100000)])
+    out = capsys.readouterr().out
+    sys.stdout.write(out)
+    assert code == 0, out
+    assert f"{seeds} seeds" in out
+    assert "0 not linearizable, 0 unknown" in out
