@@ -286,6 +286,15 @@ class Node:
 
     async def quorum_round(self, current: Round) -> Replies:
         """Fan out, collect until a quorum answered (or cannot), cancel the rest."""
+        if len(current.requests) == 1:
+            # One replica (replication 1, or a value fetch): no fan-out needed.
+            ((target, message),) = current.requests.items()
+            with trio.move_on_after(ROUND_TIMEOUT_S):
+                try:
+                    return {target: await self.ask(target, message)}
+                except KvsvrError as error:
+                    log.debug("replica %d did not answer: %s", target, error)
+            return {}
         replies: Replies = {}
         total = len(current.requests)
         enough = trio.Event()

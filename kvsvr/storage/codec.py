@@ -158,9 +158,49 @@ def _row_from_fields(fields: object) -> Row:
     )
 
 
+def _uint_ok(value: object) -> bool:
+    return type(value) is int and 0 <= value <= ROW_INT_MAX
+
+
+def _row_ok(row: Row) -> bool:
+    """The common case of `row_problem` in one expression: every row is checked
+    on every write and read, so this is on the hot path."""
+    promised = row.promised
+    if not (
+        type(row) is Row
+        and _uint_ok(row.version)
+        and (row.value is None or type(row.value) is bytes)
+        and (row.expires_at_ms is None or _uint_ok(row.expires_at_ms))
+        and type(promised) is tuple
+        and len(promised) == 2
+        and _uint_ok(promised[0])
+        and _uint_ok(promised[1])
+        and _uint_ok(row.hlc)
+        and _uint_ok(row.op_id)
+    ):
+        return False
+    accepted = row.accepted
+    if accepted is None:
+        return True
+    ballot = accepted.ballot
+    return (
+        type(accepted) is Accepted
+        and type(ballot) is tuple
+        and len(ballot) == 2
+        and _uint_ok(ballot[0])
+        and _uint_ok(ballot[1])
+        and _uint_ok(accepted.version)
+        and (accepted.value is None or type(accepted.value) is bytes)
+        and (accepted.expires_at_ms is None or _uint_ok(accepted.expires_at_ms))
+        and _uint_ok(accepted.op_id)
+    )
+
+
 def row_problem(row: Row) -> str | None:
     """What makes `row` unstorable, or None. Shared by encode and decode, so
     every row that encodes also decodes."""
+    if _row_ok(row):
+        return None
     if not isinstance(row, Row):
         return f"not a Row: {type(row).__name__}"
     checks: list[tuple[str, str | None]] = [
