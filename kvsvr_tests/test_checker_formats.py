@@ -143,3 +143,15 @@ def test_bad_input_is_reported(tmp_path: Path) -> None:
     path.write_text("not json\n")
     with pytest.raises(ValueError):
         read_jsonl(path)
+
+
+def test_jsonl_skips_nemesis_events(tmp_path: Path) -> None:
+    """The harness writes fault events (process "nemesis") into the history."""
+    path = tmp_path / "history.jsonl"
+    path.write_text(
+        '{"process": "nemesis", "type": "info", "f": "kill", "value": "n1", "time": 1}\n'
+        '{"process": 0, "type": "invoke", "f": "read", "key": "k", "value": null, "time": 2}\n'
+        '{"process": 0, "type": "ok", "f": "read", "key": "k", "value": null, "time": 3}\n'
+    )
+    ops = read_jsonl(path)
+    assert [op.process for op in ops] == [0, 0]

@@ -84,6 +84,10 @@ def read_jsonl(path: StrPath) -> list[Op]:
                 raise ValueError(f"{path}:{lineno}: {exc}") from None
             if not isinstance(fields, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            if fields.get("process") == "nemesis":
+                # Fault-injection events share the history file (as in Jepsen);
+                # they are no client's operations, so the checker skips them.
+                continue
             ops.append(_op_from_mapping(fields, len(ops)))
     return ops
 

@@ -1,0 +1,285 @@
+"""Workloads: what clients ask, and how each answer becomes a history event.
+
+`RegisterWorkload`: read / write (unique values) / cas on a few keys, each key
+retired after a cap of operations (drawn from 100-200) for a fresh one, so
+every key's history stays small enough to check quickly. `KvWorkload`: get /
+put / delete, with the same key rotation.
+
+kvsvr's compare-and-set is on versions (`put(key, v, if_version=n)`). A
+register `cas [expected, new]` is made by a client from the last value it saw
+for the key and the version it saw it at: values are unique per write, so a
+version names exactly one value, and the put succeeds exactly when the
+register still holds `expected`.
+
+Outcomes: ok; `Conflict` is fail (nothing written); a request that was never
+sent (`NotSent`) is fail; `Unavailable` / `Timeout` / anything else on a write
+is info (outcome unknown); a read that raised is fail (a read changes nothing).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from jepsen_like.checker import KvModel, Model, RegisterModel
+from jepsen_like.harness.client import NodeClient, NotSent
+from kvsvr.errors import Conflict, KvsvrError
+
+# Keys in use at once: enough for concurrency between keys, few enough that
+# every key sees contention.
+DEFAULT_KEY_COUNT: Final = 4
+# Operations one key gets before a fresh key replaces it (drawn per key): long
+# enough for interesting interleavings, short enough that the checker's search
+# per key stays fast even with many operations of unknown outcome.
+KEY_OPS_MIN: Final = 100
+KEY_OPS_MAX: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedOp:
+    f: str
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    type: str  # ok, fail, info
+    value: Any = None
+    version: int | None = None
+    error: str | None = None
+    # False when the request never reached the node (no connection).
+    sent: bool = True
+
+
+@dataclass(slots=True)
+class Worker:
+    """One client thread. Its process id changes after an `info`, as in Jepsen."""
+
+    thread: int
+    process: int
+    node: str
+    # Per key: the last value this client saw and the version it saw it at.
+    last_seen: dict[str, tuple[Any, int]] = field(default_factory=dict)
+
+
+class Workload(Protocol):
+    name: str
+
+    @property
+    def model(self) -> Model: ...
+
+    def next_op(self, worker: Worker, rng: random.Random) -> PlannedOp: ...
+
+    async def execute(self, op: PlannedOp, worker: Worker, client: NodeClient) -> Completion: ...
+
+    def final_read(self, key: str) -> PlannedOp: ...
+
+    def used_keys(self) -> list[str]: ...
+
+    def active_keys(self) -> list[str]: ...
+
+
+def encode_value(value: int) -> bytes:
+    return str(value).encode()
+
+
+def decode_value(raw: bytes | None) -> Any:
+    """An int for the harness's own values; anything else is shown as text, so
+    the checker sees a value nobody wrote."""
+    if raw is None:
+        return None
+    try:
+        return int(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return f"<unexpected {raw!r:.60}>"
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+def _failed_read(error: KvsvrError) -> Completion:
+    return Completion("fail", error=_error_text(error), sent=not isinstance(error, NotSent))
+
+
+def _failed_write(error: KvsvrError) -> Completion:
+    if isinstance(error, NotSent):
+        return Completion("fail", error=_error_text(error), sent=False)
+    if isinstance(error, Conflict):
+        return Completion("fail", error=_error_text(error))
+    return Completion("info", error=_error_text(error))
+
+
+class KeyRotation:
+    """`count` keys in use; each is replaced after its drawn share of operations."""
+
+    def __init__(self, prefix: str, count: int, rng: random.Random) -> None:
+        if count < 1:
+            raise ValueError("a workload needs at least one key")
+        self.prefix = prefix
+        self.rng = rng
+        self.used: list[str] = []
+        self.active: list[str] = []
+        self._left: dict[str, int] = {}
+        for _ in range(count):
+            self.active.append(self._fresh())
+
+    def _fresh(self) -> str:
+        key = f"{self.prefix}{len(self.used)}"
+        self.used.append(key)
+        self._left[key] = self.rng.randint(KEY_OPS_MIN, KEY_OPS_MAX)
+        return key
+
+    def pick(self, rng: random.Random) -> str:
+        position = rng.randrange(len(self.active))
+        key = self.active[position]
+        self._left[key] -= 1
+        if self._left[key] <= 0:
+            self.active[position] = self._fresh()
+        return key
+
+
+class RegisterWorkload:
+    """read / write / cas on rotating register keys."""
+
+    name = "register"
+
+    def __init__(
+        self,
+        key_count: int = DEFAULT_KEY_COUNT,
+        rng: random.Random | None = None,
+        *,
+        read_fraction: float = 0.4,
+        write_fraction: float = 0.3,
+    ) -> None:
+        self.keys = KeyRotation("r", key_count, rng if rng is not None else random.Random(0))
+        self.read_fraction = read_fraction
+        self.write_fraction = write_fraction
+        self._next_value = 0
+
+    @property
+    def model(self) -> Model:
+        return RegisterModel()
+
+    def _value(self) -> int:
+        self._next_value += 1
+        return self._next_value
+
+    def next_op(self, worker: Worker, rng: random.Random) -> PlannedOp:
+        key = self.keys.pick(rng)
+        roll = rng.random()
+        if roll < self.read_fraction:
+            return PlannedOp("read", key, None)
+        if roll < self.read_fraction + self.write_fraction:
+            return PlannedOp("write", key, self._value())
+        expected, _ = worker.last_seen.get(key, (None, 0))
+        return PlannedOp("cas", key, [expected, self._value()])
+
+    def final_read(self, key: str) -> PlannedOp:
+        return PlannedOp("read", key, None)
+
+    def used_keys(self) -> list[str]:
+        """Every key operated on so far (the final reads read them all)."""
+        return list(self.keys.used)
+
+    def active_keys(self) -> list[str]:
+        """The keys clients operate on now."""
+        return list(self.keys.active)
+
+    async def execute(self, op: PlannedOp, worker: Worker, client: NodeClient) -> Completion:
+        if op.f == "read":
+            try:
+                raw, version = await client.get(op.key)
+            except KvsvrError as error:
+                return _failed_read(error)
+            value = decode_value(raw)
+            worker.last_seen[op.key] = (value, version)
+            return Completion("ok", value, version)
+        if op.f == "write":
+            new = op.value
+            if_version = None
+        else:
+            expected, new = op.value
+            seen_value, seen_version = worker.last_seen.get(op.key, (None, 0))
+            assert seen_value == expected, "cas is planned from the last value seen"
+            if_version = seen_version
+        try:
+            version = await client.put(op.key, encode_value(new), if_version=if_version)
+        except KvsvrError as error:
+            return _failed_write(error)
+        worker.last_seen[op.key] = (new, version)
+        return Completion("ok", op.value, version)
+
+
+class KvWorkload:
+    """get / put / delete on rotating keys (absent reads as nil)."""
+
+    name = "kv"
+
+    def __init__(
+        self,
+        key_count: int = DEFAULT_KEY_COUNT,
+        rng: random.Random | None = None,
+        *,
+        get_fraction: float = 0.5,
+        put_fraction: float = 0.35,
+    ) -> None:
+        self.keys = KeyRotation("kv", key_count, rng if rng is not None else random.Random(0))
+        self.get_fraction = get_fraction
+        self.put_fraction = put_fraction
+        self._next_value = 0
+
+    @property
+    def model(self) -> Model:
+        return KvModel(missing=None)
+
+    def next_op(self, worker: Worker, rng: random.Random) -> PlannedOp:
+        key = self.keys.pick(rng)
+        roll = rng.random()
+        if roll < self.get_fraction:
+            return PlannedOp("get", key, None)
+        if roll < self.get_fraction + self.put_fraction:
+            self._next_value += 1
+            return PlannedOp("put", key, self._next_value)
+        return PlannedOp("delete", key, None)
+
+    def final_read(self, key: str) -> PlannedOp:
+        return PlannedOp("get", key, None)
+
+    def used_keys(self) -> list[str]:
+        """Every key operated on so far (the final reads read them all)."""
+        return list(self.keys.used)
+
+    def active_keys(self) -> list[str]:
+        """The keys clients operate on now."""
+        return list(self.keys.active)
+
+    async def execute(self, op: PlannedOp, worker: Worker, client: NodeClient) -> Completion:
+        if op.f == "get":
+            try:
+                raw, version = await client.get(op.key)
+            except KvsvrError as error:
+                return _failed_read(error)
+            value = decode_value(raw)
+            worker.last_seen[op.key] = (value, version)
+            return Completion("ok", value, version)
+        value = None if op.f == "delete" else encode_value(op.value)
+        try:
+            version = await client.put(op.key, value)
+        except KvsvrError as error:
+            return _failed_write(error)
+        worker.last_seen[op.key] = (op.value, version)
+        return Completion("ok", op.value, version)
+
+
+WORKLOADS: Final = ("register", "kv")
+
+
+def make_workload(name: str, key_count: int, rng: random.Random) -> Workload:
+    if name == "register":
+        return RegisterWorkload(key_count, rng)
+    if name == "kv":
+        return KvWorkload(key_count, rng)
+    raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
