@@ -775,3 +775,31 @@ async def test_connections_past_the_limit_are_refused(monkeypatch: pytest.Monkey
                 await open_client(port)
             assert await first.request("echo", 1) == 1
         nursery.cancel_scope.cancel()
+
+
+class _Echo:
+    async def handle_request(self, peer: str, method: str, body: object) -> object:
+        await trio.lowlevel.checkpoint()
+        return body
+
+    def handle_oneway(self, peer: str, method: str, body: object) -> None:
+        pass
+
+
+async def test_aclose_returns_after_run_was_cancelled_from_outside() -> None:
+    """Regression (found by the fault harness): cancelling the nursery that hosts
+    `run` made the close in its `finally` raise Cancelled before `_finished` was
+    set, so a later `aclose()` waited forever."""
+    async with trio.open_nursery() as server:
+        port = await server.start(partial(serve, "127.0.0.1", 0, _Echo(), secret=None))
+        connection = await connect("127.0.0.1", port, secret=None, connect_timeout_s=5)
+        with trio.CancelScope() as outer:
+            async with trio.open_nursery() as owner:
+                await owner.start(connection.run)
+                assert await connection.request("x", 1) == 1
+                outer.cancel()
+                await trio.sleep_forever()
+        with trio.fail_after(5):
+            await connection.aclose()
+        assert connection.closed
+        server.cancel_scope.cancel()

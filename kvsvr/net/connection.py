@@ -332,8 +332,13 @@ class RpcConnection:
                     task_status.started()
         finally:
             self._shutdown("the connection's task ended")
-            await trio.aclose_forcefully(self._stream)
-            self._finished.set()
+            try:
+                # Raises Cancelled when `run` was cancelled from outside (the
+                # stream is closed all the same); `_finished` must be set anyway,
+                # or a later `aclose()` waits forever.
+                await trio.aclose_forcefully(self._stream)
+            finally:
+                self._finished.set()
 
     async def request(self, method: str, body: object) -> object:
         """Send a request and wait for its reply's body.
