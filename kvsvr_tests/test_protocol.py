@@ -436,3 +436,42 @@ def test_fault_schedules_stay_linearizable(
     assert verdict.ok, f"seed {seed}: {verdict.verdict}, bad keys {verdict.result.bad_keys}"
     final_reads = [op for op in verdict.sim.history if op["process"] > 10**6 and op["type"] == "ok"]
     assert len(final_reads) == keys, "every key readable once the faults heal"
+
+
+# ---------------------------------------------------------------- rebuilding a lost row
+
+
+def test_peers_needed_to_rebuild_meets_every_majority() -> None:
+    for replicas in range(1, 8):
+        needed = replica.peers_needed_to_rebuild(replicas)
+        others = replicas - 1
+        smallest_other_part_of_a_majority = replicas // 2 + 1 - 1
+        # Any `needed` of the others meet any majority's other members.
+        assert needed + smallest_other_part_of_a_majority > others
+        assert needed <= others or replicas == 1
+    assert replica.peers_needed_to_rebuild(3) == 2
+    assert replica.peers_needed_to_rebuild(5) == 3
+
+
+def test_merge_rows_keeps_the_latest_value_highest_promise_and_proposal() -> None:
+    rows = [
+        Row(version=4, value=b"four", promised=(7, 2), op_id=44),
+        Row(
+            version=3,
+            value=b"three",
+            promised=(9, 1),
+            accepted=Accepted((9, 1), 5, b"five", None, 55),
+        ),
+        Row(
+            version=4,
+            value=b"four",
+            promised=(8, 3),
+            accepted=Accepted((8, 3), 5, b"other", None, 56),
+        ),
+    ]
+    merged = replica.merge_rows(rows)
+    assert (merged.version, merged.value, merged.op_id) == (4, b"four", 44)
+    assert merged.promised == (9, 1)
+    assert merged.accepted == Accepted((9, 1), 5, b"five", None, 55)
+    stale = replica.merge_rows([Row(version=6, value=b"six", promised=(1, 1)), rows[1]])
+    assert stale.accepted is None, "a proposal at or below the chosen version is settled"

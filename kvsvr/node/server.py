@@ -58,7 +58,7 @@ from kvsvr.protocol.messages import (
 )
 from kvsvr.protocol.placement import partition_of
 from kvsvr.protocol.state import EMPTY_ROW, Row
-from kvsvr.storage import Storage
+from kvsvr.storage import Storage, decode_row, encode_row
 from kvsvr.storage.engine import prefix_end
 
 log = logging.getLogger("kvsvr.node")
@@ -79,7 +79,16 @@ PEER_RETRY_AFTER_S = 0.25
 VALUE_BYTES_MAX = 1 << 20
 SCAN_LIMIT_MAX = 10_000
 
+# A replica that finds a corrupt row rebuilds it from its peers in the
+# background. Bounded so a badly damaged file cannot flood the node; a failed
+# rebuild is retried on a later touch of the key, not sooner than this.
+REPAIRS_IN_FLIGHT_MAX = 64
+REPAIR_TIMEOUT_S = 2.0
+REPAIR_RETRY_AFTER_S = 1.0
+REPAIR_FAILURES_REMEMBERED_MAX = 10_000
+
 PAXOS_METHOD = "px"
+ROW_METHOD = "row"
 PAXOS_ONEWAY_METHOD = "px1"
 
 _REPLY_TYPES: dict[type, type] = {
@@ -139,8 +148,11 @@ class PeerLink:
             return connection
 
     async def request(self, body: list[Any]) -> Any:
+        return await self.call(PAXOS_METHOD, body)
+
+    async def call(self, method: str, body: object) -> Any:
         connection = await self.get()
-        return await connection.request(PAXOS_METHOD, body)
+        return await connection.request(method, body)
 
     def send_oneway(self, body: list[Any]) -> None:
         connection = self.connection
@@ -195,8 +207,14 @@ class Node:
         self.started_at = time.time()
         self.corrupt_rows_seen = 0
         self.requests_served = 0
+        self.nursery: trio.Nursery | None = None
+        self.repairing: set[tuple[str, bytes]] = set()
+        self.repair_failed_at: dict[tuple[str, bytes], float] = {}
+        self.rows_repaired = 0
+        self.repairs_failed = 0
 
     def link_peers(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
         for peer in self.config.nodes:
             if peer.index == self.me.index:
                 continue
@@ -214,8 +232,79 @@ class Node:
             return self.storage.read_row(table, key) or EMPTY_ROW
         except CorruptRow:
             self.corrupt_rows_seen += 1
-            log.error("corrupt row in table %s key %r: refusing to serve it", table, key)
+            if self._schedule_repair(table, key):
+                log.error("corrupt row in table %s key %r: refused; rebuilding it", table, key)
             raise
+
+    # ------------------------------------------------------------ repair
+
+    def _schedule_repair(self, table: str, key: bytes) -> bool:
+        slot = (table, key)
+        failed_at = self.repair_failed_at.get(slot)
+        if (
+            self.nursery is None
+            or slot in self.repairing
+            or len(self.repairing) >= REPAIRS_IN_FLIGHT_MAX
+            or (failed_at is not None and time.monotonic() - failed_at < REPAIR_RETRY_AFTER_S)
+        ):
+            return False
+        self.repairing.add(slot)
+        self.nursery.start_soon(self._repair_row, table, key)
+        return True
+
+    async def _repair_row(self, table: str, key: bytes) -> None:
+        """Rebuild a corrupt row from enough peers that the rebuilt promise and
+        proposal cover whatever the lost row had promised or accepted."""
+        slot = (table, key)
+        try:
+            partition_key, _ = decode_key(key)
+            replicas = self.replicas_of(table, partition_key)
+            others = [r for r in replicas if r != self.me.index]
+            needed = replica.peers_needed_to_rebuild(len(replicas))
+            rows: list[Row] = []
+
+            async def fetch(target: int) -> None:
+                try:
+                    raw = await self.peers[target].call(ROW_METHOD, [table, key])
+                    if raw is not None and not isinstance(raw, bytes):
+                        raise FrameError("a row must come as bytes")
+                    rows.append(EMPTY_ROW if raw is None else decode_row(raw))
+                except KvsvrError as error:
+                    log.warning("repair of %r: replica %d could not help: %s", key, target, error)
+
+            with trio.move_on_after(REPAIR_TIMEOUT_S):
+                async with trio.open_nursery() as nursery:
+                    for target in others:
+                        nursery.start_soon(fetch, target)
+            if len(rows) < needed:
+                raise Unavailable(f"heard from {len(rows)} of the {needed} peers needed")
+            merged = replica.merge_rows(rows)
+            await self.storage.wait_durable(self.storage.stage(table, key, merged))
+            self.rows_repaired += 1
+            self.repair_failed_at.pop(slot, None)
+            log.info("rebuilt row %r of table %s from %d peers", key, table, len(rows))
+        except KvsvrError as error:
+            self.repairs_failed += 1
+            if len(self.repair_failed_at) >= REPAIR_FAILURES_REMEMBERED_MAX:
+                self.repair_failed_at.clear()
+            self.repair_failed_at[slot] = time.monotonic()
+            log.warning("could not rebuild row %r of table %s yet: %s", key, table, error)
+        finally:
+            self.repairing.discard(slot)
+
+    def serve_row(self, body: object) -> bytes | None:
+        """A peer rebuilding a row asks for ours, as stored (crc included)."""
+        if (
+            not isinstance(body, list)
+            or len(body) != 2
+            or not isinstance(body[0], str)
+            or not isinstance(body[1], bytes)
+        ):
+            raise InvalidRequest("row takes [table, key]")
+        table, key = body
+        self._check_table(table)
+        row = self.storage.read_row(table, key)  # a corrupt row here raises, never travels
+        return None if row is None else encode_row(row)
 
     async def replica_request(self, message: Request) -> Reply:
         self._check_table(message.table)
@@ -485,6 +574,8 @@ class Node:
             "coordinator": asdict(self.coordinator.stats),
             "storage": asdict(self.storage.stats),
             "corrupt_rows_seen": self.corrupt_rows_seen,
+            "rows_repaired": self.rows_repaired,
+            "repairs_failed": self.repairs_failed,
             "requests_served": self.requests_served,
         }
 
@@ -521,6 +612,8 @@ class Node:
         self.requests_served += 1
         if method == PAXOS_METHOD:
             return to_wire(await self.replica_request(_as_request(body)))
+        if method == ROW_METHOD:
+            return self.serve_row(body)
         if method == "map":
             return self.client_map()
         if method == "status":

@@ -184,3 +184,41 @@ def scan_entry(key: bytes, row: Row) -> ScanEntry:
         expires_at_ms=row.expires_at_ms,
         accepted_version=0 if row.accepted is None else row.accepted.version,
     )
+
+
+def peers_needed_to_rebuild(replica_count: int) -> int:
+    """How many *other* replicas a replica that lost a row (corruption, a wiped
+    disk) must hear from before it rebuilds that row and votes on it again.
+
+    Any majority that counted this replica's lost promise or accept holds at
+    least `replica_count // 2` others; the peers heard must meet every such set,
+    so that the rebuilt row's promise and proposal are at least what was lost.
+    With 3 replicas that is both others; with 5, three of the four.
+    """
+    others = replica_count - 1
+    return others - replica_count // 2 + 1
+
+
+def merge_rows(rows: list[Row]) -> Row:
+    """Rebuild a lost row from its peers' rows: the latest chosen value, the
+    highest promise, and the highest proposal in flight above that value."""
+    assert rows, "nothing to rebuild from"
+    latest = max(rows, key=lambda row: row.version)
+    promised = max(row.promised for row in rows)
+    in_flight = [
+        row.accepted
+        for row in rows
+        if row.accepted is not None and row.accepted.version > latest.version
+    ]
+    accepted = max(in_flight, key=lambda a: (a.version, a.ballot)) if in_flight else None
+    merged = Row(
+        version=latest.version,
+        value=latest.value,
+        expires_at_ms=latest.expires_at_ms,
+        promised=promised,
+        accepted=accepted,
+        hlc=max(row.hlc for row in rows),
+        op_id=latest.op_id,
+    )
+    check_row(merged)
+    return merged
