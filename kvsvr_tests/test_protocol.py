@@ -34,7 +34,7 @@ from kvsvr.protocol.messages import (
     to_wire,
 )
 from kvsvr.protocol.placement import NodePlace, partition_of, replica_sets
-from kvsvr.protocol.state import EMPTY_ROW, Accepted, Row
+from kvsvr.protocol.state import EMPTY_ROW, RECENT_OPS_MAX, Accepted, Row
 
 KEY = b"\x00\x01k"
 
@@ -249,9 +249,9 @@ def test_recovered_attempt_counts_as_done_not_as_conflict() -> None:
     assert max(row.version for row in cluster.rows.values()) == 2, "applied once, not twice"
 
 
-def test_lost_track_of_an_attempt_answers_unavailable() -> None:
-    """A's attempt at version 2 is recovered by B and another write lands on top
-    of it: A cannot tell whether its attempt won, so it says outcome unknown."""
+def _overtaken_put(versions_on_top: int) -> tuple[Outcome, Cluster]:
+    """A's put reaches only A's replica; B recovers it (so it is chosen at
+    version 2) and then writes `versions_on_top` more versions before A retries."""
     cluster = Cluster()
     a, b = coordinator(1), coordinator(2)
     cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"v1"), 0), {1, 2, 3})
@@ -261,10 +261,26 @@ def test_lost_track_of_an_attempt_answers_unavailable() -> None:
     prepare, _ = cluster.step(put, cluster.answer(fast_accept, {1}), {1})
     assert prepare is not None
     cluster.run(b.read("t", KEY, [1, 2, 3], 0), {1, 2})
-    cluster.run(b.write("t", KEY, [1, 2, 3], Mutation(b"v3"), 0), {1, 2, 3})
-    outcome = cluster.run_from(put, cluster.answer(prepare, {1, 2, 3}), {1, 2, 3})
+    for n in range(versions_on_top):
+        cluster.run(b.write("t", KEY, [1, 2, 3], Mutation(b"b%d" % n), 0), {1, 2, 3})
+    return cluster.run_from(put, cluster.answer(prepare, {1, 2, 3}), {1, 2, 3}), cluster
+
+
+def test_an_overtaken_attempt_learns_it_was_chosen() -> None:
+    """Replicas remember the op ids of recent versions, so A learns its put won
+    version 2 even though B wrote version 3 on top (the harness saw 8% of
+    writes answer "outcome unknown" in a healthy cluster before this)."""
+    outcome, cluster = _overtaken_put(1)
+    assert (outcome.status, outcome.version) == ("ok", 2)
+    assert cluster.rows[1].value == b"b0", "and it was not applied again"
+
+
+def test_lost_track_of_an_attempt_answers_unavailable() -> None:
+    """With more versions on top than a row remembers, A cannot tell whether its
+    attempt won: it says outcome unknown rather than guess or write twice."""
+    outcome, cluster = _overtaken_put(RECENT_OPS_MAX + 1)
     assert outcome.status == "unavailable"
-    assert cluster.rows[1].value == b"v3"
+    assert cluster.rows[1].value == b"b%d" % RECENT_OPS_MAX
 
 
 # ---------------------------------------------------------------- wire forms

@@ -3,6 +3,7 @@ directory (group commit, pending overlay, scans, corruption, fail-stop)."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import tempfile
 import threading
@@ -59,6 +60,11 @@ rows = st.builds(
     accepted=st.none() | accepted_proposals,
     hlc=uints,
     op_id=uints,
+).flatmap(
+    lambda row: st.lists(
+        st.tuples(st.integers(0, max(row.version - 1, 0)), uints),
+        max_size=8 if row.version > 0 else 0,
+    ).map(lambda ops: dataclasses.replace(row, recent_ops=tuple(ops)))
 )
 # Anything msgpack can carry, to feed the decoder well-formed but wrong bodies.
 msgpack_objects = st.recursive(
@@ -135,7 +141,7 @@ def test_codec_wrong_shapes_with_valid_crc_are_corrupt_or_valid(fields: object) 
 
 
 def good_fields() -> list[object]:
-    return [1, 3, b"v", None, 4, 2, [5, 1, 4, b"w", 99, 11], 7, 12]
+    return [1, 3, b"v", None, 4, 2, [5, 1, 4, b"w", 99, 11], 7, 12, [[2, 13]]]
 
 
 @pytest.mark.parametrize(
@@ -155,6 +161,8 @@ def good_fields() -> list[object]:
         (6, {"a": 1}, "not valid msgpack"),  # maps are refused by the unpacker
         (7, b"\x00", "hlc"),
         (8, "id", "op_id"),
+        (9, [[3, 13]], "recent_ops"),
+        (9, [[2]], "recent ops"),
     ],
 )
 def test_codec_rejects_each_bad_field(index: int, bad_value: object, message: str) -> None:
@@ -170,7 +178,7 @@ def test_codec_rejects_wrong_lengths_and_trailing_data() -> None:
     for bad in [b"", b"\x00\x00\x00\x00", with_crc(body + b"\x00"), with_crc(body[:-1])]:
         with pytest.raises(CorruptRow):
             decode_row(bad)
-    for fields in [good_fields()[:8], [*good_fields(), 0]]:
+    for fields in [good_fields()[:9], [*good_fields(), 0]]:
         with pytest.raises(CorruptRow):
             decode_row(with_crc(msgpack.packb(fields, use_bin_type=True)))
 

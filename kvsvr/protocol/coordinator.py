@@ -273,19 +273,25 @@ class _Chosen:
     expires_at_ms: int | None
     value_known: bool
     op_id: int = 0
+    # version -> op id of chosen versions the replies remembered (the latest too).
+    ops: dict[int, int] = field(default_factory=dict)
 
 
 def _latest_chosen(replies: Replies) -> _Chosen:
     version = max(
         (r.version for r in replies.values() if isinstance(r, Promise | ReadReply)), default=0
     )
-    op_id = 0
+    ops: dict[int, int] = {}
     for reply in replies.values():
-        if isinstance(reply, Promise | ReadReply) and reply.version == version:
-            op_id = reply.op_id
-            if reply.has_value:
-                return _Chosen(version, reply.value, reply.expires_at_ms, True, op_id)
-    return _Chosen(version, None, None, version == 0, op_id)
+        if isinstance(reply, Promise):
+            ops.update(reply.recent_ops)
+        if isinstance(reply, Promise | ReadReply) and reply.version > 0:
+            ops[reply.version] = reply.op_id
+    op_id = ops.get(version, 0)
+    for reply in replies.values():
+        if isinstance(reply, Promise | ReadReply) and reply.version == version and reply.has_value:
+            return _Chosen(version, reply.value, reply.expires_at_ms, True, op_id, ops)
+    return _Chosen(version, None, None, version == 0, op_id, ops)
 
 
 def _fetch_value(
@@ -476,18 +482,27 @@ def _write(
                 in_flight.op_id,
             )
             chosen = _Chosen(
-                in_flight.version, in_flight.value, in_flight.expires_at_ms, True, in_flight.op_id
+                in_flight.version,
+                in_flight.value,
+                in_flight.expires_at_ms,
+                True,
+                in_flight.op_id,
+                {**chosen.ops, in_flight.version: in_flight.op_id},
             )
 
         if attempted is not None and chosen.version >= attempted:
-            if chosen.op_id == op_id:
+            winner = chosen.ops.get(attempted)
+            if winner == op_id:
                 # Our earlier attempt was chosen: that is our answer.
-                coordinator.put_lease(
-                    table, key, Lease(ballot, chosen.version, mutation.value is not None)
-                )
+                if chosen.version == attempted:
+                    coordinator.put_lease(
+                        table, key, Lease(ballot, attempted, mutation.value is not None)
+                    )
                 yield Round({}, quorum=0, oneway=pending_oneway)
-                return Outcome("ok", version=chosen.version)
-            if chosen.version > attempted:
+                return Outcome("ok", version=attempted)
+            if winner is None:
+                # Versions were chosen on top of ours and no replica remembers
+                # which operation won it: ours may have. Never guess.
                 if pending_oneway:
                     yield Round({}, quorum=0, oneway=pending_oneway)
                 stats.unavailable += 1

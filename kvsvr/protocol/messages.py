@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from kvsvr.errors import FrameError
-from kvsvr.protocol.state import Accepted, Ballot
+from kvsvr.protocol.state import RECENT_OPS_MAX, Accepted, Ballot
 
 # ---------------------------------------------------------------- requests
 
@@ -95,6 +95,8 @@ class Promise:
     expires_at_ms: int | None
     accepted: Accepted | None
     op_id: int  # of the chosen value at `version`
+    # (version, op_id) of earlier chosen versions the replica remembers.
+    recent_ops: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,17 @@ def _str(raw: Any, what: str) -> str:
     return raw
 
 
+def _recent_ops_in(raw: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(raw, list) or len(raw) > RECENT_OPS_MAX:
+        raise FrameError("recent ops must be a short list")
+    pairs = []
+    for pair in raw:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise FrameError("a recent op is [version, op_id]")
+        pairs.append((_int(pair[0], "recent version"), _int(pair[1], "recent op id")))
+    return tuple(pairs)
+
+
 def _accepted_out(accepted: Accepted | None) -> list[Any] | None:
     if accepted is None:
         return None
@@ -268,6 +281,7 @@ def to_wire(message: Request | Reply) -> list[Any]:
                 message.expires_at_ms,
                 _accepted_out(message.accepted),
                 message.op_id,
+                [[version, op_id] for version, op_id in message.recent_ops],
             ]
         case AcceptReply():
             return ["accepted", message.ok, _ballot_out(message.promised), message.version]
@@ -301,7 +315,7 @@ _FIELD_COUNTS = {
     "commit": 9,
     "read": 4,
     "scan": 6,
-    "promise": 9,
+    "promise": 10,
     "accepted": 4,
     "readreply": 9,
     "scanreply": 3,
@@ -369,6 +383,7 @@ def from_wire(raw: Any) -> Request | Reply:
                 _opt_int(raw[6], "expiry"),
                 _accepted_in(raw[7]),
                 _int(raw[8], "op id"),
+                _recent_ops_in(raw[9]),
             )
         case "accepted":
             return AcceptReply(_bool(raw[1], "ok"), _ballot_in(raw[2]), _int(raw[3], "version"))

@@ -38,13 +38,14 @@ from kvsvr.protocol.messages import (
     ReadReply,
     ScanEntry,
 )
-from kvsvr.protocol.state import Accepted, Ballot, Row
+from kvsvr.protocol.state import RECENT_OPS_MAX, Accepted, Ballot, Row
 
 
 def check_row(row: Row) -> None:
     """Invariants every stored row satisfies."""
     assert row.version >= 0
     assert row.version > 0 or row.value is None
+    assert all(version < row.version for version, _ in row.recent_ops)
     if row.accepted is not None:
         assert row.accepted.version > row.version, "an accepted proposal is above chosen"
         assert row.accepted.ballot <= row.promised, "accepted under a ballot we promised"
@@ -80,6 +81,9 @@ def apply_commit(
         op_id = accepted.op_id
     if accepted is not None and accepted.version <= version:
         accepted = None
+    recent_ops = row.recent_ops
+    if row.version > 0:
+        recent_ops = ((row.version, row.op_id), *recent_ops)[:RECENT_OPS_MAX]
     return _check_transition(
         row,
         replace(
@@ -89,6 +93,7 @@ def apply_commit(
             expires_at_ms=expires_at_ms,
             accepted=accepted,
             op_id=op_id,
+            recent_ops=recent_ops,
         ),
     )
 
@@ -116,6 +121,7 @@ def on_prepare(row: Row, message: Prepare) -> tuple[Row | None, Promise]:
         expires_at_ms=row.expires_at_ms if include_value else None,
         accepted=row.accepted,
         op_id=row.op_id,
+        recent_ops=row.recent_ops,
     )
 
 
@@ -211,6 +217,12 @@ def merge_rows(rows: list[Row]) -> Row:
         if row.accepted is not None and row.accepted.version > latest.version
     ]
     accepted = max(in_flight, key=lambda a: (a.version, a.ballot)) if in_flight else None
+    recent: dict[int, int] = {}
+    for row in rows:
+        recent.update(row.recent_ops)
+        if 0 < row.version < latest.version:
+            recent[row.version] = row.op_id
+    recent_ops = tuple(sorted(recent.items(), reverse=True))[:RECENT_OPS_MAX]
     merged = Row(
         version=latest.version,
         value=latest.value,
@@ -219,6 +231,7 @@ def merge_rows(rows: list[Row]) -> Row:
         accepted=accepted,
         hlc=max(row.hlc for row in rows),
         op_id=latest.op_id,
+        recent_ops=recent_ops,
     )
     check_row(merged)
     return merged

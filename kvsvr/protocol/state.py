@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias
 
+# How many earlier chosen versions a row remembers the operation ids of, so a
+# coordinator overtaken by other writers can still learn whether its attempt
+# was chosen (instead of answering "outcome unknown"). 8 pairs are 16 integers
+# per row; duels rarely push a key more than a few versions past an attempt.
+RECENT_OPS_MAX = 8
+
 # (round, node_index). Tuples compare lexicographically, which is the ballot order.
 Ballot: TypeAlias = tuple[int, int]
 ZERO_BALLOT: Ballot = (0, 0)
@@ -42,6 +48,8 @@ class Row:
     # The operation whose value was chosen at `version`: lets a coordinator that
     # lost track of its own attempt learn whether it was chosen.
     op_id: int = 0
+    # (version, op_id) of earlier chosen versions this replica saw, newest first.
+    recent_ops: tuple[tuple[int, int], ...] = ()
 
 
 EMPTY_ROW = Row()

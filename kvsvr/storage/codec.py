@@ -3,10 +3,11 @@
 Layout: 4-byte little-endian crc32c of the body, then the body, msgpack of
 
     [format_version, version, value, expires_at_ms, promised_round,
-     promised_node, accepted, hlc, op_id]
+     promised_node, accepted, hlc, op_id, recent_ops]
 
 where `accepted` is None or
-`[ballot_round, ballot_node, version, value, expires_at_ms, op_id]`.
+`[ballot_round, ballot_node, version, value, expires_at_ms, op_id]` and
+`recent_ops` a list of at most RECENT_OPS_MAX `[version, op_id]` pairs.
 
 `decode_row` checks everything (crc, msgpack, field count, every field's type
 and range, the format version) and raises `CorruptRow` for anything wrong:
@@ -23,7 +24,7 @@ import crc32c
 import msgpack
 
 from kvsvr.errors import CorruptRow
-from kvsvr.protocol.state import Accepted, Row
+from kvsvr.protocol.state import RECENT_OPS_MAX, Accepted, Row
 
 # Bumped when the layout changes, so an old node reading a new row (or the
 # reverse) reports a clear error instead of misreading fields.
@@ -38,7 +39,7 @@ CRC_BYTES = _CRC.size
 
 # Fields of the top-level list and of the `accepted` list. The unpacker is told
 # no array may be longer, so a damaged length prefix cannot make it allocate.
-ROW_FIELD_COUNT = 9
+ROW_FIELD_COUNT = 10
 ACCEPTED_FIELD_COUNT = 6
 
 
@@ -70,6 +71,7 @@ def encode_row(row: Row) -> bytes:
         accepted,
         row.hlc,
         row.op_id,
+        [[version, op_id] for version, op_id in row.recent_ops],
     ]
     assert len(fields) == ROW_FIELD_COUNT
     body: bytes = msgpack.packb(fields, use_bin_type=True)
@@ -127,6 +129,7 @@ def _row_from_fields(fields: object) -> Row:
         accepted_fields,
         hlc,
         op_id,
+        recent_fields,
     ) = fields
     accepted: Accepted | None = None
     if accepted_fields is not None:
@@ -147,6 +150,10 @@ def _row_from_fields(fields: object) -> Row:
             expires_at_ms=accepted_expires,
             op_id=accepted_op_id,
         )
+    if not isinstance(recent_fields, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 for pair in recent_fields
+    ):
+        raise CorruptRow("row recent ops is not a list of pairs")
     return Row(
         version=version,
         value=value,
@@ -155,11 +162,28 @@ def _row_from_fields(fields: object) -> Row:
         accepted=accepted,
         hlc=hlc,
         op_id=op_id,
+        recent_ops=tuple((pair[0], pair[1]) for pair in recent_fields),
     )
 
 
 def _uint_ok(value: object) -> bool:
     return type(value) is int and 0 <= value <= ROW_INT_MAX
+
+
+def _recent_ops_ok(recent_ops: object, version: object) -> bool:
+    return (
+        type(recent_ops) is tuple
+        and len(recent_ops) <= RECENT_OPS_MAX
+        and all(
+            type(pair) is tuple
+            and len(pair) == 2
+            and _uint_ok(pair[0])
+            and _uint_ok(pair[1])
+            and type(version) is int
+            and pair[0] < version
+            for pair in recent_ops
+        )
+    )
 
 
 def _row_ok(row: Row) -> bool:
@@ -177,6 +201,7 @@ def _row_ok(row: Row) -> bool:
         and _uint_ok(promised[1])
         and _uint_ok(row.hlc)
         and _uint_ok(row.op_id)
+        and _recent_ops_ok(row.recent_ops, row.version)
     ):
         return False
     accepted = row.accepted
@@ -210,6 +235,12 @@ def row_problem(row: Row) -> str | None:
         ("promised", _ballot_problem(row.promised)),
         ("hlc", _uint_problem(row.hlc)),
         ("op_id", _uint_problem(row.op_id)),
+        (
+            "recent_ops",
+            None
+            if _recent_ops_ok(row.recent_ops, row.version)
+            else f"expected at most {RECENT_OPS_MAX} (version < {row.version!r}, op id) pairs",
+        ),
     ]
     if row.accepted is not None:
         accepted = row.accepted
