@@ -6,6 +6,7 @@
     replication = 3           # replicas per partition
     data_dir = "kvsvr-data"   # each node keeps its LMDB in data_dir/<node id>
     map_size_mb = 1024        # LMDB map size per node
+    cache_bytes_max = 67108864  # each node's row cache; 0 turns it off
 
     [[nodes]]
     id = "n1"
@@ -73,6 +74,7 @@ class ClusterConfig:
     data_dir: Path = Path("kvsvr-data")
     map_size_bytes: int = 1 << 30
     source: Path | None = None
+    cache_bytes_max: int = 64 << 20
 
     def node(self, node_id: str) -> NodeConfig:
         for node in self.nodes:
@@ -202,6 +204,13 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
     data_dir = Path(str(cluster.get("data_dir", "kvsvr-data")))
     if source is not None and not data_dir.is_absolute():
         data_dir = source.parent / data_dir
+    cache_bytes_max = cluster.get("cache_bytes_max", 64 << 20)
+    if (
+        not isinstance(cache_bytes_max, int)
+        or isinstance(cache_bytes_max, bool)
+        or cache_bytes_max < 0
+    ):
+        raise ConfigError("cache_bytes_max must be an int >= 0 (0 turns the cache off)")
     map_size_mb = cluster.get("map_size_mb", 1024)
     if not isinstance(map_size_mb, int) or map_size_mb < 1:
         raise ConfigError("map_size_mb must be a positive int")
@@ -214,6 +223,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         data_dir=data_dir,
         map_size_bytes=map_size_mb << 20,
         source=source,
+        cache_bytes_max=cache_bytes_max,
     )
 
 
@@ -243,6 +253,7 @@ def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
         f"replication = {config.replication}",
         f"data_dir = {_toml_string(data_dir if data_dir is not None else str(config.data_dir))}",
         f"map_size_mb = {config.map_size_bytes >> 20}",
+        f"cache_bytes_max = {config.cache_bytes_max}",
         "",
     ]
     for node in config.nodes:

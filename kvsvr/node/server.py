@@ -32,6 +32,7 @@ from kvsvr.errors import (
 )
 from kvsvr.keys import decode_key, partition_prefix
 from kvsvr.net import RpcConnection, connect, serve
+from kvsvr.node.cache import RowCache
 from kvsvr.protocol import replica
 from kvsvr.protocol.coordinator import (
     Coordinator,
@@ -205,6 +206,7 @@ class Node:
         self.peers: dict[int, PeerLink] = {}
         self.key_locks = _KeyLocks()
         self.started_at = time.time()
+        self.cache = RowCache(config.cache_bytes_max)
         self.corrupt_rows_seen = 0
         self.requests_served = 0
         self.nursery: trio.Nursery | None = None
@@ -457,27 +459,80 @@ class Node:
         consistency = body.get("consistency", "strong")
         if consistency not in ("strong", "stale", "local"):
             raise InvalidRequest("consistency must be 'strong', 'stale' or 'local'")
+        min_version = body.get("min_version") or 0
+        if not isinstance(min_version, int):
+            raise InvalidRequest("min_version must be an int")
+        max_age_s = body.get("max_age_s")
+        if max_age_s is not None and (
+            not isinstance(max_age_s, int | float) or isinstance(max_age_s, bool) or max_age_s < 0
+        ):
+            raise InvalidRequest("max_age_s must be a number >= 0 or None")
         replicas = self.replicas_of(table, partition_key)
-        if consistency in ("stale", "local") and self.me.index in replicas:
-            min_version = body.get("min_version") or 0
-            if not isinstance(min_version, int):
-                raise InvalidRequest("min_version must be an int")
+        if consistency == "local":
+            if self.me.index not in replicas:
+                raise InvalidRequest(f"node {self.me.id} holds no replica of this key")
             row = self._read_row(table, key)
-            if consistency == "local" or row.version >= min_version:
-                present = row.value is not None and (
-                    row.expires_at_ms is None or row.expires_at_ms > now_ms()
-                )
-                return {"version": row.version, "value": row.value if present else None}
+            return self._answer(row.version, row.value, row.expires_at_ms)
+        if consistency == "stale":
+            answer = self._stale_answer(table, key, replicas, min_version, max_age_s)
+            if answer is not None:
+                return answer
+            self.cache.stats.fallbacks += 1
+        return await self._strong_get(table, key, replicas, body)
+
+    def _stale_answer(
+        self,
+        table: str,
+        key: bytes,
+        replicas: list[int],
+        min_version: int,
+        max_age_s: float | None,
+    ) -> dict[str, Any] | None:
+        """A stale read without a quorum round: the cache (within `max_age_s`),
+        else this node's replica (no age bound given), never older than the
+        version the client's session already saw. None: a strong read is needed."""
+        cached = self.cache.get(table, key)
+        if (
+            cached is not None
+            and cached.version >= min_version
+            and (max_age_s is None or time.monotonic() - cached.cached_at_s <= max_age_s)
+        ):
+            self.cache.stats.stale_served += 1
+            return self._answer(cached.version, cached.value, cached.expires_at_ms)
+        if max_age_s is None and self.me.index in replicas:
+            row = self._read_row(table, key)
+            if row.version >= min_version:
+                self.cache.stats.stale_served += 1
+                return self._answer(row.version, row.value, row.expires_at_ms)
+        return None
+
+    async def _strong_get(
+        self, table: str, key: bytes, replicas: list[int], body: dict[str, Any]
+    ) -> dict[str, Any]:
         known = self.local_version(table, key, replicas)
+        entry = self.cache.get(table, key)
+        cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
         now = now_ms()
         outcome = await self.coordinate(
             table,
             key,
-            lambda: self.coordinator.read(table, key, replicas, now, known),
+            lambda: self.coordinator.read(table, key, replicas, now, known, cached),
             self._timeout(body),
         )
         self._raise_for(outcome)
+        if outcome.cache_hit:
+            self.cache.stats.hits += 1
+        else:
+            self.cache.stats.misses += 1
+            self.cache.put(
+                table, key, outcome.version, outcome.value, outcome.expires_at_ms, time.monotonic()
+            )
         return {"version": outcome.version, "value": outcome.value}
+
+    @staticmethod
+    def _answer(version: int, value: bytes | None, expires_at_ms: int | None) -> dict[str, Any]:
+        present = value is not None and (expires_at_ms is None or expires_at_ms > now_ms())
+        return {"version": version, "value": value if present else None}
 
     async def client_put(self, body: dict[str, Any]) -> dict[str, Any]:
         table, key, partition_key = self._table_and_key(body)
@@ -505,6 +560,7 @@ class Node:
             self._timeout(body),
         )
         self._raise_for(outcome)
+        self.cache.put(table, key, outcome.version, value, expires, time.monotonic())
         return {"version": outcome.version}
 
     async def client_scan(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -573,6 +629,13 @@ class Node:
             },
             "coordinator": asdict(self.coordinator.stats),
             "storage": asdict(self.storage.stats),
+            "cache": {
+                **asdict(self.cache.stats),
+                "hit_ratio": round(self.cache.hit_ratio(), 4),
+                "bytes_used": self.cache.bytes_used,
+                "bytes_max": self.cache.bytes_max,
+                "entries": len(self.cache),
+            },
             "corrupt_rows_seen": self.corrupt_rows_seen,
             "rows_repaired": self.rows_repaired,
             "repairs_failed": self.repairs_failed,

@@ -57,6 +57,8 @@ BACKOFF_MAX_S = 0.2
 LEASES_MAX = 200_000
 
 NodeId: TypeAlias = int
+# (version, value, expires_at_ms) of a chosen version the caller has cached.
+CachedValue: TypeAlias = tuple[int, bytes | None, int | None]
 
 
 def is_positive(reply: Reply) -> bool:
@@ -92,6 +94,7 @@ class Outcome:
     expires_at_ms: int | None = None
     detail: str = ""
     entries: tuple[ScanEntry, ...] = ()
+    cache_hit: bool = False  # a read whose value came from the caller's cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,9 +211,12 @@ class Coordinator:
         replicas: list[NodeId],
         now_ms: int,
         known_version: int = -1,
+        cached: CachedValue | None = None,
     ) -> Generator[Round, Replies, Outcome]:
-        """A linearizable read of one key."""
-        return _read(self, table, key, replicas, now_ms, known_version)
+        """A linearizable read of one key. With `cached` (a version and its value
+        the caller holds), no replica sends that version's value, and the cached
+        value answers only if a majority's latest chosen version is exactly it."""
+        return _read(self, table, key, replicas, now_ms, known_version, cached)
 
     def scan(
         self,
@@ -594,15 +600,21 @@ def _read(
     replicas: list[NodeId],
     now_ms: int,
     known_version: int,
+    cached: CachedValue | None = None,
 ) -> Generator[Round, Replies, Outcome]:
     stats = coordinator.stats
     stats.reads += 1
+    cache_hit = False
     quorum = majority(replicas)
     delay_s = 0.0
     for attempt in range(ATTEMPTS_MAX):
         replies = yield Round(
             {
-                node: Read(table, key, coordinator.known_for(node, known_version))
+                node: Read(
+                    table,
+                    key,
+                    cached[0] if cached is not None else coordinator.known_for(node, known_version),
+                )
                 for node in replicas
             },
             quorum=quorum,
@@ -625,6 +637,10 @@ def _read(
                 delay_s = coordinator.backoff_s(attempt)
                 continue
             chosen = outcome
+        elif not chosen.value_known and cached is not None and cached[0] == chosen.version:
+            # The latest chosen version is the one cached: no value moved.
+            chosen = _Chosen(chosen.version, cached[1], cached[2], True, chosen.op_id, chosen.ops)
+            cache_hit = True
         elif not chosen.value_known:
             fetched = yield from _fetch_value(table, key, chosen, replies)
             if fetched is None:
@@ -656,6 +672,7 @@ def _read(
             version=chosen.version,
             value=chosen.value if present else None,
             expires_at_ms=chosen.expires_at_ms if present else None,
+            cache_hit=cache_hit,
         )
     stats.unavailable += 1
     return Outcome("unavailable", detail="no majority of replicas answered in time")

@@ -1,0 +1,61 @@
+"""The row cache: bounded by bytes, LRU, never older than a quorum for strong reads."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvsvr.node.cache import ENTRY_OVERHEAD_BYTES, RowCache
+from kvsvr.protocol.coordinator import Mutation
+from kvsvr_tests.test_protocol import KEY, Cluster, coordinator
+
+
+def test_cache_evicts_least_recently_used_within_its_bytes() -> None:
+    entry_bytes = 3 + 100 + ENTRY_OVERHEAD_BYTES
+    cache = RowCache(bytes_max=entry_bytes * 3)
+    for name in (b"aaa", b"bbb", b"ccc"):
+        cache.put("t", name, 1, b"x" * 100, None, 0.0)
+    assert cache.get("t", b"aaa") is not None  # now the most recent
+    cache.put("t", b"ddd", 1, b"x" * 100, None, 0.0)
+    assert cache.get("t", b"bbb") is None, "the least recently used went"
+    assert {cache.get("t", k) is not None for k in (b"aaa", b"ccc", b"ddd")} == {True}
+    assert cache.bytes_used <= cache.bytes_max
+    assert cache.stats.evictions == 1
+
+
+def test_cache_never_goes_back_a_version_and_can_be_off() -> None:
+    cache = RowCache(bytes_max=1 << 20)
+    cache.put("t", b"k", 5, b"new", None, 0.0)
+    cache.put("t", b"k", 4, b"old", None, 0.0)
+    entry = cache.get("t", b"k")
+    assert entry is not None and (entry.version, entry.value) == (5, b"new")
+    off = RowCache(bytes_max=0)
+    off.put("t", b"k", 1, b"v", None, 0.0)
+    assert off.get("t", b"k") is None and len(off) == 0
+
+
+@given(
+    versions=st.integers(1, 6),
+    cached_version=st.integers(0, 8),
+    reach=st.sampled_from([{1, 2}, {2, 3}, {1, 3}, {1, 2, 3}]),
+)
+def test_strong_read_is_never_answered_from_an_older_cache_entry(
+    versions: int, cached_version: int, reach: set[int]
+) -> None:
+    """Whatever the coordinator has cached, the read answers the quorum's latest
+    chosen version, and uses the cache only when it holds exactly that version."""
+    cluster = Cluster()
+    writer = coordinator(1)
+    for n in range(1, versions + 1):
+        cluster.run(writer.write("t", KEY, [1, 2, 3], Mutation(b"v%d" % n), 0), {1, 2, 3})
+    cached = (cached_version, b"cached-%d" % cached_version, None)
+    outcome = cluster.run(coordinator(2).read("t", KEY, [1, 2, 3], 0, -1, cached), reach)
+    assert outcome.status == "ok"
+    assert outcome.version == versions
+    if outcome.cache_hit:
+        assert cached_version == versions
+        assert outcome.value == cached[1]
+    else:
+        assert outcome.value == b"v%d" % versions
+    if cached_version == versions:
+        assert outcome.cache_hit, "a matching entry is used, so no value moves"
