@@ -428,18 +428,26 @@ class Node:
                 await trio.sleep(current.delay_s)
             replies = await self.quorum_round(current)
 
-    async def coordinate(self, table: str, key: bytes, make: Any, timeout_s: float) -> Outcome:
-        """Run one operation on a key: one at a time per key, bounded in time."""
-        slot = (table, key)
-        lock = self.key_locks.acquire_ref(slot)
+    async def coordinate(
+        self, table: str, key: bytes, make: Any, timeout_s: float, *, exclusive: bool = True
+    ) -> Outcome:
+        """Run one operation on a key, bounded in time. Writes (`exclusive`) run
+        one at a time per key on this coordinator, so they do not duel with
+        each other for the key's promise; reads need no promise and run freely
+        (serialising them queued every reader of a hot key behind the others)."""
         try:
             with trio.fail_after(timeout_s):
-                async with lock:
+                if not exclusive:
                     return await self.drive(make())
+                slot = (table, key)
+                lock = self.key_locks.acquire_ref(slot)
+                try:
+                    async with lock:
+                        return await self.drive(make())
+                finally:
+                    self.key_locks.release_ref(slot)
         except trio.TooSlowError:
             raise Timeout(f"operation did not finish in {timeout_s:g} s; outcome unknown") from None
-        finally:
-            self.key_locks.release_ref(slot)
 
     def replicas_of(self, table: str, partition_key: bytes) -> list[int]:
         return self.replica_sets[partition_of(table, partition_key, self.config.partitions)]
@@ -518,6 +526,7 @@ class Node:
             key,
             lambda: self.coordinator.read(table, key, replicas, now, known, cached),
             self._timeout(body),
+            exclusive=False,
         )
         self._raise_for(outcome)
         if outcome.cache_hit:
@@ -589,6 +598,7 @@ class Node:
                 table, prefix, prefix + start, end_key, limit, replicas, now
             ),
             self._timeout(body),
+            exclusive=False,
         )
         self._raise_for(outcome)
         items = []
