@@ -1,0 +1,465 @@
+"""What the comparison runs against: local clusters `bench` starts and stops
+itself (kvsvr and etcd, on free ports of 127.0.0.1, data in a temporary
+directory), the targets named on the command line, and CPU accounting.
+
+Target names:
+
+  kvsvr              kvsvr cluster (3 nodes), strong table, strong reads
+  kvsvr-stale        the same cluster, stale reads (one replica, no quorum)
+  kvsvr-eventual     an eventual table: not implemented in the node yet, skipped
+  etcd               etcd cluster (3 members), linearizable reads (etcd's default)
+  etcd-serializable  the same cluster, serializable reads (etcd's stale read)
+  single             kvsvr on one node (replication 1): a ceiling for the cluster
+  lmdb               raw LMDB in one process: the ceiling under every write
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol
+
+from bench.driver import TargetSpec
+
+if TYPE_CHECKING:
+    from kvsvr.config import ClusterConfig
+from bench.etcd import EtcdCluster, die_with_parent, etcd_version, find_etcd
+
+# Time a kvsvr cluster gets to listen and accept a first write.
+KVSVR_START_TIMEOUT_S: Final = 60.0
+KVSVR_STOP_TIMEOUT_S: Final = 15.0
+POLL_S: Final = 0.1
+# Ports tried when looking for a free consecutive range for kvsvr nodes.
+PORT_RANGE: Final = (20_000, 60_000)
+PORT_ATTEMPTS_MAX: Final = 200
+# Partitions per kvsvr cluster: the node's default.
+PARTITIONS: Final = 64
+# LMDB map per kvsvr node: address space, not disk; room for 10^6 keys of 1 KiB
+# on every replica with copy-on-write slack.
+MAP_SIZE_BYTES: Final = 8 << 30
+# Rows per bulk-load transaction: the store's own commit batch bound.
+BULK_LOAD_BATCH: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class TargetInfo:
+    name: str
+    system: str  # "kvsvr" | "etcd" | "lmdb"
+    nodes: int
+    read_consistency: str
+    description: str
+    skip_reason: str = ""
+
+
+TARGETS: Final = {
+    "kvsvr": TargetInfo("kvsvr", "kvsvr", 3, "strong", "kvsvr 3 nodes, strong reads"),
+    "kvsvr-stale": TargetInfo(
+        "kvsvr-stale", "kvsvr", 3, "stale", "kvsvr 3 nodes, stale reads, strong writes"
+    ),
+    "kvsvr-eventual": TargetInfo(
+        "kvsvr-eventual",
+        "kvsvr",
+        3,
+        "stale",
+        "kvsvr 3 nodes, eventual table",
+        skip_reason="eventual tables are not implemented in the node yet "
+        "(it treats every table as strong); a run would only repeat `kvsvr`",
+    ),
+    "etcd": TargetInfo("etcd", "etcd", 3, "strong", "etcd 3 members, linearizable reads"),
+    "etcd-serializable": TargetInfo(
+        "etcd-serializable", "etcd", 3, "stale", "etcd 3 members, serializable reads"
+    ),
+    "single": TargetInfo("single", "kvsvr", 1, "strong", "kvsvr 1 node (replication 1)"),
+    "lmdb": TargetInfo("lmdb", "lmdb", 1, "strong", "raw LMDB, one process, no network"),
+}
+
+
+def parse_targets(text: str) -> list[TargetInfo]:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError("name at least one target")
+    unknown = [name for name in names if name not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown target(s) {unknown}; known: {', '.join(TARGETS)}")
+    return [TARGETS[name] for name in dict.fromkeys(names)]
+
+
+# --- ports -------------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports of 127.0.0.1 that were free a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probe.bind(("127.0.0.1", 0))
+            sockets.append(probe)
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_run(count: int, seed: int | None = None) -> int:
+    """A base port B with B+1 .. B+count all free (kvsvr's local_cluster layout)."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(PORT_ATTEMPTS_MAX):
+        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
+        if all(_port_free(base + offset) for offset in range(1, count + 1)):
+            return base
+    raise RuntimeError(f"found no {count} consecutive free ports on 127.0.0.1")
+
+
+def _port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# --- clusters ------------------------------------------------------------------------------
+
+
+class Cluster(Protocol):
+    system: str
+    node_count: int
+
+    @property
+    def addresses(self) -> list[str]: ...
+    @property
+    def pids(self) -> list[int]: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def spec(self, label: str, read_consistency: str) -> TargetSpec: ...
+
+
+@dataclass
+class KvsvrCluster:
+    """kvsvr nodes as their users run them: `python -m kvsvr node`, one process
+    per node, fsync on (the only mode the node has), a cluster secret."""
+
+    node_count: int
+    directory: Path
+    replication: int = 3
+    partitions: int = PARTITIONS
+    system: str = "kvsvr"
+    secret: str = field(default_factory=lambda: secrets.token_hex(16))
+    # (key_count, value_bytes, seed): rows written straight into every
+    # replica's LMDB before the nodes start (see `bulk_load_kvsvr`).
+    preload: tuple[int, int, int] | None = None
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    base_port: int = 0
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{self.base_port + i}" for i in range(1, self.node_count + 1)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def start(self) -> None:
+        from kvsvr.config import TableConfig, load_config, local_cluster, render_config
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.base_port = free_port_run(self.node_count)
+        config = local_cluster(
+            self.node_count,
+            self.base_port,
+            secret=self.secret,
+            partitions=self.partitions,
+            replication=self.replication,
+            tables=(TableConfig("default"),),
+        )
+        config = dataclasses.replace(config, map_size_bytes=MAP_SIZE_BYTES)
+        config_path = self.directory / "cluster.toml"
+        config_path.write_text(render_config(config, data_dir="."), encoding="utf-8")
+        config_path.chmod(0o600)
+        if self.preload is not None:
+            bulk_load_kvsvr(load_config(config_path), *self.preload)
+        for node in config.nodes:
+            with (self.directory / f"{node.id}.log").open("ab") as log:
+                self.processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "kvsvr", "node", "--config", str(config_path),
+                         "--id", node.id],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # Ctrl-C reaches bench, which stops it in order
+                        preexec_fn=die_with_parent,
+                    )
+                )  # fmt: skip
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + KVSVR_START_TIMEOUT_S
+        ports = [self.base_port + i for i in range(1, self.node_count + 1)]
+        while not all(_port_answers(port) for port in ports):
+            self._check_running()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kvsvr nodes did not listen in time; logs in {self.directory}")
+            time.sleep(POLL_S)
+        # Listening is not serving: wait for a write through a quorum.
+        import kvsvr
+
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            self._check_running()
+            try:
+                with kvsvr.SyncClient(self.addresses, secret=self.secret, timeout_s=5) as client:
+                    for index in range(8):  # keys on several partitions, so every node answers
+                        client.put(f"bench-probe-{index}", b"ok")
+                return
+            except kvsvr.KvsvrError as exc:
+                last_error = exc
+                time.sleep(POLL_S)
+        raise RuntimeError(f"kvsvr cluster did not accept writes: {last_error}")
+
+    def _check_running(self) -> None:
+        for index, process in enumerate(self.processes, start=1):
+            code = process.poll()
+            if code is not None:
+                log = self.directory / f"n{index}.log"
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                raise RuntimeError(f"kvsvr node n{index} exited with code {code}:\n{tail}")
+
+    def stop(self) -> None:
+        running = [p for p in self.processes if p.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + KVSVR_STOP_TIMEOUT_S
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def spec(self, label: str, read_consistency: str) -> TargetSpec:
+        return TargetSpec(
+            kind="kvsvr",
+            label=label,
+            addresses=tuple(self.addresses),
+            secret=self.secret,
+            read_consistency=read_consistency,
+        )
+
+
+@dataclass
+class EtcdDeployment:
+    """An `EtcdCluster` behind the `Cluster` interface."""
+
+    node_count: int
+    directory: Path
+    binary: str = "etcd"
+    system: str = "etcd"
+    cluster: EtcdCluster | None = None
+
+    @property
+    def addresses(self) -> list[str]:
+        assert self.cluster is not None
+        return self.cluster.addresses
+
+    @property
+    def pids(self) -> list[int]:
+        return self.cluster.pids if self.cluster is not None else []
+
+    def start(self) -> None:
+        binary = find_etcd(self.binary)
+        self.cluster = EtcdCluster(
+            self.node_count, self.directory, free_ports(2 * self.node_count), binary
+        )
+        self.cluster.start()
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+    def spec(self, label: str, read_consistency: str) -> TargetSpec:
+        return TargetSpec(
+            kind="etcd",
+            label=label,
+            addresses=tuple(self.addresses),
+            read_consistency=read_consistency,
+        )
+
+
+def bulk_load_kvsvr(config: ClusterConfig, key_count: int, value_bytes: int, seed: int) -> None:
+    """Write keys 0..key_count-1 into every replica's LMDB, as chosen at version 1,
+    with the nodes stopped: what a completed load leaves, minus the promises.
+
+    Only for key counts too large to load through the client in a benchmark's
+    time (the scale figures). A coordinator holds no promise on such a key, so
+    its first write runs full Paxos (prepare + accept), as after a restart;
+    `bench scale` writes its sample keys once before timing puts."""
+    import trio
+
+    from bench.workloads import key_name, value_pool
+    from kvsvr.keys import encode_key
+    from kvsvr.protocol.placement import partition_of
+    from kvsvr.protocol.state import Row
+    from kvsvr.storage import Storage
+
+    values = value_pool(value_bytes, seed)
+    replica_sets = config.replica_sets()
+    table = config.tables[0].name
+
+    def rows_of(node_index: int) -> Iterator[tuple[str, bytes, Row]]:
+        for index in range(key_count):
+            name = key_name(index)
+            if node_index in replica_sets[partition_of(table, name, config.partitions)]:
+                yield table, encode_key(name), Row(version=1, value=values[index % len(values)])
+
+    async def load_node(node_id: str, node_index: int) -> None:
+        directory = config.node_data_dir(node_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        storage = Storage.open(
+            directory, tables=[t.name for t in config.tables], map_size_bytes=config.map_size_bytes
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(storage.run)
+                batch: list[tuple[str, bytes, Row]] = []
+                for row in rows_of(node_index):
+                    batch.append(row)
+                    if len(batch) >= BULK_LOAD_BATCH:
+                        await storage.write(batch)
+                        batch = []
+                await storage.write(batch)
+                await storage.aclose()
+        finally:
+            storage.close()
+
+    for node in config.nodes:
+        trio.run(load_node, node.id, node.index)
+
+
+def make_cluster(
+    system: str,
+    node_count: int,
+    directory: Path,
+    *,
+    replication: int = 3,
+    etcd_binary: str = "etcd",
+) -> Cluster:
+    if system == "kvsvr":
+        return KvsvrCluster(node_count, directory, replication=min(replication, node_count))
+    if system == "etcd":
+        return EtcdDeployment(node_count, directory, binary=etcd_binary)
+    raise ValueError(f"no cluster for system {system!r}")
+
+
+# --- CPU accounting ------------------------------------------------------------------------
+
+_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a live process, all its threads ((0, 0) if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as file:
+            text = file.read()
+    except OSError:
+        return 0.0, 0.0
+    fields = text[text.rindex(")") + 2 :].split()
+    # After "pid (comm) ": state is field 0; utime and stime are fields 11 and 12.
+    return int(fields[11]) / _TICKS_PER_S, int(fields[12]) / _TICKS_PER_S
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
+    with open("/proc/stat", encoding="ascii") as file:
+        values = [int(v) for v in file.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    total = sum(values[:8])  # guest time is already inside user
+    return (total - idle) / _TICKS_PER_S, total / _TICKS_PER_S
+
+
+def cpu_probe(pids: list[int]) -> dict[str, float]:
+    busy, total = machine_cpu_s()
+    times = [process_cpu_s(pid) for pid in pids]
+    user_s = sum(user for user, _ in times)
+    system_s = sum(system for _, system in times)
+    return {
+        "servers_cpu_s": user_s + system_s,
+        "servers_system_s": system_s,
+        "machine_busy_s": busy,
+        "machine_total_s": total,
+        "wall_s": time.monotonic(),
+    }
+
+
+# --- the machine -----------------------------------------------------------------------------
+
+
+def filesystem_of(path: Path) -> str:
+    """The filesystem type holding `path` (from /proc/mounts), e.g. ext4 or tmpfs."""
+    best, kind = "", "unknown"
+    resolved = str(path.resolve())
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                parts = line.split()
+                if len(parts) >= 3 and resolved.startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(work_dir: Path, etcd_binary: str | None) -> dict[str, object]:
+    import kvsvr
+
+    etcd = None
+    if etcd_binary is not None:
+        try:
+            etcd = etcd_version(find_etcd(etcd_binary))
+        except RuntimeError:
+            etcd = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "load_average_at_start": os.getloadavg(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "kvsvr_version": kvsvr.__version__,
+        "etcd_version": etcd,
+        "data_filesystem": filesystem_of(work_dir),
+        "data_dir": str(work_dir),
+    }
