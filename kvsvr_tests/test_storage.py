@@ -320,6 +320,21 @@ async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
         assert storage.staged_ops == 0
 
 
+async def test_lazy_writes_share_the_next_fsync_or_flush_soon(tmp_path: Path) -> None:
+    """A lazy write (a learned commit) rides along with the next urgent write
+    instead of costing its own fsync, and alone is still committed promptly."""
+    async with running(tmp_path / "db") as storage:
+        lazy = storage.stage("users", b"lazy-1", row_of(1), lazy=True)
+        await storage.write([("users", b"urgent", row_of(2))])
+        assert lazy.is_durable
+        assert storage.stats.batches_committed == 1, "one fsync for both"
+        alone = storage.stage("users", b"lazy-2", row_of(3), lazy=True)
+        with trio.fail_after(5):
+            await storage.wait_durable(alone)
+        assert storage.stats.batches_committed == 2
+        assert storage.overlay_size == 0
+
+
 async def test_writes_staged_during_a_commit_form_the_next_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

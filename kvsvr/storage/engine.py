@@ -85,6 +85,10 @@ FILE_MODE = 0o700
 # At most this many ops per commit: bounds the dirty pages LMDB holds in
 # memory and the fsync latency every waiter of one batch pays.
 BATCH_OPS_MAX = 4096
+# A batch holding only lazy writes (see `Storage.stage`) waits at most this long
+# for an urgent write to share its fsync. Short, so learned commits reach the
+# disk soon; long next to an fsync, so that a quiet node does one, not two.
+LAZY_COMMIT_DELAY_S = 0.005
 # At most this many key+value bytes per commit, for the same reason; at disk
 # bandwidths of a few hundred MB/s this keeps one commit in the tens of ms.
 BATCH_BYTES_MAX = 16 << 20
@@ -156,6 +160,9 @@ class _Op:
 class _Batch:
     ops: list[_Op] = field(default_factory=list)
     size_bytes: int = 0
+    # Someone waits on this batch: commit it as soon as the writer is free.
+    # A batch of only lazy writes waits up to LAZY_COMMIT_DELAY_S for company.
+    urgent: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     error: StorageFailed | None = None
 
@@ -218,6 +225,7 @@ class Storage:
         self._staged_bytes = 0
         self._seq = 0
         self._wakeup = trio.Event()  # set when there is work or on close
+        self._lazy_waiting = False  # the writer is holding a lazy-only batch
         self._writer_running = False
         self._writer_stopped = trio.Event()
         self._commit_in_flight = False
@@ -286,12 +294,17 @@ class Storage:
 
     # --- Writes ----------------------------------------------------------------
 
-    def stage(self, table: str, key: bytes, row: Row | None) -> CommitTicket:
+    def stage(self, table: str, key: bytes, row: Row | None, *, lazy: bool = False) -> CommitTicket:
         """Queue `row` (None: delete the key) for the next commit and make it
         visible to reads at once. Trio thread only. Raises `InvalidRequest`
         (bad table, key or row), `StorageOverloaded`, `StorageClosed` or
-        `StorageFailed`; in every case nothing was staged."""
-        return self._stage_all([self._prepare(table, key, row)])
+        `StorageFailed`; in every case nothing was staged.
+
+        A `lazy` write is one nobody waits on (a learned commit, a repair
+        hint): it does not start a commit of its own, but rides along with the
+        next one, or is committed after LAZY_COMMIT_DELAY_S at the latest. A
+        crash may lose it; only use it for writes that can be learned again."""
+        return self._stage_all([self._prepare(table, key, row)], lazy=lazy)
 
     def stage_meta(self, key: bytes, value: bytes | None) -> CommitTicket:
         return self.stage_raw(META_DB, key, value)
@@ -332,14 +345,24 @@ class Storage:
         task_status.started()
         try:
             while True:
+                if not (self._sealed or self._gathering.urgent or self._closing):
+                    if self._failure is not None:
+                        return
+                    self._wakeup = trio.Event()
+                    if self._gathering.ops:
+                        # Only lazy writes: give an urgent one a moment to join.
+                        self._lazy_waiting = True
+                        with trio.move_on_after(LAZY_COMMIT_DELAY_S):
+                            await self._wakeup.wait()
+                        self._lazy_waiting = False
+                    else:
+                        await self._wakeup.wait()
+                        continue
                 batch = self._take_batch()
                 if batch is not None:
                     await self._commit(batch)
                 elif self._closing or self._failure is not None:
                     return
-                else:
-                    self._wakeup = trio.Event()
-                    await self._wakeup.wait()
         finally:
             self._writer_running = False
             self._writer_stopped.set()
@@ -471,7 +494,7 @@ class Storage:
             )
         return op
 
-    def _stage_all(self, ops: list[_Op]) -> CommitTicket:
+    def _stage_all(self, ops: list[_Op], *, lazy: bool = False) -> CommitTicket:
         """Stage `ops` into one batch (so they commit atomically), or none of them."""
         assert ops
         self._check_writable()
@@ -501,7 +524,11 @@ class Storage:
         batch.size_bytes += size_bytes
         self._staged_ops += len(ops)
         self._staged_bytes += size_bytes
-        self._wakeup.set()
+        if not lazy:
+            batch.urgent = True
+            self._wakeup.set()
+        elif not self._lazy_waiting:
+            self._wakeup.set()  # the writer starts its lazy-flush timer
         return CommitTicket(batch)
 
     # --- Internals: committing ----------------------------------------------------
