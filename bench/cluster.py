@@ -1,0 +1,167 @@
+"""Three-node benchmark: strong operations with replication 3.
+
+    python -m bench.cluster [--clients 64] [--processes 2] [--time-s 10 | --ops N]
+                            [--value-bytes 100] [--profile] [--out bench-results]
+
+In one run, on the same disk and with the same load generator:
+
+(a) a 1-node cluster (replication 1): durable puts, the single-node rate
+    (as `bench.single_node` measures it) that the cluster is compared with;
+(b) a 3-node cluster (replication 3, one process per node, all on this
+    machine): strong puts, strong gets, then compare-and-set, each client on
+    its own keys (`--keys-per-client`, written once before) and cas-ing with
+    the version it last saw, so conflicts are rare. Clients route every key to
+    its partition's preferred coordinator, as `kvsvr.connect` does.
+
+Reports ops/s and p50/p99 latency of each, the ratio of cluster puts to
+single-node puts (target >= 40%), p99 (target < 25 ms), the fast-path
+fraction (sum over nodes of `fast_path_writes / writes` from `status`, target
+>= 95%), CPU seconds per 1000 ops of each node, batching per node, and peak
+RSS per node. `--profile` runs py-spy on every node during the measured
+windows. A JSON result goes to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+from bench import common
+
+# Targets from the issue.
+PUT_RATIO_TARGET = 0.40
+P99_TARGET_MS = 25.0
+FAST_PATH_TARGET = 0.95
+NAMES = {"put": "put (strong)", "get": "get (strong)", "cas": "cas (strong)"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cluster", description=__doc__.split("\n\n")[0]
+    )
+    common.add_load_options(parser)
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the 1-node put baseline (and the ratio that needs it)",
+    )
+    return parser
+
+
+def fast_path_fraction(phase: dict[str, Any]) -> float:
+    """Writes that took the fast path, over all writes any node coordinated,
+    over the whole phase (warm-up included: counters read at the window's
+    edges would count operations in flight there on one side only)."""
+    counters = phase["coordinator_whole_phase"].values()
+    writes = sum(each["writes"] for each in counters)
+    fast = sum(each["fast_path_writes"] for each in counters)
+    return fast / writes if writes else math.nan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.name_run(args, "cluster")
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    warning = common.check_scratch(args.scratch)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    with common.terminate_on_sigterm():
+        baseline = None
+        if not args.no_baseline:
+            baseline = common.run_cluster_phases(args, 1, 1, ["put"], "baseline")
+        cluster = common.run_cluster_phases(args, 3, 3, ["put", "get", "cas"], "cluster")
+    phases = cluster["phases"]
+    single_put_rate = baseline["phases"]["put"]["ops_per_s"] if baseline else math.nan
+    targets = {
+        "put_ratio_cluster_over_single": common.target(
+            phases["put"]["ops_per_s"] / single_put_rate, ">=", PUT_RATIO_TARGET
+        ),
+        **{
+            f"{operation}_p99_ms": common.target(phases[operation]["p99_ms"], "<", P99_TARGET_MS)
+            for operation in ("put", "get", "cas")
+        },
+        "put_fast_path_fraction": common.target(
+            fast_path_fraction(phases["put"]), ">=", FAST_PATH_TARGET
+        ),
+        "cas_fast_path_fraction": common.target(
+            fast_path_fraction(phases["cas"]), ">=", FAST_PATH_TARGET
+        ),
+    }
+    result = {
+        "benchmark": "cluster",
+        "args": vars(args),
+        "environment": common.environment(),
+        "single_node_baseline": baseline,
+        "cluster": cluster,
+        "targets": targets,
+    }
+    print_report(args, baseline, cluster, targets)
+    path = common.write_result(args, result)
+    print(f"\nresult: {path}")
+    return 0
+
+
+def print_report(
+    args: argparse.Namespace,
+    baseline: dict[str, Any] | None,
+    cluster: dict[str, Any],
+    targets: dict[str, dict[str, Any]],
+) -> None:
+    common.print_setup("kvsvr 3-node cluster (replication 3, one machine)", args, cluster)
+    extra: list[list[object]] = []
+    if baseline is not None:
+        put = baseline["phases"]["put"]
+        extra.append(
+            [
+                "1-node put (durable)",
+                put["ops"],
+                put["ops_per_s"],
+                put["p50_ms"],
+                put["p99_ms"],
+                sum(put["node_cpu_s"].values()) / put["ops"] * 1000 if put["ops"] else math.nan,
+                sum(put["node_cpu_cores"].values()),
+                sum(put["node_system_cpu_fraction"].values()) * 100,
+                put["load_cpu_cores"],
+                put["other_cpu_cores"],
+                sum(put["errors"].values()),
+            ]
+        )
+    common.print_phases(cluster["phases"], NAMES, extra)
+    common.print_batching(cluster["phases"])
+    rows = [
+        [
+            node,
+            cluster["rss_at_start_mb"][node],
+            max(cluster["rss_peak_sampled_mb"][node], cluster["rss_hwm_mb"][node]),
+        ]
+        for node in cluster["rss_hwm_mb"]
+    ]
+    common.print_table("node memory", ["node", "RSS at start MB", "RSS peak MB"], rows)
+    print("\ntargets")
+    labels = {
+        "put_ratio_cluster_over_single": "strong puts / 1-node puts",
+        "put_p99_ms": "put p99 ms",
+        "get_p99_ms": "get p99 ms",
+        "cas_p99_ms": "cas p99 ms",
+        "put_fast_path_fraction": "fast-path fraction of puts",
+        "cas_fast_path_fraction": "fast-path fraction of cas",
+    }
+    for name, label in labels.items():
+        figure = targets[name]
+        print(f"  {label}: {figure['value']:.3f} (target {figure['rule']}): {figure['verdict']}")
+    # One node's put profile in print (the nodes look alike); all in the JSON.
+    common.print_profiles(cluster["phases"], "cluster", operations=["put"], nodes=["n1"])
+    common.print_cprofiles(cluster, "cluster")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as interrupt:
+        # Everything started was stopped on the way out (`with` blocks).
+        print(
+            f"\ninterrupted ({interrupt or 'Ctrl-C'}); nodes and workers stopped", file=sys.stderr
+        )
+        sys.exit(130)
