@@ -50,20 +50,8 @@ class Cluster:
         self.replicas = list(self.rows)
 
     def deliver(self, node: int, message: Request) -> Reply | None:
-        row = self.rows[node]
-        new_row: Row | None
-        reply: Reply | None
-        match message:
-            case Prepare():
-                new_row, reply = replica.on_prepare(row, message)
-            case Accept():
-                new_row, reply = replica.on_accept(row, message)
-            case Commit():
-                new_row, reply = replica.on_commit(row, message), None
-            case Read():
-                new_row, reply = None, replica.on_read(row, message)
-            case _:
-                raise AssertionError(message)
+        assert not isinstance(message, ScanRequest)
+        new_row, reply = replica.handle(self.rows[node], message)
         if new_row is not None:
             self.rows[node] = new_row
         return reply

@@ -29,7 +29,7 @@ from kvsvr.protocol.coordinator import (
     Round,
     is_positive,
 )
-from kvsvr.protocol.messages import Accept, Commit, Prepare, Read, Reply, Request, ScanRequest
+from kvsvr.protocol.messages import Reply, Request, ScanRequest
 from kvsvr.protocol.state import EMPTY_ROW, Row
 
 # A round the driver has waited this long for is answered with what came in.
@@ -206,20 +206,7 @@ class World:
 
             return ScanReply(entries, len(keys) > message.limit)
         slot = (message.table, message.key)
-        row = node.rows.get(slot, EMPTY_ROW)
-        new_row: Row | None
-        reply: Reply | None
-        match message:
-            case Prepare():
-                new_row, reply = replica.on_prepare(row, message)
-            case Accept():
-                new_row, reply = replica.on_accept(row, message)
-            case Commit():
-                new_row, reply = replica.on_commit(row, message), None
-            case Read():
-                new_row, reply = None, replica.on_read(row, message)
-            case _:
-                raise AssertionError(message)
+        new_row, reply = replica.handle(node.rows.get(slot, EMPTY_ROW), message)
         if new_row is not None:
             node.rows[slot] = new_row
             self._record_chosen(message.table, message.key, new_row)

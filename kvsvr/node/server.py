@@ -312,18 +312,10 @@ class Node:
         self._check_table(message.table)
         if isinstance(message, ScanRequest):
             return self._replica_scan(message)
-        row = self._read_row(message.table, message.key)
-        new_row: Row | None
-        reply: Reply
-        match message:
-            case Prepare():
-                new_row, reply = replica.on_prepare(row, message)
-            case Accept():
-                new_row, reply = replica.on_accept(row, message)
-            case Read():
-                new_row, reply = None, replica.on_read(row, message)
-            case Commit():
-                raise InvalidRequest("commit is a one-way message")
+        if isinstance(message, Commit):
+            raise InvalidRequest("commit is a one-way message")
+        new_row, reply = replica.handle(self._read_row(message.table, message.key), message)
+        assert reply is not None
         if new_row is not None:
             # Durable before the answer leaves: a forgotten promise breaks Paxos.
             ticket = self.storage.stage(message.table, message.key, new_row)

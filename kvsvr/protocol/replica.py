@@ -36,6 +36,7 @@ from kvsvr.protocol.messages import (
     Promise,
     Read,
     ReadReply,
+    Reply,
     ScanEntry,
 )
 from kvsvr.protocol.state import RECENT_OPS_MAX, Accepted, Ballot, Row
@@ -235,3 +236,18 @@ def merge_rows(rows: list[Row]) -> Row:
     )
     check_row(merged)
     return merged
+
+
+def handle(row: Row, message: Prepare | Accept | Commit | Read) -> tuple[Row | None, Reply | None]:
+    """Dispatch one message: the row to persist (None: unchanged) and the reply
+    (None for a commit, which travels one way)."""
+    match message:
+        case Prepare():
+            return on_prepare(row, message)
+        case Accept():
+            return on_accept(row, message)
+        case Commit():
+            return on_commit(row, message), None
+        case Read():
+            return None, on_read(row, message)
+    raise AssertionError(f"not a replica request: {message!r}")
