@@ -523,7 +523,7 @@ async def test_short_run_with_kill_and_partition_is_valid_and_linearizable(
     config = RunConfig(
         out_dir=tmp_path / "run",
         node_count=3,
-        time_s=30.0,
+        time_s=45.0,  # about 60 s in all with start-up, final reads and the check
         nemeses=("kill", "partition"),
         workload="register",
         seed=11,
