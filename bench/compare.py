@@ -329,7 +329,12 @@ class Progress:
 
     def _advance(self, credit_s: float) -> None:
         if self._bar is not None and credit_s > self._credited:
-            self._bar.update(credit_s - self._credited)
+            step = credit_s - self._credited
+            # The plan is an estimate (load phases, stragglers); tqdm drops its
+            # total once n passes it, which breaks the "{total:.0f}" format.
+            if self._bar.n + step >= self._bar.total:
+                self._bar.total = self._bar.n + step + 1
+            self._bar.update(step)
             self._credited = credit_s
 
     def finish_phase(self) -> None:
