@@ -7,6 +7,14 @@
     data_dir = "kvsvr-data"   # each node keeps its LMDB in data_dir/<node id>
     map_size_mb = 1024        # LMDB map size per node
     cache_bytes_max = 67108864  # each node's row cache; 0 turns it off
+    # Catching up (hinted handoff, anti-entropy, tombstones); these are the defaults.
+    hint_bytes_max = 268435456    # hints kept per unreachable target, in bytes ...
+    hints_max = 2000000           # ... and in count; beyond either, anti-entropy catches up
+    hint_ttl_s = 10800            # a hint older than this is dropped (3 h, as Cassandra)
+    hint_replay_rows_per_s = 20000
+    anti_entropy_interval_s = 30  # a digest comparison with every peer this often
+    anti_entropy_rows_per_s = 20000
+    tombstone_grace_s = 14400     # eventual tables: tombstones purged after this (> hint_ttl_s)
 
     [[nodes]]
     id = "n1"
@@ -75,6 +83,13 @@ class ClusterConfig:
     map_size_bytes: int = 1 << 30
     source: Path | None = None
     cache_bytes_max: int = 64 << 20
+    hint_bytes_max: int = 256 << 20
+    hints_max: int = 2_000_000
+    hint_ttl_s: float = 10_800.0
+    hint_replay_rows_per_s: int = 20_000
+    anti_entropy_interval_s: float = 30.0
+    anti_entropy_rows_per_s: int = 20_000
+    tombstone_grace_s: float = 14_400.0
 
     def node(self, node_id: str) -> NodeConfig:
         for node in self.nodes:
@@ -211,6 +226,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         or cache_bytes_max < 0
     ):
         raise ConfigError("cache_bytes_max must be an int >= 0 (0 turns the cache off)")
+    catch_up = _catch_up_settings(cluster)
     map_size_mb = cluster.get("map_size_mb", 1024)
     if not isinstance(map_size_mb, int) or map_size_mb < 1:
         raise ConfigError("map_size_mb must be a positive int")
@@ -224,7 +240,39 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         map_size_bytes=map_size_mb << 20,
         source=source,
         cache_bytes_max=cache_bytes_max,
+        **catch_up,
     )
+
+
+# [cluster] settings of hinted handoff and anti-entropy: name -> (kind, default, minimum).
+_CATCH_UP: dict[str, tuple[type, float, float]] = {
+    "hint_bytes_max": (int, 256 << 20, 0),
+    "hints_max": (int, 2_000_000, 0),
+    "hint_ttl_s": (float, 10_800.0, 1.0),
+    "hint_replay_rows_per_s": (int, 20_000, 1),
+    "anti_entropy_interval_s": (float, 30.0, 0.1),
+    "anti_entropy_rows_per_s": (int, 20_000, 1),
+    "tombstone_grace_s": (float, 14_400.0, 1.0),
+}
+
+
+def _catch_up_settings(cluster: dict[str, Any]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for name, (kind, default, minimum) in _CATCH_UP.items():
+        value = cluster.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number")
+        if kind is int and not isinstance(value, int):
+            raise ConfigError(f"{name} must be an int")
+        if value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum:g}")
+        settings[name] = kind(value)
+    if settings["tombstone_grace_s"] <= settings["hint_ttl_s"]:
+        raise ConfigError(
+            "tombstone_grace_s must be longer than hint_ttl_s, or a late hint could "
+            "bring a purged delete's old value back"
+        )
+    return settings
 
 
 def load_config(path: str | Path) -> ClusterConfig:
@@ -254,6 +302,7 @@ def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
         f"data_dir = {_toml_string(data_dir if data_dir is not None else str(config.data_dir))}",
         f"map_size_mb = {config.map_size_bytes >> 20}",
         f"cache_bytes_max = {config.cache_bytes_max}",
+        *(f"{name} = {getattr(config, name)!r}" for name in _CATCH_UP),
         "",
     ]
     for node in config.nodes:

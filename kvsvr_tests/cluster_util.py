@@ -30,12 +30,14 @@ in the same event loop are not stalled.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -48,7 +50,7 @@ import trio
 
 import kvsvr
 from kvsvr import net
-from kvsvr.config import ClusterConfig, local_cluster, render_config
+from kvsvr.config import ClusterConfig, TableConfig, local_cluster, render_config
 from kvsvr.keys import encode_key, split_user_key
 
 LOOPBACK: Final = "127.0.0.1"
@@ -124,13 +126,25 @@ class LocalCluster:
         secret: str = DEFAULT_SECRET,
         partitions: int = 16,
         replication: int = 3,
+        tables: tuple[TableConfig, ...] = (TableConfig("default"),),
+        settings: dict[str, Any] | None = None,
     ) -> None:
+        """`settings`: other `[cluster]` fields (ClusterConfig's), e.g. hints_max."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.secret = secret
         base = free_base_port(nodes)
-        self.config: ClusterConfig = local_cluster(
-            nodes, base, secret=secret, partitions=partitions, replication=replication
+        self.config: ClusterConfig = dataclasses.replace(
+            local_cluster(
+                nodes,
+                base,
+                secret=secret,
+                partitions=partitions,
+                replication=replication,
+                tables=tables,
+            ),
+            data_dir=self.directory / "data",
+            **(settings or {}),
         )
         self.config_path = self.directory / "cluster.toml"
         self.config_path.write_text(
@@ -217,6 +231,29 @@ class LocalCluster:
             self.start(node_id, wait=False)
         for node_id in started:
             self.wait_ready(node_id)
+        self.wait_replicas_ready(started)
+
+    def wait_replicas_ready(self, node_ids: list[str], timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Wait until each node's replica state is "ready": a node starting
+        with an empty store votes only once its peers told it the cluster is
+        new (or it rebuilt what it lost), which takes a moment after all ports
+        answer."""
+        deadline = time.monotonic() + timeout_s
+        for node_id in node_ids:
+            while True:
+                try:
+                    status = _status_in_thread(self.address(node_id), self.secret)
+                    state = str(status["replication"]["state"])
+                except (kvsvr.KvsvrError, OSError, KeyError, TypeError) as error:
+                    state = f"no answer: {error}"
+                if state == "ready":
+                    break
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"node {node_id} not ready within {timeout_s} s ({state}); log tail:\n"
+                        + self.log_tail(node_id)
+                    )
+                time.sleep(READY_POLL_S)
 
     def wait_ready(self, node_id: str, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait until the node's port accepts connections (it binds only once its
@@ -344,6 +381,36 @@ class LocalCluster:
 
     async def astart_all(self) -> None:
         await trio.to_thread.run_sync(self.start_all)
+
+
+def _status_in_thread(address: str, secret: str | bytes | None) -> dict[str, Any]:
+    """One node's status, asked from a thread of its own (so that it also works
+    when called from inside a trio test, as the blocking methods here are)."""
+    result: dict[str, Any] = {}
+    failure: list[BaseException] = []
+
+    async def ask() -> None:
+        async with node_connection(address, secret, connect_timeout_s=2.0) as node:
+            with trio.fail_after(5.0):
+                reply = await node.connection.request("status", {})
+        assert isinstance(reply, dict)
+        result.update(reply)
+
+    def run() -> None:
+        try:
+            trio.run(ask)
+        except BaseException as error:  # reported to the caller
+            failure.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        error = failure[0]
+        if isinstance(error, trio.TooSlowError):
+            raise kvsvr.Timeout("status took too long")
+        raise error
+    return result
 
 
 @atexit.register

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -256,6 +256,31 @@ class Cluster:
             f"{self.log_tail(node_id)}"
         )
 
+    async def wait_replica_ready(self, node_id: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Wait until the node's replica votes: a node that starts empty does so
+        once its peers told it the cluster is new (or once it rebuilt itself)."""
+        node = self._node(node_id)
+        state = "not asked"
+        with trio.move_on_after(timeout_s):
+            while True:
+                try:
+                    with trio.fail_after(READY_ATTEMPT_TIMEOUT_S):
+                        connection = await net.connect(
+                            node.config.host,
+                            node.config.port,
+                            secret=self.config.secret,
+                            connect_timeout_s=READY_ATTEMPT_TIMEOUT_S,
+                        )
+                        async with connection:
+                            status = await connection.request("status", {})
+                    state = str(status["replication"]["state"])  # type: ignore[index]
+                    if state == "ready":
+                        return
+                except (KvsvrError, trio.TooSlowError, OSError, KeyError, TypeError) as error:
+                    state = str(error)
+                await trio.sleep(READY_POLL_S)
+        raise ClusterError(f"node {node_id} not ready within {timeout_s:g} s ({state})")
+
     async def kill(self, node_id: str) -> None:
         """SIGKILL the node and wait until it is gone."""
         await self._end(node_id, signal.SIGKILL, "kill")
@@ -359,16 +384,20 @@ def cluster_config(
     secret: str | None,
     partitions: int,
     replication: int,
+    tables: tuple[TableConfig, ...] = (TableConfig("default"),),
+    settings: dict[str, Any] | None = None,
 ) -> ClusterConfig:
-    """The config of a loopback cluster on `ports`, peers reached through `network`."""
+    """The config of a loopback cluster on `ports`, peers reached through `network`;
+    `settings` sets other `[cluster]` fields (ClusterConfig's)."""
     base = local_cluster(
         len(ports),
         0,
         secret=secret,
         partitions=partitions,
         replication=replication,
-        tables=(TableConfig("default"),),
+        tables=tables,
     )
+    base = replace(base, **(settings or {}))
     nodes = tuple(
         replace(
             node,
@@ -392,6 +421,8 @@ async def open_cluster(
     partitions: int = 64,
     replication: int = 3,
     rng: random.Random | None = None,
+    tables: tuple[TableConfig, ...] = (TableConfig("default"),),
+    settings: dict[str, Any] | None = None,
 ) -> AsyncIterator[Cluster]:
     """A running cluster in `directory` (created; should be fresh); stopped on exit.
 
@@ -421,6 +452,8 @@ async def open_cluster(
             secret=secret,
             partitions=partitions,
             replication=replication,
+            tables=tables,
+            settings=settings,
         )
         config_path = root / CONFIG_FILE_NAME
         config_path.write_text(render_config(config, data_dir="data"))
@@ -430,6 +463,8 @@ async def open_cluster(
                 await cluster.start(node_id, wait=False)
             for node_id in cluster.node_ids:
                 await cluster.wait_ready(node_id)
+            for node_id in cluster.node_ids:
+                await cluster.wait_replica_ready(node_id)
             yield cluster
         finally:
             with trio.CancelScope(shield=True):

@@ -32,7 +32,9 @@ from kvsvr.errors import (
 )
 from kvsvr.keys import decode_key, partition_prefix
 from kvsvr.net import RpcConnection, connect, serve
+from kvsvr.node import replication
 from kvsvr.node.cache import RowCache
+from kvsvr.node.replication import Replication
 from kvsvr.protocol import replica
 from kvsvr.protocol.coordinator import (
     Coordinator,
@@ -42,6 +44,7 @@ from kvsvr.protocol.coordinator import (
     Round,
     is_positive,
 )
+from kvsvr.protocol.eventual import NODE_INDEX_MAX, HybridClock, eventual_row
 from kvsvr.protocol.messages import (
     Accept,
     AcceptReply,
@@ -214,6 +217,9 @@ class Node:
         self.repair_failed_at: dict[tuple[str, bytes], float] = {}
         self.rows_repaired = 0
         self.repairs_failed = 0
+        assert self.me.index <= NODE_INDEX_MAX, "eventual-table stamps hold 6 bits of node index"
+        self.hlc = HybridClock(self.me.index)
+        self.replication = Replication(self)
 
     def link_peers(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
@@ -228,6 +234,22 @@ class Node:
     def _check_table(self, table: str) -> None:
         if table not in self.tables:
             raise InvalidRequest(f"unknown table {table!r}")
+
+    def _eventual(self, table: str) -> bool:
+        return self.tables[table].consistency == "eventual"
+
+    def read_row_for_peer(self, table: str, key: bytes) -> Row | None:
+        """Our row for a peer that copies it; a corrupt row raises (and is
+        scheduled for rebuilding), never travels."""
+        try:
+            return self.storage.read_row(table, key)
+        except CorruptRow:
+            self.corrupt_rows_seen += 1
+            self._schedule_repair(table, key)
+            raise
+
+    def schedule_repair(self, table: str, key: bytes) -> bool:
+        return self._schedule_repair(table, key)
 
     def _read_row(self, table: str, key: bytes) -> Row:
         try:
@@ -305,15 +327,23 @@ class Node:
             raise InvalidRequest("row takes [table, key]")
         table, key = body
         self._check_table(table)
+        if not self.replication.ready:
+            raise Unavailable("this replica is rebuilding; its rows cannot help yet")
         row = self.storage.read_row(table, key)  # a corrupt row here raises, never travels
         return None if row is None else encode_row(row)
 
     async def replica_request(self, message: Request) -> Reply:
         self._check_table(message.table)
+        if not self.replication.ready and not self._eventual(message.table):
+            # Empty after losing its data: a vote now could contradict one it
+            # made before the loss. The other replicas form the majority.
+            raise Unavailable("this replica is rebuilding and does not vote yet")
         if isinstance(message, ScanRequest):
             return self._replica_scan(message)
         if isinstance(message, Commit):
             raise InvalidRequest("commit is a one-way message")
+        if self._eventual(message.table):
+            raise InvalidRequest(f"table {message.table!r} is eventual: no Paxos rounds")
         new_row, reply = replica.handle(self._read_row(message.table, message.key), message)
         assert reply is not None
         if new_row is not None:
@@ -326,6 +356,8 @@ class Node:
         if not isinstance(message, Commit):
             raise InvalidRequest("only commits travel one way")
         self._check_table(message.table)
+        if self._eventual(message.table) or not self.replication.ready:
+            return
         try:
             row = self._read_row(message.table, message.key)
         except CorruptRow:
@@ -469,6 +501,8 @@ class Node:
         ):
             raise InvalidRequest("max_age_s must be a number >= 0 or None")
         replicas = self.replicas_of(table, partition_key)
+        if self._eventual(table):
+            return await self._eventual_get(table, key, replicas, consistency)
         if consistency == "local":
             if self.me.index not in replicas:
                 raise InvalidRequest(f"node {self.me.id} holds no replica of this key")
@@ -480,6 +514,77 @@ class Node:
                 return answer
             self.cache.stats.fallbacks += 1
         return await self._strong_get(table, key, replicas, body)
+
+    async def _eventual_get(
+        self, table: str, key: bytes, replicas: list[int], consistency: str
+    ) -> dict[str, Any]:
+        """An eventual table is read from one replica: this node's when it holds
+        one, else the first that answers. Every consistency reads the same way."""
+        if self.me.index in replicas:
+            row = self._read_row(table, key)
+            return self._answer(row.version, row.value, row.expires_at_ms)
+        if consistency == "local":
+            raise InvalidRequest(f"node {self.me.id} holds no replica of this key")
+        last_error: KvsvrError = Unavailable("no replica answered")
+        for target in replicas:
+            try:
+                with trio.fail_after(ROUND_TIMEOUT_S):
+                    rows = await self.peers[target].call(replication.ROWS, [table, [key]])
+            except trio.TooSlowError:
+                continue
+            except KvsvrError as error:
+                last_error = error
+                continue
+            if not isinstance(rows, list) or len(rows) != 1:
+                raise FrameError("ae_rows answers one row per key")
+            row = EMPTY_ROW if rows[0] is None else decode_row(rows[0])
+            return self._answer(row.version, row.value, row.expires_at_ms)
+        raise Unavailable(f"no replica of the key answered: {last_error}")
+
+    async def _eventual_put(
+        self,
+        table: str,
+        key: bytes,
+        replicas: list[int],
+        value: bytes | None,
+        expires: int | None,
+        timeout_s: float,
+    ) -> dict[str, Any]:
+        """Stamp the write, send it to every replica, answer after `write_quorum`
+        acknowledged. The others keep receiving it in the background; one that
+        fails gets a hint."""
+        assert self.nursery is not None
+        row = eventual_row(self.hlc.now(now_ms()), value, expires)
+        raw = encode_row(row)
+        need = min(self.tables[table].write_quorum, len(replicas))
+        acked = 0
+        failed = 0
+        enough = trio.Event()
+
+        async def send(target: int) -> None:
+            nonlocal acked, failed
+            try:
+                if target == self.me.index:
+                    await self.replication.apply(table, [(key, raw)], eventual=True)
+                else:
+                    with trio.fail_after(OPERATION_TIMEOUT_S):
+                        await self.peers[target].call(replication.APPLY, [table, [[key, raw]]])
+                acked += 1
+            except (KvsvrError, trio.TooSlowError):
+                failed += 1
+                self.replication.hint(target, table, key, row)
+            if acked >= need or failed > len(replicas) - need:
+                enough.set()
+
+        for target in replicas:
+            self.nursery.start_soon(send, target)
+        with trio.move_on_after(timeout_s):
+            await enough.wait()
+        if acked < need:
+            raise Unavailable(
+                f"{acked} of the {need} replicas needed acknowledged; the write may still land"
+            )
+        return {"version": row.version}
 
     def _stale_answer(
         self,
@@ -552,8 +657,16 @@ class Node:
         ttl_s = self.tables[table].ttl_s
         now = now_ms()
         expires = now + int(ttl_s * 1000) if ttl_s > 0 and value is not None else None
-        mutation = Mutation(value, expires, if_version, if_absent)
         replicas = self.replicas_of(table, partition_key)
+        if self._eventual(table):
+            if if_version is not None or if_absent:
+                raise InvalidRequest(
+                    f"table {table!r} is eventual: conditional writes need a strong table"
+                )
+            return await self._eventual_put(
+                table, key, replicas, value, expires, self._timeout(body)
+            )
+        mutation = Mutation(value, expires, if_version, if_absent)
         known = self.local_version(table, key, replicas)
         outcome = await self.coordinate(
             table,
@@ -563,6 +676,9 @@ class Node:
         )
         self._raise_for(outcome)
         self.cache.put(table, key, outcome.version, value, expires, time.monotonic())
+        self.replication.hint_after_write(
+            table, key, replicas, Row(version=outcome.version, value=value, expires_at_ms=expires)
+        )
         return {"version": outcome.version}
 
     async def client_scan(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -643,6 +759,7 @@ class Node:
             "rows_repaired": self.rows_repaired,
             "repairs_failed": self.repairs_failed,
             "requests_served": self.requests_served,
+            "replication": self.replication.status(),
         }
 
     def _timeout(self, body: dict[str, Any]) -> float:
@@ -680,6 +797,8 @@ class Node:
             return to_wire(await self.replica_request(_as_request(body)))
         if method == ROW_METHOD:
             return self.serve_row(body)
+        if method in replication.METHODS:
+            return await self.replication.handle(method, body)
         if method == "map":
             return self.client_map()
         if method == "status":
@@ -733,6 +852,7 @@ async def serve_node(
             async with trio.open_nursery() as nursery:
                 node.link_peers(nursery)
                 await nursery.start(partial(serve, me.host, me.port, node, secret=config.secret))
+                await nursery.start(node.replication.run)
                 log.info("node %s serving on %s", me.id, me.address)
                 task_status.started(node)
                 await trio.sleep_forever()

@@ -78,6 +78,13 @@ def encode_row(row: Row) -> bytes:
     return _CRC.pack(crc32c.crc32c(body)) + body
 
 
+def crc_ok(data: bytes) -> bool:
+    """Whether stored row bytes pass their crc32c (cheap: no decoding)."""
+    return len(data) > CRC_BYTES and _CRC.unpack_from(data)[0] == crc32c.crc32c(
+        memoryview(data)[CRC_BYTES:]
+    )
+
+
 def decode_row(data: bytes) -> Row:
     """The `Row` stored as `data`; `CorruptRow` if `data` is not exactly one
     intact row of a known format version."""

@@ -50,7 +50,7 @@ import trio
 
 from kvsvr.errors import CorruptRow, InvalidRequest, KvsvrError, Unavailable
 from kvsvr.protocol.state import Row
-from kvsvr.storage.codec import decode_row, encode_row
+from kvsvr.storage.codec import crc_ok, decode_row, encode_row
 
 # --- Limits and LMDB settings ----------------------------------------------
 
@@ -275,6 +275,13 @@ class Storage:
         found = self._scan(self._table_db(table), start, end, limit)
         return [(key, _decode(table, key, data)) for key, data in found]
 
+    def scan_table_raw(
+        self, table: str, start: bytes, end: bytes | None, limit: int
+    ) -> list[tuple[bytes, bytes]]:
+        """Like `scan`, but the rows as stored (crc included), undecoded: for
+        anti-entropy, which ships rows on and must step over a corrupt one."""
+        return self._scan(self._table_db(table), start, end, limit)
+
     def scan_prefix(self, table: str, prefix: bytes, limit: int) -> list[tuple[bytes, Row]]:
         """Rows whose key starts with `prefix`, ascending, at most `limit`."""
         return self.scan(table, prefix, prefix_end(prefix), limit)
@@ -309,9 +316,11 @@ class Storage:
     def stage_meta(self, key: bytes, value: bytes | None) -> CommitTicket:
         return self.stage_raw(META_DB, key, value)
 
-    def stage_raw(self, db_name: bytes, key: bytes, value: bytes | None) -> CommitTicket:
+    def stage_raw(
+        self, db_name: bytes, key: bytes, value: bytes | None, *, lazy: bool = False
+    ) -> CommitTicket:
         """Like `stage`, for raw bytes in `meta` or `hints`."""
-        return self._stage_all([self._prepare_raw(_raw_db(db_name), key, value)])
+        return self._stage_all([self._prepare_raw(_raw_db(db_name), key, value)], lazy=lazy)
 
     async def wait_durable(self, ticket: CommitTicket) -> None:
         """Return once the ticket's write is committed and fsynced; raise
@@ -329,6 +338,19 @@ class Storage:
             await trio.lowlevel.checkpoint()
             return
         ticket = self._stage_all([self._prepare(table, key, row) for table, key, row in ops])
+        await self.wait_durable(ticket)
+
+    async def write_row_bytes(self, table: str, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Like `write`, for rows already encoded (copied as stored from a peer):
+        each must pass its crc32c, or nothing is staged."""
+        if not items:
+            await trio.lowlevel.checkpoint()
+            return
+        db_name = self._table_db(table)
+        for key, data in items:
+            if not crc_ok(data):
+                raise InvalidRequest(f"table {table!r} key {key!r}: row bytes fail their crc")
+        ticket = self._stage_all([self._prepare_raw(db_name, key, data) for key, data in items])
         await self.wait_durable(ticket)
 
     # --- The group-commit writer ----------------------------------------------

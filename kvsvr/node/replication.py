@@ -1,0 +1,1038 @@
+"""Catching up: hinted handoff, anti-entropy, rebuilding a wiped replica, purges.
+
+A write waits for a quorum; the replicas that missed it catch up here, in the
+background, each mechanism bounded:
+
+- **Failure detector.** Every node pings each peer every HEARTBEAT_S and keeps
+  the recent inter-arrival times; a peer is *down* when a ping failed or when
+  the silence since its last answer is improbable (phi accrual, as Cassandra
+  and Akka do, with an exponential model of the arrivals).
+- **Hinted handoff.** When a coordinator finishes a write while a replica of
+  the key is down, it keeps a *hint* in its LMDB `hints` sub-database: the
+  chosen row, keyed by (target, table, key), so a hot key keeps one hint, not
+  one per write. Hints are bounded per target in count and bytes and live at
+  most `hint_ttl_s`; beyond either bound a hint is dropped and counted, and
+  anti-entropy brings that row instead (hint storms bounded, nothing lost).
+  When the detector sees the target back, its hints are replayed in batches
+  at `hint_replay_rows_per_s` at most. Replay is idempotent: a replica keeps a
+  hinted row only when its version is higher than what it holds.
+- **Anti-entropy.** Every `anti_entropy_interval_s` a node compares, with each
+  peer and for each table, 16 bucket digests per shared partition: the xor
+  of crc32c(key, version) of the live rows in the bucket. For the buckets that
+  differ it asks the peer for (key, version) pairs and pulls the rows where
+  the peer is ahead, at `anti_entropy_rows_per_s` at most. Pull only: each
+  node fetches what it lacks, so the pair converges after both passes.
+- **Rebuild.** A node that starts with no `initialized` marker in its `meta`
+  asks its peers whether they hold data. If one does, its own data directory
+  was wiped (or lost): it must not vote on any strong key until its rows are
+  rebuilt from *every* peer it shares partitions with (the rule of
+  `replica.peers_needed_to_rebuild` for three replicas; stricter for more),
+  merging promises and proposals as well as values, or it could forget a
+  promise it made and let two values be chosen. Until then it refuses Paxos
+  messages on strong tables (the other replicas still form a majority).
+- **Purges.** Expired rows: an eventual table's are deleted; a strong table's
+  keep their version and promise but lose the value (the key's version must
+  never go back: see `purge_row`). An eventual table's tombstone is deleted
+  once it is older than `tombstone_grace_s` (longer than the hint lifetime)
+  and every other replica holds it or nothing for the key, so no replica or
+  late hint can bring the deleted value back.
+
+All learned rows travel as stored rows (the codec, crc included) and are
+applied as *chosen* values: for a strong table as a commit with its value
+(`replica.apply_commit`), for an eventual table by last-writer-wins. Both only
+ever raise a key's version, which is what makes every path idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from typing import TYPE_CHECKING, Any, Final
+
+import crc32c
+import msgpack
+import trio
+
+from kvsvr.errors import CorruptRow, FrameError, InvalidRequest, KvsvrError, Unavailable
+from kvsvr.keys import decode_key
+from kvsvr.protocol import replica
+from kvsvr.protocol.eventual import lww_apply, stamp_ms
+from kvsvr.protocol.placement import partition_of
+from kvsvr.protocol.state import EMPTY_ROW, ZERO_BALLOT, Row
+from kvsvr.storage import decode_row, encode_row
+from kvsvr.storage.codec import crc_ok
+from kvsvr.storage.engine import HINTS_DB
+
+if TYPE_CHECKING:
+    from kvsvr.node.server import Node
+
+log = logging.getLogger("kvsvr.replication")
+
+HEARTBEAT_S: Final = 0.5
+HEARTBEAT_TIMEOUT_S: Final = 2.0
+# phi = -log10(P(a silence this long)); 4 means a 1-in-10,000 silence. With
+# 0.5 s pings that is about 4.6 s of silence; a refused connection is faster.
+PHI_DOWN: Final = 4.0
+ARRIVALS_KEPT: Final = 100
+HELLO_RETRY_S: Final = 0.05
+
+HINT_BATCH_ROWS: Final = 512
+HINT_REPLAY_IDLE_S: Final = 1.0  # look for new hints of an up target this often
+HINT_KEY_TABLE_BYTES_MAX: Final = 255
+
+DIGEST_BUCKETS: Final = 16
+DIGEST_CACHE_S: Final = 2.0  # a peer's digest request within this reuses the last scan
+SCAN_PAGE_ROWS: Final = 1000  # rows per step of a local scan (then other tasks run)
+KEYS_PAGE_MAX: Final = 20_000  # (key, version) pairs per answer
+ROWS_PER_REQUEST_MAX: Final = 1000
+AE_FIRST_PASS_AFTER_S: Final = 1.0  # after start: catch up on what hints did not cover
+REBUILD_PAGE_ROWS: Final = 4000
+REBUILD_RETRY_S: Final = 0.5
+RPC_TIMEOUT_S: Final = 10.0
+
+MARKER_KEY: Final = b"initialized"
+
+# RPC methods this module answers (the node's handler dispatches them here).
+PING: Final = "ping"
+APPLY: Final = "apply"
+DIGEST: Final = "ae_digest"
+KEYS: Final = "ae_keys"
+ROWS: Final = "ae_rows"  # rows by key
+PAGE: Final = "ae_page"  # rows by key range: rebuilding
+METHODS: Final = frozenset({PING, APPLY, DIGEST, KEYS, ROWS, PAGE})
+
+_VERSION = struct.Struct(">Q")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# --------------------------------------------------------------------- pure parts
+
+
+class PhiDetector:
+    """Phi accrual failure detection for one peer (clock passed in)."""
+
+    def __init__(self) -> None:
+        self.intervals: deque[float] = deque(maxlen=ARRIVALS_KEPT)
+        self.last_arrival: float | None = None
+        self.failed = True  # until the first answer: unknown counts as down
+        self.transitions_up = 0
+
+    def arrived(self, now: float) -> bool:
+        """Record an answer. True when the peer was down and is now up."""
+        if self.last_arrival is not None:
+            self.intervals.append(now - self.last_arrival)
+        self.last_arrival = now
+        was_down = self.failed
+        self.failed = False
+        if was_down:
+            self.transitions_up += 1
+        return was_down
+
+    def fail(self) -> None:
+        self.failed = True
+
+    def phi(self, now: float) -> float:
+        if self.last_arrival is None:
+            return math.inf
+        mean = sum(self.intervals) / len(self.intervals) if self.intervals else HEARTBEAT_S
+        mean = max(mean, HEARTBEAT_S / 2)
+        return (now - self.last_arrival) / mean * math.log10(math.e)
+
+    def is_up(self, now: float) -> bool:
+        return not self.failed and self.phi(now) < PHI_DOWN
+
+
+def newest_version(row: Row) -> int:
+    """The version a row knows of: chosen, or proposed above it. Digests use
+    it, so that a replica that has not even seen a proposal the others
+    accepted (the last write of a key is committed lazily, on the next write
+    or read) differs from them and gets the key settled."""
+    return row.version if row.accepted is None else max(row.version, row.accepted.version)
+
+
+def row_hash(key: bytes, version: int) -> int:
+    # Not crc32c: a crc is linear, so crc(k1, v) ^ crc(k1, v') equals
+    # crc(k2, v) ^ crc(k2, v') and two keys a version apart in one bucket would
+    # cancel out of the xor. A cryptographic hash has no such structure.
+    return int.from_bytes(blake2b(key + _VERSION.pack(version), digest_size=8).digest(), "big")
+
+
+def bucket_of(key: bytes) -> int:
+    return crc32c.crc32c(key) % DIGEST_BUCKETS
+
+
+def is_dead(row: Row, eventual: bool, now: int, grace_ms: int) -> bool:
+    """A row no replica needs to copy: an eventual row that expired, or an
+    eventual tombstone past its grace. Left out of digests, so replicas that
+    purged it and replicas that have not yet agree."""
+    if not eventual:
+        return False
+    if row.expires_at_ms is not None and row.expires_at_ms <= now:
+        return True
+    return row.value is None and row.version > 0 and stamp_ms(row.version) + grace_ms < now
+
+
+def purge_row(row: Row, eventual: bool, now: int) -> Row | bool | None:
+    """What a background purge does to one row: False, nothing; None, delete
+    it; a Row, rewrite it. Only expiry is decided here (tombstones need the
+    other replicas' word, see `Replication._purge_tombstones`).
+
+    A strong row that expired keeps its version, promise and any proposal and
+    drops only the value: deleting the row would let the key's version start
+    again from 0 on this replica while others remember the higher one, and a
+    new write chosen at a lower version would then lose to the old version on
+    every read that met such a replica. Expiry is part of the chosen value, so
+    every replica drops the same value."""
+    if row.expires_at_ms is None or row.expires_at_ms > now:
+        return False
+    if eventual:
+        return None
+    if row.value is None:
+        return False
+    return Row(
+        version=row.version,
+        value=None,
+        expires_at_ms=None,
+        promised=row.promised,
+        accepted=row.accepted,
+        hlc=row.hlc,
+        op_id=row.op_id,
+        recent_ops=row.recent_ops,
+    )
+
+
+def learn(current: Row, incoming: Row, eventual: bool) -> Row | None:
+    """Fold a chosen row from elsewhere into ours; None when ours is as new."""
+    if incoming.version <= current.version:
+        return None
+    if eventual:
+        return lww_apply(current, incoming)
+    return replica.apply_commit(
+        current,
+        incoming.version,
+        ZERO_BALLOT,
+        True,
+        incoming.value,
+        incoming.expires_at_ms,
+        incoming.op_id,
+    )
+
+
+def hint_key(target: int, table: str, key: bytes) -> bytes:
+    name = table.encode()
+    assert 0 < target < 256 and len(name) <= HINT_KEY_TABLE_BYTES_MAX
+    return bytes((target, len(name))) + name + key
+
+
+def parse_hint_key(raw: bytes) -> tuple[int, str, bytes]:
+    if len(raw) < 2 or len(raw) < 2 + raw[1]:
+        raise CorruptRow(f"bad hint key {raw!r}")
+    return raw[0], raw[2 : 2 + raw[1]].decode(), raw[2 + raw[1] :]
+
+
+# --------------------------------------------------------------------- hints
+
+
+@dataclass
+class TargetHints:
+    count: int = 0
+    bytes: int = 0
+    stored: int = 0
+    replayed: int = 0
+    dropped_full: int = 0
+    dropped_expired: int = 0
+
+
+class HintStore:
+    """The `hints` sub-database with its per-target counts (kept in memory,
+    counted from disk at start)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.storage = node.storage
+        self.targets: dict[int, TargetHints] = {
+            n.index: TargetHints() for n in node.config.nodes if n.index != node.me.index
+        }
+        self.bytes_max = node.config.hint_bytes_max
+        self.count_max = node.config.hints_max
+        self.ttl_ms = int(node.config.hint_ttl_s * 1000)
+        for target, stats in self.targets.items():
+            start = bytes((target,))
+            while True:
+                page = self.storage.scan_raw(HINTS_DB, start, bytes((target + 1,)), 10_000)
+                for hkey, data in page:
+                    stats.count += 1
+                    stats.bytes += len(hkey) + len(data)
+                if len(page) < 10_000:
+                    break
+                start = page[-1][0] + b"\x00"
+
+    def add(self, target: int, table: str, key: bytes, row: Row) -> None:
+        stats = self.targets[target]
+        hkey = hint_key(target, table, key)
+        data: bytes = msgpack.packb([now_ms(), encode_row(row)])
+        old = self.storage.read_raw(HINTS_DB, hkey)
+        if old is not None:
+            try:
+                if _hint_row(old).version >= row.version:
+                    return
+            except (CorruptRow, ValueError):
+                pass
+        grow_bytes = len(hkey) + len(data) - (0 if old is None else len(hkey) + len(old))
+        grow_count = 0 if old is not None else 1
+        if stats.count + grow_count > self.count_max or stats.bytes + grow_bytes > self.bytes_max:
+            stats.dropped_full += 1  # anti-entropy will bring this row instead
+            return
+        self.storage.stage_raw(HINTS_DB, hkey, data, lazy=True)
+        stats.count += grow_count
+        stats.bytes += grow_bytes
+        stats.stored += 1
+
+    def batch(self, target: int, limit: int) -> list[tuple[bytes, bytes]]:
+        return self.storage.scan_raw(HINTS_DB, bytes((target,)), bytes((target + 1,)), limit)
+
+    def remove(self, hkey: bytes, data: bytes) -> None:
+        stats = self.targets[hkey[0]]
+        self.storage.stage_raw(HINTS_DB, hkey, None, lazy=True)
+        stats.count -= 1
+        stats.bytes -= len(hkey) + len(data)
+        assert stats.count >= 0
+
+
+def _hint_row(data: bytes) -> Row:
+    fields = msgpack.unpackb(data, raw=False)
+    if not isinstance(fields, list) or len(fields) != 2 or not isinstance(fields[1], bytes):
+        raise CorruptRow("bad hint")
+    return decode_row(fields[1])
+
+
+# --------------------------------------------------------------------- the service
+
+
+@dataclass
+class AntiEntropyStats:
+    passes: int = 0
+    buckets_differing: int = 0
+    rows_pulled: int = 0
+    keys_settled: int = 0
+    rows_purged: int = 0
+    tombstones_purged: int = 0
+    failures: int = 0
+    # partition -> peer index -> wall time of the last completed comparison
+    last_pass: dict[int, dict[int, float]] = field(default_factory=dict)
+
+
+@dataclass
+class RebuildStats:
+    state: str = "starting"  # starting | joining | rebuilding | ready
+    rows_rebuilt: int = 0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+class Replication:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.storage = node.storage
+        self.config = node.config
+        self.me = node.me.index
+        self.partitions = node.config.partitions
+        self.replica_sets = node.replica_sets
+        self.detectors = {n.index: PhiDetector() for n in node.config.nodes if n.index != self.me}
+        self.hints = HintStore(node)
+        self.replay_wakeups = {index: trio.Event() for index in self.detectors}
+        self._pinged = trio.Event()  # a peer pinged us: while joining, ask again at once
+        self.ae = AntiEntropyStats()
+        self.rebuild = RebuildStats()
+        # Strong tables refuse votes until the node knows it did not lose data.
+        self.ready = False
+        self._digest_cache: dict[str, tuple[float, dict[int, list[int]]]] = {}
+        self._shared: dict[int, list[int]] = {
+            peer: [p for p, s in enumerate(self.replica_sets) if self.me in s and peer in s]
+            for peer in self.detectors
+        }
+        if self.storage.read_meta(MARKER_KEY) is not None:
+            self._become_ready("restarted with its data")
+        elif self._has_strong_rows():
+            # A data directory from before the marker existed: its data is its own.
+            self.storage.stage_meta(MARKER_KEY, b"1")
+            self._become_ready("data present")
+
+    # ------------------------------------------------------------ queries
+
+    def is_up(self, peer: int) -> bool:
+        return self.detectors[peer].is_up(time.monotonic())
+
+    def strong_votes_allowed(self) -> bool:
+        return self.ready
+
+    def _eventual(self, table: str) -> bool:
+        return self.node.tables[table].consistency == "eventual"
+
+    def _has_strong_rows(self) -> bool:
+        return any(
+            self.storage.scan_table_raw(t.name, b"", None, 1)
+            for t in self.config.tables
+            if t.consistency == "strong"
+        )
+
+    def _become_ready(self, why: str) -> None:
+        self.ready = True
+        self.rebuild.state = "ready"
+        log.info("replica ready (%s)", why)
+
+    # ------------------------------------------------------------ write hooks
+
+    def hint_after_write(self, table: str, key: bytes, replicas: Iterable[int], row: Row) -> None:
+        """A write was chosen: keep a hint for each replica that is down."""
+        now = time.monotonic()
+        for target in replicas:
+            if target == self.me:
+                continue
+            # The detector needs a heartbeat or two to notice; a connection the
+            # peer's kernel closed (a crashed process) says so at once.
+            if not self.detectors[target].is_up(now) or not self.node.peers[target].up:
+                self.hints.add(target, table, key, row)
+
+    def hint(self, target: int, table: str, key: bytes, row: Row) -> None:
+        if target != self.me:
+            self.hints.add(target, table, key, row)
+
+    # ------------------------------------------------------------ background tasks
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for peer in self.detectors:
+                nursery.start_soon(self._heartbeat, peer)
+                nursery.start_soon(self._replay_loop, peer)
+            task_status.started()
+            if not self.ready:
+                await self._join()
+            nursery.start_soon(self._anti_entropy_loop)
+
+    async def _heartbeat(self, peer: int) -> None:
+        detector = self.detectors[peer]
+        while True:
+            started = trio.current_time()
+            try:
+                with trio.fail_after(HEARTBEAT_TIMEOUT_S):
+                    await self.node.peers[peer].call(PING, None)
+                if detector.arrived(time.monotonic()):
+                    log.info("peer %d is up", peer)
+                    self.replay_wakeups[peer].set()
+            except (KvsvrError, trio.TooSlowError):
+                if not detector.failed:
+                    log.info("peer %d is down", peer)
+                detector.fail()
+            await trio.sleep_until(started + HEARTBEAT_S)
+
+    async def _replay_loop(self, peer: int) -> None:
+        stats = self.hints.targets[peer]
+        while True:
+            with trio.move_on_after(HINT_REPLAY_IDLE_S):
+                await self.replay_wakeups[peer].wait()
+            self.replay_wakeups[peer] = trio.Event()
+            while stats.count > 0 and self.is_up(peer) and self.ready:
+                try:
+                    replayed = await self._replay_batch(peer)
+                except (KvsvrError, trio.TooSlowError) as error:
+                    log.info("hint replay to %d paused: %s", peer, error)
+                    break
+                if replayed == 0:
+                    break
+                await trio.sleep(replayed / self.config.hint_replay_rows_per_s)
+
+    async def _replay_batch(self, peer: int) -> int:
+        stats = self.hints.targets[peer]
+        batch = self.hints.batch(peer, HINT_BATCH_ROWS)
+        oldest_ms = now_ms() - self.hints.ttl_ms
+        by_table: dict[str, list[tuple[bytes, bytes, bytes]]] = {}
+        for hkey, data in batch:
+            try:
+                _, table, key = parse_hint_key(hkey)
+                created_ms, row_bytes = msgpack.unpackb(data, raw=False)
+            except (CorruptRow, ValueError, TypeError, UnicodeDecodeError):
+                log.error("dropping an unreadable hint %r", hkey)
+                self.hints.remove(hkey, data)
+                continue
+            if created_ms < oldest_ms or table not in self.node.tables:
+                self.hints.remove(hkey, data)
+                stats.dropped_expired += 1
+                continue
+            by_table.setdefault(table, []).append((hkey, key, row_bytes))
+        for table, items in by_table.items():
+            with trio.fail_after(RPC_TIMEOUT_S):
+                await self.node.peers[peer].call(
+                    APPLY, [table, [[key, row_bytes] for _, key, row_bytes in items]]
+                )
+            for hkey, _, row_bytes in items:
+                data_now = self.storage.read_raw(HINTS_DB, hkey)
+                # A newer hint for the key may have replaced the one sent: keep it.
+                if data_now is not None and _hint_carries(data_now, row_bytes):
+                    self.hints.remove(hkey, data_now)
+            stats.replayed += len(items)
+        return len(batch)
+
+    # ------------------------------------------------------------ joining / rebuild
+
+    async def _join(self) -> None:
+        """Decide whether this empty replica is new or lost its data, and in the
+        second case rebuild it before it votes."""
+        self.rebuild.state = "joining"
+        answers: dict[int, bool] = {}
+        while True:
+            for peer in self.detectors:
+                if peer in answers:
+                    continue
+                try:
+                    with trio.fail_after(HEARTBEAT_TIMEOUT_S):
+                        reply = await self.node.peers[peer].call(PING, None)
+                except (KvsvrError, trio.TooSlowError):
+                    continue
+                if isinstance(reply, dict):
+                    answers[peer] = bool(reply.get("has_rows"))
+            if any(answers.values()):
+                break
+            if self._heard_enough(set(answers)):
+                self.storage.stage_meta(MARKER_KEY, b"1")
+                self._become_ready("new cluster: no peer holds data")
+                return
+            with trio.move_on_after(HELLO_RETRY_S * 10):
+                await self._pinged.wait()
+            self._pinged = trio.Event()
+        self.rebuild.state = "rebuilding"
+        self.rebuild.started_at = time.time()
+        log.warning("this replica is empty but its peers hold data: rebuilding before voting")
+        while True:
+            try:
+                await self._rebuild_all()
+                break
+            except (KvsvrError, trio.TooSlowError) as error:
+                log.warning("rebuild paused (%s); retrying", error)
+                await trio.sleep(REBUILD_RETRY_S)
+        await self.storage.wait_durable(self.storage.stage_meta(MARKER_KEY, b"1"))
+        self.rebuild.finished_at = time.time()
+        self._become_ready(f"rebuilt {self.rebuild.rows_rebuilt} rows from peers")
+
+    def _heard_enough(self, heard: set[int]) -> bool:
+        """Every partition this node holds has enough of its other replicas in `heard`."""
+        for replicas in self.replica_sets:
+            if self.me not in replicas:
+                continue
+            others = [r for r in replicas if r != self.me]
+            needed = replica.peers_needed_to_rebuild(len(replicas))
+            if sum(1 for r in others if r in heard) < needed:
+                return False
+        return True
+
+    async def _rebuild_all(self) -> None:
+        sources = [peer for peer, shared in self._shared.items() if shared]
+        for table in self.config.tables:
+            await self._rebuild_table(table.name, sources)
+
+    async def _rebuild_table(self, table: str, sources: list[int]) -> None:
+        eventual = self._eventual(table)
+        start = b""
+        while True:
+            pages: dict[int, tuple[list[tuple[bytes, bytes]], bool]] = {}
+            async with trio.open_nursery() as nursery:
+                for peer in sources:
+                    nursery.start_soon(self._fetch_page, table, peer, start, pages)
+            if len(pages) < len(sources):
+                raise Unavailable(f"heard from {len(pages)} of {len(sources)} peers")
+            boundary: bytes | None = None
+            for items, more in pages.values():
+                if more and items and (boundary is None or items[-1][0] < boundary):
+                    boundary = items[-1][0]
+            by_key: dict[bytes, list[bytes]] = {}
+            for items, _ in pages.values():
+                for key, raw in items:
+                    if boundary is None or key <= boundary:
+                        by_key.setdefault(key, []).append(raw)
+            ops: list[tuple[str, bytes, Row | None]] = []
+            copies: list[tuple[bytes, bytes]] = []
+            for key, raws in sorted(by_key.items()):
+                partition_key, _ = decode_key(key)
+                partition = partition_of(table, partition_key, self.partitions)
+                # Peers that hold the partition and did not send the key have no row.
+                holders = sum(1 for peer in self.replica_sets[partition] if peer in pages)
+                try:
+                    local = self.storage.read_row(table, key)
+                except CorruptRow:
+                    local = None
+                if local is None and len(raws) == holders and all(r == raws[0] for r in raws):
+                    copies.append((key, raws[0]))  # every peer agrees: copy as stored
+                    continue
+                rows = [decode_row(raw) for raw in raws]
+                everything = [*rows, *([EMPTY_ROW] * (holders - len(rows))), local or EMPTY_ROW]
+                merged = (
+                    max(everything, key=lambda r: r.version)
+                    if eventual
+                    else replica.merge_rows(everything)
+                )
+                if merged != local:
+                    ops.append((table, key, merged))
+            for at in range(0, len(copies), 4000):
+                await self.storage.write_row_bytes(table, copies[at : at + 4000])
+            for at in range(0, len(ops), 1000):
+                await self.storage.write(ops[at : at + 1000])
+            ops += [(table, key, None) for key, _ in copies]
+            self.rebuild.rows_rebuilt += len(ops)
+            if boundary is None:
+                return
+            start = boundary + b"\x00"
+
+    async def _fetch_page(
+        self,
+        table: str,
+        peer: int,
+        start: bytes,
+        pages: dict[int, tuple[list[tuple[bytes, bytes]], bool]],
+    ) -> None:
+        with trio.fail_after(RPC_TIMEOUT_S):
+            reply = await self.node.peers[peer].call(
+                PAGE, [table, self.me, start, REBUILD_PAGE_ROWS]
+            )
+        if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], list):
+            raise FrameError("ae_page answers [[[key, row], ...], more]")
+        items = [(bytes(k), bytes(r)) for k, r in reply[0]]
+        pages[peer] = (items, bool(reply[1]))
+
+    # ------------------------------------------------------------ anti-entropy
+
+    async def _anti_entropy_loop(self) -> None:
+        await trio.sleep(AE_FIRST_PASS_AFTER_S)
+        while True:
+            started = trio.current_time()
+            await self.anti_entropy_pass()
+            await trio.sleep_until(started + self.config.anti_entropy_interval_s)
+
+    async def anti_entropy_pass(self) -> None:
+        self.ae.passes += 1
+        self._digest_cache.clear()
+        for table in self.config.tables:
+            try:
+                await self._purge_expired(table.name)
+            except KvsvrError as error:
+                log.warning("purge of %s failed: %s", table.name, error)
+        for peer, shared in self._shared.items():
+            if not shared or not self.is_up(peer):
+                continue
+            try:
+                for table in self.config.tables:
+                    await self._compare_with(peer, table.name, shared)
+                wall = time.time()
+                for partition in shared:
+                    self.ae.last_pass.setdefault(partition, {})[peer] = wall
+            except (KvsvrError, trio.TooSlowError) as error:
+                self.ae.failures += 1
+                log.info("anti-entropy with %d stopped: %s", peer, error)
+        for table in self.config.tables:
+            if table.consistency == "eventual":
+                try:
+                    await self._purge_tombstones(table.name)
+                except (KvsvrError, trio.TooSlowError) as error:
+                    log.info("tombstone purge in %s paused: %s", table.name, error)
+
+    async def _compare_with(self, peer: int, table: str, shared: list[int]) -> None:
+        mine = await self.digests(table)
+        with trio.fail_after(RPC_TIMEOUT_S):
+            theirs = await self.node.peers[peer].call(DIGEST, [table, self.me])
+        if not isinstance(theirs, list):
+            raise FrameError("ae_digest answers [[partition, [digest, ...]], ...]")
+        their_digests: dict[int, list[int]] = {}
+        for item in theirs:
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], int)
+                or not isinstance(item[1], list)
+                or len(item[1]) != DIGEST_BUCKETS
+            ):
+                raise FrameError("ae_digest answers [[partition, [digest, ...]], ...]")
+            their_digests[item[0]] = item[1]
+        empty = [0] * DIGEST_BUCKETS
+        differing: list[list[int]] = []
+        for p in shared:
+            ours, other = mine.get(p, empty), their_digests.get(p, empty)
+            differing += [[p, b] for b in range(DIGEST_BUCKETS) if ours[b] != other[b]]
+        if not differing:
+            return
+        self.ae.buckets_differing += len(differing)
+        start = b""
+        eventual = self._eventual(table)
+        while True:
+            with trio.fail_after(RPC_TIMEOUT_S):
+                reply = await self.node.peers[peer].call(KEYS, [table, self.me, differing, start])
+            if not isinstance(reply, list) or len(reply) != 2:
+                raise FrameError("ae_keys answers [[[key, version], ...], more]")
+            pairs, more = reply
+            wanted: list[bytes] = []
+            for key, version in pairs:
+                try:
+                    local = self.storage.read_row(table, key)
+                except CorruptRow:
+                    continue  # the corrupt-row repair owns it
+                if version > (0 if local is None else newest_version(local)):
+                    wanted.append(key)
+            for at in range(0, len(wanted), ROWS_PER_REQUEST_MAX):
+                chunk = wanted[at : at + ROWS_PER_REQUEST_MAX]
+                with trio.fail_after(RPC_TIMEOUT_S):
+                    rows = await self.node.peers[peer].call(ROWS, [table, chunk])
+                if not isinstance(rows, list) or len(rows) != len(chunk):
+                    raise FrameError("ae_rows answers one row (or None) per key")
+                learned = [
+                    (key, raw) for key, raw in zip(chunk, rows, strict=True) if raw is not None
+                ]
+                await self.apply(table, learned, eventual=eventual)
+                self.ae.rows_pulled += len(learned)
+                if not eventual:
+                    await self._settle_in_flight(table, learned)
+                await trio.sleep(len(chunk) / self.config.anti_entropy_rows_per_s)
+            if not more or not pairs:
+                return
+            start = pairs[-1][0] + b"\x00"
+
+    async def _settle_in_flight(self, table: str, learned: list[tuple[bytes, bytes]]) -> None:
+        """Keys where the peer holds a proposal above anything we know: only a
+        Paxos read can tell whether it was chosen; it settles the proposal on a
+        majority and repairs this replica (it answers its own node first)."""
+        for key, raw in learned:
+            row = decode_row(raw)
+            if row.accepted is None:
+                continue
+            local = self.storage.read_row(table, key) or EMPTY_ROW
+            if row.accepted.version <= local.version:
+                continue
+            try:
+                await self.node.client_get({"table": table, "key": key})
+                self.ae.keys_settled += 1
+            except KvsvrError as error:
+                log.info("anti-entropy could not settle %r yet: %s", key, error)
+
+    async def digests(self, table: str) -> dict[int, list[int]]:
+        """Bucket digests of every partition of `table` this node holds, from one
+        scan taken in steps (other tasks run between steps)."""
+        cached = self._digest_cache.get(table)
+        if cached is not None and time.monotonic() - cached[0] < DIGEST_CACHE_S:
+            return cached[1]
+        eventual = self._eventual(table)
+        grace_ms = int(self.config.tombstone_grace_s * 1000)
+        result: dict[int, list[int]] = {}
+        start = b""
+        while True:
+            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
+            now = now_ms()
+            for key, raw in page:
+                try:
+                    row = decode_row(raw)
+                except CorruptRow:
+                    continue
+                if row.version == 0 or is_dead(row, eventual, now, grace_ms):
+                    continue
+                partition = partition_of(table, decode_key(key)[0], self.partitions)
+                buckets = result.get(partition)
+                if buckets is None:
+                    buckets = result[partition] = [0] * DIGEST_BUCKETS
+                buckets[bucket_of(key)] ^= row_hash(key, newest_version(row))
+            if len(page) < SCAN_PAGE_ROWS:
+                break
+            start = page[-1][0] + b"\x00"
+            await trio.lowlevel.checkpoint()
+        self._digest_cache[table] = (time.monotonic(), result)
+        return result
+
+    async def _purge_expired(self, table: str) -> None:
+        eventual = self._eventual(table)
+        start = b""
+        purged = 0
+        while True:
+            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
+            now = now_ms()
+            for key, raw in page:
+                try:
+                    row = decode_row(raw)
+                except CorruptRow:
+                    continue
+                outcome = purge_row(row, eventual, now)
+                if outcome is False:
+                    continue
+                assert outcome is None or isinstance(outcome, Row)
+                # Read and rewrite with no checkpoint between: no message races it.
+                self.storage.stage(table, key, outcome, lazy=True)
+                purged += 1
+            if len(page) < SCAN_PAGE_ROWS:
+                break
+            start = page[-1][0] + b"\x00"
+            await trio.lowlevel.checkpoint()
+        self.ae.rows_purged += purged
+
+    async def _purge_tombstones(self, table: str) -> None:
+        grace_ms = int(self.config.tombstone_grace_s * 1000)
+        now = now_ms()
+        candidates: list[tuple[bytes, int]] = []
+        start = b""
+        while True:
+            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
+            for key, raw in page:
+                try:
+                    row = decode_row(raw)
+                except CorruptRow:
+                    continue
+                if row.value is None and row.version > 0 and stamp_ms(row.version) + grace_ms < now:
+                    candidates.append((key, row.version))
+            if len(page) < SCAN_PAGE_ROWS:
+                break
+            start = page[-1][0] + b"\x00"
+            await trio.lowlevel.checkpoint()
+        for at in range(0, len(candidates), ROWS_PER_REQUEST_MAX):
+            chunk = candidates[at : at + ROWS_PER_REQUEST_MAX]
+            by_peer: dict[int, list[bytes]] = {}
+            for key, _ in chunk:
+                partition = partition_of(table, decode_key(key)[0], self.partitions)
+                for peer in self.replica_sets[partition]:
+                    if peer != self.me:
+                        by_peer.setdefault(peer, []).append(key)
+            versions = dict(chunk)
+            answered: dict[bytes, int] = {}
+            keep: set[bytes] = set()
+            for peer, keys in by_peer.items():
+                with trio.fail_after(RPC_TIMEOUT_S):
+                    rows = await self.node.peers[peer].call(ROWS, [table, keys])
+                if not isinstance(rows, list) or len(rows) != len(keys):
+                    raise FrameError("ae_rows answers one row (or None) per key")
+                for key, raw in zip(keys, rows, strict=True):
+                    answered[key] = answered.get(key, 0) + 1
+                    other = EMPTY_ROW if raw is None else decode_row(raw)
+                    # Safe only if the peer has this tombstone or nothing at all.
+                    if other.version != 0 and (
+                        other.version != versions[key] or other.value is not None
+                    ):
+                        keep.add(key)
+            for key, version in chunk:
+                partition = partition_of(table, decode_key(key)[0], self.partitions)
+                if key in keep or answered.get(key, 0) < len(self.replica_sets[partition]) - 1:
+                    continue
+                current = self.storage.read_row(table, key)
+                if current is not None and current.version == version and current.value is None:
+                    self.storage.stage(table, key, None, lazy=True)
+                    self.ae.tombstones_purged += 1
+
+    # ------------------------------------------------------------ applying rows
+
+    async def apply(self, table: str, items: list[tuple[bytes, bytes]], *, eventual: bool) -> int:
+        """Learn chosen rows (hints, anti-entropy, eventual writes); durable on return."""
+        now = now_ms()
+        grace_ms = int(self.config.tombstone_grace_s * 1000)
+        ticket = None
+        applied = 0
+        for key, raw in items:
+            incoming = decode_row(raw)
+            if eventual:
+                self.node.hlc.observe(incoming.version)
+                if is_dead(incoming, True, now, grace_ms):
+                    continue
+            try:
+                current = self.storage.read_row(table, key) or EMPTY_ROW
+            except CorruptRow:
+                continue
+            new_row = learn(current, incoming, eventual)
+            if new_row is not None:
+                ticket = self.storage.stage(table, key, new_row)
+                applied += 1
+        if ticket is not None:
+            await self.storage.wait_durable(ticket)
+        return applied
+
+    # ------------------------------------------------------------ serving peers
+
+    async def handle(self, method: str, body: object) -> object:
+        if method == PING:
+            self._pinged.set()
+            return {"ready": self.ready, "has_rows": self._has_strong_rows()}
+        if not isinstance(body, list) or not body or not isinstance(body[0], str):
+            raise InvalidRequest(f"{method} takes [table, ...]")
+        table = body[0]
+        if table not in self.node.tables:
+            raise InvalidRequest(f"unknown table {table!r}")
+        eventual = self._eventual(table)
+        if method == APPLY:
+            items = _pairs(body, 1)
+            if not eventual and not self.ready:
+                raise Unavailable("this replica is rebuilding")
+            return await self.apply(table, items, eventual=eventual)
+        if not self.ready:
+            # Our rows are not to be trusted by anyone until rebuilt.
+            raise Unavailable("this replica is rebuilding")
+        if method == DIGEST:
+            requester = _int(body, 1)
+            mine = await self.digests(table)
+            shared = self._shared.get(requester, [])
+            return [[p, mine[p]] for p in shared if p in mine]
+        if method == KEYS:
+            requester = _int(body, 1)
+            return await self._serve_keys(table, requester, body)
+        if method == ROWS:
+            keys = body[1] if len(body) == 2 else None
+            if not isinstance(keys, list) or len(keys) > ROWS_PER_REQUEST_MAX:
+                raise InvalidRequest(f"ae_rows takes [table, [key]] ({ROWS_PER_REQUEST_MAX} max)")
+            out: list[bytes | None] = []
+            for key in keys:
+                if not isinstance(key, bytes):
+                    raise InvalidRequest("keys must be bytes")
+                row = self.node.read_row_for_peer(table, key)
+                out.append(None if row is None else encode_row(row))
+            return out
+        if method == PAGE:
+            return self._serve_page(table, body)
+        raise InvalidRequest(f"unknown method {method!r}")
+
+    async def _serve_keys(self, table: str, requester: int, body: list[Any]) -> object:
+        if len(body) != 4 or not isinstance(body[2], list) or not isinstance(body[3], bytes):
+            raise InvalidRequest("ae_keys takes [table, requester, [[partition, bucket]], start]")
+        wanted = {(int(p), int(b)) for p, b in body[2]}
+        shared = set(self._shared.get(requester, []))
+        eventual = self._eventual(table)
+        grace_ms = int(self.config.tombstone_grace_s * 1000)
+        pairs: list[list[Any]] = []
+        start = body[3]
+        while len(pairs) < KEYS_PAGE_MAX:
+            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
+            now = now_ms()
+            for key, raw in page:
+                partition = partition_of(table, decode_key(key)[0], self.partitions)
+                if partition not in shared or (partition, bucket_of(key)) not in wanted:
+                    continue
+                try:
+                    row = decode_row(raw)
+                except CorruptRow:
+                    continue
+                if row.version == 0 or is_dead(row, eventual, now, grace_ms):
+                    continue
+                pairs.append([key, newest_version(row)])
+            if len(page) < SCAN_PAGE_ROWS:
+                return [pairs, False]
+            start = page[-1][0] + b"\x00"
+            await trio.lowlevel.checkpoint()
+        return [pairs, True]
+
+    def _serve_page(self, table: str, body: list[Any]) -> object:
+        if (
+            len(body) != 4
+            or not isinstance(body[1], int)
+            or not isinstance(body[2], bytes)
+            or not isinstance(body[3], int)
+            or not 1 <= body[3] <= REBUILD_PAGE_ROWS
+        ):
+            raise InvalidRequest("ae_page takes [table, requester, start, limit]")
+        shared = set(self._shared.get(body[1], []))
+        items: list[list[bytes]] = []
+        start = body[2]
+        scanned = 0
+        while True:
+            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
+            for key, raw in page:
+                scanned += 1
+                partition = partition_of(table, decode_key(key)[0], self.partitions)
+                if partition not in shared:
+                    continue
+                if not crc_ok(raw):
+                    self.node.schedule_repair(table, key)
+                    raise Unavailable(f"row {key!r} is corrupt here and being rebuilt") from None
+                items.append([key, raw])
+                if len(items) >= body[3]:
+                    return [items, True]
+            if len(page) < SCAN_PAGE_ROWS:
+                return [items, False]
+            start = page[-1][0] + b"\x00"
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        wall = time.time()
+        names = {n.index: n.id for n in self.config.nodes}
+        last: dict[str, float | None] = {}
+        for partition, replicas in enumerate(self.replica_sets):
+            if self.me not in replicas:
+                continue
+            peers = self.ae.last_pass.get(partition, {})
+            times = [peers.get(p) for p in replicas if p != self.me]
+            known = [t for t in times if t is not None]
+            last[str(partition)] = (
+                round(wall - min(known), 1) if known and len(known) == len(times) else None
+            )
+        return {
+            "state": self.rebuild.state,
+            "rows_rebuilt": self.rebuild.rows_rebuilt,
+            "peers": {
+                names[p]: {
+                    "up": d.is_up(now),
+                    "phi": None if d.last_arrival is None else round(d.phi(now), 2),
+                }
+                for p, d in self.detectors.items()
+            },
+            "hints": {
+                names[p]: {
+                    "pending": h.count,
+                    "bytes": h.bytes,
+                    "stored": h.stored,
+                    "replayed": h.replayed,
+                    "dropped_full": h.dropped_full,
+                    "dropped_expired": h.dropped_expired,
+                }
+                for p, h in self.hints.targets.items()
+            },
+            "anti_entropy": {
+                "passes": self.ae.passes,
+                "buckets_differing": self.ae.buckets_differing,
+                "rows_pulled": self.ae.rows_pulled,
+                "keys_settled": self.ae.keys_settled,
+                "rows_purged": self.ae.rows_purged,
+                "tombstones_purged": self.ae.tombstones_purged,
+                "failures": self.ae.failures,
+                "last_pass_s_ago": last,
+            },
+        }
+
+
+def _hint_carries(data: bytes, row_bytes: bytes) -> bool:
+    try:
+        return bool(msgpack.unpackb(data, raw=False)[1] == row_bytes)
+    except (ValueError, TypeError, IndexError):
+        return True  # unreadable: drop it
+
+
+def _pairs(body: list[Any], at: int) -> list[tuple[bytes, bytes]]:
+    if len(body) != at + 1 or not isinstance(body[at], list):
+        raise InvalidRequest("expected [table, [[key, row], ...]]")
+    items = body[at]
+    if len(items) > ROWS_PER_REQUEST_MAX:
+        raise InvalidRequest(f"at most {ROWS_PER_REQUEST_MAX} rows per request")
+    out: list[tuple[bytes, bytes]] = []
+    for item in items:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], bytes)
+            or not isinstance(item[1], bytes)
+        ):
+            raise InvalidRequest("rows travel as [key, row bytes]")
+        out.append((item[0], item[1]))
+    return out
+
+
+def _int(body: list[Any], at: int) -> int:
+    if len(body) <= at or not isinstance(body[at], int) or isinstance(body[at], bool):
+        raise InvalidRequest(f"field {at} must be an int")
+    value: int = body[at]
+    return value
