@@ -591,6 +591,8 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
     statuses = await client.cluster_status()
     for line in format_cluster_status(statuses):
         _say(line)
+    for line in format_catch_up(statuses):
+        _say(line)
     return EXIT_OK if all(s.get("health") == "up" for s in statuses) else EXIT_UNAVAILABLE
 
 
@@ -610,6 +612,35 @@ def format_cluster_status(statuses: list[dict[str, Any]]) -> list[str]:
             f"{status.get('zone', '?')!s:<8} {held!s:>5} {preferred!s:>5} {uptime_text:>8}  "
             f"{status.get('health')}"
         )
+    return lines
+
+
+def format_catch_up(statuses: list[dict[str, Any]]) -> list[str]:
+    """Per node: replica state, hints it holds for each peer, and the age of the
+    oldest anti-entropy pass among the partitions it holds."""
+    lines: list[str] = []
+    for status in statuses:
+        replication = status.get("replication")
+        if not isinstance(replication, dict):
+            continue
+        hints = replication.get("hints", {})
+        pending = " ".join(
+            f"{peer}={info.get('pending', '?')}" for peer, info in sorted(hints.items())
+        )
+        ages = replication.get("anti_entropy", {}).get("last_pass_s_ago", {})
+        known = [age for age in ages.values() if isinstance(age, int | float)]
+        if not ages:
+            oldest = "-"
+        elif len(known) < len(ages):
+            oldest = f"not yet for {len(ages) - len(known)} of {len(ages)} partitions"
+        else:
+            oldest = f"{max(known):.0f}s ago"
+        lines.append(
+            f"{status.get('node', '?')!s:<6} {replication.get('state', '?')!s:<10} "
+            f"hints pending: {pending or '-'}  anti-entropy, oldest pass: {oldest}"
+        )
+    if lines:
+        lines.insert(0, "catch-up (--node ID shows per-partition passes and hint counters):")
     return lines
 
 

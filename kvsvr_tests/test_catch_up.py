@@ -5,6 +5,7 @@ a wiped replica, deletes that stay deleted, eventual tables across a partition.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,13 @@ async def test_a_restarted_node_gets_every_write_it_missed_from_hints(tmp_path: 
                 hints = (await client.status(node_id))["replication"]["hints"]["n3"]
                 pending += hints["pending"]
             assert pending >= len(keys), f"only {pending} hints kept for n3"
+            shown = await trio.run_process(
+                [sys.executable, "-m", "kvsvr", "status", "--config", str(cluster.config_path)],
+                capture_stdout=True,
+                check=False,
+            )
+            text = shown.stdout.decode()
+            assert "hints pending:" in text and "n3=0" not in text.split("catch-up")[1], text
             await cluster.astart("n3")
             took = await _wait_until_holds(cluster, "n3", {k: k.encode() for k in keys}, 30.0)
             print(f"n3 held all {len(keys)} keys {took:.1f} s after its restart")
@@ -166,7 +174,7 @@ async def test_a_wiped_node_is_rebuilt_from_its_peers(tmp_path: Path) -> None:
         expected = await trio.to_thread.run_sync(_bulk_load, cluster, 100_000)
         cluster.start_all()
         async with cluster.connect() as client:
-            await client.put("r000007", b"changed")  # a version 2 somewhere
+            await _write_all(client, ["r000007"], lambda _: b"changed")  # a version 2
             expected["r000007"] = b"changed"
         await cluster.astop("n2")
         shutil.rmtree(cluster.config.node_data_dir("n2"))
@@ -287,3 +295,48 @@ async def test_eventual_writes_on_both_sides_of_a_partition_converge(tmp_path: P
             await trio.sleep(0.5)
         values = {views["n1"][k] for k in keys}
         assert values <= {b"n1 round 2", b"n2 round 2"}, values
+
+
+async def test_expired_rows_and_old_tombstones_are_purged_and_stay_gone(tmp_path: Path) -> None:
+    """Rows of tables with a TTL read as absent once expired and are purged in
+    the background (a strong row keeps its version, an eventual one goes); an
+    eventual tombstone older than its grace is deleted once every replica has
+    it, and the deleted key does not come back."""
+    tables = (
+        TableConfig("default", ttl_s=1.0),
+        TableConfig("feed", consistency="eventual", ttl_s=1.0),
+        TableConfig("log", consistency="eventual"),
+    )
+    settings = {"anti_entropy_interval_s": 0.5, "hint_ttl_s": 1.0, "tombstone_grace_s": 2.0}
+    with LocalCluster(tmp_path, nodes=3, tables=tables, settings=settings) as cluster:
+        cluster.start_all()
+        keys = [f"t{i:03d}" for i in range(50)]
+        async with cluster.connect() as client:
+            await _write_all(client, keys, lambda k: k.encode(), table="default")
+            await _write_all(client, keys, lambda k: k.encode(), table="feed")
+            await _write_all(client, keys, lambda k: k.encode(), table="log")
+            for key in keys[:25]:
+                await client.delete(key, table="log")
+            deadline = time.monotonic() + 60.0
+            while True:
+                purged = tombstones = 0
+                for node_id in cluster.ids:
+                    ae = (await client.status(node_id))["replication"]["anti_entropy"]
+                    purged += ae["rows_purged"]
+                    tombstones += ae["tombstones_purged"]
+                # 50 strong + 50 eventual expired rows and 25 tombstones, on 3 replicas.
+                if purged >= 3 * 100 and tombstones >= 3 * 25:
+                    break
+                assert time.monotonic() < deadline, (purged, tombstones)
+                await trio.sleep(0.5)
+            for table in ("default", "feed"):
+                for node_id in cluster.ids:
+                    local = await _local_rows(cluster, node_id, keys, table=table)
+                    assert all(v is None for v in local.values())
+                assert await client.get(keys[0], table=table) is None
+            await trio.sleep(2.0)  # more passes: nothing comes back
+            for node_id in cluster.ids:
+                local = await _local_rows(cluster, node_id, keys, table="log")
+                assert [k for k in keys if local[k] is not None] == keys[25:]
+            # A strong expired key keeps its version: a new write goes above it.
+            assert await client.put(keys[0], b"again", table="default") == 2

@@ -150,6 +150,34 @@ def test_status_is_printed_as_indented_lines() -> None:
     ]
 
 
+def test_catch_up_lines_show_hints_and_the_oldest_anti_entropy_pass() -> None:
+    statuses = [
+        {
+            "node": "n1",
+            "replication": {
+                "state": "ready",
+                "hints": {"n2": {"pending": 0}, "n3": {"pending": 1234}},
+                "anti_entropy": {"last_pass_s_ago": {"0": 3.0, "1": 12.4}},
+            },
+        },
+        {
+            "node": "n3",
+            "replication": {
+                "state": "rebuilding",
+                "hints": {},
+                "anti_entropy": {"last_pass_s_ago": {"0": None, "1": 2.0}},
+            },
+        },
+        {"node": "n2", "health": "unreachable"},
+    ]
+    lines = cli.format_catch_up(statuses)
+    assert lines[1].split() == (
+        "n1 ready hints pending: n2=0 n3=1234 anti-entropy, oldest pass: 12s ago".split()
+    )
+    assert "rebuilding" in lines[2] and "not yet for 1 of 2 partitions" in lines[2]
+    assert len(lines) == 3
+
+
 # --- `up`'s config -----------------------------------------------------------------------
 
 

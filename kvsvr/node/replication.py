@@ -89,12 +89,17 @@ HINT_KEY_TABLE_BYTES_MAX: Final = 255
 DIGEST_BUCKETS: Final = 16
 DIGEST_CACHE_S: Final = 2.0  # a peer's digest request within this reuses the last scan
 SCAN_PAGE_ROWS: Final = 1000  # rows per step of a local scan (then other tasks run)
+# Rows per second a digest scan reads: about a tenth of a core for decoding and
+# hashing, so 1,000,000 rows take 20 s per pass.
+SCAN_ROWS_PER_S: Final = 50_000
+TOMBSTONES_PER_PASS_MAX: Final = 100_000
 KEYS_PAGE_MAX: Final = 20_000  # (key, version) pairs per answer
 ROWS_PER_REQUEST_MAX: Final = 1000
 AE_FIRST_PASS_AFTER_S: Final = 1.0  # after start: catch up on what hints did not cover
 REBUILD_PAGE_ROWS: Final = 4000
 REBUILD_RETRY_S: Final = 0.5
 RPC_TIMEOUT_S: Final = 10.0
+DIGEST_TIMEOUT_S: Final = 120.0  # a peer may have to scan its table first
 
 MARKER_KEY: Final = b"initialized"
 
@@ -356,6 +361,7 @@ class Replication:
         # Strong tables refuse votes until the node knows it did not lose data.
         self.ready = False
         self._digest_cache: dict[str, tuple[float, dict[int, list[int]]]] = {}
+        self._tombstones: dict[str, list[tuple[bytes, int]]] = {}
         self._shared: dict[int, list[int]] = {
             peer: [p for p, s in enumerate(self.replica_sets) if self.me in s and peer in s]
             for peer in self.detectors
@@ -621,9 +627,9 @@ class Replication:
         self._digest_cache.clear()
         for table in self.config.tables:
             try:
-                await self._purge_expired(table.name)
+                await self.digests(table.name, purge=True)
             except KvsvrError as error:
-                log.warning("purge of %s failed: %s", table.name, error)
+                log.warning("anti-entropy scan of %s failed: %s", table.name, error)
         for peer, shared in self._shared.items():
             if not shared or not self.is_up(peer):
                 continue
@@ -645,7 +651,7 @@ class Replication:
 
     async def _compare_with(self, peer: int, table: str, shared: list[int]) -> None:
         mine = await self.digests(table)
-        with trio.fail_after(RPC_TIMEOUT_S):
+        with trio.fail_after(DIGEST_TIMEOUT_S):
             theirs = await self.node.peers[peer].call(DIGEST, [table, self.me])
         if not isinstance(theirs, list):
             raise FrameError("ae_digest answers [[partition, [digest, ...]], ...]")
@@ -719,15 +725,24 @@ class Replication:
             except KvsvrError as error:
                 log.info("anti-entropy could not settle %r yet: %s", key, error)
 
-    async def digests(self, table: str) -> dict[int, list[int]]:
+    async def digests(self, table: str, *, purge: bool = False) -> dict[int, list[int]]:
         """Bucket digests of every partition of `table` this node holds, from one
-        scan taken in steps (other tasks run between steps)."""
+        scan taken in steps of SCAN_PAGE_ROWS at `anti_entropy_scan_rows_per_s`
+        at most, so a pass over a large table costs a bounded share of a core.
+        With `purge` (this node's own pass), expired rows found on the way are
+        purged. A peer asking for digests gets those of our last pass while
+        they are younger than the pass interval: a digest a little old only
+        delays a difference to the next pass."""
         cached = self._digest_cache.get(table)
-        if cached is not None and time.monotonic() - cached[0] < DIGEST_CACHE_S:
+        fresh_s = (
+            DIGEST_CACHE_S if purge else max(DIGEST_CACHE_S, self.config.anti_entropy_interval_s)
+        )
+        if cached is not None and time.monotonic() - cached[0] < fresh_s:
             return cached[1]
         eventual = self._eventual(table)
         grace_ms = int(self.config.tombstone_grace_s * 1000)
         result: dict[int, list[int]] = {}
+        candidates: list[tuple[bytes, int]] = []
         start = b""
         while True:
             page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
@@ -737,6 +752,18 @@ class Replication:
                     row = decode_row(raw)
                 except CorruptRow:
                     continue
+                if purge and eventual and row.value is None and is_dead(row, True, now, grace_ms):
+                    candidates.append((key, row.version))  # a tombstone past its grace
+                if purge:
+                    outcome = purge_row(row, eventual, now)
+                    if outcome is not False:
+                        assert outcome is None or isinstance(outcome, Row)
+                        # Read and rewrite with no checkpoint between: no message races it.
+                        self.storage.stage(table, key, outcome, lazy=True)
+                        self.ae.rows_purged += 1
+                        if outcome is None:
+                            continue
+                        row = outcome
                 if row.version == 0 or is_dead(row, eventual, now, grace_ms):
                     continue
                 partition = partition_of(table, decode_key(key)[0], self.partitions)
@@ -747,53 +774,16 @@ class Replication:
             if len(page) < SCAN_PAGE_ROWS:
                 break
             start = page[-1][0] + b"\x00"
-            await trio.lowlevel.checkpoint()
+            await trio.sleep(len(page) / SCAN_ROWS_PER_S)
         self._digest_cache[table] = (time.monotonic(), result)
+        if purge:
+            self._tombstones[table] = candidates[:TOMBSTONES_PER_PASS_MAX]
         return result
 
-    async def _purge_expired(self, table: str) -> None:
-        eventual = self._eventual(table)
-        start = b""
-        purged = 0
-        while True:
-            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
-            now = now_ms()
-            for key, raw in page:
-                try:
-                    row = decode_row(raw)
-                except CorruptRow:
-                    continue
-                outcome = purge_row(row, eventual, now)
-                if outcome is False:
-                    continue
-                assert outcome is None or isinstance(outcome, Row)
-                # Read and rewrite with no checkpoint between: no message races it.
-                self.storage.stage(table, key, outcome, lazy=True)
-                purged += 1
-            if len(page) < SCAN_PAGE_ROWS:
-                break
-            start = page[-1][0] + b"\x00"
-            await trio.lowlevel.checkpoint()
-        self.ae.rows_purged += purged
-
     async def _purge_tombstones(self, table: str) -> None:
-        grace_ms = int(self.config.tombstone_grace_s * 1000)
-        now = now_ms()
-        candidates: list[tuple[bytes, int]] = []
-        start = b""
-        while True:
-            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
-            for key, raw in page:
-                try:
-                    row = decode_row(raw)
-                except CorruptRow:
-                    continue
-                if row.value is None and row.version > 0 and stamp_ms(row.version) + grace_ms < now:
-                    candidates.append((key, row.version))
-            if len(page) < SCAN_PAGE_ROWS:
-                break
-            start = page[-1][0] + b"\x00"
-            await trio.lowlevel.checkpoint()
+        """Delete the tombstones past their grace that the last scan found,
+        once every other replica holds the same tombstone or nothing."""
+        candidates = self._tombstones.pop(table, [])
         for at in range(0, len(candidates), ROWS_PER_REQUEST_MAX):
             chunk = candidates[at : at + ROWS_PER_REQUEST_MAX]
             by_peer: dict[int, list[bytes]] = {}
