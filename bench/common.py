@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import json
 import math
@@ -205,6 +206,17 @@ class NodeProcess:
         return f"{self.host}:{self.port}"
 
 
+def _spawn(command: list[str], log_path: Path, mode: str) -> subprocess.Popen[bytes]:
+    with log_path.open(mode) as log:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+
+
 class LocalCluster:
     """`node_count` node processes on 127.0.0.1 with `replication`, in a fresh
     scratch directory under `scratch_root` (on the disk being measured: not a
@@ -221,7 +233,10 @@ class LocalCluster:
         secret: str = BENCH_SECRET,
         keep: bool = False,
         cprofile_dir: Path | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
+        self.settings = settings or {}
+        self.commands: dict[str, list[str]] = {}
         self.node_count = node_count
         self.cprofile_dir = cprofile_dir
         self.cprofile_paths: dict[str, Path] = {}
@@ -258,8 +273,11 @@ class LocalCluster:
 
     def _start(self) -> None:
         base_port = free_base_port(self.node_count)
-        config = local_cluster(
-            self.node_count, base_port, secret=self.secret, replication=self.replication
+        config = dataclasses.replace(
+            local_cluster(
+                self.node_count, base_port, secret=self.secret, replication=self.replication
+            ),
+            **self.settings,
         )
         config_path = self.directory / "cluster.toml"
         config_path.write_text(
@@ -285,16 +303,15 @@ class LocalCluster:
                 "--id",
                 node_config.id,
             ]
-            with log_path.open("wb") as log:
-                process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
-                )
+            self.commands[node_config.id] = command
             self.nodes.append(
-                NodeProcess(node_config.id, node_config.host, node_config.port, log_path, process)
+                NodeProcess(
+                    node_config.id,
+                    node_config.host,
+                    node_config.port,
+                    log_path,
+                    _spawn(command, log_path, "wb"),
+                )
             )
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         waiting = list(self.nodes)
@@ -312,6 +329,43 @@ class LocalCluster:
                 raise RuntimeError(f"{names} did not listen within {NODE_START_TIMEOUT_S} s")
             if waiting:
                 time.sleep(0.05)
+        self.wait_replicas_ready()
+
+    def wait_replicas_ready(self) -> None:
+        """Wait until every node's replica votes (a node starting empty asks its
+        peers whether the cluster is new first)."""
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        with kvsvr.SyncClient(self.addresses, secret=self.secret, timeout_s=5.0) as client:
+            for node in self.nodes:
+                while True:
+                    try:
+                        if client.status(node.id)["replication"]["state"] == "ready":
+                            break
+                    except kvsvr.KvsvrError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"node {node.id} not ready:\n{self.log_tail(node)}")
+                    time.sleep(0.05)
+
+    def node(self, node_id: str) -> NodeProcess:
+        return next(node for node in self.nodes if node.id == node_id)
+
+    def kill(self, node_id: str) -> None:
+        """SIGKILL one node (a crash)."""
+        process = self.node(node_id).process
+        process.kill()
+        process.wait()
+
+    def restart(self, node_id: str) -> None:
+        """Start a killed node again on its data; returns once its port answers."""
+        node = self.node(node_id)
+        assert node.process.poll() is not None, f"{node_id} is running"
+        node.process = _spawn(self.commands[node_id], node.log_path, "ab")
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while not _port_answers(node.host, node.port):
+            if node.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{node_id} did not restart:\n{self.log_tail(node)}")
+            time.sleep(0.05)
 
     def log_tail(self, node: NodeProcess, lines: int = 20) -> str:
         try:

@@ -60,6 +60,7 @@ from kvsvr.client import (
     DEFAULT_TABLE,
     SCAN_LIMIT_MAX,
     Client,
+    SyncClient,
     connect,
     format_address,
     parse_address,
@@ -773,6 +774,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 if not stop.requested:
                     _start_node(node, config_path)
             code = _wait_until_listening(nodes, stop)
+            if code is None:
+                code = _wait_until_voting(nodes, config, stop)
             if code is not None:
                 return code
             _print_banner(nodes, config, config_path, directory)
@@ -861,6 +864,32 @@ def _start_node(node: _LocalNode, config_path: Path) -> None:
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
     node.pid_path.write_text(f"{node.process.pid}\n", encoding="utf-8")
+
+
+def _wait_until_voting(
+    nodes: list[_LocalNode], config: ClusterConfig, stop: _StopRequest
+) -> int | None:
+    """None once every node's replica votes: a node that starts empty first asks
+    its peers whether the cluster is new (or rebuilds what it lost)."""
+    deadline = time.monotonic() + NODE_START_TIMEOUT_S
+    addresses = [node.address for node in nodes]
+    with SyncClient(addresses, secret=config.secret, timeout_s=5.0) as client:
+        for node in nodes:
+            while True:
+                if stop.requested:
+                    return EXIT_OK
+                try:
+                    state = client.status(node.id)["replication"]["state"]
+                except KvsvrError as error:
+                    state = f"no answer ({error})"
+                if state == "ready":
+                    break
+                if time.monotonic() > deadline:
+                    _complain(f"node {node.id} not ready after {NODE_START_TIMEOUT_S} s: {state}")
+                    _print_log_tail(node)
+                    return EXIT_ERROR
+                time.sleep(SUPERVISE_POLL_S)
+    return None
 
 
 def _wait_until_listening(nodes: list[_LocalNode], stop: _StopRequest) -> int | None:

@@ -130,11 +130,13 @@ class PhiDetector:
         self.last_arrival: float | None = None
         self.failed = True  # until the first answer: unknown counts as down
         self.transitions_up = 0
+        self.mean = HEARTBEAT_S  # of the intervals kept (updated on each arrival)
 
     def arrived(self, now: float) -> bool:
         """Record an answer. True when the peer was down and is now up."""
         if self.last_arrival is not None:
             self.intervals.append(now - self.last_arrival)
+            self.mean = max(sum(self.intervals) / len(self.intervals), HEARTBEAT_S / 2)
         self.last_arrival = now
         was_down = self.failed
         self.failed = False
@@ -148,9 +150,7 @@ class PhiDetector:
     def phi(self, now: float) -> float:
         if self.last_arrival is None:
             return math.inf
-        mean = sum(self.intervals) / len(self.intervals) if self.intervals else HEARTBEAT_S
-        mean = max(mean, HEARTBEAT_S / 2)
-        return (now - self.last_arrival) / mean * math.log10(math.e)
+        return (now - self.last_arrival) / self.mean * math.log10(math.e)
 
     def is_up(self, now: float) -> bool:
         return not self.failed and self.phi(now) < PHI_DOWN
@@ -535,7 +535,8 @@ class Replication:
             if self.me not in replicas:
                 continue
             others = [r for r in replicas if r != self.me]
-            needed = replica.peers_needed_to_rebuild(len(replicas))
+            # With one replica there is nobody to ask (and nothing to rebuild from).
+            needed = min(replica.peers_needed_to_rebuild(len(replicas)), len(others))
             if sum(1 for r in others if r in heard) < needed:
                 return False
         return True
