@@ -87,8 +87,16 @@ def local_app_cluster(
             with (directory / f"{node.id}.log").open("wb") as log:
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "kvsvr", "node", "--config", str(config_path),
-                         "--id", node.id],
+                        [
+                            sys.executable,
+                            "-m",
+                            "kvsvr",
+                            "node",
+                            "--config",
+                            str(config_path),
+                            "--id",
+                            node.id,
+                        ],
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,

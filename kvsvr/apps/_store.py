@@ -194,7 +194,7 @@ async def advance_counter(client: Client, key: UserKey, *, table: str, step: int
             continue  # another writer advanced it first; read and try again
         except Unavailable:
             await _backoff(min(attempt, 5))
-            latest, latest_nonce = _decode_counter(await get_retrying(client, key, table=table))
+            _, latest_nonce = _decode_counter(await get_retrying(client, key, table=table))
             if latest_nonce == nonce:
                 # Our attempt won (and possibly later writers built on it).
                 # The counter only grows by whole steps, so ours ended at `new`.

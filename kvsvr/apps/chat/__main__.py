@@ -51,15 +51,19 @@ async def demo(addresses: list[str], secret: str | None, timeout_s: float) -> in
         say(f"alice sent 2 messages (and retried the first: stored once, at seq {again})")
         fetched = await chat.fetch(bob, 0)
         for message in fetched.messages:
-            say(f"  bob <- #{message.seq} from {message.sender} [{message.kind}] "
-                f"{message.body.decode()!r}")
+            say(
+                f"  bob <- #{message.seq} from {message.sender} [{message.kind}] "
+                f"{message.body.decode()!r}"
+            )
         bob_cursor = fetched.cursor
 
         say("\n-- long-poll: bob waits, alice sends --")
         async with trio.open_nursery() as nursery:
+
             async def later() -> None:
                 await trio.sleep(0.3)
                 await chat.send(alice, bob, "see you at 7")
+
             nursery.start_soon(later)
             started = trio.current_time()
             woke = await chat.wait_for_messages(bob, bob_cursor, timeout_s=10)
@@ -71,13 +75,16 @@ async def demo(addresses: list[str], secret: str | None, timeout_s: float) -> in
         say(f"group {group}: members {await chat.group_members(group)}")
         for text in ("who's in?", "me", "me too"):
             await chat.send_group(alice, group, text)
-        say(f"3 group messages stored once; bob's unread count: {await chat.unread_count(bob, group)}")
+        unread = await chat.unread_count(bob, group)
+        say(f"3 group messages stored once; bob's unread count: {unread}")
         delivered = await chat.deliver_pending(group)
         say(f"delivery pass: {delivered} messages fanned out to members' mailboxes")
         fetched = await chat.fetch(bob, woke.cursor)
         for message in fetched.messages:
-            say(f"  bob <- #{message.seq} group {message.group}/{message.group_seq} "
-                f"{message.body.decode()!r}")
+            say(
+                f"  bob <- #{message.seq} group {message.group}/{message.group_seq} "
+                f"{message.body.decode()!r}"
+            )
         await chat.mark_read(bob, group, 2)
         say(f"bob read up to group message 2; unread now {await chat.unread_count(bob, group)}")
 
@@ -101,15 +108,20 @@ async def demo(addresses: list[str], secret: str | None, timeout_s: float) -> in
         say(f"  after key {result.key}: ")
         for change in result.changes:
             value = change.value
-            shown = (decode_message_value(value)["body"] if change.category == "messages"
-                     and value is not None else value)
+            shown = (
+                decode_message_value(value)["body"]
+                if change.category == "messages" and value is not None
+                else value
+            )
             say(f"  carol sync: {change.category:9} {change.key} = {shown!r}")
 
         say("\n-- expiry (the demo moves the library's clock) --")
         clock.shift_s = 73 * HOUR_S
         left = await chat.fetch(bob, 0)
-        say(f"  73 h later bob's mailbox shows: {[m.kind for m in left.messages]} "
-            "(text expired at 72 h, media lasts 120 h)")
+        say(
+            f"  73 h later bob's mailbox shows: {[m.kind for m in left.messages]} "
+            "(text expired at 72 h, media lasts 120 h)"
+        )
         clock.shift_s = 121 * HOUR_S
         left = await chat.fetch(bob, 0)
         say(f"  121 h later: {len(left.messages)} messages")

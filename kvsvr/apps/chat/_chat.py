@@ -218,7 +218,9 @@ class Chat:
         ids = self._ids.setdefault(kind, _IdRange())
         async with ids.lock:
             if ids.next >= ids.end:
-                end = await advance_counter(self.client, ("ids", kind), table=CHAT_META, step=ID_RANGE)
+                end = await advance_counter(
+                    self.client, ("ids", kind), table=CHAT_META, step=ID_RANGE
+                )
                 ids.next, ids.end = end - ID_RANGE + 1, end + 1
             new, ids.next = ids.next, ids.next + 1
         return new
@@ -320,7 +322,9 @@ class Chat:
             # Another attempt with this id claimed it first: ours stays a gap.
             seq = int(unpack(won)["seq"])
         stored = {**record, "id": record_id, "stored_ms": now_ms(self.clock)}
-        await put_retrying(self.client, (partition, seq_key(prefix, seq)), pack(stored), table=table)
+        await put_retrying(
+            self.client, (partition, seq_key(prefix, seq)), pack(stored), table=table
+        )
         return seq
 
     async def _read_log(
