@@ -48,7 +48,7 @@ import trio
 
 import kvsvr
 from kvsvr import net
-from kvsvr.config import ClusterConfig, local_cluster, render_config
+from kvsvr.config import ClusterConfig, TableConfig, local_cluster, render_config
 from kvsvr.keys import encode_key, split_user_key
 
 LOOPBACK: Final = "127.0.0.1"
@@ -124,13 +124,19 @@ class LocalCluster:
         secret: str = DEFAULT_SECRET,
         partitions: int = 16,
         replication: int = 3,
+        tables: tuple[TableConfig, ...] = (TableConfig("default"),),
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.secret = secret
         base = free_base_port(nodes)
         self.config: ClusterConfig = local_cluster(
-            nodes, base, secret=secret, partitions=partitions, replication=replication
+            nodes,
+            base,
+            secret=secret,
+            partitions=partitions,
+            replication=replication,
+            tables=tables,
         )
         self.config_path = self.directory / "cluster.toml"
         self.config_path.write_text(
