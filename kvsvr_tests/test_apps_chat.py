@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,12 +23,13 @@ import pytest
 import trio
 
 import kvsvr
-from kvsvr.apps import CHAT_TABLES
+from kvsvr.apps import CHAT_TABLES, app_tables, tables_toml
 from kvsvr.apps._store import GAP_SETTLE_S, contiguous, pack, seq_key
 from kvsvr.apps._tables import CHAT_INBOX, HOUR_S, MEDIA_MESSAGE_TTL_S
 from kvsvr.apps.chat import GROUP_MEMBERS_MAX, Chat, GroupFull, SyncKey, decode_message_value
+from kvsvr.apps.chat.__main__ import demo as chat_demo
 from kvsvr.client import Item
-from kvsvr.config import TableConfig
+from kvsvr.config import TableConfig, parse_config
 from kvsvr_tests.cluster_util import LocalCluster
 
 pytestmark = pytest.mark.slow  # starts real node processes (the module takes ~15 s)
@@ -315,3 +317,18 @@ async def test_background_delivery_task_reaches_a_waiting_member(client: kvsvr.C
         woke = await chat.wait_for_messages(bob, 0, timeout_s=30)
         nursery.cancel_scope.cancel()
     assert [m.body for m in woke.messages] == [b"hello group"]
+
+
+def test_tables_toml_declares_every_app_table() -> None:
+    text = "[[nodes]]\nid = 'n1'\nport = 7101\n\n" + tables_toml()
+    config = parse_config(tomllib.loads(text))
+    assert config.tables == app_tables()
+    assert {t.consistency for t in config.tables if t.name == "chat_group"} == {"eventual"}
+
+
+async def test_demo_transcript(cluster: LocalCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await chat_demo(cluster.addresses, cluster.secret, CLIENT_TIMEOUT_S) == 0
+    transcript = capsys.readouterr().out
+    assert "stored once, at seq 1" in transcript
+    assert "carol's join refused" in transcript and "500" in transcript
+    assert "73 h later bob's mailbox shows: ['media']" in transcript

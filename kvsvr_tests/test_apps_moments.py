@@ -25,6 +25,7 @@ import kvsvr
 from kvsvr.apps import MOMENTS_TABLES
 from kvsvr.apps._tables import MOMENTS_TIMELINE
 from kvsvr.apps.moments import Moments, MomentsError, Post
+from kvsvr.apps.moments.__main__ import demo as moments_demo
 from kvsvr.config import TableConfig
 from kvsvr.errors import Unavailable
 from kvsvr_tests.cluster_util import LocalCluster
@@ -249,3 +250,11 @@ async def test_node_killed_mid_fanout_loses_nothing_and_duplicates_nothing(
     finally:
         if not cluster.is_running(victim):
             await cluster.astart(victim)
+
+
+async def test_demo_transcript(cluster: LocalCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await moments_demo(cluster.addresses, cluster.secret, CLIENT_TIMEOUT_S) == 0
+    transcript = capsys.readouterr().out
+    assert "fanned out to 2 timelines" in transcript
+    assert "dave may not comment" in transcript
+    assert "dave's timeline (0 posts" in transcript

@@ -158,7 +158,8 @@ async def missing_tables(client: Client, tables: tuple[TableConfig, ...]) -> lis
 
 
 def missing_tables_message(missing: list[str]) -> str:
+    declarations = tuple(table for table in app_tables() if table.name in missing)
     return (
         f"the cluster does not declare the tables {', '.join(missing)}; add these to its "
-        f"config (every node) and restart it:\n\n{tables_toml()}"
+        f"config (every node) and restart it:\n\n{tables_toml(declarations)}"
     )

@@ -53,8 +53,9 @@ def app_tables() -> tuple[TableConfig, ...]:
     return (*CHAT_TABLES, *MOMENTS_TABLES)
 
 
-def tables_toml() -> str:
-    """The `[[tables]]` declarations of both applications, as TOML to paste
-    into a cluster config (next to the `default` table)."""
-    text = render_config(local_cluster(1, 7100, tables=app_tables()))
+def tables_toml(tables: tuple[TableConfig, ...] | None = None) -> str:
+    """The `[[tables]]` declarations of both applications (or of `tables`),
+    as TOML to paste into a cluster config (next to the `default` table)."""
+    chosen = app_tables() if tables is None else tables
+    text = render_config(local_cluster(1, 7100, tables=chosen))
     return text[text.index("[[tables]]") :]
