@@ -27,6 +27,7 @@ import msgpack
 import trio
 
 from kvsvr.apps._store import (
+    COUNTER_ATTEMPTS_MAX,
     AppError,
     Clock,
     LogRow,
@@ -275,11 +276,27 @@ class Chat:
         return [int(row.key.decode().removeprefix("contact/")) for row in rows if row.key]
 
     async def set_profile(self, user: int, fields: Mapping[str, str]) -> None:
-        """Set profile fields (name, signature, avatar URL...)."""
-        item = await get_retrying(self.client, (_user(user), "profile"), table=CHAT_META)
-        profile = {} if item is None else unpack(item.value)
-        profile.update(fields)
-        await put_retrying(self.client, (_user(user), "profile"), pack(profile), table=CHAT_META)
+        """Set profile fields (name, signature, avatar URL...): a read-modify-
+        write with compare-and-set, so concurrent edits of other fields survive."""
+        key = (_user(user), "profile")
+        for _ in range(COUNTER_ATTEMPTS_MAX):
+            item = await get_retrying(self.client, key, table=CHAT_META)
+            profile = {} if item is None else unpack(item.value)
+            if all(profile.get(name) == text for name, text in fields.items()):
+                break  # already set (or our write whose outcome was unknown landed)
+            profile.update(fields)
+            try:
+                if item is None:
+                    await self.client.put(key, pack(profile), table=CHAT_META, if_absent=True)
+                else:
+                    await self.client.cas(
+                        key, pack(profile), if_version=item.version, table=CHAT_META
+                    )
+                break
+            except (Conflict, Unavailable):
+                continue  # re-read: another edit came first, or ours may have landed
+        else:
+            raise Unavailable(f"profile of user {user}: too many concurrent edits")
         for name, text in fields.items():
             await self._log_change(user, "profile", f"profile/{name}", text.encode())
 
@@ -515,6 +532,8 @@ class Chat:
         for _ in range(200):
             members, version = await self._members(group)
             if user in members:
+                # Also after a join whose outcome was unknown: start its read index.
+                await self.mark_read(user, group, members[user])
                 return
             if len(members) >= GROUP_MEMBERS_MAX:
                 raise GroupFull(
