@@ -67,15 +67,20 @@ class NodeClient:
         self._nursery = nursery
         self._connection: net.RpcConnection | None = None
 
-    async def get(self, key: str, consistency: str = "strong") -> tuple[bytes | None, int]:
-        """A read (strong: linearizable; local: this node's replica only, no
+    async def get(
+        self, key: str, consistency: str = "strong", *, min_version: int = 0
+    ) -> tuple[bytes | None, int]:
+        """A read (strong: linearizable; stale: the node's cache or replica, no
+        quorum, never below `min_version`; local: this node's replica only, no
         quorum): (value or None if absent, version)."""
-        body = {
+        body: dict[str, Any] = {
             "table": TABLE,
             "key": encode_key(key.encode()),
             "consistency": consistency,
             "timeout_s": self.operation_timeout_s,
         }
+        if min_version:
+            body["min_version"] = min_version
         reply = await self._request("get", body)
         value = reply.get("value")
         version = reply.get("version")
