@@ -30,7 +30,6 @@ in the same event loop are not stalled.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
 import random
 import signal
@@ -125,21 +124,14 @@ class LocalCluster:
         secret: str = DEFAULT_SECRET,
         partitions: int = 16,
         replication: int = 3,
-        cache_bytes_max: int | None = None,
-        map_size_bytes: int | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.secret = secret
         base = free_base_port(nodes)
-        config = local_cluster(
+        self.config: ClusterConfig = local_cluster(
             nodes, base, secret=secret, partitions=partitions, replication=replication
         )
-        if cache_bytes_max is not None:
-            config = dataclasses.replace(config, cache_bytes_max=cache_bytes_max)
-        if map_size_bytes is not None:
-            config = dataclasses.replace(config, map_size_bytes=map_size_bytes)
-        self.config: ClusterConfig = config
         self.config_path = self.directory / "cluster.toml"
         self.config_path.write_text(
             render_config(self.config, data_dir=str(self.directory / "data")), encoding="utf-8"
