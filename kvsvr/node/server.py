@@ -511,8 +511,10 @@ class Node:
         self, table: str, key: bytes, replicas: list[int], body: dict[str, Any]
     ) -> dict[str, Any]:
         client_version = _client_cached_version(body)
-        known = self.local_version(table, key, replicas)
         entry = self.cache.get(table, key)
+        # With an entry the read tells the replicas the cached version instead,
+        # so reading the local row for its version would be wasted work.
+        known = -1 if entry is not None else self.local_version(table, key, replicas)
         cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
         now = now_ms()
         outcome = await self.coordinate(
