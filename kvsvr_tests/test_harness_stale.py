@@ -40,6 +40,12 @@ class FakeNode:
         result: tuple[bytes | None, int] = self.results.pop(0)
         return result
 
+    async def get_if_changed(self, key: str, cached_version: int) -> tuple[bytes | None, int, bool]:
+        await trio.lowlevel.checkpoint()
+        self.calls.append(("get_if_changed", key, cached_version))
+        result: tuple[bytes | None, int, bool] = self.results.pop(0)
+        return result
+
     async def put(self, key: str, value: bytes | None, if_version: int | None = None) -> int:
         await trio.lowlevel.checkpoint()
         self.calls.append(("put", key, value, if_version))
@@ -58,6 +64,8 @@ def test_reads_split_between_strong_and_stale() -> None:
     assert all(plain.next_op(worker, rng).consistency == "strong" for _ in range(500))
     with pytest.raises(ValueError):
         make_workload("kv", 2, random.Random(0), stale_reads=0.5)
+    with pytest.raises(ValueError):
+        make_workload("kv", 2, random.Random(0), near_cache=True)
 
 
 async def test_stale_reads_ask_for_at_least_the_version_the_client_saw() -> None:
@@ -76,6 +84,24 @@ async def test_stale_reads_ask_for_at_least_the_version_the_client_saw() -> None
         ("get", "r0", "strong", 0),
         ("get", "r0", "stale", 8),
     ]
+
+
+async def test_near_cache_reads_send_the_held_version_and_keep_its_value() -> None:
+    workload = RegisterWorkload(key_count=1, rng=random.Random(0), near_cache=True)
+    worker = Worker(thread=0, process=0, node="n1")
+    read = PlannedOp("read", "r0", None)
+    node = FakeNode([(None, 0), 5, (None, 5, True), (b"9", 8, False)])
+    assert await workload.execute(read, worker, node) == Completion("ok", None, 0)
+    await workload.execute(PlannedOp("write", "r0", 7), worker, node)
+    assert await workload.execute(read, worker, node) == Completion("ok", 7, 5, unchanged=True)
+    assert await workload.execute(read, worker, node) == Completion("ok", 9, 8)
+    assert node.calls == [
+        ("get", "r0", "strong", 0),  # nothing held yet: a plain read
+        ("put", "r0", b"7", None),
+        ("get_if_changed", "r0", 5),
+        ("get_if_changed", "r0", 5),
+    ]
+    assert worker.last_seen["r0"] == (9, 8)
 
 
 def _stale_history(backwards: bool) -> History:
@@ -120,8 +146,8 @@ def test_a_stale_read_going_back_in_its_process_is_an_anomaly() -> None:
 
 
 def test_command_line_takes_the_stale_read_share() -> None:
-    args = parser().parse_args(["run", "--out", "x", "--stale-reads", "0.5"])
-    assert args.stale_reads == 0.5
+    args = parser().parse_args(["run", "--out", "x", "--stale-reads", "0.5", "--near-cache"])
+    assert args.stale_reads == 0.5 and args.near_cache
     with pytest.raises(SystemExit):
         parser().parse_args(["run", "--out", "x", "--stale-reads", "1.5"])
 
@@ -130,7 +156,12 @@ def test_command_line_takes_the_stale_read_share() -> None:
 
 
 @pytest.mark.slow
-async def test_stale_read_run_under_kill_and_partition_is_valid(tmp_path: Path) -> None:
+async def test_stale_and_near_cache_run_under_kill_and_partition_is_valid(
+    tmp_path: Path,
+) -> None:
+    """Half the reads stale, the strong ones sent with the version the client
+    holds: the strong history is linearizable (so "unchanged" answers were
+    right), no stale read went back, and both kinds of answer happened."""
     config = RunConfig(
         out_dir=tmp_path / "run",
         node_count=3,
@@ -138,6 +169,7 @@ async def test_stale_read_run_under_kill_and_partition_is_valid(tmp_path: Path) 
         nemeses=("kill", "partition"),
         workload="register",
         stale_reads=0.5,
+        near_cache=True,
         seed=5,
         clients_per_node=3,
     )
@@ -160,6 +192,7 @@ async def test_stale_read_run_under_kill_and_partition_is_valid(tmp_path: Path) 
     )
     assert served > 0, "the nodes answered stale reads without a quorum round"
     assert "stale reads:" in summary
+    assert result.summary["unchanged_reads"] > 0, summary
 
 
 class BackwardsStaleWorkload(RegisterWorkload):

@@ -113,6 +113,13 @@ def parser() -> argparse.ArgumentParser:
         "e.g. 0.5 (default 0)",
     )
     runner.add_argument(
+        "--near-cache",
+        action="store_true",
+        help="register workload: strong reads send the version of the value the client "
+        "holds (kvsvr's client near cache); the node answers 'unchanged' without the value "
+        "when its quorum chose that version",
+    )
+    runner.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -194,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nemeses=args.nemesis,
         workload=args.workload,
         stale_reads=args.stale_reads,
+        near_cache=args.near_cache,
         seed=args.seed,
         clients_per_node=args.clients_per_node,
         key_count=args.keys,

@@ -153,6 +153,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         )
     for probe in summary.get("corrupt_data_served", []):
         lines.append(f"DAMAGED DATA SERVED: {probe}")
+    if summary.get("unchanged_reads"):
+        lines.append(
+            f"strong reads answered 'unchanged' (near cache): {summary['unchanged_reads']}"
+        )
     stale = summary.get("stale_reads", {})
     if any(stale.values()):
         lines.append(

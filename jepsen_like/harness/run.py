@@ -154,6 +154,9 @@ class RunConfig:
     # The share of the register workload's reads sent as stale reads (0: all
     # strong). They are checked for per-process monotonicity, not linearizability.
     stale_reads: float = 0.0
+    # Register strong reads send the version of the value the client holds;
+    # the node may answer "unchanged" (kvsvr's client near cache).
+    near_cache: bool = False
     seed: int = 0
     clients_per_node: int = 3
     key_count: int = 4
@@ -196,6 +199,7 @@ def _record_completion(
         consistency=_consistency_field(op),
         version=completion.version,
         error=completion.error,
+        unchanged=completion.unchanged or None,
     )
 
 
@@ -657,7 +661,11 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
     if workload is None:
         keys_rng = random.Random(f"{config.seed}-keys")
         workload = make_workload(
-            config.workload, config.key_count, keys_rng, stale_reads=config.stale_reads
+            config.workload,
+            config.key_count,
+            keys_rng,
+            stale_reads=config.stale_reads,
+            near_cache=config.near_cache,
         )
     history = History(out / "history.jsonl")
     timing = Timing(config.time_s, config.warmup_s, config.tail_s)
@@ -716,6 +724,7 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
         "unknown_keys": result.unknown_keys,
         "check_elapsed_s": result.elapsed_s,
         "stale_reads": count_stale_reads(history.events),
+        "unchanged_reads": sum(1 for e in history.client_events() if e.get("unchanged")),
         "stale_read_problems": [str(p) for p in stale],
         "corruption_probes": probes,
         "corrupt_data_served": served_bad,

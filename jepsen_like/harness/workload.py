@@ -59,6 +59,9 @@ class Completion:
     error: str | None = None
     # False when the request never reached the node (no connection).
     sent: bool = True
+    # A near-cache read the node answered "unchanged": the value is the one
+    # the client held at this version, not sent again.
+    unchanged: bool = False
 
 
 @dataclass(slots=True)
@@ -170,6 +173,7 @@ class RegisterWorkload:
         read_fraction: float = 0.4,
         write_fraction: float = 0.3,
         stale_read_fraction: float = 0.0,
+        near_cache: bool = False,
     ) -> None:
         if not 0.0 <= stale_read_fraction <= 1.0:
             raise ValueError(f"stale_read_fraction {stale_read_fraction} is not within [0, 1]")
@@ -178,6 +182,11 @@ class RegisterWorkload:
         self.write_fraction = write_fraction
         # The share of reads sent as stale reads (the rest are strong).
         self.stale_read_fraction = stale_read_fraction
+        # Strong reads send the version of the value the client last saw (as
+        # kvsvr's client near cache does) and take that value back when the
+        # node answers "unchanged": linearizable only if the node's quorum
+        # read, not the client's copy, decides.
+        self.near_cache = near_cache
         self._next_value = 0
 
     @property
@@ -219,6 +228,12 @@ class RegisterWorkload:
                 if op.consistency == "stale":
                     floor = worker.session_versions.get(op.key, 0)
                     raw, version = await client.get(op.key, "stale", min_version=floor)
+                elif self.near_cache and worker.last_seen.get(op.key, (None, 0))[0] is not None:
+                    held, held_version = worker.last_seen[op.key]
+                    raw, version, unchanged = await client.get_if_changed(op.key, held_version)
+                    if unchanged:
+                        worker.observe(op.key, held, version)
+                        return Completion("ok", held, version, unchanged=True)
                 else:
                     raw, version = await client.get(op.key)
             except KvsvrError as error:
@@ -307,13 +322,21 @@ WORKLOADS: Final = ("register", "kv")
 
 
 def make_workload(
-    name: str, key_count: int, rng: random.Random, *, stale_reads: float = 0.0
+    name: str,
+    key_count: int,
+    rng: random.Random,
+    *,
+    stale_reads: float = 0.0,
+    near_cache: bool = False,
 ) -> Workload:
-    """The named workload; `stale_reads` is the share of register reads sent stale."""
+    """The named workload; `stale_reads` is the share of register reads sent
+    stale, `near_cache` makes its strong reads send the version they hold."""
     if name == "register":
-        return RegisterWorkload(key_count, rng, stale_read_fraction=stale_reads)
-    if stale_reads:
-        raise ValueError("stale reads are a register workload option (its reads are 'read')")
+        return RegisterWorkload(
+            key_count, rng, stale_read_fraction=stale_reads, near_cache=near_cache
+        )
+    if stale_reads or near_cache:
+        raise ValueError("stale reads and the near cache are register workload options")
     if name == "kv":
         return KvWorkload(key_count, rng)
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
