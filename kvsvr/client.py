@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -331,11 +332,17 @@ class NearCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, table: str, encoded_key: bytes) -> NearEntry | None:
+    def get(self, table: str, encoded_key: bytes, now_ms: int) -> NearEntry | None:
+        """The entry, unless its value has expired by `now_ms` (then it goes:
+        the node would answer "absent", never "unchanged", for it)."""
         slot = (table, encoded_key)
         entry = self._entries.get(slot)
-        if entry is not None:
-            self._entries.move_to_end(slot)
+        if entry is None:
+            return None
+        if entry.expires_at_ms is not None and entry.expires_at_ms <= now_ms:
+            self.discard(table, encoded_key)
+            return None
+        self._entries.move_to_end(slot)
         return entry
 
     def put(
@@ -750,7 +757,8 @@ class Client:
         near_cache = self._near_cache
         if near_cache is None:
             return _get_reply(await self._call(table, partition_key, "get", body, repeatable=True))
-        near = near_cache.get(table, encoded) if consistency == "strong" else None
+        now_ms = int(time.time() * 1000)
+        near = near_cache.get(table, encoded, now_ms) if consistency == "strong" else None
         if near is None:
             if consistency == "strong":
                 near_cache.stats.misses += 1

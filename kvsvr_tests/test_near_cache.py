@@ -24,17 +24,20 @@ def test_near_cache_is_lru_by_bytes_and_never_goes_back() -> None:
     cache = NearCache(entry_bytes * 2)
     cache.put("t", b"aaa", 1, b"a" * 100)
     cache.put("t", b"bbb", 1, b"b" * 100)
-    assert cache.get("t", b"aaa") is not None  # now the most recent
+    assert cache.get("t", b"aaa", 0) is not None  # now the most recent
     cache.put("t", b"ccc", 1, b"c" * 100)
-    assert cache.get("t", b"bbb") is None and cache.stats.evictions == 1
+    assert cache.get("t", b"bbb", 0) is None and cache.stats.evictions == 1
     assert cache.bytes_used <= cache.bytes_max and len(cache) == 2
     cache.put("t", b"aaa", 3, b"new")
     cache.put("t", b"aaa", 2, b"old")
-    assert cache.get("t", b"aaa") == NearEntry(3, b"new", None)
+    assert cache.get("t", b"aaa", 0) == NearEntry(3, b"new", None)
     cache.put("t", b"aaa", 4, None)  # a delete: nothing to keep
-    assert cache.get("t", b"aaa") is None
+    assert cache.get("t", b"aaa", 0) is None
     cache.put("t", b"big", 5, b"x" * (entry_bytes * 2))  # larger than the budget
-    assert cache.get("t", b"big") is None and cache.bytes_used <= cache.bytes_max
+    assert cache.get("t", b"big", 0) is None and cache.bytes_used <= cache.bytes_max
+    cache.put("t", b"ttl", 1, b"v", expires_at_ms=1000)
+    assert cache.get("t", b"ttl", 999) is not None and len(cache) == 2
+    assert cache.get("t", b"ttl", 1000) is None and len(cache) == 1  # expired: dropped
 
 
 def test_an_unchanged_reply_must_name_the_cached_version() -> None:
@@ -90,7 +93,7 @@ async def test_near_cache_sees_other_clients_writes_and_saves_values(tmp_path: P
 
                 await other.delete("k")
                 assert await cached.get("k") is None
-                assert near.get("default", encode_key(b"k")) is None
+                assert near.get("default", encode_key(b"k"), 0) is None
 
                 # Stale reads and other keys fill it too; a miss is counted.
                 await other.put("s", b"stale")
