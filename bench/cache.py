@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,9 @@ class Options:
     value_bytes: int = 1024
     distribution: str = "zipfian"
     seed: int = 1
+    # Each round runs the three phases once, in a rotated order; the ratios
+    # come from the medians, so one phase hit by a noisy neighbour sways less.
+    rounds: int = 1
 
 
 def node_statuses(cluster: KvsvrCluster) -> list[dict[str, Any]]:
@@ -161,6 +165,24 @@ def measure(
     }
 
 
+STRONG_ON: Final = "strong, cache on"
+STRONG_OFF: Final = "strong, cache off"
+STALE_ON: Final = "stale, cache on"
+
+
+def ratios(phases: list[dict[str, Any]]) -> dict[str, float]:
+    """The issue's two ratios, from each phase's median ops/s over its runs."""
+    median = {
+        label: statistics.median(p["ops_per_s"] for p in phases if p["label"] == label)
+        for label in (STRONG_ON, STRONG_OFF, STALE_ON)
+    }
+    off = median[STRONG_OFF]
+    return {
+        "strong_cache_on_over_off": median[STRONG_ON] / off if off else 0.0,
+        "stale_over_strong_cache_off": median[STALE_ON] / off if off else 0.0,
+    }
+
+
 def run(options: Options, work_dir: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvsvr-bench-cache-", dir=work_dir) as directory:
         # Both loaded the same way before they start (rows written straight
@@ -175,27 +197,29 @@ def run(options: Options, work_dir: Path | None = None) -> dict[str, Any]:
         try:
             on.start()
             off.start()
-            phases = [
-                measure(on, "strong, cache on", "strong", options),
-                measure(off, "strong, cache off", "strong", options),
-                measure(on, "stale, cache on", "stale", options),
+            plan = [
+                (on, STRONG_ON, "strong"),
+                (off, STRONG_OFF, "strong"),
+                (on, STALE_ON, "stale"),
             ]
+            phases = []
+            for round_ in range(options.rounds):
+                turn = round_ % len(plan)
+                for cluster, label, consistency in plan[turn:] + plan[:turn]:
+                    phase = measure(cluster, label, consistency, options)
+                    phases.append({**phase, "round": round_})
             statuses = {"cache on": node_statuses(on), "cache off": node_statuses(off)}
         finally:
             on.stop()
             off.stop()
-    by_label = {phase["label"]: phase for phase in phases}
-    strong_on = by_label["strong, cache on"]["ops_per_s"]
-    strong_off = by_label["strong, cache off"]["ops_per_s"]
-    stale = by_label["stale, cache on"]["ops_per_s"]
     return {
         "options": dataclasses.asdict(options),
         "load": "bulk (rows written into every replica's LMDB before the nodes start)",
         "phases": phases,
-        "ratios": {
-            "strong_cache_on_over_off": strong_on / strong_off if strong_off else 0.0,
-            "stale_over_strong_cache_off": stale / strong_off if strong_off else 0.0,
-        },
+        "ratios": ratios(phases),
+        "ratios_per_round": [
+            ratios([p for p in phases if p["round"] == round_]) for round_ in range(options.rounds)
+        ],
         "node_cache": {
             name: [{"node": s["node"], **s["cache"]} for s in cluster_statuses]
             for name, cluster_statuses in statuses.items()
@@ -208,22 +232,36 @@ def report(results: dict[str, Any]) -> list[str]:
     lines = [
         f"YCSB B (95% read / 5% update), {options['distribution']}, {options['keys']} keys of "
         f"{options['value_bytes']} B, 3 nodes, {options['clients']} clients in "
-        f"{options['processes']} processes, {options['time_s']:g} s per phase",
-        f"{'phase':<20}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv CPU-s/1k':>14}"
+        f"{options['processes']} processes, {options['time_s']:g} s per phase, "
+        f"{options.get('rounds', 1)} round(s)",
+        f"{'phase':<22}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv CPU-s/1k':>14}"
         f"{'hits':>8}{'misses':>8}{'stale':>8}{'fallback':>9}{'busy cores':>11}",
     ]
     for phase in results["phases"]:
         latency = phase["latency_ms"]
         cache = phase["cache"]
+        name = (
+            phase["label"]
+            if options.get("rounds", 1) == 1
+            else (f"{phase['label']} #{phase['round'] + 1}")
+        )
         lines.append(
-            f"{phase['label']:<20}{phase['ops_per_s']:>9.0f}{latency.get('p50_ms', 0):>9.2f}"
+            f"{name:<22}{phase['ops_per_s']:>9.0f}{latency.get('p50_ms', 0):>9.2f}"
             f"{latency.get('p99_ms', 0):>9.2f}{phase['servers_cpu_s_per_1000_ops']:>14.3f}"
             f"{cache['hits']:>8}{cache['misses']:>8}{cache['stale_served']:>8}"
             f"{cache['fallbacks']:>9}{phase['machine_busy_cores']:>11.2f}"
         )
-    ratios = results["ratios"]
-    on_off = ratios["strong_cache_on_over_off"]
-    stale = ratios["stale_over_strong_cache_off"]
+    on_off = results["ratios"]["strong_cache_on_over_off"]
+    stale = results["ratios"]["stale_over_strong_cache_off"]
+    per_round = results.get("ratios_per_round", [])
+    if len(per_round) > 1:
+        lines.append(
+            "per round, on / off and stale / off: "
+            + ", ".join(
+                f"{r['strong_cache_on_over_off']:.2f}x {r['stale_over_strong_cache_off']:.2f}x"
+                for r in per_round
+            )
+        )
     lines += [
         f"strong reads, cache on / off: {on_off:.2f}x "
         f"(target >= {CACHE_ON_OVER_OFF_TARGET}x: {_met(on_off, CACHE_ON_OVER_OFF_TARGET)})",
@@ -261,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         "--distribution", choices=("zipfian", "uniform"), default=defaults.distribution
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="run the three phases this many times, rotating their order; "
+        "ratios from the medians (default 1)",
+    )
     parser.add_argument("--work-dir", type=Path, help="node data goes here (a real disk)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
@@ -273,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         value_bytes=args.value_bytes,
         distribution=args.distribution,
         seed=args.seed,
+        rounds=max(1, args.rounds),
     )
     results = run(options, args.work_dir)
     for line in report(results):
