@@ -403,7 +403,8 @@ def _add_status(commands: _Commands, options: argparse.ArgumentParser) -> None:
     parser = _command(
         commands,
         "status",
-        "every node's health and partitions held (or one node's full status with --node)",
+        "every node's health, partitions held and row cache figures "
+        "(or one node's full status with --node)",
         _cmd_client,
         parents=[options],
     )
@@ -592,6 +593,10 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
     statuses = await client.cluster_status()
     for line in format_cluster_status(statuses):
         _say(line)
+    _say()
+    for line in format_cache_status(statuses):
+        _say(line)
+    _say()
     for line in format_catch_up(statuses):
         _say(line)
     return EXIT_OK if all(s.get("health") == "up" for s in statuses) else EXIT_UNAVAILABLE
@@ -643,6 +648,40 @@ def format_catch_up(statuses: list[dict[str, Any]]) -> list[str]:
     if lines:
         lines.insert(0, "catch-up (--node ID shows per-partition passes and hint counters):")
     return lines
+
+
+def format_cache_status(statuses: list[dict[str, Any]]) -> list[str]:
+    """One line per node about its row cache: hit ratio (strong reads whose
+    value came from the cache), bytes used / limit, evictions, stale reads
+    served without a quorum round and stale reads that fell back to strong."""
+    header = (
+        f"{'cache':<6} {'hit ratio':>9} {'used / limit':>21} {'evictions':>10} "
+        f"{'stale served':>12} {'fallbacks':>10}"
+    )
+    lines = [header]
+    for status in statuses:
+        node = f"{status.get('node', '?')!s:<6}"
+        cache = status.get("cache")
+        if not isinstance(cache, dict):
+            lines.append(f"{node} -")
+            continue
+        limit = cache.get("bytes_max", 0)
+        ratio = cache.get("hit_ratio", 0.0)
+        ratio_text = f"{100 * ratio:.1f}%" if isinstance(ratio, int | float) else "-"
+        used = f"{_size(cache.get('bytes_used', 0))} / {_size(limit)}" if limit else "off"
+        lines.append(
+            f"{node} {ratio_text:>9} {used:>21} {cache.get('evictions', 0)!s:>10} "
+            f"{cache.get('stale_served', 0)!s:>12} {cache.get('fallbacks', 0)!s:>10}"
+        )
+    return lines
+
+
+def _size(size_bytes: object) -> str:
+    if not isinstance(size_bytes, int | float):
+        return "?"
+    if size_bytes < 1 << 20:
+        return f"{size_bytes / (1 << 10):.1f} KiB"
+    return f"{size_bytes / (1 << 20):.1f} MiB"
 
 
 def format_status(status: dict[str, Any], indent: int = 0) -> list[str]:

@@ -23,6 +23,14 @@ Keys are `bytes` or `str` (UTF-8), or a tuple `(partition_key, sort_key)`;
 values are `bytes`. Every operation is bounded by the client's `timeout_s` and
 raises `kvsvr.Timeout` past it.
 
+Near cache (`connect(..., near_cache_bytes=N)`, off by default): the client
+keeps the values it read or wrote most recently, up to N bytes, and a strong
+read sends the version it holds. The node still runs the full quorum read;
+when the quorum chose exactly that version it answers "unchanged" without the
+value, which the client then takes from its cache. Strong reads stay
+linearizable: the quorum decides, the near cache only saves moving the value
+(a version names exactly one value of a key).
+
 Session guarantee for stale reads: the client remembers, per key, the highest
 version it has written or read (for the `SESSION_KEYS_MAX` most recently used
 keys) and asks a stale read for at least that version, so a session never sees
@@ -34,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -68,6 +77,10 @@ SCAN_LIMIT_MAX: Final = 10_000
 # "never backwards" promise, and only for keys the session has not touched in
 # its last 16 Ki operations.
 SESSION_KEYS_MAX: Final = 16 * 1024
+
+# Bookkeeping per near-cache entry beyond key and value (the OrderedDict node,
+# the entry, the tuple key): counted so tiny values cannot overrun the budget.
+NEAR_CACHE_ENTRY_OVERHEAD_BYTES: Final = 200
 
 # How long a node that could not be connected to is skipped in favour of the
 # next replica. Short, because a restarted node should get its keys back soon;
@@ -283,6 +296,88 @@ class SessionVersions:
         return version
 
 
+# --- the near cache -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NearEntry:
+    version: int
+    value: bytes
+    expires_at_ms: int | None  # the node's clock; None: no TTL (or not told)
+
+    def size_bytes(self, encoded_key: bytes) -> int:
+        return len(encoded_key) + len(self.value) + NEAR_CACHE_ENTRY_OVERHEAD_BYTES
+
+
+@dataclass(slots=True)
+class NearCacheStats:
+    unchanged: int = 0  # strong reads answered "unchanged": the value did not travel
+    transferred: int = 0  # strong reads sent with a cached version that got a value back
+    misses: int = 0  # strong reads with nothing cached for the key
+    evictions: int = 0
+
+
+class NearCache:
+    """(table, encoded key) -> the latest (version, value) this client saw,
+    least recently used first out, bounded by bytes. Never holds an older
+    version in place of a newer one; absent values are not kept."""
+
+    def __init__(self, bytes_max: int) -> None:
+        assert bytes_max > 0
+        self.bytes_max = bytes_max
+        self.bytes_used = 0
+        self.stats = NearCacheStats()
+        self._entries: OrderedDict[tuple[str, bytes], NearEntry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, table: str, encoded_key: bytes, now_ms: int) -> NearEntry | None:
+        """The entry, unless its value has expired by `now_ms` (then it goes:
+        the node would answer "absent", never "unchanged", for it)."""
+        slot = (table, encoded_key)
+        entry = self._entries.get(slot)
+        if entry is None:
+            return None
+        if entry.expires_at_ms is not None and entry.expires_at_ms <= now_ms:
+            self.discard(table, encoded_key)
+            return None
+        self._entries.move_to_end(slot)
+        return entry
+
+    def put(
+        self,
+        table: str,
+        encoded_key: bytes,
+        version: int,
+        value: bytes | None,
+        expires_at_ms: int | None = None,
+    ) -> None:
+        slot = (table, encoded_key)
+        current = self._entries.get(slot)
+        if current is not None and current.version > version:
+            return
+        self.discard(table, encoded_key)
+        if value is None:
+            return
+        entry = NearEntry(version, value, expires_at_ms)
+        size = entry.size_bytes(encoded_key)
+        if size > self.bytes_max:
+            return
+        self._entries[slot] = entry
+        self.bytes_used += size
+        while self.bytes_used > self.bytes_max:
+            (_, old_key), old = self._entries.popitem(last=False)
+            self.bytes_used -= old.size_bytes(old_key)
+            self.stats.evictions += 1
+        assert self.bytes_used >= 0
+
+    def discard(self, table: str, encoded_key: bytes) -> None:
+        entry = self._entries.pop((table, encoded_key), None)
+        if entry is not None:
+            self.bytes_used -= entry.size_bytes(encoded_key)
+
+
 # --- validation (pure) ---------------------------------------------------------------
 
 
@@ -329,6 +424,16 @@ def _check_read_options(consistency: object, max_age_s: object) -> float | None:
     ):
         raise InvalidRequest(f"max_age_s must be a number >= 0 or None, not {max_age_s!r}")
     return float(max_age_s)
+
+
+def _check_near_cache_bytes(near_cache_bytes: object) -> int:
+    if near_cache_bytes is None:
+        return 0
+    if type(near_cache_bytes) is not int or near_cache_bytes < 0:
+        raise InvalidRequest(
+            f"near_cache_bytes must be an int >= 0 or None, not {near_cache_bytes!r}"
+        )
+    return near_cache_bytes
 
 
 def _check_limit(limit: object) -> int:
@@ -388,6 +493,22 @@ def _get_reply(reply: object) -> tuple[int, bytes | None]:
     return _reply_version(body, "get"), value
 
 
+def _near_reply(reply: object, near: NearEntry) -> tuple[int, bytes | None, int | None]:
+    """(version, value, expires_at_ms) of a strong get sent with `near`'s version."""
+    body = _reply_dict(reply, "get")
+    version = _reply_version(body, "get")
+    if body.get("unchanged") is True:
+        if version != near.version:
+            raise KvsvrError(
+                f"malformed 'get' reply: unchanged at version {version}, "
+                f"but the client holds version {near.version}"
+            )
+        return version, near.value, near.expires_at_ms
+    _, value = _get_reply(body)
+    expires = body.get("expires_at_ms")
+    return version, value, expires if type(expires) is int else None
+
+
 def _scan_reply(reply: object) -> list[Item]:
     rows = _reply_dict(reply, "scan").get("items")
     if not isinstance(rows, list):
@@ -421,6 +542,7 @@ class Client:
         secret: bytes | None,
         timeout_s: float,
         home_address: str | None = None,
+        near_cache_bytes: int | None = None,
     ) -> None:
         self._nursery = nursery
         self._map = partition_map
@@ -431,11 +553,18 @@ class Client:
         self._connect_locks: dict[str, trio.Lock] = {}
         self._down_until: dict[str, float] = {}
         self._session = SessionVersions()
+        bytes_max = _check_near_cache_bytes(near_cache_bytes)
+        self._near_cache = NearCache(bytes_max) if bytes_max else None
         self._closed = False
 
     @property
     def timeout_s(self) -> float:
         return self._timeout_s
+
+    @property
+    def near_cache(self) -> NearCache | None:
+        """The client's near cache (None when off): its figures are in `.stats`."""
+        return self._near_cache
 
     # --- public operations ---
 
@@ -618,14 +747,35 @@ class Client:
         max_age_s: float | None,
         min_version: int,
     ) -> tuple[int, bytes | None]:
-        body = {
+        body: dict[str, Any] = {
             "table": table,
             "key": encoded,
             "consistency": consistency,
             "max_age_s": max_age_s,
             "min_version": min_version,
         }
-        return _get_reply(await self._call(table, partition_key, "get", body, repeatable=True))
+        near_cache = self._near_cache
+        if near_cache is None:
+            return _get_reply(await self._call(table, partition_key, "get", body, repeatable=True))
+        now_ms = int(time.time() * 1000)
+        near = near_cache.get(table, encoded, now_ms) if consistency == "strong" else None
+        if near is None:
+            if consistency == "strong":
+                near_cache.stats.misses += 1
+            reply = await self._call(table, partition_key, "get", body, repeatable=True)
+            version, value = _get_reply(reply)
+            expires = _reply_dict(reply, "get").get("expires_at_ms")
+            expires_at_ms = expires if type(expires) is int else None
+        else:
+            body["cached_version"] = near.version
+            reply = await self._call(table, partition_key, "get", body, repeatable=True)
+            version, value, expires_at_ms = _near_reply(reply, near)
+            if _reply_dict(reply, "get").get("unchanged") is True:
+                near_cache.stats.unchanged += 1
+            else:
+                near_cache.stats.transferred += 1
+        near_cache.put(table, encoded, version, value, expires_at_ms)
+        return version, value
 
     async def _write(
         self,
@@ -649,10 +799,15 @@ class Client:
             "if_version": if_version,
             "if_absent": if_absent,
         }
+        if self._near_cache is not None:
+            # Whatever happens to this write, what the cache holds may be old.
+            self._near_cache.discard(table, encoded)
         with self._deadline(operation):
             reply = await self._call(table, partition_key, "put", body, repeatable=False)
         version = _reply_version(_reply_dict(reply, "put"), "put")
         self._session.observe(table, encoded, version)
+        if self._near_cache is not None:
+            self._near_cache.put(table, encoded, version, value)
         return version
 
     async def _call(
@@ -743,25 +898,28 @@ async def connect(
     *,
     secret: str | bytes | None = None,
     timeout_s: float = 5.0,
+    near_cache_bytes: int | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a kvsvr cluster: `async with kvsvr.connect(...) as client:`.
 
     `addresses` is a list of "host:port" (or one string, comma-separated); the
     first that answers supplies the partition map. `secret` is the cluster
-    secret (None for an open cluster). Raises `Unavailable` if no address
-    answers, `AuthenticationFailed` if the secret is refused, and `Timeout` if
-    all that takes longer than `timeout_s`.
+    secret (None for an open cluster). `near_cache_bytes` turns on the
+    client's near cache with that budget (None or 0: off). Raises
+    `Unavailable` if no address answers, `AuthenticationFailed` if the secret
+    is refused, and `Timeout` if all that takes longer than `timeout_s`.
     """
     seeds = _address_list(addresses)
     secret_bytes = _secret_bytes(secret)
     timeout = _check_timeout(timeout_s)
+    near_bytes = _check_near_cache_bytes(near_cache_bytes)
     # As in RpcConnection._hosted: the body's exception is carried out of the
     # nursery and re-raised as is, not wrapped in an ExceptionGroup.
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         client: Client | None = None
         try:
-            client = await _bootstrap(nursery, seeds, secret_bytes, timeout)
+            client = await _bootstrap(nursery, seeds, secret_bytes, timeout, near_bytes)
             yield client
         except BaseException as exc:
             body_error = exc
@@ -773,7 +931,11 @@ async def connect(
 
 
 async def _bootstrap(
-    nursery: trio.Nursery, seeds: list[tuple[str, int]], secret: bytes | None, timeout_s: float
+    nursery: trio.Nursery,
+    seeds: list[tuple[str, int]],
+    secret: bytes | None,
+    timeout_s: float,
+    near_cache_bytes: int = 0,
 ) -> Client:
     """A client around the first seed that answers with a partition map."""
     failures: list[str] = []
@@ -781,7 +943,9 @@ async def _bootstrap(
         with trio.fail_after(timeout_s):
             for host, port in seeds:
                 try:
-                    return await _client_from_seed(nursery, host, port, secret, timeout_s)
+                    return await _client_from_seed(
+                        nursery, host, port, secret, timeout_s, near_cache_bytes
+                    )
                 except Unavailable as exc:
                     failures.append(str(exc))
     except trio.TooSlowError:
@@ -793,7 +957,12 @@ async def _bootstrap(
 
 
 async def _client_from_seed(
-    nursery: trio.Nursery, host: str, port: int, secret: bytes | None, timeout_s: float
+    nursery: trio.Nursery,
+    host: str,
+    port: int,
+    secret: bytes | None,
+    timeout_s: float,
+    near_cache_bytes: int = 0,
 ) -> Client:
     connection = await net.connect(
         host, port, secret=secret, connect_timeout_s=min(CONNECT_ATTEMPT_TIMEOUT_S, timeout_s)
@@ -808,7 +977,12 @@ async def _client_from_seed(
         raise
     address = format_address(host, port)
     client = Client(
-        nursery, partition_map, secret=secret, timeout_s=timeout_s, home_address=address
+        nursery,
+        partition_map,
+        secret=secret,
+        timeout_s=timeout_s,
+        home_address=address,
+        near_cache_bytes=near_cache_bytes,
     )
     client._connections[address] = connection
     return client
@@ -837,6 +1011,7 @@ class SyncClient:
         *,
         secret: str | bytes | None = None,
         timeout_s: float = 5.0,
+        near_cache_bytes: int | None = None,
     ) -> None:
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -846,7 +1021,7 @@ class SyncClient:
         self._closed = False
         self._thread = threading.Thread(
             target=trio.run,
-            args=(self._main, addresses, secret, timeout_s),
+            args=(self._main, addresses, secret, timeout_s, near_cache_bytes),
             name="kvsvr-sync-client",
             daemon=True,  # a forgotten close() must not keep the interpreter alive
         )
@@ -860,10 +1035,16 @@ class SyncClient:
             raise error
 
     async def _main(
-        self, addresses: list[str] | str, secret: str | bytes | None, timeout_s: float
+        self,
+        addresses: list[str] | str,
+        secret: str | bytes | None,
+        timeout_s: float,
+        near_cache_bytes: int | None,
     ) -> None:
         try:
-            async with connect(addresses, secret=secret, timeout_s=timeout_s) as client:
+            async with connect(
+                addresses, secret=secret, timeout_s=timeout_s, near_cache_bytes=near_cache_bytes
+            ) as client:
                 self._stop = trio.Event()
                 self._token = trio.lowlevel.current_trio_token()
                 self._client = client

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvsvr.config import local_cluster
+from kvsvr.keys import encode_key
 from kvsvr.node.cache import ENTRY_OVERHEAD_BYTES, RowCache
+from kvsvr.node.server import Node, serve_node
 from kvsvr.protocol.coordinator import Mutation
+from kvsvr_tests.cluster_util import free_base_port
 from kvsvr_tests.test_protocol import KEY, Cluster, coordinator
 
 
@@ -59,3 +69,34 @@ def test_strong_read_is_never_answered_from_an_older_cache_entry(
         assert outcome.value == b"v%d" % versions
     if cached_version == versions:
         assert outcome.cache_hit, "a matching entry is used, so no value moves"
+
+
+async def test_a_cache_hit_skips_the_coordinators_own_version_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node (replication 1, in process): a strong get with the key cached
+    reads the local row once (as the replica), not twice (also as the
+    coordinator looking up the version it knows), and answers the same."""
+    config = dataclasses.replace(local_cluster(1, free_base_port(1), secret="s"), data_dir=tmp_path)
+    async with trio.open_nursery() as nursery:
+        node: Node = await nursery.start(serve_node, config, "n1")
+        reads = 0
+        read_row = node.storage.read_row
+
+        def counting_read_row(table: str, key: bytes) -> Any:
+            nonlocal reads
+            reads += 1
+            return read_row(table, key)
+
+        monkeypatch.setattr(node.storage, "read_row", counting_read_row)
+        key = encode_key(b"k")
+        await node.client_put({"table": "default", "key": key, "value": b"v"})
+        node.cache.invalidate("default", key)
+        reads = 0
+        cold = await node.client_get({"table": "default", "key": key})
+        assert reads == 2 and node.cache.stats.misses == 1
+        reads = 0
+        warm = await node.client_get({"table": "default", "key": key})
+        assert reads == 1 and node.cache.stats.hits == 1
+        assert cold == warm == {"version": 1, "value": b"v"}
+        nursery.cancel_scope.cancel()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from jepsen_like.checker import Op, check_stale_reads_monotonic
+from jepsen_like.checker import (
+    Op,
+    check_stale_reads_monotonic,
+    is_stale_read,
+    without_stale_reads,
+)
 
 
 def ev(i: int, process: int, type_: str, f: str, **extra: object) -> Op:
@@ -42,3 +47,17 @@ def test_other_keys_and_linearizable_reads_are_not_checked() -> None:
         ev(4, 0, "invoke", "read"), ev(5, 0, "ok", "read", version=3),
     ]  # fmt: skip
     assert check_stale_reads_monotonic(history) == []
+
+
+def test_stale_reads_are_dropped_for_the_linearizability_check() -> None:
+    history = [
+        ev(0, 0, "invoke", "write"), ev(1, 0, "ok", "write", version=1),
+        ev(2, 1, "invoke", "read", consistency="stale"),  # only the invoke says so
+        ev(3, 2, "invoke", "read"),
+        ev(4, 1, "ok", "read", version=0),
+        ev(5, 2, "ok", "read", version=1),
+        ev(6, 1, "invoke", "read", consistency="stale"), ev(7, 1, "info", "read"),
+    ]  # fmt: skip
+    kept = without_stale_reads(history)
+    assert [op.index for op in kept] == [0, 1, 3, 5]
+    assert is_stale_read(history[4], history[2]) and not is_stale_read(history[5], history[3])

@@ -178,6 +178,33 @@ def test_catch_up_lines_show_hints_and_the_oldest_anti_entropy_pass() -> None:
     assert len(lines) == 3
 
 
+def test_cache_figures_per_node() -> None:
+    statuses = [
+        {
+            "node": "n1",
+            "cache": {
+                "hit_ratio": 0.875,
+                "bytes_used": 3 << 20,
+                "bytes_max": 64 << 20,
+                "evictions": 12,
+                "stale_served": 40,
+                "fallbacks": 2,
+            },
+        },
+        {"node": "n2", "cache": {"hit_ratio": 0.0, "bytes_used": 0, "bytes_max": 0}},
+        {"node": "n3", "health": "unreachable (refused)"},
+    ]
+    lines = cli.format_cache_status(statuses)
+    assert lines[0].split() == [
+        "cache", "hit", "ratio", "used", "/", "limit", "evictions", "stale", "served", "fallbacks"
+    ]  # fmt: skip
+    assert lines[1].split() == ["n1", "87.5%", "3.0", "MiB", "/", "64.0", "MiB", "12", "40", "2"]
+    assert lines[2].split() == ["n2", "0.0%", "off", "0", "0", "0"]
+    small = {"cache": {"bytes_used": 1, "bytes_max": 1 << 19}}
+    assert "512.0 KiB" in cli.format_cache_status([small])[1]
+    assert lines[3].split() == ["n3", "-"]
+
+
 # --- `up`'s config -----------------------------------------------------------------------
 
 
@@ -570,6 +597,17 @@ def test_end_to_end_cli(single_node: UpCluster) -> None:
 
     status = up.kvsvr("status")
     assert status.returncode == 0 and status.stdout.strip(), status.stderr
+    # The cache table: the repeated strong gets of "greeting" hit the cache,
+    # the stale get was served without a quorum round.
+    lines = status.stdout.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("cache ")))
+    assert "hit ratio" in lines[header] and "stale served" in lines[header]
+    cells = lines[header + 1].split()
+    assert cells[0] == "n1", status.stdout
+    assert float(cells[1].rstrip("%")) > 0, status.stdout
+    assert cells[3] == "KiB" and cells[4:7] == ["/", "64.0", "MiB"], status.stdout
+    evictions, stale_served, fallbacks = (int(cell) for cell in cells[7:10])
+    assert evictions == 0 and stale_served >= 1 and fallbacks >= 0, status.stdout
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ Pure Python, no cluster needed.
 * :func:`check` splits a history per key, searches each key (in worker
   processes when that pays) within a time budget and returns a
   :class:`CheckResult`; :func:`write_html_report` explains a violation.
-* :func:`check_stale_reads_monotonic` checks kvsvr's stale reads per process.
+* :func:`check_stale_reads_monotonic` checks kvsvr's stale reads per process;
+  :func:`without_stale_reads` leaves them out of the linearizability check.
 
 The command line is ``python -m jepsen_like.check``.
 """
@@ -45,7 +46,7 @@ from .formats import (
 from .history import Op, Operation, freeze, pair_history
 from .models import BaseModel, KvModel, Model, RegisterModel, model_for_fs
 from .report import render_html_report, write_html_report
-from .stale import StaleReadProblem, check_stale_reads_monotonic
+from .stale import StaleReadProblem, check_stale_reads_monotonic, is_stale_read, without_stale_reads
 
 __all__ = [
     "FORMATS",
@@ -68,6 +69,7 @@ __all__ = [
     "combine_verdicts",
     "detect_format",
     "freeze",
+    "is_stale_read",
     "model_for_fs",
     "pair_history",
     "parse_edn",
@@ -78,6 +80,7 @@ __all__ = [
     "read_kv_edn",
     "render_html_report",
     "to_edn",
+    "without_stale_reads",
     "write_edn",
     "write_html_report",
     "write_jsonl",

@@ -42,6 +42,32 @@ def _field(name: str, *ops: Op) -> Any:
     return None
 
 
+def is_stale_read(op: Op, invoke: Op | None = None) -> bool:
+    """A stale read event (``consistency`` on it or on its invoke)."""
+    if op.f != "read":
+        return False
+    consistency = _field("consistency", op, *(() if invoke is None else (invoke,)))
+    return isinstance(consistency, str) and consistency == "stale"
+
+
+def without_stale_reads(history: Iterable[Op]) -> list[Op]:
+    """The history minus its stale reads (invokes and completions), for the
+    linearizability check: a stale read may lag by design, so it is checked
+    by :func:`check_stale_reads_monotonic` instead."""
+    pending: dict[int, Op] = {}
+    kept: list[Op] = []
+    for op in history:
+        if op.type == "invoke":
+            pending[op.process] = op
+            if not is_stale_read(op):
+                kept.append(op)
+            continue
+        invoke = pending.pop(op.process, None)
+        if not is_stale_read(op, invoke):
+            kept.append(op)
+    return kept
+
+
 def check_stale_reads_monotonic(history: Iterable[Op]) -> list[StaleReadProblem]:
     """Report stale reads that went back in time for their own process.
 

@@ -49,6 +49,13 @@ def _nemesis_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be within [0, 1]")
+    return value
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -95,6 +102,22 @@ def parser() -> argparse.ArgumentParser:
         choices=WORKLOADS,
         default="register",
         help="register: read/write/cas; kv: get/put/delete (default register)",
+    )
+    runner.add_argument(
+        "--stale-reads",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="register workload: the share of reads sent as stale reads (no quorum round; "
+        "checked for never going back in time within a client, not for linearizability), "
+        "e.g. 0.5 (default 0)",
+    )
+    runner.add_argument(
+        "--near-cache",
+        action="store_true",
+        help="register workload: strong reads send the version of the value the client "
+        "holds (kvsvr's client near cache); the node answers 'unchanged' without the value "
+        "when its quorum chose that version",
     )
     runner.add_argument(
         "--seed",
@@ -177,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         time_s=args.time_s,
         nemeses=args.nemesis,
         workload=args.workload,
+        stale_reads=args.stale_reads,
+        near_cache=args.near_cache,
         seed=args.seed,
         clients_per_node=args.clients_per_node,
         key_count=args.keys,

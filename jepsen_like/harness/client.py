@@ -67,21 +67,47 @@ class NodeClient:
         self._nursery = nursery
         self._connection: net.RpcConnection | None = None
 
-    async def get(self, key: str, consistency: str = "strong") -> tuple[bytes | None, int]:
-        """A read (strong: linearizable; local: this node's replica only, no
+    async def get(
+        self, key: str, consistency: str = "strong", *, min_version: int = 0
+    ) -> tuple[bytes | None, int]:
+        """A read (strong: linearizable; stale: the node's cache or replica, no
+        quorum, never below `min_version`; local: this node's replica only, no
         quorum): (value or None if absent, version)."""
-        body = {
+        body: dict[str, Any] = {
             "table": TABLE,
             "key": encode_key(key.encode()),
             "consistency": consistency,
             "timeout_s": self.operation_timeout_s,
         }
+        if min_version:
+            body["min_version"] = min_version
         reply = await self._request("get", body)
         value = reply.get("value")
         version = reply.get("version")
         if (value is not None and not isinstance(value, bytes)) or not isinstance(version, int):
             raise FrameError(f"malformed get reply {reply!r:.200}")
         return value, version
+
+    async def get_if_changed(self, key: str, cached_version: int) -> tuple[bytes | None, int, bool]:
+        """A strong read for a client holding the key's value at `cached_version`
+        (kvsvr's near cache): (value, version, unchanged). When the quorum chose
+        exactly that version the node answers "unchanged" and sends no value."""
+        body = {
+            "table": TABLE,
+            "key": encode_key(key.encode()),
+            "consistency": "strong",
+            "cached_version": cached_version,
+            "timeout_s": self.operation_timeout_s,
+        }
+        reply = await self._request("get", body)
+        value = reply.get("value")
+        version = reply.get("version")
+        unchanged = reply.get("unchanged") is True
+        if (value is not None and not isinstance(value, bytes)) or not isinstance(version, int):
+            raise FrameError(f"malformed get reply {reply!r:.200}")
+        if unchanged and version != cached_version:
+            raise FrameError(f"unchanged at version {version}, asked with {cached_version}")
+        return value, version, unchanged
 
     async def put(self, key: str, value: bytes | None, if_version: int | None = None) -> int:
         """Write `value` (None deletes), if the version is `if_version`; the new version."""

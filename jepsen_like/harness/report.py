@@ -153,8 +153,27 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         )
     for probe in summary.get("corrupt_data_served", []):
         lines.append(f"DAMAGED DATA SERVED: {probe}")
+    if summary.get("unchanged_reads"):
+        lines.append(
+            f"strong reads answered 'unchanged' (near cache): {summary['unchanged_reads']}"
+        )
+    stale = summary.get("stale_reads", {})
+    if any(stale.values()):
+        lines.append(
+            f"stale reads: {stale.get('ok', 0)} ok, {stale.get('fail', 0)} fail, "
+            f"{stale.get('info', 0)} info (checked per process, not for linearizability); "
+            f"{len(summary.get('stale_read_problems', []))} went back in time"
+        )
+        caches = [
+            f"{node}: {status['cache'].get('stale_served', 0)} served, "
+            f"{status['cache'].get('fallbacks', 0)} fell back to strong"
+            for node, status in summary.get("node_status", {}).items()
+            if isinstance(status.get("cache"), dict)
+        ]
+        if caches:
+            lines.append("stale reads at the nodes: " + "; ".join(caches))
     for problem in summary.get("stale_read_problems", []):
-        lines.append(f"stale read problem: {problem}")
+        lines.append(f"STALE READ WENT BACK IN TIME: {problem}")
     for event in summary.get("unexpected_exits", []):
         lines.append(
             f"node {event['node']} exited unexpectedly at {event['at_s']:.1f} s: {event['detail']}"

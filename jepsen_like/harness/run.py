@@ -33,8 +33,10 @@ from jepsen_like.checker import (
     LINEARIZABLE,
     NOT_LINEARIZABLE,
     CheckResult,
+    StaleReadProblem,
     check,
     check_stale_reads_monotonic,
+    without_stale_reads,
     write_html_report,
 )
 from jepsen_like.harness.client import NodeClient
@@ -149,6 +151,12 @@ class RunConfig:
     time_s: float = 60.0
     nemeses: tuple[str, ...] = ("kill", "pause", "partition", "corrupt")
     workload: str = "register"
+    # The share of the register workload's reads sent as stale reads (0: all
+    # strong). They are checked for per-process monotonicity, not linearizability.
+    stale_reads: float = 0.0
+    # Register strong reads send the version of the value the client holds;
+    # the node may answer "unchanged" (kvsvr's client near cache).
+    near_cache: bool = False
     seed: int = 0
     clients_per_node: int = 3
     key_count: int = 4
@@ -188,21 +196,43 @@ def _record_completion(
         op.key,
         completion.value if completion.type == "ok" else op.value,
         node=worker.node,
+        consistency=_consistency_field(op),
         version=completion.version,
         error=completion.error,
+        unchanged=completion.unchanged or None,
     )
+
+
+def _consistency_field(op: PlannedOp) -> str | None:
+    """Recorded for stale reads only, so strong histories read as before."""
+    return None if op.consistency == "strong" else op.consistency
 
 
 async def _perform(
     history: History, worker: Worker, op: PlannedOp, workload: Workload, client: NodeClient
 ) -> Completion:
-    history.record(worker.process, "invoke", op.f, op.key, op.value, node=worker.node)
+    history.record(
+        worker.process,
+        "invoke",
+        op.f,
+        op.key,
+        op.value,
+        node=worker.node,
+        consistency=_consistency_field(op),
+    )
     try:
         completion = await workload.execute(op, worker, client)
     except BaseException:
         # Cancelled (or broken) mid-operation: the outcome is unknown.
         history.record(
-            worker.process, "info", op.f, op.key, op.value, node=worker.node, error="abandoned"
+            worker.process,
+            "info",
+            op.f,
+            op.key,
+            op.value,
+            node=worker.node,
+            consistency=_consistency_field(op),
+            error="abandoned",
         )
         raise
     _record_completion(history, worker, op, completion)
@@ -374,9 +404,34 @@ async def drive(
 def check_history(
     history: History, workload: Workload, timeout_s: float = CHECK_TIMEOUT_S
 ) -> CheckResult:
-    return check(
-        checker_ops(history.events), workload.model, timeout_s=timeout_s, workers=CHECK_WORKERS
-    )
+    """Linearizability of the history's strong operations (stale reads may lag
+    by design; `check_stale_reads` checks them)."""
+    ops = without_stale_reads(checker_ops(history.events))
+    return check(ops, workload.model, timeout_s=timeout_s, workers=CHECK_WORKERS)
+
+
+def check_stale_reads(history: History) -> list[StaleReadProblem]:
+    """Stale reads that went back in time for their own process."""
+    return check_stale_reads_monotonic(checker_ops(history.events))
+
+
+def count_stale_reads(events: Sequence[Event]) -> dict[str, int]:
+    """Stale reads by outcome (ok / fail / info), from their completions."""
+    counts = {"ok": 0, "fail": 0, "info": 0}
+    for invoke, completion in paired_ops(events):
+        if invoke["f"] == "read" and invoke.get("consistency") == "stale":
+            counts["info" if completion is None else completion["type"]] += 1
+    return counts
+
+
+def final_verdict(
+    linearizability: str, corrupt_data_served: bool, stale_read_problems: bool
+) -> str:
+    """Damaged data served, or a stale read that went back in time for its
+    own process, is an anomaly whatever the linearizability check says."""
+    if corrupt_data_served or stale_read_problems:
+        return NOT_LINEARIZABLE
+    return linearizability
 
 
 def phase_of(time_s: float, outcome: DriveOutcome) -> str:
@@ -605,7 +660,13 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
         raise ValueError(f"unknown nemeses {unknown}; expected some of {', '.join(NEMESES)}")
     if workload is None:
         keys_rng = random.Random(f"{config.seed}-keys")
-        workload = make_workload(config.workload, config.key_count, keys_rng)
+        workload = make_workload(
+            config.workload,
+            config.key_count,
+            keys_rng,
+            stale_reads=config.stale_reads,
+            near_cache=config.near_cache,
+        )
     history = History(out / "history.jsonl")
     timing = Timing(config.time_s, config.warmup_s, config.tail_s)
     statuses: dict[str, Any] = {}
@@ -640,13 +701,12 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
     if outcome is None:
         raise RunInterrupted("the run was stopped (SIGTERM) before it finished; nodes are stopped")
     result = check_history(history, workload, config.check_timeout_s)
-    stale = check_stale_reads_monotonic(checker_ops(history.events))
+    stale = check_stale_reads(history)
     counts = count_by_phase(outcome)
     rates = ops_per_s(outcome, counts)
     reasons = invalid_reasons(counts, rates, config.min_ops_per_s)
     served_bad = [p for p in probes if p["outcome"] == "served_bad"]
-    # Damaged data served is an anomaly whatever the history says.
-    verdict = NOT_LINEARIZABLE if served_bad else result.verdict
+    verdict = final_verdict(result.verdict, bool(served_bad), bool(stale))
     files = {"history": str(out / "history.jsonl")}
     if result.verdict == NOT_LINEARIZABLE:
         files["report"] = str(
@@ -663,6 +723,8 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
         "bad_keys": result.bad_keys,
         "unknown_keys": result.unknown_keys,
         "check_elapsed_s": result.elapsed_s,
+        "stale_reads": count_stale_reads(history.events),
+        "unchanged_reads": sum(1 for e in history.client_events() if e.get("unchanged")),
         "stale_read_problems": [str(p) for p in stale],
         "corruption_probes": probes,
         "corrupt_data_served": served_bad,

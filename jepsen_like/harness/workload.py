@@ -2,8 +2,13 @@
 
 `RegisterWorkload`: read / write (unique values) / cas on a few keys, each key
 retired after a cap of operations (drawn from 100-200) for a fresh one, so
-every key's history stays small enough to check quickly. `KvWorkload`: get /
-put / delete, with the same key rotation.
+every key's history stays small enough to check quickly. With
+`stale_read_fraction`, that share of its reads are stale reads (no quorum
+round), sent with the client's session floor (the highest version it wrote or
+read for the key) and recorded with `consistency: "stale"`: they are left out
+of the linearizability check and checked for never going back in time within
+their process instead. `KvWorkload`: get / put / delete, with the same key
+rotation.
 
 kvsvr's compare-and-set is on versions (`put(key, v, if_version=n)`). A
 register `cas [expected, new]` is made by a client from the last value it saw
@@ -41,6 +46,9 @@ class PlannedOp:
     f: str
     key: str
     value: Any
+    # "strong" (linearizable) or "stale" (a read answered without a quorum
+    # round, checked for per-process monotonicity instead of linearizability).
+    consistency: str = "strong"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,9 @@ class Completion:
     error: str | None = None
     # False when the request never reached the node (no connection).
     sent: bool = True
+    # A near-cache read the node answered "unchanged": the value is the one
+    # the client held at this version, not sent again.
+    unchanged: bool = False
 
 
 @dataclass(slots=True)
@@ -62,6 +73,14 @@ class Worker:
     node: str
     # Per key: the last value this client saw and the version it saw it at.
     last_seen: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    # Per key: the highest version this client wrote or read, sent with its
+    # stale reads as their floor (kvsvr's session guarantee; what the real
+    # client's SessionVersions does).
+    session_versions: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, key: str, value: Any, version: int) -> None:
+        self.last_seen[key] = (value, version)
+        self.session_versions[key] = max(version, self.session_versions.get(key, 0))
 
 
 class Workload(Protocol):
@@ -153,10 +172,21 @@ class RegisterWorkload:
         *,
         read_fraction: float = 0.4,
         write_fraction: float = 0.3,
+        stale_read_fraction: float = 0.0,
+        near_cache: bool = False,
     ) -> None:
+        if not 0.0 <= stale_read_fraction <= 1.0:
+            raise ValueError(f"stale_read_fraction {stale_read_fraction} is not within [0, 1]")
         self.keys = KeyRotation("r", key_count, rng if rng is not None else random.Random(0))
         self.read_fraction = read_fraction
         self.write_fraction = write_fraction
+        # The share of reads sent as stale reads (the rest are strong).
+        self.stale_read_fraction = stale_read_fraction
+        # Strong reads send the version of the value the client last saw (as
+        # kvsvr's client near cache does) and take that value back when the
+        # node answers "unchanged": linearizable only if the node's quorum
+        # read, not the client's copy, decides.
+        self.near_cache = near_cache
         self._next_value = 0
 
     @property
@@ -171,6 +201,10 @@ class RegisterWorkload:
         key = self.keys.pick(rng)
         roll = rng.random()
         if roll < self.read_fraction:
+            # Drawn only when asked for, so the runs of a seed without stale
+            # reads keep their sequence of operations.
+            if self.stale_read_fraction > 0 and rng.random() < self.stale_read_fraction:
+                return PlannedOp("read", key, None, consistency="stale")
             return PlannedOp("read", key, None)
         if roll < self.read_fraction + self.write_fraction:
             return PlannedOp("write", key, self._value())
@@ -191,11 +225,21 @@ class RegisterWorkload:
     async def execute(self, op: PlannedOp, worker: Worker, client: NodeClient) -> Completion:
         if op.f == "read":
             try:
-                raw, version = await client.get(op.key)
+                if op.consistency == "stale":
+                    floor = worker.session_versions.get(op.key, 0)
+                    raw, version = await client.get(op.key, "stale", min_version=floor)
+                elif self.near_cache and worker.last_seen.get(op.key, (None, 0))[0] is not None:
+                    held, held_version = worker.last_seen[op.key]
+                    raw, version, unchanged = await client.get_if_changed(op.key, held_version)
+                    if unchanged:
+                        worker.observe(op.key, held, version)
+                        return Completion("ok", held, version, unchanged=True)
+                else:
+                    raw, version = await client.get(op.key)
             except KvsvrError as error:
                 return _failed_read(error)
             value = decode_value(raw)
-            worker.last_seen[op.key] = (value, version)
+            worker.observe(op.key, value, version)
             return Completion("ok", value, version)
         if op.f == "write":
             new = op.value
@@ -209,7 +253,7 @@ class RegisterWorkload:
             version = await client.put(op.key, encode_value(new), if_version=if_version)
         except KvsvrError as error:
             return _failed_write(error)
-        worker.last_seen[op.key] = (new, version)
+        worker.observe(op.key, new, version)
         return Completion("ok", op.value, version)
 
 
@@ -263,23 +307,36 @@ class KvWorkload:
             except KvsvrError as error:
                 return _failed_read(error)
             value = decode_value(raw)
-            worker.last_seen[op.key] = (value, version)
+            worker.observe(op.key, value, version)
             return Completion("ok", value, version)
         value = None if op.f == "delete" else encode_value(op.value)
         try:
             version = await client.put(op.key, value)
         except KvsvrError as error:
             return _failed_write(error)
-        worker.last_seen[op.key] = (op.value, version)
+        worker.observe(op.key, op.value, version)
         return Completion("ok", op.value, version)
 
 
 WORKLOADS: Final = ("register", "kv")
 
 
-def make_workload(name: str, key_count: int, rng: random.Random) -> Workload:
+def make_workload(
+    name: str,
+    key_count: int,
+    rng: random.Random,
+    *,
+    stale_reads: float = 0.0,
+    near_cache: bool = False,
+) -> Workload:
+    """The named workload; `stale_reads` is the share of register reads sent
+    stale, `near_cache` makes its strong reads send the version they hold."""
     if name == "register":
-        return RegisterWorkload(key_count, rng)
+        return RegisterWorkload(
+            key_count, rng, stale_read_fraction=stale_reads, near_cache=near_cache
+        )
+    if stale_reads or near_cache:
+        raise ValueError("stale reads and the near cache are register workload options")
     if name == "kv":
         return KvWorkload(key_count, rng)
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")

@@ -38,6 +38,9 @@ class CacheStats:
     evictions: int = 0
     stale_served: int = 0
     fallbacks: int = 0  # stale reads that had to become strong reads
+    # Strong reads whose quorum chose the version the client's near cache
+    # holds: answered "unchanged", without the value.
+    unchanged: int = 0
 
 
 class RowCache:

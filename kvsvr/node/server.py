@@ -615,8 +615,11 @@ class Node:
     async def _strong_get(
         self, table: str, key: bytes, replicas: list[int], body: dict[str, Any]
     ) -> dict[str, Any]:
-        known = self.local_version(table, key, replicas)
+        client_version = _client_cached_version(body)
         entry = self.cache.get(table, key)
+        # With an entry the read tells the replicas the cached version instead,
+        # so reading the local row for its version would be wasted work.
+        known = -1 if entry is not None else self.local_version(table, key, replicas)
         cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
         now = now_ms()
         outcome = await self.coordinate(
@@ -634,7 +637,18 @@ class Node:
             self.cache.put(
                 table, key, outcome.version, outcome.value, outcome.expires_at_ms, time.monotonic()
             )
-        return {"version": outcome.version, "value": outcome.value}
+        if client_version is None:
+            return {"version": outcome.version, "value": outcome.value}
+        # A client near cache holds `client_version`: the quorum decided, and if
+        # it chose exactly that version (value present) the value need not travel.
+        if outcome.version == client_version and outcome.value is not None:
+            self.cache.stats.unchanged += 1
+            return {"version": outcome.version, "unchanged": True}
+        return {
+            "version": outcome.version,
+            "value": outcome.value,
+            "expires_at_ms": outcome.expires_at_ms,
+        }
 
     @staticmethod
     def _answer(version: int, value: bytes | None, expires_at_ms: int | None) -> dict[str, Any]:
@@ -821,6 +835,16 @@ class Node:
             self.replica_oneway(_as_request(body))
         except KvsvrError as error:
             log.warning("one-way message from %s refused: %s", peer, error)
+
+
+def _client_cached_version(body: dict[str, Any]) -> int | None:
+    """The version a strong get's client holds in its near cache (optional)."""
+    version = body.get("cached_version")
+    if version is None:
+        return None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InvalidRequest("cached_version must be an int >= 1 or None")
+    return version
 
 
 def _as_request(body: object) -> Request:

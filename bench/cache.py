@@ -1,0 +1,334 @@
+"""What the node's row cache buys: YCSB B (95% read, zipfian) on 3 nodes, 1 KiB values.
+
+    .venv/bin/python -m bench.cache                     # 10 s per phase
+    .venv/bin/python -m bench.cache --time-s 30 --clients 64
+
+Two 3-node clusters, started side by side and loaded with the same keys: one
+with the default row cache (`cache_bytes_max` 64 MiB), one with it off (0).
+Three closed-loop phases, one after the other, all with the same driver
+(`bench.driver`, the same one `bench compare` uses):
+
+  strong, cache on     strong reads: a quorum still answers versions; the
+                       coordinator's cache supplies the value when it holds
+                       the chosen version, so replicas send no value
+  strong, cache off    the same reads and writes without the cache
+  stale, cache on      stale reads: the coordinator's cache or its replica
+                       answers alone, no quorum round (never below the
+                       client's session version)
+
+It prints ops/s, p50 and p99 (ms), the servers' CPU per 1000 operations and
+each node's cache figures, then the ratios the issue asks for: strong cache
+on / off (target >= 1.3x) and stale / strong without cache (target >= 3x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from bench.driver import RunSpec, run_phase
+from bench.etcd import die_with_parent
+from bench.targets import (
+    MAP_SIZE_BYTES,
+    KvsvrCluster,
+    bulk_load_kvsvr,
+    cpu_probe,
+    free_port_run,
+)
+from bench.workloads import WORKLOADS
+
+# The issue's targets for the two ratios.
+CACHE_ON_OVER_OFF_TARGET: Final = 1.3
+STALE_OVER_STRONG_TARGET: Final = 3.0
+CACHE_BYTES_ON: Final = 64 << 20
+
+
+@dataclasses.dataclass
+class CachedKvsvrCluster(KvsvrCluster):
+    """`bench.targets.KvsvrCluster` with the node config's cache budget (and
+    LMDB map) chosen by the caller; started and stopped the same way."""
+
+    cache_bytes_max: int = CACHE_BYTES_ON
+    map_size_bytes: int = MAP_SIZE_BYTES
+
+    def start(self) -> None:
+        from kvsvr.config import TableConfig, load_config, local_cluster, render_config
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.base_port = free_port_run(self.node_count)
+        config = local_cluster(
+            self.node_count,
+            self.base_port,
+            secret=self.secret,
+            partitions=self.partitions,
+            replication=self.replication,
+            tables=(TableConfig("default"),),
+        )
+        config = dataclasses.replace(
+            config, map_size_bytes=self.map_size_bytes, cache_bytes_max=self.cache_bytes_max
+        )
+        config_path = self.directory / "cluster.toml"
+        config_path.write_text(render_config(config, data_dir="."), encoding="utf-8")
+        config_path.chmod(0o600)
+        if self.preload is not None:
+            bulk_load_kvsvr(load_config(config_path), *self.preload)
+        for node in config.nodes:
+            with (self.directory / f"{node.id}.log").open("ab") as log:
+                self.processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "kvsvr", "node", "--config", str(config_path),
+                         "--id", node.id],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        preexec_fn=die_with_parent,
+                    )
+                )  # fmt: skip
+        self._wait_ready()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Options:
+    time_s: float = 10.0
+    warmup_s: float = 2.0
+    clients: int = 64
+    processes: int = 2
+    keys: int = 10_000
+    value_bytes: int = 1024
+    distribution: str = "zipfian"
+    seed: int = 1
+    # Each round runs the three phases once, in a rotated order; the ratios
+    # come from the medians, so one phase hit by a noisy neighbour sways less.
+    rounds: int = 1
+
+
+def node_statuses(cluster: KvsvrCluster) -> list[dict[str, Any]]:
+    import kvsvr
+
+    with kvsvr.SyncClient(cluster.addresses, secret=cluster.secret, timeout_s=10) as client:
+        return [client.status(address) for address in cluster.addresses]
+
+
+def cache_totals(statuses: list[dict[str, Any]]) -> dict[str, int]:
+    names = ("hits", "misses", "evictions", "stale_served", "fallbacks")
+    return {name: sum(int(s["cache"].get(name, 0)) for s in statuses) for name in names}
+
+
+def measure(
+    cluster: KvsvrCluster, label: str, consistency: str, options: Options
+) -> dict[str, Any]:
+    spec = RunSpec(
+        target=cluster.spec(label, consistency),
+        mode="closed",
+        workload=WORKLOADS["B"],
+        distribution=options.distribution,
+        key_count=options.keys,
+        value_bytes=options.value_bytes,
+        clients=options.clients,
+        warmup_s=options.warmup_s,
+        duration_s=options.time_s,
+        processes=options.processes,
+        seed=options.seed,
+    )
+    before = cache_totals(node_statuses(cluster))
+    result = run_phase(spec, probe=lambda: cpu_probe(cluster.pids))
+    after = cache_totals(node_statuses(cluster))
+    latency = result.latency["all"].summary_ms() if "all" in result.latency else {}
+    server_cpu_s = result.probe_end.get("servers_cpu_s", 0.0) - result.probe_start.get(
+        "servers_cpu_s", 0.0
+    )
+    busy = result.probe_end.get("machine_busy_s", 0.0) - result.probe_start.get(
+        "machine_busy_s", 0.0
+    )
+    window_ops = result.ok + result.error_count
+    return {
+        "label": label,
+        "read_consistency": consistency,
+        "ops_per_s": result.ops_per_s,
+        "ok": result.ok,
+        "errors": result.errors,
+        "latency_ms": latency,
+        "read_latency_ms": result.latency["read"].summary_ms() if "read" in result.latency else {},
+        "servers_cpu_s_per_1000_ops": 1000 * server_cpu_s / window_ops if window_ops else 0.0,
+        "driver_cpu_s": result.driver_cpu_s,
+        "machine_busy_cores": busy / result.duration_s if result.duration_s else 0.0,
+        "cache": {name: after[name] - before[name] for name in after},
+    }
+
+
+STRONG_ON: Final = "strong, cache on"
+STRONG_OFF: Final = "strong, cache off"
+STALE_ON: Final = "stale, cache on"
+
+
+def ratios(phases: list[dict[str, Any]]) -> dict[str, float]:
+    """The issue's two ratios, from each phase's median ops/s over its runs."""
+    median = {
+        label: statistics.median(p["ops_per_s"] for p in phases if p["label"] == label)
+        for label in (STRONG_ON, STRONG_OFF, STALE_ON)
+    }
+    off = median[STRONG_OFF]
+    return {
+        "strong_cache_on_over_off": median[STRONG_ON] / off if off else 0.0,
+        "stale_over_strong_cache_off": median[STALE_ON] / off if off else 0.0,
+    }
+
+
+def run(options: Options, work_dir: Path | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="kvsvr-bench-cache-", dir=work_dir) as directory:
+        # Both loaded the same way before they start (rows written straight
+        # into every replica's LMDB): the reads, not the load, are measured.
+        preload = (options.keys, options.value_bytes, options.seed)
+        on = CachedKvsvrCluster(
+            3, Path(directory) / "cache-on", preload=preload, cache_bytes_max=CACHE_BYTES_ON
+        )
+        off = CachedKvsvrCluster(
+            3, Path(directory) / "cache-off", preload=preload, cache_bytes_max=0
+        )
+        try:
+            on.start()
+            off.start()
+            plan = [
+                (on, STRONG_ON, "strong"),
+                (off, STRONG_OFF, "strong"),
+                (on, STALE_ON, "stale"),
+            ]
+            phases = []
+            for round_ in range(options.rounds):
+                turn = round_ % len(plan)
+                for cluster, label, consistency in plan[turn:] + plan[:turn]:
+                    phase = measure(cluster, label, consistency, options)
+                    phases.append({**phase, "round": round_})
+            statuses = {"cache on": node_statuses(on), "cache off": node_statuses(off)}
+        finally:
+            on.stop()
+            off.stop()
+    return {
+        "options": dataclasses.asdict(options),
+        "load": "bulk (rows written into every replica's LMDB before the nodes start)",
+        "phases": phases,
+        "ratios": ratios(phases),
+        "ratios_per_round": [
+            ratios([p for p in phases if p["round"] == round_]) for round_ in range(options.rounds)
+        ],
+        "node_cache": {
+            name: [{"node": s["node"], **s["cache"]} for s in cluster_statuses]
+            for name, cluster_statuses in statuses.items()
+        },
+    }
+
+
+def report(results: dict[str, Any]) -> list[str]:
+    options = results["options"]
+    lines = [
+        f"YCSB B (95% read / 5% update), {options['distribution']}, {options['keys']} keys of "
+        f"{options['value_bytes']} B, 3 nodes, {options['clients']} clients in "
+        f"{options['processes']} processes, {options['time_s']:g} s per phase, "
+        f"{options.get('rounds', 1)} round(s)",
+        f"{'phase':<22}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv CPU-s/1k':>14}"
+        f"{'hits':>8}{'misses':>8}{'stale':>8}{'fallback':>9}{'busy cores':>11}",
+    ]
+    for phase in results["phases"]:
+        latency = phase["latency_ms"]
+        cache = phase["cache"]
+        name = (
+            phase["label"]
+            if options.get("rounds", 1) == 1
+            else (f"{phase['label']} #{phase['round'] + 1}")
+        )
+        lines.append(
+            f"{name:<22}{phase['ops_per_s']:>9.0f}{latency.get('p50_ms', 0):>9.2f}"
+            f"{latency.get('p99_ms', 0):>9.2f}{phase['servers_cpu_s_per_1000_ops']:>14.3f}"
+            f"{cache['hits']:>8}{cache['misses']:>8}{cache['stale_served']:>8}"
+            f"{cache['fallbacks']:>9}{phase['machine_busy_cores']:>11.2f}"
+        )
+    on_off = results["ratios"]["strong_cache_on_over_off"]
+    stale = results["ratios"]["stale_over_strong_cache_off"]
+    per_round = results.get("ratios_per_round", [])
+    if len(per_round) > 1:
+        lines.append(
+            "per round, on / off and stale / off: "
+            + ", ".join(
+                f"{r['strong_cache_on_over_off']:.2f}x {r['stale_over_strong_cache_off']:.2f}x"
+                for r in per_round
+            )
+        )
+    lines += [
+        f"strong reads, cache on / off: {on_off:.2f}x "
+        f"(target >= {CACHE_ON_OVER_OFF_TARGET}x: {_met(on_off, CACHE_ON_OVER_OFF_TARGET)})",
+        f"stale (cache on) / strong (cache off): {stale:.2f}x "
+        f"(target >= {STALE_OVER_STRONG_TARGET}x: {_met(stale, STALE_OVER_STRONG_TARGET)})",
+    ]
+    for name, nodes in results["node_cache"].items():
+        figures = ", ".join(
+            f"{n['node']} {n['bytes_used'] / (1 << 20):.1f}/{n['bytes_max'] / (1 << 20):.0f} MiB "
+            f"hit {100 * n['hit_ratio']:.0f}%"
+            for n in nodes
+        )
+        lines.append(f"{name}: {figures}")
+    return lines
+
+
+def _met(ratio: float, target: float) -> str:
+    return "met" if ratio >= target else "MISSED"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cache",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = Options()
+    parser.add_argument("--time-s", type=float, default=defaults.time_s)
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
+    parser.add_argument("--clients", type=int, default=defaults.clients)
+    parser.add_argument("--processes", type=int, default=defaults.processes)
+    parser.add_argument("--keys", type=int, default=defaults.keys)
+    parser.add_argument("--value-bytes", type=int, default=defaults.value_bytes)
+    parser.add_argument(
+        "--distribution", choices=("zipfian", "uniform"), default=defaults.distribution
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="run the three phases this many times, rotating their order; "
+        "ratios from the medians (default 1)",
+    )
+    parser.add_argument("--work-dir", type=Path, help="node data goes here (a real disk)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args(argv)
+    options = Options(
+        time_s=args.time_s,
+        warmup_s=args.warmup_s,
+        clients=args.clients,
+        processes=args.processes,
+        keys=args.keys,
+        value_bytes=args.value_bytes,
+        distribution=args.distribution,
+        seed=args.seed,
+        rounds=max(1, args.rounds),
+    )
+    results = run(options, args.work_dir)
+    for line in report(results):
+        print(line)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"cache-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
