@@ -81,6 +81,7 @@ HEARTBEAT_TIMEOUT_S: Final = 2.0
 PHI_DOWN: Final = 4.0
 ARRIVALS_KEPT: Final = 100
 HELLO_RETRY_S: Final = 0.05
+JOIN_WAIT_S: Final = 0.8  # below the coordinators' round timeout (1 s)
 
 HINT_BATCH_ROWS: Final = 512
 HINT_REPLAY_IDLE_S: Final = 1.0  # look for new hints of an up target this often
@@ -360,6 +361,7 @@ class Replication:
         self.rebuild = RebuildStats()
         # Strong tables refuse votes until the node knows it did not lose data.
         self.ready = False
+        self.ready_event = trio.Event()
         self._digest_cache: dict[str, tuple[float, dict[int, list[int]]]] = {}
         self._tombstones: dict[str, list[tuple[bytes, int]]] = {}
         self._shared: dict[int, list[int]] = {
@@ -378,8 +380,20 @@ class Replication:
     def is_up(self, peer: int) -> bool:
         return self.detectors[peer].is_up(time.monotonic())
 
-    def strong_votes_allowed(self) -> bool:
-        return self.ready
+    async def wait_to_vote(self) -> None:
+        """Return when this replica may vote on strong keys; raise Unavailable
+        if it may not. A node still joining (asking its peers whether the
+        cluster is new, which takes a moment after a fresh start) holds the
+        message up to JOIN_WAIT_S rather than refusing it; a rebuilding one
+        refuses at once."""
+        if self.ready:
+            return
+        if self.rebuild.state in ("starting", "joining"):
+            with trio.move_on_after(JOIN_WAIT_S):
+                await self.ready_event.wait()
+            if self.ready:
+                return
+        raise Unavailable(f"this replica is {self.rebuild.state} and does not vote yet")
 
     def _eventual(self, table: str) -> bool:
         return self.node.tables[table].consistency == "eventual"
@@ -393,6 +407,7 @@ class Replication:
 
     def _become_ready(self, why: str) -> None:
         self.ready = True
+        self.ready_event.set()
         self.rebuild.state = "ready"
         log.info("replica ready (%s)", why)
 

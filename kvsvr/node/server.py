@@ -337,7 +337,7 @@ class Node:
         if not self.replication.ready and not self._eventual(message.table):
             # Empty after losing its data: a vote now could contradict one it
             # made before the loss. The other replicas form the majority.
-            raise Unavailable("this replica is rebuilding and does not vote yet")
+            await self.replication.wait_to_vote()
         if isinstance(message, ScanRequest):
             return self._replica_scan(message)
         if isinstance(message, Commit):
