@@ -90,6 +90,8 @@ class CompareOptions:
 def applies(target: TargetInfo, workload: Workload) -> bool:
     """Stale-read targets differ from their strong twin only in reads: skip them
     for workloads without plain reads."""
+    if target.table != "default" and workload.cas > 0:
+        return False  # no compare-and-set on an eventual table
     return target.read_consistency == "strong" or workload.read > 0
 
 
@@ -393,7 +395,12 @@ def load_cluster(
     progress: Progress,
     first: bool,
 ) -> dict[str, Any]:
-    if isinstance(cluster, KvsvrCluster) and cluster.preload is not None and first:
+    if (
+        isinstance(cluster, KvsvrCluster)
+        and cluster.preload is not None
+        and first
+        and target.table == "default"
+    ):
         return {
             "system": target.system,
             "nodes": cluster.node_count,
@@ -402,7 +409,7 @@ def load_cluster(
             "method": "bulk: rows written into each replica's LMDB before the nodes started",
         }
     spec = RunSpec(
-        target=cluster.spec(f"load {target.system}", "strong"),
+        target=cluster.spec(f"load {target.system}", "strong", target.table),
         mode="load",
         key_count=options.key_count,
         value_bytes=value_bytes,
@@ -444,7 +451,7 @@ def run_closed(
     progress: Progress,
 ) -> dict[str, Any]:
     spec = RunSpec(
-        target=cluster.spec(target.name, target.read_consistency),
+        target=cluster.spec(target.name, target.read_consistency, target.table),
         mode="closed",
         workload=workload,
         distribution=distribution,
@@ -475,7 +482,7 @@ def run_open(
     progress: Progress,
 ) -> dict[str, Any]:
     spec = RunSpec(
-        target=cluster.spec(target.name, target.read_consistency),
+        target=cluster.spec(target.name, target.read_consistency, target.table),
         mode="open",
         workload=workload,
         distribution=options.distributions[0],
@@ -610,11 +617,11 @@ def _run_driven(
     ordered = run_order(driven)
     with running_clusters(ordered, work_dir, options, progress) as clusters:
         for number, value_bytes in enumerate(options.value_sizes):
-            loaded: set[tuple[str, int]] = set()
+            loaded: set[tuple[tuple[str, int], str]] = set()
             for target in ordered:
                 key = deployment_key(target)
-                if key not in loaded:
-                    loaded.add(key)
+                if (key, target.table) not in loaded:
+                    loaded.add((key, target.table))
                     results["loads"].append(
                         load_cluster(
                             clusters[key], target, options, value_bytes, progress, number == 0
@@ -714,7 +721,7 @@ def _profiled_run(
 
     time_s = min(options.time_s, PROFILE_TIME_S)
     spec = RunSpec(
-        target=cluster.spec(target.name, target.read_consistency),
+        target=cluster.spec(target.name, target.read_consistency, target.table),
         mode="closed",
         workload=workload,
         distribution=options.distributions[0],

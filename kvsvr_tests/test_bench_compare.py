@@ -311,13 +311,17 @@ def test_parse_targets() -> None:
     assert [t.name for t in parse_targets("kvsvr, etcd")] == ["kvsvr", "etcd"]
     with pytest.raises(ValueError, match="nope"):
         parse_targets("kvsvr,nope")
-    assert TARGETS["kvsvr-eventual"].skip_reason
+    assert not TARGETS["kvsvr-eventual"].skip_reason
+    assert TARGETS["kvsvr-eventual"].table == "eventual"
 
 
 def test_stale_targets_skip_write_only_workloads() -> None:
     assert not applies(TARGETS["kvsvr-stale"], WORKLOADS["W"])
     assert applies(TARGETS["kvsvr-stale"], WORKLOADS["B"])
     assert applies(TARGETS["kvsvr"], WORKLOADS["W"])
+    # An eventual table has no compare-and-set.
+    assert not applies(TARGETS["kvsvr-eventual"], WORKLOADS["CAS"])
+    assert applies(TARGETS["kvsvr-eventual"], WORKLOADS["A"])
 
 
 def test_etcd_runs_first_and_is_the_reference() -> None:
