@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_load_options(parser)
     parser.set_defaults(keys_per_client=300)
     parser.add_argument("--outage-s", type=float, default=30.0, help="seconds n3 is down (30)")
+    parser.add_argument(
+        "--replay-rows-per-s",
+        type=int,
+        default=None,
+        help="the nodes' hint_replay_rows_per_s (default: the config default)",
+    )
     return parser
 
 
@@ -81,9 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     duration_s = args.time_s if args.time_s is not None else 10.0
     defaults = ClusterConfig(nodes=(), tables=())
     windows: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    if args.replay_rows_per_s is not None:
+        settings["hint_replay_rows_per_s"] = args.replay_rows_per_s
     with (
         common.terminate_on_sigterm(),
-        common.LocalCluster(3, 3, scratch_root=args.scratch, keep=args.keep) as cluster,
+        common.LocalCluster(
+            3,
+            3,
+            scratch_root=args.scratch,
+            keep=args.keep,
+            settings=settings,
+        ) as cluster,
         kvsvr.SyncClient(cluster.addresses, secret=cluster.secret, timeout_s=10.0) as client,
         common.LoadGenerator(
             cluster.addresses,

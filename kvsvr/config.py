@@ -11,9 +11,9 @@
     hint_bytes_max = 268435456    # hints kept per unreachable target, in bytes ...
     hints_max = 2000000           # ... and in count; beyond either, anti-entropy catches up
     hint_ttl_s = 10800            # a hint older than this is dropped (3 h, as Cassandra)
-    hint_replay_rows_per_s = 20000
+    hint_replay_rows_per_s = 2500  # per coordinator holding hints
     anti_entropy_interval_s = 30  # a digest comparison with every peer this often
-    anti_entropy_rows_per_s = 20000
+    anti_entropy_rows_per_s = 2500
     tombstone_grace_s = 14400     # eventual tables: tombstones purged after this (> hint_ttl_s)
 
     [[nodes]]
@@ -86,9 +86,9 @@ class ClusterConfig:
     hint_bytes_max: int = 256 << 20
     hints_max: int = 2_000_000
     hint_ttl_s: float = 10_800.0
-    hint_replay_rows_per_s: int = 20_000
+    hint_replay_rows_per_s: int = 2_500
     anti_entropy_interval_s: float = 30.0
-    anti_entropy_rows_per_s: int = 20_000
+    anti_entropy_rows_per_s: int = 2_500
     tombstone_grace_s: float = 14_400.0
 
     def node(self, node_id: str) -> NodeConfig:
@@ -249,9 +249,9 @@ _CATCH_UP: dict[str, tuple[type, float, float]] = {
     "hint_bytes_max": (int, 256 << 20, 0),
     "hints_max": (int, 2_000_000, 0),
     "hint_ttl_s": (float, 10_800.0, 1.0),
-    "hint_replay_rows_per_s": (int, 20_000, 1),
+    "hint_replay_rows_per_s": (int, 2_500, 1),
     "anti_entropy_interval_s": (float, 30.0, 0.1),
-    "anti_entropy_rows_per_s": (int, 20_000, 1),
+    "anti_entropy_rows_per_s": (int, 2_500, 1),
     "tombstone_grace_s": (float, 14_400.0, 1.0),
 }
 
