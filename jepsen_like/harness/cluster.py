@@ -256,6 +256,26 @@ class Cluster:
             f"{self.log_tail(node_id)}"
         )
 
+    async def replica_state(self, node_id: str) -> str:
+        """The node's replica state ("ready", "joining", "rebuilding"), or why
+        it could not be asked."""
+        if not self.is_running(node_id):
+            return "not running"
+        node = self._node(node_id)
+        try:
+            with trio.fail_after(READY_ATTEMPT_TIMEOUT_S):
+                connection = await net.connect(
+                    node.config.host,
+                    node.config.port,
+                    secret=self.config.secret,
+                    connect_timeout_s=READY_ATTEMPT_TIMEOUT_S,
+                )
+                async with connection:
+                    status = await connection.request("status", {})
+            return str(status["replication"]["state"])  # type: ignore[index]
+        except (KvsvrError, trio.TooSlowError, OSError, KeyError, TypeError) as error:
+            return f"no answer ({error})"
+
     async def wait_replica_ready(self, node_id: str, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait until the node's replica votes: a node that starts empty does so
         once its peers told it the cluster is new (or once it rebuilt itself)."""

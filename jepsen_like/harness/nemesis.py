@@ -23,6 +23,7 @@ Names (for `--nemesis`):
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,7 +49,7 @@ DELAY_JITTER_S: Final = 0.050
 # Chance per chunk that the `flaky` nemesis closes the connection carrying it.
 FLAKY_CLOSE_FRACTION: Final = 0.05
 
-NEMESES: Final = ("kill", "pause", "partition", "corrupt", "delay", "flaky", "reset")
+NEMESES: Final = ("kill", "pause", "partition", "corrupt", "delay", "flaky", "reset", "wipe")
 
 
 class NemesisError(Exception):
@@ -201,6 +202,38 @@ class CorruptNemesis:
         return {}
 
 
+class WipeNemesis:
+    """SIGKILL a node, delete its whole data directory, start it again: a lost
+    disk. The node must rebuild every row from its peers before it votes
+    (kvsvr/node/replication.py), or the checker finds the promises it forgot.
+    It strikes only while every node is "ready": two replicas wiped at once is
+    a lost majority, which kvsvr does not claim to survive. Nothing to heal:
+    the node rebuilds itself."""
+
+    name = "wipe"
+
+    def __init__(self, cluster: Cluster, rng: random.Random) -> None:
+        self.cluster = cluster
+        self.rng = rng
+        self.wiped: list[str] = []
+
+    async def start(self) -> dict[str, Any]:
+        states = {n: await self.cluster.replica_state(n) for n in self.cluster.node_ids}
+        if any(state != "ready" for state in states.values()):
+            return {"skipped": "a node is not ready", "states": states}
+        node_id = self.rng.choice(self.cluster.node_ids)
+        await self.cluster.kill(node_id)
+        directory = self.cluster.data_dir(node_id)
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
+        await self.cluster.start(node_id)
+        self.wiped.append(node_id)
+        return {"node": node_id, "wiped": str(directory), "restarted": True}
+
+    async def heal(self) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        return {}
+
+
 class DelayNemesis:
     name = "delay"
 
@@ -272,6 +305,8 @@ def make_nemesis(
         return FlakyNemesis(cluster, rng)
     if name == "reset":
         return ResetNemesis(cluster, rng)
+    if name == "wipe":
+        return WipeNemesis(cluster, rng)
     raise ValueError(f"unknown nemesis {name!r}; expected some of {', '.join(NEMESES)}")
 
 
