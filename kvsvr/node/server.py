@@ -33,6 +33,15 @@ from kvsvr.errors import (
 from kvsvr.keys import decode_key, partition_prefix
 from kvsvr.net import RpcConnection, connect, serve
 from kvsvr.node.cache import RowCache
+from kvsvr.node.write_queue import (
+    KeyWriteQueues,
+    Operation,
+    QueuedWrite,
+    Slot,
+    answer_group,
+    fail_group,
+    folded_mutation,
+)
 from kvsvr.protocol import replica
 from kvsvr.protocol.coordinator import (
     Coordinator,
@@ -173,28 +182,6 @@ class PeerLink:
         connection.send_oneway(PAXOS_ONEWAY_METHOD, body)
 
 
-class _KeyLocks:
-    """At most one operation per key on this coordinator at a time, so the fast
-    path is not wasted on self-inflicted duels. Locks vanish when unused."""
-
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, bytes], tuple[trio.Lock, int]] = {}
-
-    def acquire_ref(self, slot: tuple[str, bytes]) -> trio.Lock:
-        lock, users = self._locks.get(slot, (None, 0))
-        if lock is None:
-            lock = trio.Lock()
-        self._locks[slot] = (lock, users + 1)
-        return lock
-
-    def release_ref(self, slot: tuple[str, bytes]) -> None:
-        lock, users = self._locks[slot]
-        if users <= 1:
-            del self._locks[slot]
-        else:
-            self._locks[slot] = (lock, users - 1)
-
-
 class Node:
     def __init__(self, config: ClusterConfig, node_id: str, storage: Storage) -> None:
         self.config = config
@@ -204,7 +191,7 @@ class Node:
         self.replica_sets = config.replica_sets()
         self.tables = {t.name: t for t in config.tables}
         self.peers: dict[int, PeerLink] = {}
-        self.key_locks = _KeyLocks()
+        self.write_queues = KeyWriteQueues()
         self.started_at = time.time()
         self.cache = RowCache(config.cache_bytes_max)
         self.corrupt_rows_seen = 0
@@ -422,25 +409,89 @@ class Node:
             replies = await self.quorum_round(current)
 
     async def coordinate(
-        self, table: str, key: bytes, make: Any, timeout_s: float, *, exclusive: bool = True
+        self,
+        table: str,
+        key: bytes,
+        make: Any,
+        timeout_s: float,
+        *,
+        exclusive: bool = True,
+        mutation: Mutation | None = None,
     ) -> Outcome:
         """Run one operation on a key, bounded in time. Writes (`exclusive`) run
         one at a time per key on this coordinator, so they do not duel with
         each other for the key's promise; reads need no promise and run freely
-        (serialising them queued every reader of a hot key behind the others)."""
+        (serialising them queued every reader of a hot key behind the others).
+        A write that passes its blind `mutation` may be folded with the blind
+        writes queued next to it (see `kvsvr.node.write_queue`)."""
         try:
             with trio.fail_after(timeout_s):
                 if not exclusive:
                     return await self.drive(make())
-                slot = (table, key)
-                lock = self.key_locks.acquire_ref(slot)
-                try:
-                    async with lock:
-                        return await self.drive(make())
-                finally:
-                    self.key_locks.release_ref(slot)
+                return await self._write_in_turn((table, key), QueuedWrite(make, mutation))
         except trio.TooSlowError:
             raise Timeout(f"operation did not finish in {timeout_s:g} s; outcome unknown") from None
+
+    async def _write_in_turn(self, slot: Slot, write: QueuedWrite) -> Outcome:
+        """Wait for the key's turn, then run `write` (leading the group the
+        hand-over gave it), or take the answer of the leader it was folded into."""
+        queues = self.write_queues
+        if not queues.enter(slot, write):
+            try:
+                await write.wake.wait()
+            except BaseException:
+                write.abandoned = True
+                if write.group is not None:  # made leader as it was cancelled
+                    fail_group(write.group, "its group's leader was cancelled; outcome unknown")
+                    queues.hand_over(slot)
+                raise
+            if write.group is None:  # folded into another write's group
+                if write.outcome is not None:
+                    return write.outcome
+                raise Timeout(write.failure or "outcome unknown")
+        group = write.group
+        assert group is not None and group[0] is write
+        try:
+            return await self._run_group(slot, group)
+        except BaseException:
+            fail_group(group, "the write it was folded with did not finish; outcome unknown")
+            raise
+        finally:
+            queues.hand_over(slot)
+
+    async def _run_group(self, slot: Slot, group: list[QueuedWrite]) -> Outcome:
+        if len(group) == 1:
+            return await self.drive(group[0].make())
+        table, key = slot
+        mutation = folded_mutation(group)
+        partition_key, _ = decode_key(key)
+        replicas = self.replicas_of(table, partition_key)
+        outcome = await self.drive(self._write_operation(table, key, replicas, mutation, now_ms()))
+        if outcome.status == "ok":
+            # The group's value, before the members' own (older) versions reach the cache.
+            self.cache.put(
+                table,
+                key,
+                outcome.version,
+                mutation.value,
+                mutation.expires_at_ms,
+                time.monotonic(),
+            )
+        answer_group(group, outcome)
+        assert group[0].outcome is not None
+        return group[0].outcome
+
+    def _write_operation(
+        self, table: str, key: bytes, replicas: list[int], mutation: Mutation, now: int
+    ) -> Operation:
+        # The local version only helps phase 1 (replicas leave out a value we
+        # hold); a write that holds the key's lease takes the fast path without it.
+        known = (
+            -1
+            if (table, key) in self.coordinator.leases
+            else self.local_version(table, key, replicas)
+        )
+        return self.coordinator.write(table, key, replicas, mutation, now, known)
 
     def replicas_of(self, table: str, partition_key: bytes) -> list[int]:
         return self.replica_sets[partition_of(table, partition_key, self.config.partitions)]
@@ -510,9 +561,10 @@ class Node:
     async def _strong_get(
         self, table: str, key: bytes, replicas: list[int], body: dict[str, Any]
     ) -> dict[str, Any]:
-        known = self.local_version(table, key, replicas)
         entry = self.cache.get(table, key)
         cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
+        # Replicas compare against the cached version when there is one.
+        known = -1 if cached is not None else self.local_version(table, key, replicas)
         now = now_ms()
         outcome = await self.coordinate(
             table,
@@ -554,12 +606,12 @@ class Node:
         expires = now + int(ttl_s * 1000) if ttl_s > 0 and value is not None else None
         mutation = Mutation(value, expires, if_version, if_absent)
         replicas = self.replicas_of(table, partition_key)
-        known = self.local_version(table, key, replicas)
         outcome = await self.coordinate(
             table,
             key,
-            lambda: self.coordinator.write(table, key, replicas, mutation, now, known),
+            lambda: self._write_operation(table, key, replicas, mutation, now),
             self._timeout(body),
+            mutation=mutation,
         )
         self._raise_for(outcome)
         self.cache.put(table, key, outcome.version, value, expires, time.monotonic())
@@ -632,6 +684,10 @@ class Node:
             },
             "coordinator": asdict(self.coordinator.stats),
             "storage": asdict(self.storage.stats),
+            "write_batching": {
+                "groups_folded": self.write_queues.groups_folded,
+                "writes_folded": self.write_queues.writes_folded,
+            },
             "cache": {
                 **asdict(self.cache.stats),
                 "hit_ratio": round(self.cache.hit_ratio(), 4),

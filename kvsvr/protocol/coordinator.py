@@ -105,6 +105,17 @@ class Mutation:
     expires_at_ms: int | None = None
     if_version: int | None = None
     if_absent: bool = False
+    # How many versions the write takes: the node folds k queued blind puts of
+    # one key into one proposal at chosen + k, answering the i-th put with
+    # chosen + i (see docs/DESIGN.md, "Write batching"). Conditional writes
+    # take exactly one.
+    versions: int = 1
+
+    def __post_init__(self) -> None:
+        assert self.versions >= 1, "a write takes at least one version"
+        assert self.versions == 1 or (self.if_version is None and not self.if_absent), (
+            "only blind writes are folded together"
+        )
 
     def allows(self, version: int, present: bool | None) -> bool:
         """Whether the conditions hold; `present` None means not known, which
@@ -402,7 +413,7 @@ def _write(
             coordinator.put_lease(table, key, lease)
             stats.conflicts += 1
             return Outcome("conflict", version=lease.version, detail="condition failed")
-        attempted = lease.version + 1
+        attempted = lease.version + mutation.versions
         acceptors = yield from _accept_round(
             coordinator,
             table,
@@ -536,7 +547,7 @@ def _write(
             stats.conflicts += 1
             return Outcome("conflict", version=chosen.version, detail="condition failed")
 
-        attempted = chosen.version + 1
+        attempted = chosen.version + mutation.versions
         acceptors = yield from _accept_round(
             coordinator,
             table,

@@ -1,0 +1,126 @@
+"""Write batching on a coordinator: blind puts queued on one key are folded
+into one proposal (`kvsvr.node.write_queue`).
+
+* The queue bookkeeping alone: groups take consecutive blind writes in arrival
+  order, never a conditional one, skip writers that gave up, and answer the
+  members with consecutive versions ending at the proposal's.
+* Real nodes: many concurrent blind puts of one key (with compare-and-sets
+  among them) each get their own version, the key ends at the highest one
+  with that put's value, and the node reports folded groups.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+import kvsvr
+from kvsvr.node.write_queue import (
+    WRITE_BATCH_MAX,
+    KeyWriteQueues,
+    QueuedWrite,
+    answer_group,
+    fail_group,
+    folded_mutation,
+)
+from kvsvr.protocol.coordinator import Mutation, Outcome
+from kvsvr_tests.cluster_util import LocalCluster
+
+SLOT = ("default", b"\x00\x01k")
+
+
+def _write(value: bytes, **conditions: object) -> QueuedWrite:
+    mutation = Mutation(value, **conditions)  # type: ignore[arg-type]
+    return QueuedWrite(lambda: iter(()), mutation)  # type: ignore[arg-type,return-value]
+
+
+def test_groups_take_queued_blind_writes_in_order_and_stop_at_a_condition() -> None:
+    queues = KeyWriteQueues()
+    first = _write(b"first")
+    assert queues.enter(SLOT, first) and first.group == [first]
+    blind = [_write(b"b%d" % n) for n in range(3)]
+    cas = _write(b"cas", if_version=7)
+    after = _write(b"after")
+    for write in [*blind, cas, after]:
+        assert not queues.enter(SLOT, write)
+    blind[1].abandoned = True  # its waiter timed out: skipped, never written
+
+    queues.hand_over(SLOT)
+    assert blind[0].group == [blind[0], blind[2]] and blind[0].wake.is_set()
+    assert not cas.wake.is_set()
+    folded = folded_mutation([blind[0], blind[2]])
+    assert (folded.value, folded.versions) == (b"b2", 2)
+
+    answer_group([blind[0], blind[2]], Outcome("ok", version=12))
+    assert blind[0].outcome == Outcome("ok", version=11)
+    assert blind[2].outcome == Outcome("ok", version=12) and blind[2].wake.is_set()
+
+    queues.hand_over(SLOT)
+    assert cas.group == [cas], "a conditional write goes alone"
+    queues.hand_over(SLOT)
+    assert after.group == [after]
+    queues.hand_over(SLOT)
+    assert len(queues) == 0, "an idle key costs nothing"
+    assert (queues.groups_folded, queues.writes_folded) == (1, 2)
+
+
+def test_a_group_is_bounded_and_a_failed_leader_fails_its_members() -> None:
+    queues = KeyWriteQueues()
+    assert queues.enter(SLOT, _write(b"running"))
+    waiting = [_write(b"w%d" % n) for n in range(WRITE_BATCH_MAX + 5)]
+    for write in waiting:
+        queues.enter(SLOT, write)
+    queues.hand_over(SLOT)
+    group = waiting[0].group
+    assert group is not None and len(group) == WRITE_BATCH_MAX
+    fail_group(group, "cancelled")
+    assert all(m.failure == "cancelled" and m.wake.is_set() for m in group[1:])
+    answer_group(group, Outcome("unavailable", detail="no majority"))
+    assert all(m.outcome is not None and m.outcome.status == "unavailable" for m in group)
+
+
+PUTS = 48
+
+
+@pytest.mark.slow
+async def test_concurrent_blind_puts_of_one_key_get_distinct_versions(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path, nodes=3) as cluster:
+        await cluster.astart_all()
+        async with cluster.connect(10.0) as client:
+            await client.put("hot", b"start")
+            versions: dict[int, bytes] = {}
+            cas_results: list[str] = []
+
+            async def put(n: int) -> None:
+                value = b"put %d" % n
+                version = await client.put("hot", value)
+                assert version not in versions, (version, versions)
+                versions[version] = value
+
+            async def cas() -> None:
+                current = await client.get("hot")
+                assert current is not None
+                try:
+                    version = await client.cas("hot", b"cas", if_version=current.version)
+                except kvsvr.Conflict:
+                    cas_results.append("conflict")
+                else:
+                    versions[version] = b"cas"
+                    cas_results.append("ok")
+
+            for _ in range(3):
+                async with trio.open_nursery() as nursery:
+                    for n in range(PUTS):
+                        nursery.start_soon(put, n)
+                    nursery.start_soon(cas)
+            final = await client.get("hot")
+            assert final is not None
+            assert final.version == max(versions), (final, sorted(versions))
+            assert final.value == versions[final.version]
+            assert len(versions) == 3 * PUTS + cas_results.count("ok")
+            folded = 0
+            for node_id in cluster.ids:
+                folded += (await client.status(node_id))["write_batching"]["writes_folded"]
+            assert folded > 0, "48 puts of one key at once were never folded"
