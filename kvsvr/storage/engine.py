@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +102,15 @@ RECORD_BYTES_MAX = BATCH_BYTES_MAX
 STAGED_OPS_MAX = 16 * BATCH_OPS_MAX
 STAGED_BYTES_MAX = 256 << 20
 
+# Decoded rows kept for reads (see `_DecodedRows`): a put touches its row on
+# the coordinator's replica up to three times within milliseconds, and a hot
+# key is touched by every operation. 32 MiB holds the working set of 100 B
+# values many times over and bounds a store of 1 MiB values to a few dozen.
+DECODED_ROWS_BYTES_MAX = 32 << 20
+# What a cached row costs beyond its encoded bytes (the Row, its tuples, the
+# dict entry), so that tiny rows are not undercounted.
+DECODED_ROW_OVERHEAD_BYTES = 400
+
 # A scan returns at most this many rows: a scan result travels in one frame
 # and is built in memory on the trio thread.
 SCAN_ROWS_MAX = 10_000
@@ -150,10 +159,58 @@ class _Op:
     key: bytes
     data: bytes | None  # None: delete the key
     seq: int  # staging order; tells a later write to the same key from this one
+    row: Row | None = None  # the decoded row `data` encodes (table writes)
 
     @property
     def size_bytes(self) -> int:
         return len(self.key) + (0 if self.data is None else len(self.data))
+
+
+class _DecodedRows:
+    """Rows as `read_row` returns them, by (database, key), least recently used
+    first; bounded by `DECODED_ROWS_BYTES_MAX`. Saves the LMDB read and the
+    decode (crc32c, msgpack, field checks) of rows touched again soon.
+
+    Coherent because it is write-through: every `stage` of a table row puts
+    the new row (or drops the key), so it always holds what the overlay or
+    LMDB would return; a fail-stop clears it with the overlay (it may hold
+    writes that never reached the disk). Nothing but this `Storage` writes
+    the file while it is open (a second writer would break the overlay too)."""
+
+    def __init__(self, bytes_max: int) -> None:
+        self._rows: OrderedDict[tuple[bytes, bytes], tuple[Row, int]] = OrderedDict()
+        self._bytes = 0
+        self._bytes_max = bytes_max
+
+    def get(self, db_name: bytes, key: bytes) -> Row | None:
+        entry = self._rows.get((db_name, key))
+        if entry is None:
+            return None
+        self._rows.move_to_end((db_name, key))
+        return entry[0]
+
+    def put(self, db_name: bytes, key: bytes, row: Row, data_bytes: int) -> None:
+        slot = (db_name, key)
+        size = len(key) + data_bytes + DECODED_ROW_OVERHEAD_BYTES
+        old = self._rows.pop(slot, None)
+        if old is not None:
+            self._bytes -= old[1]
+        if size > self._bytes_max:
+            return
+        self._rows[slot] = (row, size)
+        self._bytes += size
+        while self._bytes > self._bytes_max:
+            _, (_, evicted) = self._rows.popitem(last=False)
+            self._bytes -= evicted
+
+    def drop(self, db_name: bytes, key: bytes) -> None:
+        old = self._rows.pop((db_name, key), None)
+        if old is not None:
+            self._bytes -= old[1]
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._bytes = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -219,6 +276,7 @@ class Storage:
         self._generation = _process_generation
         # Staged, uncommitted writes by database and key: the latest one wins.
         self._overlay: dict[bytes, dict[bytes, _Op]] = {name: {} for name in dbs}
+        self._decoded = _DecodedRows(DECODED_ROWS_BYTES_MAX)
         self._sealed: deque[_Batch] = deque()  # full batches, oldest first
         self._gathering = _Batch()  # the batch new writes join
         self._staged_ops = 0  # in every uncommitted batch, including the one committing
@@ -263,8 +321,17 @@ class Storage:
     def read_row(self, table: str, key: bytes) -> Row | None:
         """The row of `key` (a staged write shadows LMDB), or None if absent.
         Raises `CorruptRow` for a row that fails its checks."""
-        data = self._read(self._table_db(table), key)
-        return None if data is None else _decode(table, key, data)
+        db_name = self._table_db(table)
+        row = self._decoded.get(db_name, key)
+        if row is not None:
+            self._check_readable()
+            return row
+        data = self._read(db_name, key)
+        if data is None:
+            return None
+        row = _decode(table, key, data)
+        self._decoded.put(db_name, key, row, len(data))
+        return row
 
     def scan(
         self, table: str, start: bytes, end: bytes | None, limit: int
@@ -481,7 +548,9 @@ class Storage:
             data = None if row is None else encode_row(row)
         except ValueError as error:
             raise InvalidRequest(f"table {table!r} key {key!r}: {error}") from error
-        return self._prepare_raw(db_name, key, data)
+        op = self._prepare_raw(db_name, key, data)
+        op.row = row
+        return op
 
     def _prepare_raw(self, db_name: bytes, key: bytes, data: bytes | None) -> _Op:
         self._check_key(key)
@@ -521,6 +590,10 @@ class Storage:
             op.seq = self._seq
             batch.ops.append(op)
             self._overlay[op.db_name][op.key] = op
+            if op.row is not None and op.data is not None:
+                self._decoded.put(op.db_name, op.key, op.row, len(op.data))
+            else:
+                self._decoded.drop(op.db_name, op.key)
         batch.size_bytes += size_bytes
         self._staged_ops += len(ops)
         self._staged_bytes += size_bytes
@@ -613,6 +686,7 @@ class Storage:
         self._gathering = _Batch()
         for entries in self._overlay.values():
             entries.clear()
+        self._decoded.clear()
         self._staged_ops = 0
         self._staged_bytes = 0
         for each in failed:
