@@ -13,7 +13,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -69,7 +69,7 @@ from kvsvr.protocol.messages import (
 from kvsvr.protocol.placement import partition_of
 from kvsvr.protocol.state import EMPTY_ROW, Row
 from kvsvr.storage import Storage, decode_row, encode_row
-from kvsvr.storage.engine import prefix_end
+from kvsvr.storage.engine import CommitTicket, prefix_end
 
 log = logging.getLogger("kvsvr.node")
 
@@ -98,6 +98,8 @@ REPAIR_RETRY_AFTER_S = 1.0
 REPAIR_FAILURES_REMEMBERED_MAX = 10_000
 
 PAXOS_METHOD = "px"
+# How a replica request handled without a task answers: (reply, None) or (None, error).
+ReplicaAnswer = Callable[[Reply | None, KvsvrError | None], None]
 ROW_METHOD = "row"
 PAXOS_ONEWAY_METHOD = "px1"
 
@@ -180,6 +182,90 @@ class PeerLink:
             self.oneway_dropped += 1
             return
         connection.send_oneway(PAXOS_ONEWAY_METHOD, body)
+
+
+class _RoundCollector:
+    """The replies of one quorum round, gathered by callbacks; `enough` is set
+    once `quorum` are positive, or enough refused that the quorum is out of
+    reach, or every replica answered or failed. Closed when the round ends:
+    later replies are dropped and requests still out are forgotten."""
+
+    __slots__ = (
+        "enough",
+        "finished",
+        "negative",
+        "open",
+        "outstanding",
+        "positive",
+        "quorum",
+        "replies",
+        "total",
+    )
+
+    def __init__(self, quorum: int, total: int) -> None:
+        self.quorum = quorum
+        self.total = total
+        self.replies: Replies = {}
+        self.positive = 0
+        self.negative = 0
+        self.finished = 0
+        self.open = True
+        self.enough = trio.Event()
+        self.outstanding: list[tuple[RpcConnection, int]] = []
+
+    def add(self, target: int, reply: Reply) -> None:
+        if not self.open:
+            return
+        self.replies[target] = reply
+        if is_positive(reply):
+            self.positive += 1
+        else:
+            self.negative += 1
+        self._finish_one()
+
+    def no_answer(self, target: int) -> None:
+        if self.open:
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        self.finished += 1
+        if (
+            self.positive >= self.quorum
+            or self.negative > self.total - self.quorum
+            or self.finished == self.total
+        ):
+            self.enough.set()
+
+    def local_answer(self, target: int, reply: Reply | None, error: KvsvrError | None) -> None:
+        if reply is not None:
+            self.add(target, reply)
+        else:
+            log.debug("local replica did not answer: %s", error)
+            self.no_answer(target)
+
+    def remote_answer(
+        self, target: int, expected: type, raw: object, error: KvsvrError | None
+    ) -> None:
+        if error is None:
+            try:
+                reply = from_wire(raw)
+                if not isinstance(reply, expected) or not isinstance(
+                    reply, Promise | AcceptReply | ReadReply | ScanReply
+                ):
+                    raise FrameError(f"expected {expected.__name__}, got {type(reply).__name__}")
+            except FrameError as bad:
+                error = bad
+            else:
+                self.add(target, reply)
+                return
+        log.debug("replica %d did not answer: %s", target, error)
+        self.no_answer(target)
+
+    def close(self) -> None:
+        self.open = False
+        for connection, request_id in self.outstanding:
+            connection.forget(request_id)
+        self.outstanding.clear()
 
 
 class Node:
@@ -295,19 +381,46 @@ class Node:
         row = self.storage.read_row(table, key)  # a corrupt row here raises, never travels
         return None if row is None else encode_row(row)
 
-    async def replica_request(self, message: Request) -> Reply:
+    def _replica_step(self, message: Request) -> tuple[Reply, CommitTicket | None]:
+        """Apply a request to the replica: the reply, and the ticket of the row
+        change it must wait for (None: nothing changed) before it may leave."""
         self._check_table(message.table)
         if isinstance(message, ScanRequest):
-            return self._replica_scan(message)
+            return self._replica_scan(message), None
         if isinstance(message, Commit):
             raise InvalidRequest("commit is a one-way message")
         new_row, reply = replica.handle(self._read_row(message.table, message.key), message)
         assert reply is not None
-        if new_row is not None:
-            # Durable before the answer leaves: a forgotten promise breaks Paxos.
-            ticket = self.storage.stage(message.table, message.key, new_row)
+        if new_row is None:
+            return reply, None
+        # Durable before the answer leaves: a forgotten promise breaks Paxos.
+        return reply, self.storage.stage(message.table, message.key, new_row)
+
+    async def replica_request(self, message: Request) -> Reply:
+        reply, ticket = self._replica_step(message)
+        if ticket is not None:
             await self.storage.wait_durable(ticket)
         return reply
+
+    def replica_nowait(self, message: Request, answer: ReplicaAnswer) -> None:
+        """`replica_request` without a task: `answer(reply, None)` once the reply
+        may leave (its row change is durable), or `answer(None, error)`."""
+        try:
+            reply, ticket = self._replica_step(message)
+        except KvsvrError as error:
+            answer(None, error)
+            return
+        if ticket is None:
+            answer(reply, None)
+            return
+
+        def durable(failure: KvsvrError | None) -> None:
+            if failure is None:
+                answer(reply, None)
+            else:
+                answer(None, failure)
+
+        self.storage.when_durable(ticket, durable)
 
     def replica_oneway(self, message: Request) -> None:
         if not isinstance(message, Commit):
@@ -366,30 +479,50 @@ class Node:
                 except KvsvrError as error:
                     log.debug("replica %d did not answer: %s", target, error)
             return {}
-        replies: Replies = {}
-        total = len(current.requests)
-        enough = trio.Event()
-        finished = 0
+        collector = _RoundCollector(current.quorum, len(current.requests))
+        try:
+            for target, message in current.requests.items():
+                self._send_for_round(target, message, collector)
+            with trio.move_on_after(ROUND_TIMEOUT_S):
+                await collector.enough.wait()
+        finally:
+            collector.close()
+        return collector.replies
 
-        async def ask_one(target: int, message: Request) -> None:
-            nonlocal finished
+    def _send_for_round(self, target: int, message: Request, collector: _RoundCollector) -> None:
+        """Send one request of a round; its reply (or failure) goes to
+        `collector`, without a task: the local replica answers through a
+        durability callback, a connected peer through a reply callback."""
+        if target == self.me.index:
+            self.replica_nowait(message, partial(collector.local_answer, target))
+            return
+        connection = self.peers[target].connection
+        request_id = None
+        if connection is not None and not connection.closed:
+            request_id = connection.request_nowait(
+                PAXOS_METHOD,
+                to_wire(message),
+                partial(collector.remote_answer, target, _REPLY_TYPES[type(message)]),
+            )
+        if request_id is not None:
+            assert connection is not None
+            collector.outstanding.append((connection, request_id))
+            return
+        # Not connected yet (or its queue is full): the ordinary path, in a task
+        # of the node's nursery, bounded by the round's timeout.
+        assert self.nursery is not None
+        self.nursery.start_soon(self._ask_for_round, target, message, collector)
+
+    async def _ask_for_round(
+        self, target: int, message: Request, collector: _RoundCollector
+    ) -> None:
+        with trio.move_on_after(ROUND_TIMEOUT_S):
             try:
-                replies[target] = await self.ask(target, message)
+                collector.add(target, await self.ask(target, message))
+                return
             except KvsvrError as error:
                 log.debug("replica %d did not answer: %s", target, error)
-            finished += 1
-            positive = sum(1 for r in replies.values() if is_positive(r))
-            negative = len(replies) - positive
-            if positive >= current.quorum or negative > total - current.quorum or finished == total:
-                enough.set()
-
-        with trio.move_on_after(ROUND_TIMEOUT_S):
-            async with trio.open_nursery() as nursery:
-                for target, message in current.requests.items():
-                    nursery.start_soon(ask_one, target, message)
-                await enough.wait()
-                nursery.cancel_scope.cancel()
-        return dict(replies)
+        collector.no_answer(target)
 
     async def drive(self, operation: Generator[Round, Replies, Outcome]) -> Outcome:
         replies: Replies | None = None
@@ -749,6 +882,33 @@ class Node:
         if method == "scan":
             return await self.client_scan(body)
         raise InvalidRequest(f"unknown method {method!r}")
+
+    def handle_request_nowait(
+        self,
+        peer: str,
+        method: str,
+        body: object,
+        respond: Callable[[object, KvsvrError | None], None],
+    ) -> bool:
+        """Peers' Paxos requests, answered without a task of their own (see
+        `replica_nowait`); False for every other method (`handle_request`)."""
+        if method != PAXOS_METHOD:
+            return False
+        self.requests_served += 1
+        try:
+            message = _as_request(body)
+        except KvsvrError as error:
+            respond(None, error)
+            return True
+
+        def answer(reply: Reply | None, error: KvsvrError | None) -> None:
+            if reply is None:
+                respond(None, error)
+            else:
+                respond(to_wire(reply), None)
+
+        self.replica_nowait(message, answer)
+        return True
 
     def handle_oneway(self, peer: str, method: str, body: object) -> None:
         if method != PAXOS_ONEWAY_METHOD:

@@ -38,9 +38,10 @@ answered is safe in Paxos.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NoReturn
@@ -51,6 +52,8 @@ import trio
 from kvsvr.errors import CorruptRow, InvalidRequest, KvsvrError, Unavailable
 from kvsvr.protocol.state import Row
 from kvsvr.storage.codec import decode_row, encode_row
+
+_log = logging.getLogger("kvsvr.storage")
 
 # --- Limits and LMDB settings ----------------------------------------------
 
@@ -222,6 +225,17 @@ class _Batch:
     urgent: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     error: StorageFailed | None = None
+    # Run on the trio thread once `done` is set (see `Storage.when_durable`).
+    callbacks: list[Callable[[StorageFailed | None], None]] = field(default_factory=list)
+
+    def set_done(self) -> None:
+        self.done.set()
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self.error)
+            except Exception:  # one waiter's bug must not cost the others their answer
+                _log.exception("a when_durable callback failed")
 
     def fits(self, op_count: int, size_bytes: int) -> bool:
         return (
@@ -387,6 +401,18 @@ class Storage:
         failure = ticket._batch.error
         if failure is not None:
             raise StorageFailed(str(failure)) from failure.__cause__
+
+    def when_durable(
+        self, ticket: CommitTicket, callback: Callable[[StorageFailed | None], None]
+    ) -> None:
+        """`wait_durable` without a task: `callback(None)` runs on the trio
+        thread once the ticket's write is committed and fsynced, or
+        `callback(error)` if its commit failed; at once if that is already so."""
+        batch = ticket._batch
+        if batch.done.is_set():
+            callback(batch.error)
+        else:
+            batch.callbacks.append(callback)
 
     async def write(self, ops: Sequence[tuple[str, bytes, Row | None]]) -> None:
         """Stage every (table, key, row) and wait until they are durable. The ops
@@ -665,7 +691,7 @@ class Storage:
         self._stats.ops_committed += len(batch.ops)
         self._stats.bytes_committed += batch.size_bytes
         self._stats.max_batch_ops = max(self._stats.max_batch_ops, len(batch.ops))
-        batch.done.set()
+        batch.set_done()
 
     def _fail(self, batch: _Batch, error: Exception) -> NoReturn:
         """Fail-stop: fail this batch and every one behind it, drop the overlay,
@@ -691,7 +717,7 @@ class Storage:
         self._staged_bytes = 0
         for each in failed:
             each.error = failure
-            each.done.set()
+            each.set_done()
         self._wakeup.set()
         raise failure
 
