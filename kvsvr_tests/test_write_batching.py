@@ -124,3 +124,36 @@ async def test_concurrent_blind_puts_of_one_key_get_distinct_versions(tmp_path: 
             for node_id in cluster.ids:
                 folded += (await client.status(node_id))["write_batching"]["writes_folded"]
             assert folded > 0, "48 puts of one key at once were never folded"
+
+
+@pytest.mark.slow
+async def test_a_paused_peer_costs_the_hedge_delay_once_not_per_round(tmp_path: Path) -> None:
+    """Rounds ask a majority first (the coordinator's replica and the next
+    peer). With that peer paused, the first round hedges to the third replica
+    and marks the peer slow, so later rounds ask everyone at once instead of
+    each waiting out the hedge delay; every put still succeeds."""
+    with LocalCluster(tmp_path, nodes=3) as cluster:
+        await cluster.astart_all()
+        async with cluster.connect(10.0) as client:
+            partition_map = await client.partition_map()
+            key = next(
+                k
+                for k in (f"key-{i}" for i in range(10_000))
+                if [n.id for n in partition_map.replicas("default", k.encode())][:2] == ["n1", "n2"]
+            )
+            for n in range(5):
+                await client.put(key, b"before %d" % n)
+            before = (await client.status("n1"))["rounds"]
+            assert before["thrifty"] > 0
+            cluster.pause("n2")
+            try:
+                puts = 20
+                for n in range(puts):
+                    assert await client.put(key, b"paused %d" % n) == 6 + n
+                after = (await client.status("n1"))["rounds"]
+            finally:
+                cluster.resume("n2")
+            hedged = after["hedged"] - before["hedged"]
+            assert 1 <= hedged < puts // 2, after
+            item = await client.get(key)
+            assert item is not None and item.value == b"paused %d" % (puts - 1)

@@ -81,6 +81,18 @@ ROUND_TIMEOUT_S = 1.0
 # (outcome unknown). Below the client's default of 5 s so the client hears why.
 OPERATION_TIMEOUT_S = 4.0
 OPERATION_TIMEOUT_MAX_S = 60.0
+# A round asks a majority first (see `Node._thrifty_split`) and the other
+# replicas only if that majority has not made a quorum after a hedge delay:
+# HEDGE_ROUNDS_FACTOR times the recent round time (a moving average, weight
+# ROUND_TIME_WEIGHT per round), so that a loaded node does not hedge every
+# round, within [ROUND_HEDGE_MIN_S, ROUND_HEDGE_MAX_S], well below
+# ROUND_TIMEOUT_S. A peer that made a round wait that long is asked along with
+# everyone for PEER_SLOW_S, so a paused or overloaded peer costs the delay once.
+ROUND_HEDGE_MIN_S = 0.02
+ROUND_HEDGE_MAX_S = 0.25
+HEDGE_ROUNDS_FACTOR = 4.0
+ROUND_TIME_WEIGHT = 0.05
+PEER_SLOW_S = 1.0
 # Connecting to a peer: give up after this, and do not try again for a while,
 # so that rounds do not keep paying for a dead peer.
 PEER_CONNECT_TIMEOUT_S = 0.5
@@ -130,6 +142,7 @@ class PeerLink:
         self.down_until = 0.0
         self.connecting = trio.Lock()
         self.oneway_dropped = 0
+        self.slow_until = 0.0  # trio time; see Node._mark_slow
 
     @property
     def up(self) -> bool:
@@ -185,13 +198,13 @@ class PeerLink:
 
 
 class _RoundCollector:
-    """The replies of one quorum round, gathered by callbacks; `enough` is set
+    """The replies of one quorum round, gathered by callbacks; `settled` is set
     once `quorum` are positive, or enough refused that the quorum is out of
-    reach, or every replica answered or failed. Closed when the round ends:
-    later replies are dropped and requests still out are forgotten."""
+    reach among the requests sent so far (`expect`), or every one sent
+    answered or failed. Closed when the round ends: later replies are dropped
+    and requests still out are forgotten."""
 
     __slots__ = (
-        "enough",
         "finished",
         "negative",
         "open",
@@ -199,19 +212,29 @@ class _RoundCollector:
         "positive",
         "quorum",
         "replies",
+        "settled",
         "total",
     )
 
-    def __init__(self, quorum: int, total: int) -> None:
+    def __init__(self, quorum: int) -> None:
         self.quorum = quorum
-        self.total = total
+        self.total = 0
         self.replies: Replies = {}
         self.positive = 0
         self.negative = 0
         self.finished = 0
         self.open = True
-        self.enough = trio.Event()
+        self.settled = trio.Event()
         self.outstanding: list[tuple[RpcConnection, int]] = []
+
+    @property
+    def has_quorum(self) -> bool:
+        return self.positive >= self.quorum
+
+    def expect(self, count: int) -> None:
+        """`count` more requests are about to be sent (call before sending)."""
+        self.total += count
+        self.settled = trio.Event()
 
     def add(self, target: int, reply: Reply) -> None:
         if not self.open:
@@ -234,7 +257,7 @@ class _RoundCollector:
             or self.negative > self.total - self.quorum
             or self.finished == self.total
         ):
-            self.enough.set()
+            self.settled.set()
 
     def local_answer(self, target: int, reply: Reply | None, error: KvsvrError | None) -> None:
         if reply is not None:
@@ -278,6 +301,9 @@ class Node:
         self.tables = {t.name: t for t in config.tables}
         self.peers: dict[int, PeerLink] = {}
         self.write_queues = KeyWriteQueues()
+        self.rounds_thrifty = 0  # rounds that asked a majority first
+        self.rounds_hedged = 0  # ... and then had to ask the others too
+        self.round_time_s = ROUND_HEDGE_MIN_S  # moving average of thrifty rounds
         self.started_at = time.time()
         self.cache = RowCache(config.cache_bytes_max)
         self.corrupt_rows_seen = 0
@@ -479,15 +505,74 @@ class Node:
                 except KvsvrError as error:
                     log.debug("replica %d did not answer: %s", target, error)
             return {}
-        collector = _RoundCollector(current.quorum, len(current.requests))
+        collector = _RoundCollector(current.quorum)
+        first, rest = self._thrifty_split(current)
+        if rest:
+            self.rounds_thrifty += 1
         try:
-            for target, message in current.requests.items():
-                self._send_for_round(target, message, collector)
+            collector.expect(len(first))
+            for target in first:
+                self._send_for_round(target, current.requests[target], collector)
             with trio.move_on_after(ROUND_TIMEOUT_S):
-                await collector.enough.wait()
+                if rest:
+                    started = trio.current_time()
+                    with trio.move_on_after(self._hedge_s()):
+                        await collector.settled.wait()
+                    elapsed = trio.current_time() - started
+                    self.round_time_s += ROUND_TIME_WEIGHT * (elapsed - self.round_time_s)
+                    if not collector.has_quorum:
+                        self.rounds_hedged += 1
+                        self._mark_slow(first, collector)
+                        collector.expect(len(rest))
+                        for target in rest:
+                            self._send_for_round(target, current.requests[target], collector)
+                await collector.settled.wait()
         finally:
             collector.close()
         return collector.replies
+
+    def _thrifty_split(self, current: Round) -> tuple[list[int], list[int]]:
+        """The replicas to ask first, and the ones asked only if those do not
+        make a quorum (a refusal, a failure, or no quorum in ROUND_HEDGE_S).
+
+        A quorum needs any majority's answers, never a particular one, so a
+        round asks just a majority: our own replica (free: no message) and the
+        first connected, not recently slow peers in replica order (so the same
+        peer answers a key's rounds and its rows stay current; the others
+        learn every chosen value from the commits, which carry it to replicas
+        that did not accept). That spares the other replicas a request, an
+        fsync'd row change and a reply per operation. With too few healthy
+        peers known, everyone is asked at once, as before."""
+        targets = list(current.requests)
+        if len(targets) <= current.quorum:
+            return targets, []
+        now = trio.current_time()
+        first = [self.me.index] if self.me.index in current.requests else []
+        for target in targets:
+            if len(first) >= current.quorum:
+                break
+            if target == self.me.index:
+                continue
+            link = self.peers[target]
+            if link.up and link.slow_until <= now:
+                first.append(target)
+        if len(first) < current.quorum:
+            return targets, []
+        return first, [target for target in targets if target not in first]
+
+    def _hedge_s(self) -> float:
+        return min(
+            ROUND_HEDGE_MAX_S, max(ROUND_HEDGE_MIN_S, HEDGE_ROUNDS_FACTOR * self.round_time_s)
+        )
+
+    def _mark_slow(self, asked: list[int], collector: _RoundCollector) -> None:
+        """Peers asked first that have not answered when the round had to ask
+        the others: ask everyone in rounds for a while rather than pay the
+        hedge delay per operation (a paused or overloaded peer)."""
+        until = trio.current_time() + PEER_SLOW_S
+        for target in asked:
+            if target != self.me.index and target not in collector.replies:
+                self.peers[target].slow_until = until
 
     def _send_for_round(self, target: int, message: Request, collector: _RoundCollector) -> None:
         """Send one request of a round; its reply (or failure) goes to
@@ -817,6 +902,7 @@ class Node:
             },
             "coordinator": asdict(self.coordinator.stats),
             "storage": asdict(self.storage.stats),
+            "rounds": {"thrifty": self.rounds_thrifty, "hedged": self.rounds_hedged},
             "write_batching": {
                 "groups_folded": self.write_queues.groups_folded,
                 "writes_folded": self.write_queues.writes_folded,

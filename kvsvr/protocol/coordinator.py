@@ -7,7 +7,9 @@ from replica to reply. It returns an `Outcome`. It never touches a socket, a
 clock or a disk: the node drives it over TCP and LMDB, the tests and the
 simulator drive it in memory. The driver's duties, all of them:
 
-- wait `delay_s`, then send every request and every one-way message;
+- wait `delay_s`, then send every one-way message, and the requests: all of
+  them, or first only to enough replicas to make the quorum and to the others
+  when those do not (safety never depends on which replicas answer);
 - return as soon as `quorum` replies are positive (`is_positive`), or enough
   refusals came that the quorum is out of reach, or the round timed out;
 - run at most one operation per (table, key) at a time on one coordinator
