@@ -17,6 +17,7 @@ import pytest
 import trio
 
 import kvsvr
+from kvsvr.node.read_share import SharedReads
 from kvsvr.node.write_queue import (
     WRITE_BATCH_MAX,
     KeyWriteQueues,
@@ -157,3 +158,55 @@ async def test_a_paused_peer_costs_the_hedge_delay_once_not_per_round(tmp_path: 
             assert 1 <= hedged < puts // 2, after
             item = await client.get(key)
             assert item is not None and item.value == b"paused %d" % (puts - 1)
+
+
+def test_shared_reads_bookkeeping() -> None:
+    reads = SharedReads()
+    slot = ("default", b"k")
+    reads.running.add(slot)
+    first = reads.join_next(slot, lambda: iter(()))  # type: ignore[arg-type,return-value]
+    assert reads.join_next(slot, lambda: iter(())) is first  # type: ignore[arg-type,return-value]
+    assert reads.take_next(slot) is first and slot in reads.running
+    assert (reads.rounds_shared, reads.reads_shared) == (1, 2)
+    assert reads.take_next(slot) is None and slot not in reads.running
+
+
+@pytest.mark.slow
+async def test_shared_strong_reads_never_miss_a_write_completed_before_them(
+    tmp_path: Path,
+) -> None:
+    """Many strong reads of one key at once share rounds; each must still see
+    at least the version of every write acknowledged before it was invoked."""
+    with LocalCluster(tmp_path, nodes=3) as cluster:
+        await cluster.astart_all()
+        async with cluster.connect(10.0) as client:
+            acknowledged = await client.put("hot", b"v")
+            stop = trio.Event()
+            stale: list[tuple[int, int]] = []
+            reads = 0
+
+            async def writer() -> None:
+                nonlocal acknowledged
+                for n in range(30):
+                    acknowledged = await client.put("hot", b"v%d" % n)
+                stop.set()
+
+            async def reader() -> None:
+                nonlocal reads
+                while not stop.is_set():
+                    floor = acknowledged
+                    item = await client.get("hot")
+                    assert item is not None
+                    reads += 1
+                    if item.version < floor:
+                        stale.append((item.version, floor))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                for _ in range(32):
+                    nursery.start_soon(reader)
+            assert not stale, stale[:5]
+            shared = 0
+            for node_id in cluster.ids:
+                shared += (await client.status(node_id))["read_sharing"]["reads_shared"]
+            assert reads > 100 and shared > 0, (reads, shared)

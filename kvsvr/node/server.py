@@ -33,6 +33,7 @@ from kvsvr.errors import (
 from kvsvr.keys import decode_key, partition_prefix
 from kvsvr.net import RpcConnection, connect, serve
 from kvsvr.node.cache import RowCache
+from kvsvr.node.read_share import SharedRead, SharedReads
 from kvsvr.node.write_queue import (
     KeyWriteQueues,
     Operation,
@@ -301,6 +302,7 @@ class Node:
         self.tables = {t.name: t for t in config.tables}
         self.peers: dict[int, PeerLink] = {}
         self.write_queues = KeyWriteQueues()
+        self.shared_reads = SharedReads()
         self.rounds_thrifty = 0  # rounds that asked a majority first
         self.rounds_hedged = 0  # ... and then had to ask the others too
         self.round_time_s = ROUND_HEDGE_MIN_S  # moving average of thrifty rounds
@@ -711,6 +713,43 @@ class Node:
         )
         return self.coordinator.write(table, key, replicas, mutation, now, known)
 
+    async def _shared_strong_read(
+        self, slot: Slot, make: Callable[[], Operation], timeout_s: float
+    ) -> Outcome:
+        """A strong read that runs its own round if the key is idle here, else
+        shares the next round with the other reads of the key that arrive
+        meanwhile (see `kvsvr.node.read_share`)."""
+        reads = self.shared_reads
+        try:
+            with trio.fail_after(timeout_s):
+                if slot not in reads.running or self.nursery is None:
+                    reads.running.add(slot)
+                    try:
+                        return await self.drive(make())
+                    finally:
+                        self._start_next_read(slot)
+                shared = reads.join_next(slot, make)
+                await shared.done.wait()
+        except trio.TooSlowError:
+            raise Timeout(f"operation did not finish in {timeout_s:g} s; outcome unknown") from None
+        if shared.outcome is None:
+            raise Unavailable("the read round this read shared did not finish; retry")
+        return shared.outcome
+
+    def _start_next_read(self, slot: Slot) -> None:
+        shared = self.shared_reads.take_next(slot)
+        if shared is not None:
+            assert self.nursery is not None
+            self.nursery.start_soon(self._run_shared_read, slot, shared)
+
+    async def _run_shared_read(self, slot: Slot, shared: SharedRead) -> None:
+        try:
+            with trio.move_on_after(OPERATION_TIMEOUT_S):
+                shared.outcome = await self.drive(shared.make())
+        finally:
+            shared.done.set()
+            self._start_next_read(slot)
+
     def replicas_of(self, table: str, partition_key: bytes) -> list[int]:
         return self.replica_sets[partition_of(table, partition_key, self.config.partitions)]
 
@@ -779,18 +818,15 @@ class Node:
     async def _strong_get(
         self, table: str, key: bytes, replicas: list[int], body: dict[str, Any]
     ) -> dict[str, Any]:
-        entry = self.cache.get(table, key)
-        cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
-        # Replicas compare against the cached version when there is one.
-        known = -1 if cached is not None else self.local_version(table, key, replicas)
-        now = now_ms()
-        outcome = await self.coordinate(
-            table,
-            key,
-            lambda: self.coordinator.read(table, key, replicas, now, known, cached),
-            self._timeout(body),
-            exclusive=False,
-        )
+        def read() -> Operation:
+            # Made when the round starts (it may serve later readers too).
+            entry = self.cache.get(table, key)
+            cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
+            # Replicas compare against the cached version when there is one.
+            known = -1 if cached is not None else self.local_version(table, key, replicas)
+            return self.coordinator.read(table, key, replicas, now_ms(), known, cached)
+
+        outcome = await self._shared_strong_read((table, key), read, self._timeout(body))
         self._raise_for(outcome)
         if outcome.cache_hit:
             self.cache.stats.hits += 1
@@ -903,6 +939,10 @@ class Node:
             "coordinator": asdict(self.coordinator.stats),
             "storage": asdict(self.storage.stats),
             "rounds": {"thrifty": self.rounds_thrifty, "hedged": self.rounds_hedged},
+            "read_sharing": {
+                "rounds_shared": self.shared_reads.rounds_shared,
+                "reads_shared": self.shared_reads.reads_shared,
+            },
             "write_batching": {
                 "groups_folded": self.write_queues.groups_folded,
                 "writes_folded": self.write_queues.writes_folded,
