@@ -603,12 +603,15 @@ class Node:
     async def _ask_for_round(
         self, target: int, message: Request, collector: _RoundCollector
     ) -> None:
+        # A task of the node's nursery: nothing may escape it but cancellation.
         with trio.move_on_after(ROUND_TIMEOUT_S):
             try:
                 collector.add(target, await self.ask(target, message))
                 return
             except KvsvrError as error:
                 log.debug("replica %d did not answer: %s", target, error)
+            except Exception:
+                log.exception("asking replica %d failed", target)
         collector.no_answer(target)
 
     async def drive(self, operation: Generator[Round, Replies, Outcome]) -> Outcome:
@@ -743,9 +746,14 @@ class Node:
             self.nursery.start_soon(self._run_shared_read, slot, shared)
 
     async def _run_shared_read(self, slot: Slot, shared: SharedRead) -> None:
+        # A task of the node's nursery: nothing may escape it but cancellation.
         try:
             with trio.move_on_after(OPERATION_TIMEOUT_S):
                 shared.outcome = await self.drive(shared.make())
+        except KvsvrError as error:
+            log.warning("a shared read of %r failed: %s", slot[1], error)
+        except Exception:
+            log.exception("a shared read of %r failed", slot[1])
         finally:
             shared.done.set()
             self._start_next_read(slot)
