@@ -26,7 +26,7 @@ from kvsvr.errors import (
 )
 from kvsvr.net import auth, connection, framing, messages
 from kvsvr.net.auth import ClientHandshake, HandshakeState, ServerHandshake
-from kvsvr.net.connection import RpcConnection, connect, serve
+from kvsvr.net.connection import ReplyCallback, RpcConnection, connect, serve
 from kvsvr.net.framing import (
     FRAME_HEADER_BYTES,
     MAX_FRAME_BYTES,
@@ -803,3 +803,81 @@ async def test_aclose_returns_after_run_was_cancelled_from_outside() -> None:
             await connection.aclose()
         assert connection.closed
         server.cancel_scope.cancel()
+
+
+class _NowaitHandler(RecordingHandler):
+    """Answers "later" without a task: keeps the responder until released;
+    everything else goes the usual way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[object, ReplyCallback]] = []
+        self.two_held = trio.Event()
+
+    def handle_request_nowait(
+        self, peer: str, method: str, body: object, respond: ReplyCallback
+    ) -> bool:
+        if method == "now":
+            respond(["now", body], None)
+            return True
+        if method == "later":
+            self.held.append((body, respond))
+            if len(self.held) == 2:
+                self.two_held.set()
+            return True
+        if method == "refuse":
+            respond(None, Conflict(f"refused {body}"))
+            return True
+        return False
+
+
+async def test_request_nowait_callbacks_and_nowait_handlers() -> None:
+    """request_nowait: the callback gets the body or the error, never from
+    inside the call; a forgotten request's callback never runs, even when its
+    reply comes; the server answers nowait-handled requests in any order, and
+    a lost connection fails what is still out."""
+    handler = _NowaitHandler()
+    got: dict[str, tuple[object, object]] = {}
+    three_arrived, four_arrived = trio.Event(), trio.Event()
+
+    def recorder(name: str) -> ReplyCallback:
+        def callback(body: object, error: KvsvrError | None) -> None:
+            got[name] = (body, error)
+            if len(got) >= 3:
+                three_arrived.set()
+            if len(got) >= 4:
+                four_arrived.set()
+
+        return callback
+
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as server_nursery:
+            port = await start_server(server_nursery, handler)
+            conn = await open_client(port)
+            await nursery.start(conn.run)
+            assert conn.request_nowait("now", 1, recorder("now")) is not None
+            assert conn.request_nowait("refuse", 2, recorder("refuse")) is not None
+            assert conn.request_nowait("echo", 3, recorder("echo")) is not None
+            forgotten = conn.request_nowait("later", 4, recorder("forgotten"))
+            assert forgotten is not None
+            assert conn.request_nowait("later", 5, recorder("lost")) is not None
+            assert got == {}, "callbacks never run inside request_nowait"
+            with trio.fail_after(10):
+                await handler.two_held.wait()
+            conn.forget(forgotten)
+            handler.held[0][1](["late", 4], None)  # its reply arrives, nobody hears it
+            with trio.fail_after(10):
+                await three_arrived.wait()
+            assert await conn.request("echo", "flush") == "flush"
+            assert got["now"] == (["now", 1], None)
+            body, error = got["refuse"]
+            assert body is None and isinstance(error, Conflict)
+            assert got["echo"] == (3, None)
+            assert "forgotten" not in got
+            server_nursery.cancel_scope.cancel()  # "lost" is still out
+        with trio.fail_after(10):
+            await four_arrived.wait()
+        body, error = got["lost"]
+        assert body is None and isinstance(error, Unavailable)
+        assert conn.request_nowait("now", 6, recorder("closed")) is None
+        nursery.cancel_scope.cancel()

@@ -271,6 +271,54 @@ def test_lost_track_of_an_attempt_answers_unavailable() -> None:
     assert cluster.rows[1].value == b"b%d" % RECENT_OPS_MAX
 
 
+def test_a_folded_write_takes_its_versions_at_once() -> None:
+    """A group of k blind puts folded by the node is one proposal at chosen + k:
+    on the fast path and after phase 1, and a later write continues above it."""
+    cluster = Cluster()
+    a, b = coordinator(1), coordinator(2)
+    everyone = {1, 2, 3}
+    first = cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"v1", versions=3), 0), everyone)
+    assert (first.status, first.version) == ("ok", 3)  # phase 1, then accept at 0 + 3
+    fast = cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"v2", versions=2), 0), everyone)
+    assert (fast.status, fast.version) == ("ok", 5)
+    assert a.stats.fast_path_writes == 1
+    other = cluster.run(b.write("t", KEY, [1, 2, 3], Mutation(b"b"), 0), everyone)
+    assert (other.status, other.version) == ("ok", 6)
+    # The versions a group skipped were never chosen: a condition on them fails.
+    stale = cluster.run(b.write("t", KEY, [1, 2, 3], Mutation(b"c", if_version=4), 0), everyone)
+    assert (stale.status, stale.version) == ("conflict", 6)
+    read = cluster.run(coordinator(3).read("t", KEY, [1, 2, 3], 0), {2, 3})
+    assert (read.version, read.value) == (6, b"b")
+
+
+def test_a_half_accepted_folded_write_is_recovered_at_its_version() -> None:
+    """A folded proposal that reached one replica is finished by the next
+    coordinator at the version it proposed (not one above the chosen one), and
+    its own coordinator's retry learns that it won."""
+    cluster = Cluster()
+    a, b = coordinator(1), coordinator(2)
+    cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"v1"), 0), {1, 2, 3})
+    put = a.write("t", KEY, [1, 2, 3], Mutation(b"g", versions=4), 0)
+    fast_accept, _ = cluster.step(put, None, {1})
+    assert fast_accept is not None
+    prepare, _ = cluster.step(put, cluster.answer(fast_accept, {1}), {1})
+    assert prepare is not None
+    read = cluster.run(b.read("t", KEY, [1, 2, 3], 0), {1, 2})
+    assert (read.version, read.value) == (5, b"g")
+    outcome = cluster.run_from(put, cluster.answer(prepare, {1, 2, 3}), {1, 2, 3})
+    assert (outcome.status, outcome.version) == ("ok", 5)
+    assert max(row.version for row in cluster.rows.values()) == 5, "applied once"
+
+
+def test_only_blind_writes_fold() -> None:
+    with pytest.raises(AssertionError):
+        Mutation(b"x", if_version=1, versions=2)
+    with pytest.raises(AssertionError):
+        Mutation(b"x", if_absent=True, versions=2)
+    with pytest.raises(AssertionError):
+        Mutation(b"x", versions=0)
+
+
 # ---------------------------------------------------------------- wire forms
 
 ballots = st.tuples(st.integers(0, 2**40), st.integers(0, 2**16))

@@ -595,3 +595,69 @@ async def test_failure_fails_every_queued_batch(
     assert outcomes == ["ok", "failed", "failed"]
     assert storage.overlay_size == 0 and storage.staged_ops == 0
     await storage.aclose()
+
+
+async def test_decoded_rows_follow_every_write_eviction_and_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoded-row cache behind `read_row` never answers other than the
+    overlay and LMDB would: writes, deletes, eviction, and a fail-stop that
+    drops a staged row it held."""
+    bound = 3 * (engine.DECODED_ROW_OVERHEAD_BYTES + 64)
+    monkeypatch.setattr(engine, "DECODED_ROWS_BYTES_MAX", bound)
+    storage = Storage.open(tmp_path / "db", tables=TABLES)
+    keys = [b"k%d" % n for n in range(10)]
+    with pytest.RaisesGroup(StorageFailed):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(storage.run)
+            await storage.write([("users", key, row_of(n + 1)) for n, key in enumerate(keys)])
+            for n, key in enumerate(keys):  # most were evicted: read back from LMDB
+                assert storage.read_row("users", key) == row_of(n + 1)
+            assert 0 < storage._decoded._bytes <= bound
+            await storage.write([("users", keys[0], row_of(20))])
+            assert storage.read_row("users", keys[0]) == row_of(20)
+            await storage.write([("users", keys[0], None)])
+            assert storage.read_row("users", keys[0]) is None
+
+            def failing(ops: list[engine._Op]) -> None:
+                raise OSError(5, "Input/output error")
+
+            monkeypatch.setattr(storage, "_commit_in_thread", failing)
+            ticket = storage.stage("users", keys[1], row_of(99))
+            assert storage.read_row("users", keys[1]) == row_of(99)  # staged: readable at once
+            with pytest.raises(StorageFailed):
+                await storage.wait_durable(ticket)
+            assert storage.read_row("users", keys[1]) == row_of(2), "only what is on disk"
+            await trio.sleep_forever()  # until run()'s failure cancels us
+    await storage.aclose()
+
+
+async def test_when_durable_calls_back_after_the_fsync_or_with_the_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = Storage.open(tmp_path / "db", tables=TABLES)
+    permits = gate_commits(storage, monkeypatch)
+    heard: list[tuple[str, object]] = []
+    with pytest.RaisesGroup(StorageFailed):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(storage.run)
+            ticket = storage.stage("users", b"a", row_of(1))
+            storage.when_durable(ticket, lambda failure: heard.append(("a", failure)))
+            await trio.testing.wait_all_tasks_blocked()  # the commit of a is gated
+            assert heard == [], "not before the commit"
+            permits.release()
+            await storage.wait_durable(ticket)
+            assert heard == [("a", None)]
+            storage.when_durable(ticket, lambda failure: heard.append(("again", failure)))
+            assert heard[-1] == ("again", None), "at once when already durable"
+
+            def failing(ops: list[engine._Op]) -> None:
+                raise OSError(5, "Input/output error")
+
+            monkeypatch.setattr(storage, "_commit_in_thread", failing)
+            doomed = storage.stage("users", b"b", row_of(2))
+            storage.when_durable(doomed, lambda failure: heard.append(("b", failure)))
+            await trio.sleep_forever()  # until run()'s failure cancels us
+    name, failure = heard[-1]
+    assert name == "b" and isinstance(failure, StorageFailed)
+    await storage.aclose()

@@ -36,6 +36,10 @@ class SimConfig:
     fault_duration_s: float = 0.3
     # Chance a client sends to a random node rather than the key's preferred one.
     stray_coordinator: float = 0.3
+    # Chance a blind write is proposed as a folded group (2 to 4 versions at
+    # once), as a node does with the blind puts queued on a hot key; drawn from
+    # a separate generator, so seeds keep their schedules.
+    folded_writes: float = 0.25
     # Let each seed draw its own network profile (loss, duplication, delays up
     # to beyond the round timeout, so that late replies land in later rounds).
     vary_network: bool = True
@@ -85,8 +89,16 @@ class _Client:
             run.next_value += 1
             value = run.next_value
             self._invoke("write", key, value)
+            versions = (
+                run.fold_rng.randint(2, 4)
+                if run.fold_rng.random() < run.config.folded_writes
+                else 1
+            )
             world.write(
-                node, key, Mutation(str(value).encode()), lambda o: self._done_write(key, value, o)
+                node,
+                key,
+                Mutation(str(value).encode(), versions=versions),
+                lambda o: self._done_write(key, value, o),
             )
         else:
             run.next_value += 1
@@ -157,6 +169,7 @@ class _Run:
         )
         self.world = World(seed, config.nodes, faults, trace)
         self.rng = self.world.rng
+        self.fold_rng = random.Random(seed ^ 0xF01D)
         self.history: list[dict[str, Any]] = []
         self.issued = 0
         self.next_value = 0

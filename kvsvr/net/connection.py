@@ -14,9 +14,10 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Final, Protocol
 
@@ -149,6 +150,10 @@ class _OutgoingQueue:
         self._room.unpark_all()
         return batch
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Refuse new frames; the send loop still drains those already queued."""
         self._closed = True
@@ -274,6 +279,40 @@ class _PendingRequest:
         return self._reply.body
 
 
+# What a request sent with `RpcConnection.request_nowait` ends with: the reply's
+# body, or the error it failed with (an error reply, or the connection lost).
+ReplyCallback = Callable[[object, KvsvrError | None], None]
+
+
+class _CallbackRequest:
+    """A request sent by `request_nowait`: its callback runs once, on the trio
+    thread, from the receive loop or the connection's shutdown."""
+
+    __slots__ = ("_callback", "_connection", "_request_id")
+
+    def __init__(self, connection: RpcConnection, request_id: int, callback: ReplyCallback) -> None:
+        self._connection = connection
+        self._request_id = request_id
+        self._callback = callback
+
+    def resolve(self, reply: Reply) -> None:
+        if self._connection._forget(self._request_id):
+            if reply.ok:
+                self._run(reply.body, None)
+            else:
+                self._run(None, reply.error())
+
+    def fail(self, error: KvsvrError) -> None:
+        if self._connection._forget(self._request_id):
+            self._run(None, error)
+
+    def _run(self, body: object, error: KvsvrError | None) -> None:
+        try:
+            self._callback(body, error)
+        except Exception:
+            logger.exception("reply callback for a request to %s failed", self._connection.peer)
+
+
 class RpcConnection:
     """A client connection that multiplexes many requests over one TCP stream.
 
@@ -300,7 +339,7 @@ class RpcConnection:
         self._decoder = decoder
         self._outgoing = _OutgoingQueue()
         self._in_flight = trio.Semaphore(REQUESTS_IN_FLIGHT_MAX)
-        self._pending: dict[int, _PendingRequest] = {}
+        self._pending: dict[int, _PendingRequest | _CallbackRequest] = {}
         self._request_ids = itertools.count(1)
         self._started = False
         self._run_scope: trio.CancelScope | None = None
@@ -369,6 +408,45 @@ class RpcConnection:
                 del self._pending[request_id]
         return pending.result()
 
+    def request_nowait(self, method: str, body: object, callback: ReplyCallback) -> int | None:
+        """Send a request without waiting for its reply, and without a task:
+        `callback(body, None)` runs when the reply comes, `callback(None, error)`
+        when it fails (error reply, connection lost); never from inside this
+        call. Returns the request id (for `forget`), or None when the request
+        could not be sent at once (closed, `REQUESTS_IN_FLIGHT_MAX` requests in
+        flight, outgoing queue full): then the callback never runs. Raises
+        `FrameError` if the request cannot be encoded."""
+        if not self._started or self._close_reason is not None:
+            return None
+        try:
+            self._in_flight.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        request_id = next(self._request_ids)
+        try:
+            frame = encode_message(Request(request_id, method, body))
+        except BaseException:
+            self._in_flight.release()
+            raise
+        if not self._outgoing.put_nowait(frame):
+            self._in_flight.release()
+            return None
+        self._pending[request_id] = _CallbackRequest(self, request_id, callback)
+        return request_id
+
+    def forget(self, request_id: int) -> None:
+        """Stop waiting for a `request_nowait` reply: its callback will not run
+        and a late reply is dropped."""
+        self._forget(request_id)
+
+    def _forget(self, request_id: int) -> bool:
+        pending = self._pending.get(request_id)
+        if not isinstance(pending, _CallbackRequest):
+            return False
+        del self._pending[request_id]
+        self._in_flight.release()
+        return True
+
     def send_oneway(self, method: str, body: object) -> None:
         """Queue a message that gets no reply, without waiting. It is dropped
         (and counted in `stats.oneway_dropped`) if the connection is closed or its
@@ -427,7 +505,7 @@ class RpcConnection:
         logger.debug("connection to %s closing: %s", self.peer, reason)
         self._close_reason = reason
         self._outgoing.close()
-        for pending in self._pending.values():
+        for pending in list(self._pending.values()):
             pending.fail(self._lost_error())
         if self._run_scope is not None:
             self._run_scope.cancel()
@@ -468,6 +546,13 @@ class RpcConnection:
 
 
 # --- server -------------------------------------------------------------------------
+
+
+# `handle_request_nowait(peer, method, body, respond) -> bool`, optional on a
+# Handler: True when it took the request and will call `respond(body, None)` or
+# `respond(None, error)` exactly once, on the trio thread; False to have
+# `handle_request` run in a task as usual.
+NowaitHandler = Callable[[str, str, object, ReplyCallback], bool]
 
 
 class Handler(Protocol):
@@ -565,11 +650,15 @@ class _ServerConnection:
         self._outgoing = _OutgoingQueue()
         self._in_flight = trio.Semaphore(SERVER_REQUESTS_IN_FLIGHT_MAX)
         self.stats = ConnectionStats()
+        # Optional: a handler may answer some requests without a task of ours.
+        self._handle_nowait: NowaitHandler | None = getattr(handler, "handle_request_nowait", None)
+        self._handler_nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
         async with trio.open_nursery() as connection_nursery:
             connection_nursery.start_soon(self._send_loop, connection_nursery.cancel_scope)
             async with trio.open_nursery() as handler_nursery:
+                self._handler_nursery = handler_nursery
                 frame_error = await self._receive_requests(handler_nursery)
                 # The peer is gone or has broken the framing: nobody will read
                 # the answers of requests still running.
@@ -610,11 +699,54 @@ class _ServerConnection:
         if isinstance(message, Request):
             # Waiting here for a free slot is the backpressure: no reads until then.
             await self._in_flight.acquire()
+            if self._handle_nowait is not None and self._try_nowait(message):
+                return
             handler_nursery.start_soon(self._answer, message)
         elif isinstance(message, OneWay):
             self._deliver_oneway(message)
         else:
             raise FrameError("a client sent a reply; clients send requests and one-way messages")
+
+    def _try_nowait(self, request: Request) -> bool:
+        """Offer `request` to the handler's `handle_request_nowait`; True if it
+        took it (it answers through `_respond`, which frees the slot)."""
+        assert self._handle_nowait is not None
+        try:
+            return self._handle_nowait(
+                self._peer, request.method, request.body, partial(self._respond, request)
+            )
+        except Exception as exc:
+            logger.exception("handler for %r from %s failed", request.method, self._peer)
+            self._respond(request, None, KvsvrError(f"internal error: {exc!r}"))
+            return True
+
+    def _respond(self, request: Request, body: object, error: KvsvrError | None) -> None:
+        """Queue the answer of a request handled without a task; free its slot."""
+        if error is None:
+            reply = ok_reply(request.request_id, body)
+        else:
+            reply = error_reply_for(request.request_id, error)
+        try:
+            frame = encode_message(reply)
+        except FrameError as exc:
+            logger.error("reply to %r from %s not sent: %s", request.method, self._peer, exc)
+            frame = encode_message(
+                error_reply(request.request_id, KvsvrError.code, f"internal error: {exc}")
+            )
+        if self._outgoing.put_nowait(frame) or self._outgoing.closed:
+            self._in_flight.release()  # queued, or nobody will read it
+            return
+        # The queue is full: wait for room in a task, as `_answer` would.
+        assert self._handler_nursery is not None
+        self._handler_nursery.start_soon(self._queue_reply, frame)
+
+    async def _queue_reply(self, frame: bytes) -> None:
+        try:
+            await self._outgoing.put(frame)
+        except trio.ClosedResourceError:
+            pass  # the connection is closing; nobody will read the reply
+        finally:
+            self._in_flight.release()
 
     async def _answer(self, request: Request) -> None:
         try:

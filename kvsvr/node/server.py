@@ -13,7 +13,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -34,7 +34,17 @@ from kvsvr.keys import decode_key, partition_prefix
 from kvsvr.net import RpcConnection, connect, serve
 from kvsvr.node import replication
 from kvsvr.node.cache import RowCache
+from kvsvr.node.read_share import SharedRead, SharedReads
 from kvsvr.node.replication import Replication
+from kvsvr.node.write_queue import (
+    KeyWriteQueues,
+    Operation,
+    QueuedWrite,
+    Slot,
+    answer_group,
+    fail_group,
+    folded_mutation,
+)
 from kvsvr.protocol import replica
 from kvsvr.protocol.coordinator import (
     Coordinator,
@@ -63,7 +73,7 @@ from kvsvr.protocol.messages import (
 from kvsvr.protocol.placement import partition_of
 from kvsvr.protocol.state import EMPTY_ROW, Row
 from kvsvr.storage import Storage, decode_row, encode_row
-from kvsvr.storage.engine import prefix_end
+from kvsvr.storage.engine import CommitTicket, prefix_end
 
 log = logging.getLogger("kvsvr.node")
 
@@ -75,6 +85,18 @@ ROUND_TIMEOUT_S = 1.0
 # (outcome unknown). Below the client's default of 5 s so the client hears why.
 OPERATION_TIMEOUT_S = 4.0
 OPERATION_TIMEOUT_MAX_S = 60.0
+# A round asks a majority first (see `Node._thrifty_split`) and the other
+# replicas only if that majority has not made a quorum after a hedge delay:
+# HEDGE_ROUNDS_FACTOR times the recent round time (a moving average, weight
+# ROUND_TIME_WEIGHT per round), so that a loaded node does not hedge every
+# round, within [ROUND_HEDGE_MIN_S, ROUND_HEDGE_MAX_S], well below
+# ROUND_TIMEOUT_S. A peer that made a round wait that long is asked along with
+# everyone for PEER_SLOW_S, so a paused or overloaded peer costs the delay once.
+ROUND_HEDGE_MIN_S = 0.02
+ROUND_HEDGE_MAX_S = 0.25
+HEDGE_ROUNDS_FACTOR = 4.0
+ROUND_TIME_WEIGHT = 0.05
+PEER_SLOW_S = 1.0
 # Connecting to a peer: give up after this, and do not try again for a while,
 # so that rounds do not keep paying for a dead peer.
 PEER_CONNECT_TIMEOUT_S = 0.5
@@ -92,6 +114,8 @@ REPAIR_RETRY_AFTER_S = 1.0
 REPAIR_FAILURES_REMEMBERED_MAX = 10_000
 
 PAXOS_METHOD = "px"
+# How a replica request handled without a task answers: (reply, None) or (None, error).
+ReplicaAnswer = Callable[[Reply | None, KvsvrError | None], None]
 ROW_METHOD = "row"
 PAXOS_ONEWAY_METHOD = "px1"
 
@@ -122,6 +146,7 @@ class PeerLink:
         self.down_until = 0.0
         self.connecting = trio.Lock()
         self.oneway_dropped = 0
+        self.slow_until = 0.0  # trio time; see Node._mark_slow
 
     @property
     def up(self) -> bool:
@@ -176,26 +201,98 @@ class PeerLink:
         connection.send_oneway(PAXOS_ONEWAY_METHOD, body)
 
 
-class _KeyLocks:
-    """At most one operation per key on this coordinator at a time, so the fast
-    path is not wasted on self-inflicted duels. Locks vanish when unused."""
+class _RoundCollector:
+    """The replies of one quorum round, gathered by callbacks; `settled` is set
+    once `quorum` are positive, or enough refused that the quorum is out of
+    reach among the requests sent so far (`expect`), or every one sent
+    answered or failed. Closed when the round ends: later replies are dropped
+    and requests still out are forgotten."""
 
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, bytes], tuple[trio.Lock, int]] = {}
+    __slots__ = (
+        "finished",
+        "negative",
+        "open",
+        "outstanding",
+        "positive",
+        "quorum",
+        "replies",
+        "settled",
+        "total",
+    )
 
-    def acquire_ref(self, slot: tuple[str, bytes]) -> trio.Lock:
-        lock, users = self._locks.get(slot, (None, 0))
-        if lock is None:
-            lock = trio.Lock()
-        self._locks[slot] = (lock, users + 1)
-        return lock
+    def __init__(self, quorum: int) -> None:
+        self.quorum = quorum
+        self.total = 0
+        self.replies: Replies = {}
+        self.positive = 0
+        self.negative = 0
+        self.finished = 0
+        self.open = True
+        self.settled = trio.Event()
+        self.outstanding: list[tuple[RpcConnection, int]] = []
 
-    def release_ref(self, slot: tuple[str, bytes]) -> None:
-        lock, users = self._locks[slot]
-        if users <= 1:
-            del self._locks[slot]
+    @property
+    def has_quorum(self) -> bool:
+        return self.positive >= self.quorum
+
+    def expect(self, count: int) -> None:
+        """`count` more requests are about to be sent (call before sending)."""
+        self.total += count
+        self.settled = trio.Event()
+
+    def add(self, target: int, reply: Reply) -> None:
+        if not self.open:
+            return
+        self.replies[target] = reply
+        if is_positive(reply):
+            self.positive += 1
         else:
-            self._locks[slot] = (lock, users - 1)
+            self.negative += 1
+        self._finish_one()
+
+    def no_answer(self, target: int) -> None:
+        if self.open:
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        self.finished += 1
+        if (
+            self.positive >= self.quorum
+            or self.negative > self.total - self.quorum
+            or self.finished == self.total
+        ):
+            self.settled.set()
+
+    def local_answer(self, target: int, reply: Reply | None, error: KvsvrError | None) -> None:
+        if reply is not None:
+            self.add(target, reply)
+        else:
+            log.debug("local replica did not answer: %s", error)
+            self.no_answer(target)
+
+    def remote_answer(
+        self, target: int, expected: type, raw: object, error: KvsvrError | None
+    ) -> None:
+        if error is None:
+            try:
+                reply = from_wire(raw)
+                if not isinstance(reply, expected) or not isinstance(
+                    reply, Promise | AcceptReply | ReadReply | ScanReply
+                ):
+                    raise FrameError(f"expected {expected.__name__}, got {type(reply).__name__}")
+            except FrameError as bad:
+                error = bad
+            else:
+                self.add(target, reply)
+                return
+        log.debug("replica %d did not answer: %s", target, error)
+        self.no_answer(target)
+
+    def close(self) -> None:
+        self.open = False
+        for connection, request_id in self.outstanding:
+            connection.forget(request_id)
+        self.outstanding.clear()
 
 
 class Node:
@@ -207,7 +304,11 @@ class Node:
         self.replica_sets = config.replica_sets()
         self.tables = {t.name: t for t in config.tables}
         self.peers: dict[int, PeerLink] = {}
-        self.key_locks = _KeyLocks()
+        self.write_queues = KeyWriteQueues()
+        self.shared_reads = SharedReads()
+        self.rounds_thrifty = 0  # rounds that asked a majority first
+        self.rounds_hedged = 0  # ... and then had to ask the others too
+        self.round_time_s = ROUND_HEDGE_MIN_S  # moving average of thrifty rounds
         self.started_at = time.time()
         self.cache = RowCache(config.cache_bytes_max)
         self.corrupt_rows_seen = 0
@@ -332,25 +433,74 @@ class Node:
         row = self.storage.read_row(table, key)  # a corrupt row here raises, never travels
         return None if row is None else encode_row(row)
 
-    async def replica_request(self, message: Request) -> Reply:
+    def _replica_step(self, message: Request) -> tuple[Reply, CommitTicket | None]:
+        """Apply a request to the replica: the reply, and the ticket of the row
+        change it must wait for (None: nothing changed) before it may leave."""
         self._check_table(message.table)
         if not self.replication.ready and not self._eventual(message.table):
             # Empty after losing its data: a vote now could contradict one it
             # made before the loss. The other replicas form the majority.
-            await self.replication.wait_to_vote()
+            raise Unavailable(f"this replica is {self.replication.rebuild.state}; no vote yet")
         if isinstance(message, ScanRequest):
-            return self._replica_scan(message)
+            return self._replica_scan(message), None
         if isinstance(message, Commit):
             raise InvalidRequest("commit is a one-way message")
         if self._eventual(message.table):
             raise InvalidRequest(f"table {message.table!r} is eventual: no Paxos rounds")
         new_row, reply = replica.handle(self._read_row(message.table, message.key), message)
         assert reply is not None
-        if new_row is not None:
-            # Durable before the answer leaves: a forgotten promise breaks Paxos.
-            ticket = self.storage.stage(message.table, message.key, new_row)
+        if new_row is None:
+            return reply, None
+        # Durable before the answer leaves: a forgotten promise breaks Paxos.
+        return reply, self.storage.stage(message.table, message.key, new_row)
+
+    def _must_wait_to_vote(self, message: Request) -> bool:
+        return (
+            not self.replication.ready
+            and message.table in self.tables
+            and not self._eventual(message.table)
+        )
+
+    async def replica_request(self, message: Request) -> Reply:
+        if self._must_wait_to_vote(message):
+            await self.replication.wait_to_vote()
+        reply, ticket = self._replica_step(message)
+        if ticket is not None:
             await self.storage.wait_durable(ticket)
         return reply
+
+    def replica_nowait(self, message: Request, answer: ReplicaAnswer) -> None:
+        """`replica_request` without a task: `answer(reply, None)` once the reply
+        may leave (its row change is durable), or `answer(None, error)`."""
+        if self._must_wait_to_vote(message) and self.nursery is not None:
+            self.nursery.start_soon(self._replica_after_joining, message, answer)
+            return
+        try:
+            reply, ticket = self._replica_step(message)
+        except KvsvrError as error:
+            answer(None, error)
+            return
+        if ticket is None:
+            answer(reply, None)
+            return
+
+        def durable(failure: KvsvrError | None) -> None:
+            if failure is None:
+                answer(reply, None)
+            else:
+                answer(None, failure)
+
+        self.storage.when_durable(ticket, durable)
+
+    async def _replica_after_joining(self, message: Request, answer: ReplicaAnswer) -> None:
+        """A message that reached a replica still joining: held until it may
+        vote (briefly: see `Replication.wait_to_vote`) or refused."""
+        try:
+            await self.replication.wait_to_vote()
+        except KvsvrError as error:
+            answer(None, error)
+            return
+        self.replica_nowait(message, answer)
 
     def replica_oneway(self, message: Request) -> None:
         if not isinstance(message, Commit):
@@ -411,30 +561,112 @@ class Node:
                 except KvsvrError as error:
                     log.debug("replica %d did not answer: %s", target, error)
             return {}
-        replies: Replies = {}
-        total = len(current.requests)
-        enough = trio.Event()
-        finished = 0
+        collector = _RoundCollector(current.quorum)
+        first, rest = self._thrifty_split(current)
+        if rest:
+            self.rounds_thrifty += 1
+        try:
+            collector.expect(len(first))
+            for target in first:
+                self._send_for_round(target, current.requests[target], collector)
+            with trio.move_on_after(ROUND_TIMEOUT_S):
+                if rest:
+                    started = trio.current_time()
+                    with trio.move_on_after(self._hedge_s()):
+                        await collector.settled.wait()
+                    elapsed = trio.current_time() - started
+                    self.round_time_s += ROUND_TIME_WEIGHT * (elapsed - self.round_time_s)
+                    if not collector.has_quorum:
+                        self.rounds_hedged += 1
+                        self._mark_slow(first, collector)
+                        collector.expect(len(rest))
+                        for target in rest:
+                            self._send_for_round(target, current.requests[target], collector)
+                await collector.settled.wait()
+        finally:
+            collector.close()
+        return collector.replies
 
-        async def ask_one(target: int, message: Request) -> None:
-            nonlocal finished
+    def _thrifty_split(self, current: Round) -> tuple[list[int], list[int]]:
+        """The replicas to ask first, and the ones asked only if those do not
+        make a quorum (a refusal, a failure, or no quorum in ROUND_HEDGE_S).
+
+        A quorum needs any majority's answers, never a particular one, so a
+        round asks just a majority: our own replica (free: no message) and the
+        first connected, not recently slow peers in replica order (so the same
+        peer answers a key's rounds and its rows stay current; the others
+        learn every chosen value from the commits, which carry it to replicas
+        that did not accept). That spares the other replicas a request, an
+        fsync'd row change and a reply per operation. With too few healthy
+        peers known, everyone is asked at once, as before."""
+        targets = list(current.requests)
+        if len(targets) <= current.quorum:
+            return targets, []
+        now = trio.current_time()
+        first = [self.me.index] if self.me.index in current.requests else []
+        for target in targets:
+            if len(first) >= current.quorum:
+                break
+            if target == self.me.index:
+                continue
+            link = self.peers[target]
+            if link.up and link.slow_until <= now:
+                first.append(target)
+        if len(first) < current.quorum:
+            return targets, []
+        return first, [target for target in targets if target not in first]
+
+    def _hedge_s(self) -> float:
+        return min(
+            ROUND_HEDGE_MAX_S, max(ROUND_HEDGE_MIN_S, HEDGE_ROUNDS_FACTOR * self.round_time_s)
+        )
+
+    def _mark_slow(self, asked: list[int], collector: _RoundCollector) -> None:
+        """Peers asked first that have not answered when the round had to ask
+        the others: ask everyone in rounds for a while rather than pay the
+        hedge delay per operation (a paused or overloaded peer)."""
+        until = trio.current_time() + PEER_SLOW_S
+        for target in asked:
+            if target != self.me.index and target not in collector.replies:
+                self.peers[target].slow_until = until
+
+    def _send_for_round(self, target: int, message: Request, collector: _RoundCollector) -> None:
+        """Send one request of a round; its reply (or failure) goes to
+        `collector`, without a task: the local replica answers through a
+        durability callback, a connected peer through a reply callback."""
+        if target == self.me.index:
+            self.replica_nowait(message, partial(collector.local_answer, target))
+            return
+        connection = self.peers[target].connection
+        request_id = None
+        if connection is not None and not connection.closed:
+            request_id = connection.request_nowait(
+                PAXOS_METHOD,
+                to_wire(message),
+                partial(collector.remote_answer, target, _REPLY_TYPES[type(message)]),
+            )
+        if request_id is not None:
+            assert connection is not None
+            collector.outstanding.append((connection, request_id))
+            return
+        # Not connected yet (or its queue is full): the ordinary path, in a task
+        # of the node's nursery, bounded by the round's timeout.
+        assert self.nursery is not None
+        self.nursery.start_soon(self._ask_for_round, target, message, collector)
+
+    async def _ask_for_round(
+        self, target: int, message: Request, collector: _RoundCollector
+    ) -> None:
+        # A task of the node's nursery: nothing may escape it but cancellation.
+        with trio.move_on_after(ROUND_TIMEOUT_S):
             try:
-                replies[target] = await self.ask(target, message)
+                collector.add(target, await self.ask(target, message))
+                return
             except KvsvrError as error:
                 log.debug("replica %d did not answer: %s", target, error)
-            finished += 1
-            positive = sum(1 for r in replies.values() if is_positive(r))
-            negative = len(replies) - positive
-            if positive >= current.quorum or negative > total - current.quorum or finished == total:
-                enough.set()
-
-        with trio.move_on_after(ROUND_TIMEOUT_S):
-            async with trio.open_nursery() as nursery:
-                for target, message in current.requests.items():
-                    nursery.start_soon(ask_one, target, message)
-                await enough.wait()
-                nursery.cancel_scope.cancel()
-        return dict(replies)
+            except Exception:
+                log.exception("asking replica %d failed", target)
+        collector.no_answer(target)
 
     async def drive(self, operation: Generator[Round, Replies, Outcome]) -> Outcome:
         replies: Replies | None = None
@@ -454,25 +686,131 @@ class Node:
             replies = await self.quorum_round(current)
 
     async def coordinate(
-        self, table: str, key: bytes, make: Any, timeout_s: float, *, exclusive: bool = True
+        self,
+        table: str,
+        key: bytes,
+        make: Any,
+        timeout_s: float,
+        *,
+        exclusive: bool = True,
+        mutation: Mutation | None = None,
     ) -> Outcome:
         """Run one operation on a key, bounded in time. Writes (`exclusive`) run
         one at a time per key on this coordinator, so they do not duel with
         each other for the key's promise; reads need no promise and run freely
-        (serialising them queued every reader of a hot key behind the others)."""
+        (serialising them queued every reader of a hot key behind the others).
+        A write that passes its blind `mutation` may be folded with the blind
+        writes queued next to it (see `kvsvr.node.write_queue`)."""
         try:
             with trio.fail_after(timeout_s):
                 if not exclusive:
                     return await self.drive(make())
-                slot = (table, key)
-                lock = self.key_locks.acquire_ref(slot)
-                try:
-                    async with lock:
-                        return await self.drive(make())
-                finally:
-                    self.key_locks.release_ref(slot)
+                return await self._write_in_turn((table, key), QueuedWrite(make, mutation))
         except trio.TooSlowError:
             raise Timeout(f"operation did not finish in {timeout_s:g} s; outcome unknown") from None
+
+    async def _write_in_turn(self, slot: Slot, write: QueuedWrite) -> Outcome:
+        """Wait for the key's turn, then run `write` (leading the group the
+        hand-over gave it), or take the answer of the leader it was folded into."""
+        queues = self.write_queues
+        if not queues.enter(slot, write):
+            try:
+                await write.wake.wait()
+            except BaseException:
+                write.abandoned = True
+                if write.group is not None:  # made leader as it was cancelled
+                    fail_group(write.group, "its group's leader was cancelled; outcome unknown")
+                    queues.hand_over(slot)
+                raise
+            if write.group is None:  # folded into another write's group
+                if write.outcome is not None:
+                    return write.outcome
+                raise Timeout(write.failure or "outcome unknown")
+        group = write.group
+        assert group is not None and group[0] is write
+        try:
+            return await self._run_group(slot, group)
+        except BaseException:
+            fail_group(group, "the write it was folded with did not finish; outcome unknown")
+            raise
+        finally:
+            queues.hand_over(slot)
+
+    async def _run_group(self, slot: Slot, group: list[QueuedWrite]) -> Outcome:
+        if len(group) == 1:
+            return await self.drive(group[0].make())
+        table, key = slot
+        mutation = folded_mutation(group)
+        partition_key, _ = decode_key(key)
+        replicas = self.replicas_of(table, partition_key)
+        outcome = await self.drive(self._write_operation(table, key, replicas, mutation, now_ms()))
+        if outcome.status == "ok":
+            # The group's value, before the members' own (older) versions reach the cache.
+            self.cache.put(
+                table,
+                key,
+                outcome.version,
+                mutation.value,
+                mutation.expires_at_ms,
+                time.monotonic(),
+            )
+        answer_group(group, outcome)
+        assert group[0].outcome is not None
+        return group[0].outcome
+
+    def _write_operation(
+        self, table: str, key: bytes, replicas: list[int], mutation: Mutation, now: int
+    ) -> Operation:
+        # The local version only helps phase 1 (replicas leave out a value we
+        # hold); a write that holds the key's lease takes the fast path without it.
+        known = (
+            -1
+            if (table, key) in self.coordinator.leases
+            else self.local_version(table, key, replicas)
+        )
+        return self.coordinator.write(table, key, replicas, mutation, now, known)
+
+    async def _shared_strong_read(
+        self, slot: Slot, make: Callable[[], Operation], timeout_s: float
+    ) -> Outcome:
+        """A strong read that runs its own round if the key is idle here, else
+        shares the next round with the other reads of the key that arrive
+        meanwhile (see `kvsvr.node.read_share`)."""
+        reads = self.shared_reads
+        try:
+            with trio.fail_after(timeout_s):
+                if slot not in reads.running or self.nursery is None:
+                    reads.running.add(slot)
+                    try:
+                        return await self.drive(make())
+                    finally:
+                        self._start_next_read(slot)
+                shared = reads.join_next(slot, make)
+                await shared.done.wait()
+        except trio.TooSlowError:
+            raise Timeout(f"operation did not finish in {timeout_s:g} s; outcome unknown") from None
+        if shared.outcome is None:
+            raise Unavailable("the read round this read shared did not finish; retry")
+        return shared.outcome
+
+    def _start_next_read(self, slot: Slot) -> None:
+        shared = self.shared_reads.take_next(slot)
+        if shared is not None:
+            assert self.nursery is not None
+            self.nursery.start_soon(self._run_shared_read, slot, shared)
+
+    async def _run_shared_read(self, slot: Slot, shared: SharedRead) -> None:
+        # A task of the node's nursery: nothing may escape it but cancellation.
+        try:
+            with trio.move_on_after(OPERATION_TIMEOUT_S):
+                shared.outcome = await self.drive(shared.make())
+        except KvsvrError as error:
+            log.warning("a shared read of %r failed: %s", slot[1], error)
+        except Exception:
+            log.exception("a shared read of %r failed", slot[1])
+        finally:
+            shared.done.set()
+            self._start_next_read(slot)
 
     def replicas_of(self, table: str, partition_key: bytes) -> list[int]:
         return self.replica_sets[partition_of(table, partition_key, self.config.partitions)]
@@ -616,19 +954,16 @@ class Node:
         self, table: str, key: bytes, replicas: list[int], body: dict[str, Any]
     ) -> dict[str, Any]:
         client_version = _client_cached_version(body)
-        entry = self.cache.get(table, key)
-        # With an entry the read tells the replicas the cached version instead,
-        # so reading the local row for its version would be wasted work.
-        known = -1 if entry is not None else self.local_version(table, key, replicas)
-        cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
-        now = now_ms()
-        outcome = await self.coordinate(
-            table,
-            key,
-            lambda: self.coordinator.read(table, key, replicas, now, known, cached),
-            self._timeout(body),
-            exclusive=False,
-        )
+
+        def read() -> Operation:
+            # Made when the round starts (it may serve later readers too).
+            entry = self.cache.get(table, key)
+            cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
+            # Replicas compare against the cached version when there is one.
+            known = -1 if cached is not None else self.local_version(table, key, replicas)
+            return self.coordinator.read(table, key, replicas, now_ms(), known, cached)
+
+        outcome = await self._shared_strong_read((table, key), read, self._timeout(body))
         self._raise_for(outcome)
         if outcome.cache_hit:
             self.cache.stats.hits += 1
@@ -681,12 +1016,12 @@ class Node:
                 table, key, replicas, value, expires, self._timeout(body)
             )
         mutation = Mutation(value, expires, if_version, if_absent)
-        known = self.local_version(table, key, replicas)
         outcome = await self.coordinate(
             table,
             key,
-            lambda: self.coordinator.write(table, key, replicas, mutation, now, known),
+            lambda: self._write_operation(table, key, replicas, mutation, now),
             self._timeout(body),
+            mutation=mutation,
         )
         self._raise_for(outcome)
         self.cache.put(table, key, outcome.version, value, expires, time.monotonic())
@@ -762,6 +1097,15 @@ class Node:
             },
             "coordinator": asdict(self.coordinator.stats),
             "storage": asdict(self.storage.stats),
+            "rounds": {"thrifty": self.rounds_thrifty, "hedged": self.rounds_hedged},
+            "read_sharing": {
+                "rounds_shared": self.shared_reads.rounds_shared,
+                "reads_shared": self.shared_reads.reads_shared,
+            },
+            "write_batching": {
+                "groups_folded": self.write_queues.groups_folded,
+                "writes_folded": self.write_queues.writes_folded,
+            },
             "cache": {
                 **asdict(self.cache.stats),
                 "hit_ratio": round(self.cache.hit_ratio(), 4),
@@ -826,6 +1170,33 @@ class Node:
         if method == "scan":
             return await self.client_scan(body)
         raise InvalidRequest(f"unknown method {method!r}")
+
+    def handle_request_nowait(
+        self,
+        peer: str,
+        method: str,
+        body: object,
+        respond: Callable[[object, KvsvrError | None], None],
+    ) -> bool:
+        """Peers' Paxos requests, answered without a task of their own (see
+        `replica_nowait`); False for every other method (`handle_request`)."""
+        if method != PAXOS_METHOD:
+            return False
+        self.requests_served += 1
+        try:
+            message = _as_request(body)
+        except KvsvrError as error:
+            respond(None, error)
+            return True
+
+        def answer(reply: Reply | None, error: KvsvrError | None) -> None:
+            if reply is None:
+                respond(None, error)
+            else:
+                respond(to_wire(reply), None)
+
+        self.replica_nowait(message, answer)
+        return True
 
     def handle_oneway(self, peer: str, method: str, body: object) -> None:
         if method != PAXOS_ONEWAY_METHOD:

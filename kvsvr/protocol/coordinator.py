@@ -7,7 +7,9 @@ from replica to reply. It returns an `Outcome`. It never touches a socket, a
 clock or a disk: the node drives it over TCP and LMDB, the tests and the
 simulator drive it in memory. The driver's duties, all of them:
 
-- wait `delay_s`, then send every request and every one-way message;
+- wait `delay_s`, then send every one-way message, and the requests: all of
+  them, or first only to enough replicas to make the quorum and to the others
+  when those do not (safety never depends on which replicas answer);
 - return as soon as `quorum` replies are positive (`is_positive`), or enough
   refusals came that the quorum is out of reach, or the round timed out;
 - run at most one operation per (table, key) at a time on one coordinator
@@ -105,6 +107,17 @@ class Mutation:
     expires_at_ms: int | None = None
     if_version: int | None = None
     if_absent: bool = False
+    # How many versions the write takes: the node folds k queued blind puts of
+    # one key into one proposal at chosen + k, answering the i-th put with
+    # chosen + i (see docs/DESIGN.md, "Write batching"). Conditional writes
+    # take exactly one.
+    versions: int = 1
+
+    def __post_init__(self) -> None:
+        assert self.versions >= 1, "a write takes at least one version"
+        assert self.versions == 1 or (self.if_version is None and not self.if_absent), (
+            "only blind writes are folded together"
+        )
 
     def allows(self, version: int, present: bool | None) -> bool:
         """Whether the conditions hold; `present` None means not known, which
@@ -402,7 +415,7 @@ def _write(
             coordinator.put_lease(table, key, lease)
             stats.conflicts += 1
             return Outcome("conflict", version=lease.version, detail="condition failed")
-        attempted = lease.version + 1
+        attempted = lease.version + mutation.versions
         acceptors = yield from _accept_round(
             coordinator,
             table,
@@ -536,7 +549,7 @@ def _write(
             stats.conflicts += 1
             return Outcome("conflict", version=chosen.version, detail="condition failed")
 
-        attempted = chosen.version + 1
+        attempted = chosen.version + mutation.versions
         acceptors = yield from _accept_round(
             coordinator,
             table,

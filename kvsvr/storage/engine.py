@@ -1,7 +1,7 @@
 """The node's LMDB store: tables of rows, `meta`, `hints`, one group-commit writer.
 
 Threading model. Everything here runs on the trio thread except the body of a
-commit, which runs in one `trio.to_thread.run_sync` call: one LMDB write
+commit, which runs on the store's one commit thread (`_CommitThread`): one LMDB write
 transaction, one fsync, never an await inside it. Reads run inline on the trio
 thread (an LMDB read is about a microsecond). `stage*` and every other method
 must be called from the trio thread only (they touch the overlay and the
@@ -38,9 +38,12 @@ answered is safe in Paxos.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from collections import deque
-from collections.abc import Iterable, Sequence
+import queue
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NoReturn
@@ -51,6 +54,8 @@ import trio
 from kvsvr.errors import CorruptRow, InvalidRequest, KvsvrError, Unavailable
 from kvsvr.protocol.state import Row
 from kvsvr.storage.codec import crc_ok, decode_row, encode_row
+
+_log = logging.getLogger("kvsvr.storage")
 
 # --- Limits and LMDB settings ----------------------------------------------
 
@@ -102,6 +107,15 @@ RECORD_BYTES_MAX = BATCH_BYTES_MAX
 STAGED_OPS_MAX = 16 * BATCH_OPS_MAX
 STAGED_BYTES_MAX = 256 << 20
 
+# Decoded rows kept for reads (see `_DecodedRows`): a put touches its row on
+# the coordinator's replica up to three times within milliseconds, and a hot
+# key is touched by every operation. 32 MiB holds the working set of 100 B
+# values many times over and bounds a store of 1 MiB values to a few dozen.
+DECODED_ROWS_BYTES_MAX = 32 << 20
+# What a cached row costs beyond its encoded bytes (the Row, its tuples, the
+# dict entry), so that tiny rows are not undercounted.
+DECODED_ROW_OVERHEAD_BYTES = 400
+
 # A scan returns at most this many rows: a scan result travels in one frame
 # and is built in memory on the trio thread.
 SCAN_ROWS_MAX = 10_000
@@ -150,10 +164,58 @@ class _Op:
     key: bytes
     data: bytes | None  # None: delete the key
     seq: int  # staging order; tells a later write to the same key from this one
+    row: Row | None = None  # the decoded row `data` encodes (table writes)
 
     @property
     def size_bytes(self) -> int:
         return len(self.key) + (0 if self.data is None else len(self.data))
+
+
+class _DecodedRows:
+    """Rows as `read_row` returns them, by (database, key), least recently used
+    first; bounded by `DECODED_ROWS_BYTES_MAX`. Saves the LMDB read and the
+    decode (crc32c, msgpack, field checks) of rows touched again soon.
+
+    Coherent because it is write-through: every `stage` of a table row puts
+    the new row (or drops the key), so it always holds what the overlay or
+    LMDB would return; a fail-stop clears it with the overlay (it may hold
+    writes that never reached the disk). Nothing but this `Storage` writes
+    the file while it is open (a second writer would break the overlay too)."""
+
+    def __init__(self, bytes_max: int) -> None:
+        self._rows: OrderedDict[tuple[bytes, bytes], tuple[Row, int]] = OrderedDict()
+        self._bytes = 0
+        self._bytes_max = bytes_max
+
+    def get(self, db_name: bytes, key: bytes) -> Row | None:
+        entry = self._rows.get((db_name, key))
+        if entry is None:
+            return None
+        self._rows.move_to_end((db_name, key))
+        return entry[0]
+
+    def put(self, db_name: bytes, key: bytes, row: Row, data_bytes: int) -> None:
+        slot = (db_name, key)
+        size = len(key) + data_bytes + DECODED_ROW_OVERHEAD_BYTES
+        old = self._rows.pop(slot, None)
+        if old is not None:
+            self._bytes -= old[1]
+        if size > self._bytes_max:
+            return
+        self._rows[slot] = (row, size)
+        self._bytes += size
+        while self._bytes > self._bytes_max:
+            _, (_, evicted) = self._rows.popitem(last=False)
+            self._bytes -= evicted
+
+    def drop(self, db_name: bytes, key: bytes) -> None:
+        old = self._rows.pop((db_name, key), None)
+        if old is not None:
+            self._bytes -= old[1]
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._bytes = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -165,6 +227,17 @@ class _Batch:
     urgent: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     error: StorageFailed | None = None
+    # Run on the trio thread once `done` is set (see `Storage.when_durable`).
+    callbacks: list[Callable[[StorageFailed | None], None]] = field(default_factory=list)
+
+    def set_done(self) -> None:
+        self.done.set()
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self.error)
+            except Exception:  # one waiter's bug must not cost the others their answer
+                _log.exception("a when_durable callback failed")
 
     def fits(self, op_count: int, size_bytes: int) -> bool:
         return (
@@ -183,6 +256,59 @@ class CommitTicket:
     def is_durable(self) -> bool:
         """True once the write is committed and fsynced."""
         return self._batch.done.is_set() and self._batch.error is None
+
+
+class _CommitThread:
+    """One long-lived thread that runs the commits, one at a time.
+
+    `trio.to_thread.run_sync` per batch costs a capacity-limiter round and a
+    thread-cache hand-off on top of the unavoidable wake-ups (about twice the
+    trio-thread CPU per batch on this machine); this thread is fed by a queue
+    and posts each result back with `TrioToken.run_sync_soon`. Started on the
+    first commit, stopped when the environment closes."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def run(self, function: Callable[[], None]) -> None:
+        """Run `function` on the thread; return (or raise) what it did. Waits
+        uncancellably: callers shield it anyway (a commit, once begun, ends)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._serve, name="kvsvr-lmdb-commit", daemon=True
+            )
+            self._thread.start()
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+        result: list[BaseException | None] = []
+
+        def job() -> None:
+            try:
+                function()
+                result.append(None)
+            except BaseException as error:  # handed to the trio side, raised there
+                result.append(error)
+            try:
+                token.run_sync_soon(trio.lowlevel.reschedule, task)
+            except trio.RunFinishedError:
+                pass  # nobody waits any more
+
+        self._jobs.put(job)
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        (error,) = result
+        if error is not None:
+            raise error
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
 
 
 # LMDB environments must never cross a fork (their locks and mmap belong to
@@ -219,6 +345,7 @@ class Storage:
         self._generation = _process_generation
         # Staged, uncommitted writes by database and key: the latest one wins.
         self._overlay: dict[bytes, dict[bytes, _Op]] = {name: {} for name in dbs}
+        self._decoded = _DecodedRows(DECODED_ROWS_BYTES_MAX)
         self._sealed: deque[_Batch] = deque()  # full batches, oldest first
         self._gathering = _Batch()  # the batch new writes join
         self._staged_ops = 0  # in every uncommitted batch, including the one committing
@@ -233,6 +360,7 @@ class Storage:
         self._closed = False
         self._failure: StorageFailed | None = None
         self._stats = StorageStats()
+        self._commit_thread = _CommitThread()
 
     @classmethod
     def open(
@@ -263,8 +391,17 @@ class Storage:
     def read_row(self, table: str, key: bytes) -> Row | None:
         """The row of `key` (a staged write shadows LMDB), or None if absent.
         Raises `CorruptRow` for a row that fails its checks."""
-        data = self._read(self._table_db(table), key)
-        return None if data is None else _decode(table, key, data)
+        db_name = self._table_db(table)
+        row = self._decoded.get(db_name, key)
+        if row is not None:
+            self._check_readable()
+            return row
+        data = self._read(db_name, key)
+        if data is None:
+            return None
+        row = _decode(table, key, data)
+        self._decoded.put(db_name, key, row, len(data))
+        return row
 
     def scan(
         self, table: str, start: bytes, end: bytes | None, limit: int
@@ -329,6 +466,18 @@ class Storage:
         failure = ticket._batch.error
         if failure is not None:
             raise StorageFailed(str(failure)) from failure.__cause__
+
+    def when_durable(
+        self, ticket: CommitTicket, callback: Callable[[StorageFailed | None], None]
+    ) -> None:
+        """`wait_durable` without a task: `callback(None)` runs on the trio
+        thread once the ticket's write is committed and fsynced, or
+        `callback(error)` if its commit failed; at once if that is already so."""
+        batch = ticket._batch
+        if batch.done.is_set():
+            callback(batch.error)
+        else:
+            batch.callbacks.append(callback)
 
     async def write(self, ops: Sequence[tuple[str, bytes, Row | None]]) -> None:
         """Stage every (table, key, row) and wait until they are durable. The ops
@@ -503,7 +652,9 @@ class Storage:
             data = None if row is None else encode_row(row)
         except ValueError as error:
             raise InvalidRequest(f"table {table!r} key {key!r}: {error}") from error
-        return self._prepare_raw(db_name, key, data)
+        op = self._prepare_raw(db_name, key, data)
+        op.row = row
+        return op
 
     def _prepare_raw(self, db_name: bytes, key: bytes, data: bytes | None) -> _Op:
         self._check_key(key)
@@ -543,6 +694,10 @@ class Storage:
             op.seq = self._seq
             batch.ops.append(op)
             self._overlay[op.db_name][op.key] = op
+            if op.row is not None and op.data is not None:
+                self._decoded.put(op.db_name, op.key, op.row, len(op.data))
+            else:
+                self._decoded.drop(op.db_name, op.key)
         batch.size_bytes += size_bytes
         self._staged_ops += len(ops)
         self._staged_bytes += size_bytes
@@ -575,7 +730,8 @@ class Storage:
             # Shielded: once taken, a batch is committed and its waiters told,
             # even if the writer is being cancelled (one fsync at most).
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._commit_in_thread, batch.ops)
+                commit = self._commit_in_thread
+                await self._commit_thread.run(lambda: commit(batch.ops))
         except Exception as error:
             self._fail(batch, error)
         finally:
@@ -614,7 +770,7 @@ class Storage:
         self._stats.ops_committed += len(batch.ops)
         self._stats.bytes_committed += batch.size_bytes
         self._stats.max_batch_ops = max(self._stats.max_batch_ops, len(batch.ops))
-        batch.done.set()
+        batch.set_done()
 
     def _fail(self, batch: _Batch, error: Exception) -> NoReturn:
         """Fail-stop: fail this batch and every one behind it, drop the overlay,
@@ -635,11 +791,12 @@ class Storage:
         self._gathering = _Batch()
         for entries in self._overlay.values():
             entries.clear()
+        self._decoded.clear()
         self._staged_ops = 0
         self._staged_bytes = 0
         for each in failed:
             each.error = failure
-            each.done.set()
+            each.set_done()
         self._wakeup.set()
         raise failure
 
@@ -648,6 +805,7 @@ class Storage:
     def _close_env(self) -> None:
         self._closing = True
         self._closed = True
+        self._commit_thread.stop()
         self._env.close()
 
     def _table_db(self, table: str) -> bytes:
