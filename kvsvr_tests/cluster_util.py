@@ -234,20 +234,27 @@ class LocalCluster:
         self.wait_replicas_ready(started)
 
     def wait_replicas_ready(self, node_ids: list[str], timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Wait until each node's replica state is "ready": a node starting
-        with an empty store votes only once its peers told it the cluster is
-        new (or it rebuilt what it lost), which takes a moment after all ports
-        answer."""
+        """Wait until each node's replica state is "ready" and it sees every
+        running peer up: a node starting with an empty store votes only once its
+        peers told it the cluster is new (or it rebuilt what it lost), and peer
+        links come up a moment after all ports answer."""
         deadline = time.monotonic() + timeout_s
         for node_id in node_ids:
             while True:
                 try:
                     status = _status_in_thread(self.address(node_id), self.secret)
                     state = str(status["replication"]["state"])
+                    down = [
+                        peer
+                        for peer, seen in status["replication"]["peers"].items()
+                        if not seen["up"] and self.is_running(peer)
+                    ]
                 except (kvsvr.KvsvrError, OSError, KeyError, TypeError) as error:
-                    state = f"no answer: {error}"
-                if state == "ready":
+                    state, down = f"no answer: {error}", []
+                if state == "ready" and not down:
                     break
+                if down:
+                    state = f"{state}, sees {down} down"
                 if time.monotonic() > deadline:
                     raise ClusterError(
                         f"node {node_id} not ready within {timeout_s} s ({state}); log tail:\n"

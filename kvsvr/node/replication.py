@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvsvr.replication")
 
 HEARTBEAT_S: Final = 0.5
+HEARTBEAT_DOWN_S: Final = 0.1
 HEARTBEAT_TIMEOUT_S: Final = 2.0
 # phi = -log10(P(a silence this long)); 4 means a 1-in-10,000 silence. With
 # 0.5 s pings that is about 4.6 s of silence; a refused connection is faster.
@@ -454,7 +455,10 @@ class Replication:
                 if not detector.failed:
                     log.info("peer %d is down", peer)
                 detector.fail()
-            await trio.sleep_until(started + HEARTBEAT_S)
+            # A peer that is down is asked again sooner, so that its link (and
+            # the first rounds after it comes back) do not wait a whole beat.
+            beat = HEARTBEAT_S if not detector.failed else HEARTBEAT_DOWN_S
+            await trio.sleep_until(started + beat)
 
     async def _replay_loop(self, peer: int) -> None:
         stats = self.hints.targets[peer]
