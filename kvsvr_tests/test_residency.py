@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from kvsvr.protocol.state import Row
 from kvsvr.storage import Storage, residency
@@ -149,8 +150,67 @@ def test_trim_lowers_rss_file_and_rows_read_back_intact(tmp_path: Path) -> None:
         idle = ResidencyGuard(tmp_path, mapped_rss_max_bytes=1 << 40)
         assert not idle.check() and idle.trims == 0
         assert guard.status()["trims"] == 1
+
+        # While it runs, the guard also checks after every read_check_bytes
+        # read through the store: a burst of reads between two timer ticks
+        # (one tick an hour here) is trimmed as it happens.
+        async def burst() -> ResidencyGuard:
+            hourly = ResidencyGuard(
+                tmp_path,
+                storage,
+                mapped_rss_max_bytes=1 << 20,
+                check_s=3600,
+                read_check_bytes=8 << 20,
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hourly.run)
+                await trio.testing.wait_all_tasks_blocked()
+                first_checks = hourly.checks
+                _read_all(storage)
+                assert hourly.checks - first_checks >= 7  # ~64 MiB / 8 MiB
+                nursery.cancel_scope.cancel()
+            return hourly
+
+        hourly = trio.run(burst)
+        assert hourly.trims >= 7, hourly.status()
+        assert storage._read_hook is None  # removed when the guard stops
     finally:
         trio.run(storage.aclose)
+
+
+def test_scan_pages_end_at_bytes_max_and_reads_call_the_hook(tmp_path: Path) -> None:
+    async def main() -> None:
+        storage = Storage.open(tmp_path, tables=["t"])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(storage.run)
+            for index in range(10):
+                await storage.wait_durable(
+                    storage.stage("t", b"k%d" % index, Row(version=1, value=bytes(1000)))
+                )
+            await storage.aclose()
+        storage = Storage.open(tmp_path, tables=["t"])
+        try:
+            row_bytes = sum(len(k) + len(r) for k, r in storage.scan_table_raw("t", b"", None, 1))
+            assert row_bytes > 1000
+            page = storage.scan_table_raw("t", b"", None, 100, bytes_max=2 * row_bytes + 1)
+            assert len(page) == 3  # the row that reaches bytes_max is the last
+            assert len(storage.scan_table_raw("t", b"", None, 100, bytes_max=1)) == 1
+            assert len(storage.scan_table_raw("t", b"", None, 100)) == 10
+
+            calls: list[int] = []
+            storage.set_read_hook(lambda: calls.append(1), every_bytes=4 * row_bytes)
+            storage.scan_table_raw("t", b"", None, 100)  # 10 rows: 2 calls
+            assert len(calls) == 2
+            for index in range(8):  # 8 more rows: 10 + 8 = 18 -> 4 calls in all
+                assert storage.read_row("t", b"k%d" % index) is not None
+            assert len(calls) == 4
+            storage.set_read_hook(None, 0)
+            storage.scan_table_raw("t", b"", None, 100)
+            assert len(calls) == 4
+        finally:
+            await storage.aclose()
+
+    trio.run(main)
 
 
 def test_the_guard_is_a_no_op_when_nothing_is_mapped(tmp_path: Path) -> None:

@@ -211,7 +211,7 @@ class Node:
         self.key_locks = _KeyLocks()
         self.started_at = time.time()
         self.cache = RowCache(config.cache_bytes_max)
-        self.residency = ResidencyGuard(config.node_data_dir(node_id))
+        self.residency = ResidencyGuard(config.node_data_dir(node_id), storage)
         self.corrupt_rows_seen = 0
         self.requests_served = 0
         self.nursery: trio.Nursery | None = None

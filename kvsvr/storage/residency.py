@@ -7,8 +7,11 @@ counts in its VmRSS (as RssFile), so reading 1 GiB of distinct values through
 a node grows its VmRSS by 1 GiB although the node holds none of it: the pages
 are the kernel's page cache. Issue #7 bounds VmRSS literally (cache budget +
 100 MiB), so a node task (`ResidencyGuard.run`) checks RssFile every
-`RESIDENCY_CHECK_S` and, above `MAPPED_RSS_MAX_BYTES`, drops the data file's
-page-table entries with `madvise(MADV_DONTNEED)`.
+`RESIDENCY_CHECK_S`, and also after every `READ_CHECK_BYTES` of rows read
+through the store (a hook in `Storage`, so a burst such as an anti-entropy
+scan, which maps tens of MiB between two timer ticks, is trimmed as it
+happens), and above `MAPPED_RSS_MAX_BYTES` drops the data file's page-table
+entries with `madvise(MADV_DONTNEED)`.
 
 Why this is safe (no data can be lost or corrupted):
 - madvise(2) on Linux: after MADV_DONTNEED, "subsequent accesses of pages in
@@ -25,8 +28,9 @@ Why this is safe (no data can be lost or corrupted):
   off) builds a commit's pages in malloc'd memory and writes them with
   pwrite(2) into the same page cache the map shows (Linux has one unified
   page cache), so a re-fault after a trim sees the newest committed bytes.
-- Concurrency: a read transaction (trio thread) or a commit (writer thread)
-  may hold pointers into the map while a trim runs. That is still safe: the
+- Concurrency: a read transaction (trio thread; the read hook even trims
+  from inside a scan's transaction) or a commit (writer thread) may hold
+  pointers into the map while a trim runs. That is still safe: the
   address range stays mapped (only PTEs go), so a pointer dereference after
   the trim simply faults the page back in from the page cache. There is no
   window where a pointer sees zeros or stale data, unlike DONTNEED on private
@@ -57,9 +61,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
+
+if TYPE_CHECKING:
+    from kvsvr.storage.engine import Storage
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,11 @@ RESIDENCY_CHECK_S: Final = 0.1
 # inside the rest with ~20 MiB to spare, while each trim still leaves
 # ~20 MiB of reads between trims (hot b-tree pages fault back once per trim).
 MAPPED_RSS_MAX_BYTES: Final = 32 << 20
+# A burst of reads (an anti-entropy scan page, a range scan) maps pages far
+# faster than one timer tick: the guard also checks after every this many
+# bytes of rows read through the store (`Storage.set_read_hook`). One check
+# is a read of /proc/self/status: tens of microseconds per 8 MiB read.
+READ_CHECK_BYTES: Final = 8 << 20
 
 # The LMDB file a node maps; `lock.mdb` is a few KiB and is never trimmed.
 DATA_FILE_NAME: Final = "data.mdb"
@@ -208,14 +220,20 @@ class ResidencyGuard:
     def __init__(
         self,
         data_dir: str | Path,
+        storage: Storage | None = None,
         *,
         mapped_rss_max_bytes: int = MAPPED_RSS_MAX_BYTES,
         check_s: float = RESIDENCY_CHECK_S,
+        read_check_bytes: int = READ_CHECK_BYTES,
     ) -> None:
-        assert mapped_rss_max_bytes > 0 and check_s > 0
+        assert mapped_rss_max_bytes > 0 and check_s > 0 and read_check_bytes > 0
         self.data_dir = Path(data_dir)
+        # While `run` runs, this store's reads also trigger checks.
+        self.storage = storage
+        self.read_check_bytes = read_check_bytes
         self.mapped_rss_max_bytes = mapped_rss_max_bytes
         self.check_s = check_s
+        self.checks = 0
         self.trims = 0
         # RssFile given back by trims (before minus after, summed): what the
         # node would have kept mapped otherwise.
@@ -226,6 +244,7 @@ class ResidencyGuard:
         """Trim if RssFile is above the limit. Returns whether it trimmed."""
         if not self.enabled:
             return False
+        self.checks += 1
         before = read_memory().rss_file_bytes
         if before <= self.mapped_rss_max_bytes:
             return False
@@ -236,18 +255,31 @@ class ResidencyGuard:
         self.trimmed_bytes += max(0, before - after)
         return True
 
+    def _check_or_disable(self) -> None:
+        try:
+            self.check()
+        except OSError as error:
+            # /proc or madvise refused (a sandbox without /proc): the node
+            # serves on, its VmRSS just counts the mapped pages again.
+            log.warning("residency guard stopped: %s", error)
+            self.enabled = False
+            if self.storage is not None:
+                self.storage.set_read_hook(None, 0)
+
     async def run(self) -> None:
-        """Check every `check_s` until cancelled."""
-        while True:
-            try:
-                self.check()
-            except OSError as error:
-                # /proc or madvise refused (a sandbox without /proc): the node
-                # serves on, its VmRSS just counts the mapped pages again.
-                log.warning("residency guard stopped: %s", error)
-                self.enabled = False
-                return
-            await trio.sleep(self.check_s)
+        """Check every `check_s`, and after every `read_check_bytes` read from
+        the store, until cancelled."""
+        if not self.enabled:
+            return
+        if self.storage is not None:
+            self.storage.set_read_hook(self._check_or_disable, self.read_check_bytes)
+        try:
+            while self.enabled:
+                self._check_or_disable()
+                await trio.sleep(self.check_s)
+        finally:
+            if self.storage is not None:
+                self.storage.set_read_hook(None, 0)
 
     def status(self) -> dict[str, Any]:
         figures = read_memory() if self.enabled else MemoryFigures()
@@ -256,6 +288,7 @@ class ResidencyGuard:
             "rss_anon_bytes": figures.rss_anon_bytes,
             "rss_file_bytes": figures.rss_file_bytes,
             "mapped_rss_max_bytes": self.mapped_rss_max_bytes,
+            "checks": self.checks,
             "trims": self.trims,
             "trimmed_bytes": self.trimmed_bytes,
             "trimming": self.enabled,
