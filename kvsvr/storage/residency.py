@@ -19,7 +19,9 @@ Why this is safe (no data can be lost or corrupted):
   contents from the up-to-date contents of the underlying mapped file (for
   shared file mappings ...)". For a file-backed MAP_SHARED mapping the call
   only unmaps this process's page-table entries; the pages stay in the page
-  cache (and on disk), and the next access maps them back with a minor fault.
+  cache (and on disk), and the next access maps them back with a minor fault;
+  the man page adds that RSS drops at once, and that locked (mlock), huge
+  TLB and VM_PFNMAP pages are refused: nothing here locks the map.
   Only private (anonymous or copy-on-write) mappings lose contents, and we
   never touch one: `mapped_data_files` takes only mappings whose permissions
   are exactly `r--s` (read-only, shared) and whose path is the node's
