@@ -91,6 +91,9 @@ HINT_KEY_TABLE_BYTES_MAX: Final = 255
 DIGEST_BUCKETS: Final = 16
 DIGEST_CACHE_S: Final = 2.0  # a peer's digest request within this reuses the last scan
 SCAN_PAGE_ROWS: Final = 1000  # rows per step of a local scan (then other tasks run)
+# ... and at most about this many bytes: a page is held in memory whole, and
+# 1000 rows of 64 KiB values would be 64 MiB (issue #7 bounds a node's RSS).
+SCAN_PAGE_BYTES: Final = 4 << 20
 # Rows per second a digest scan reads: about a tenth of a core for decoding and
 # hashing, so 1,000,000 rows take 20 s per pass.
 SCAN_ROWS_PER_S: Final = 50_000
@@ -115,6 +118,12 @@ PAGE: Final = "ae_page"  # rows by key range: rebuilding
 METHODS: Final = frozenset({PING, APPLY, DIGEST, KEYS, ROWS, PAGE})
 
 _VERSION = struct.Struct(">Q")
+
+
+def _page_full(page: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a local scan page ended at its row or byte limit (more may
+    follow) rather than at the end of the table."""
+    return len(page) >= SCAN_PAGE_ROWS or sum(len(k) + len(r) for k, r in page) >= SCAN_PAGE_BYTES
 
 
 def now_ms() -> int:
@@ -765,7 +774,9 @@ class Replication:
         candidates: list[tuple[bytes, int]] = []
         start = b""
         while True:
-            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
+            page = self.storage.scan_table_raw(
+                table, start, None, SCAN_PAGE_ROWS, bytes_max=SCAN_PAGE_BYTES
+            )
             now = now_ms()
             for key, raw in page:
                 try:
@@ -791,7 +802,7 @@ class Replication:
                 if buckets is None:
                     buckets = result[partition] = [0] * DIGEST_BUCKETS
                 buckets[bucket_of(key)] ^= row_hash(key, newest_version(row))
-            if len(page) < SCAN_PAGE_ROWS:
+            if not _page_full(page):
                 break
             start = page[-1][0] + b"\x00"
             await trio.sleep(len(page) / SCAN_ROWS_PER_S)
@@ -916,7 +927,9 @@ class Replication:
         pairs: list[list[Any]] = []
         start = body[3]
         while len(pairs) < KEYS_PAGE_MAX:
-            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
+            page = self.storage.scan_table_raw(
+                table, start, None, SCAN_PAGE_ROWS, bytes_max=SCAN_PAGE_BYTES
+            )
             now = now_ms()
             for key, raw in page:
                 partition = partition_of(table, decode_key(key)[0], self.partitions)
@@ -929,7 +942,7 @@ class Replication:
                 if row.version == 0 or is_dead(row, eventual, now, grace_ms):
                     continue
                 pairs.append([key, newest_version(row)])
-            if len(page) < SCAN_PAGE_ROWS:
+            if not _page_full(page):
                 return [pairs, False]
             start = page[-1][0] + b"\x00"
             await trio.lowlevel.checkpoint()
@@ -949,7 +962,9 @@ class Replication:
         start = body[2]
         scanned = 0
         while True:
-            page = self.storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS)
+            page = self.storage.scan_table_raw(
+                table, start, None, SCAN_PAGE_ROWS, bytes_max=SCAN_PAGE_BYTES
+            )
             for key, raw in page:
                 scanned += 1
                 partition = partition_of(table, decode_key(key)[0], self.partitions)
@@ -961,7 +976,7 @@ class Replication:
                 items.append([key, raw])
                 if len(items) >= body[3]:
                     return [items, True]
-            if len(page) < SCAN_PAGE_ROWS:
+            if not _page_full(page):
                 return [items, False]
             start = page[-1][0] + b"\x00"
 

@@ -74,6 +74,7 @@ from kvsvr.protocol.placement import partition_of
 from kvsvr.protocol.state import EMPTY_ROW, Row
 from kvsvr.storage import Storage, decode_row, encode_row
 from kvsvr.storage.engine import CommitTicket, prefix_end
+from kvsvr.storage.residency import ResidencyGuard
 
 log = logging.getLogger("kvsvr.node")
 
@@ -311,6 +312,7 @@ class Node:
         self.round_time_s = ROUND_HEDGE_MIN_S  # moving average of thrifty rounds
         self.started_at = time.time()
         self.cache = RowCache(config.cache_bytes_max)
+        self.residency = ResidencyGuard(config.node_data_dir(node_id), storage)
         self.corrupt_rows_seen = 0
         self.requests_served = 0
         self.nursery: trio.Nursery | None = None
@@ -1113,6 +1115,7 @@ class Node:
                 "bytes_max": self.cache.bytes_max,
                 "entries": len(self.cache),
             },
+            "memory": self.residency.status(),
             "corrupt_rows_seen": self.corrupt_rows_seen,
             "rows_repaired": self.rows_repaired,
             "repairs_failed": self.repairs_failed,
@@ -1248,6 +1251,7 @@ async def serve_node(
                 node.link_peers(nursery)
                 await nursery.start(partial(serve, me.host, me.port, node, secret=config.secret))
                 await nursery.start(node.replication.run)
+                nursery.start_soon(node.residency.run)
                 log.info("node %s serving on %s", me.id, me.address)
                 task_status.started(node)
                 await trio.sleep_forever()

@@ -361,6 +361,11 @@ class Storage:
         self._failure: StorageFailed | None = None
         self._stats = StorageStats()
         self._commit_thread = _CommitThread()
+        # Called after every `_read_hook_every_bytes` of rows read from the map
+        # (see `set_read_hook`); None: no hook.
+        self._read_hook: Callable[[], object] | None = None
+        self._read_hook_every_bytes = 0
+        self._read_bytes_since_hook = 0
 
     @classmethod
     def open(
@@ -413,11 +418,14 @@ class Storage:
         return [(key, _decode(table, key, data)) for key, data in found]
 
     def scan_table_raw(
-        self, table: str, start: bytes, end: bytes | None, limit: int
+        self, table: str, start: bytes, end: bytes | None, limit: int, *, bytes_max: int = 0
     ) -> list[tuple[bytes, bytes]]:
         """Like `scan`, but the rows as stored (crc included), undecoded: for
-        anti-entropy, which ships rows on and must step over a corrupt one."""
-        return self._scan(self._table_db(table), start, end, limit)
+        anti-entropy, which ships rows on and must step over a corrupt one.
+        With `bytes_max` > 0 the page also ends once its keys and rows reach
+        that many bytes (at least one row is returned): a shorter page than
+        `limit` then does not mean the range is exhausted; an empty one does."""
+        return self._scan(self._table_db(table), start, end, limit, bytes_max)
 
     def scan_prefix(self, table: str, prefix: bytes, limit: int) -> list[tuple[bytes, Row]]:
         """Rows whose key starts with `prefix`, ascending, at most `limit`."""
@@ -586,6 +594,25 @@ class Storage:
         """Keys the overlay holds (staged, not yet committed)."""
         return sum(len(entries) for entries in self._overlay.values())
 
+    def set_read_hook(self, hook: Callable[[], object] | None, every_bytes: int) -> None:
+        """Call `hook` (on the reading thread, possibly inside a read
+        transaction) each time `every_bytes` of keys and rows have been read
+        from LMDB's map; None removes it. The residency guard uses it to trim
+        the map during a burst of reads (a large scan) instead of only on its
+        timer. The hook must not read or write the store."""
+        assert hook is None or every_bytes > 0
+        self._read_hook = hook
+        self._read_hook_every_bytes = every_bytes
+        self._read_bytes_since_hook = 0
+
+    def _count_read(self, read_bytes: int) -> None:
+        if self._read_hook is None:
+            return
+        self._read_bytes_since_hook += read_bytes
+        if self._read_bytes_since_hook >= self._read_hook_every_bytes:
+            self._read_bytes_since_hook = 0
+            self._read_hook()
+
     @property
     def failure(self) -> StorageFailed | None:
         """The commit failure that stopped the store, if any."""
@@ -600,12 +627,16 @@ class Storage:
         if staged is not None:
             return staged.data
         with self._env.begin(db=self._dbs[db_name]) as txn:
-            return txn.get(key)
+            data: bytes | None = txn.get(key)
+        if data is not None:
+            self._count_read(len(key) + len(data))
+        return data
 
     def _scan(
-        self, db_name: bytes, start: bytes, end: bytes | None, limit: int
+        self, db_name: bytes, start: bytes, end: bytes | None, limit: int, bytes_max: int = 0
     ) -> list[tuple[bytes, bytes]]:
-        """Merge LMDB's range with the overlay's, overlay first on equal keys."""
+        """Merge LMDB's range with the overlay's, overlay first on equal keys.
+        `bytes_max` > 0 also ends the page at that many bytes (see `scan_table_raw`)."""
         self._check_readable()
         _check_range(start, end, limit)
         # The overlay is bounded by STAGED_OPS_MAX; a linear filter is cheap
@@ -616,11 +647,12 @@ class Storage:
             if start <= key and (end is None or key < end)
         )
         found: list[tuple[bytes, bytes]] = []
+        found_bytes = 0
         staged_index = 0
         with self._env.begin(db=self._dbs[db_name]) as txn:
             cursor = txn.cursor()
             on_disk = cursor.set_range(start) if start else cursor.first()
-            while len(found) < limit:
+            while len(found) < limit and not 0 < bytes_max <= found_bytes:
                 disk_key: bytes | None = cursor.key() if on_disk else None
                 if disk_key is not None and end is not None and disk_key >= end:
                     disk_key = None
@@ -634,9 +666,13 @@ class Storage:
                     staged_index += 1
                     if data is not None:
                         found.append((staged_key, data))
+                        found_bytes += len(staged_key) + len(data)
                 else:
                     assert disk_key is not None
-                    found.append((disk_key, cursor.value()))
+                    disk_data: bytes = cursor.value()
+                    found.append((disk_key, disk_data))
+                    found_bytes += len(disk_key) + len(disk_data)
+                    self._count_read(len(disk_key) + len(disk_data))
                     on_disk = cursor.next()
         assert len(found) <= limit
         assert all(found[i][0] < found[i + 1][0] for i in range(len(found) - 1))
