@@ -12,7 +12,7 @@
     hints_max = 2000000           # ... and in count; beyond either, anti-entropy catches up
     hint_ttl_s = 10800            # a hint older than this is dropped (3 h, as Cassandra)
     hint_replay_rows_per_s = 2500  # per coordinator holding hints
-    anti_entropy_interval_s = 30  # a digest comparison with every peer this often
+    anti_entropy_interval_s = 600  # a digest comparison with every peer this often (and at start)
     anti_entropy_rows_per_s = 2500
     tombstone_grace_s = 14400     # eventual tables: tombstones purged after this (> hint_ttl_s)
 
@@ -87,7 +87,7 @@ class ClusterConfig:
     hints_max: int = 2_000_000
     hint_ttl_s: float = 10_800.0
     hint_replay_rows_per_s: int = 2_500
-    anti_entropy_interval_s: float = 30.0
+    anti_entropy_interval_s: float = 600.0
     anti_entropy_rows_per_s: int = 2_500
     tombstone_grace_s: float = 14_400.0
 
@@ -250,7 +250,7 @@ _CATCH_UP: dict[str, tuple[type, float, float]] = {
     "hints_max": (int, 2_000_000, 0),
     "hint_ttl_s": (float, 10_800.0, 1.0),
     "hint_replay_rows_per_s": (int, 2_500, 1),
-    "anti_entropy_interval_s": (float, 30.0, 0.1),
+    "anti_entropy_interval_s": (float, 600.0, 0.1),
     "anti_entropy_rows_per_s": (int, 2_500, 1),
     "tombstone_grace_s": (float, 14_400.0, 1.0),
 }

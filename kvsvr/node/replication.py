@@ -706,7 +706,7 @@ class Replication:
         start = b""
         eventual = self._eventual(table)
         while True:
-            with trio.fail_after(RPC_TIMEOUT_S):
+            with trio.fail_after(DIGEST_TIMEOUT_S):
                 reply = await self.node.peers[peer].call(KEYS, [table, self.me, differing, start])
             if not isinstance(reply, list) or len(reply) != 2:
                 raise FrameError("ae_keys answers [[[key, version], ...], more]")
@@ -763,10 +763,9 @@ class Replication:
         they are younger than the pass interval: a digest a little old only
         delays a difference to the next pass."""
         cached = self._digest_cache.get(table)
-        fresh_s = (
-            DIGEST_CACHE_S if purge else max(DIGEST_CACHE_S, self.config.anti_entropy_interval_s)
-        )
-        if cached is not None and time.monotonic() - cached[0] < fresh_s:
+        # A digest older than a moment differs from a fresh one under any write
+        # load, and every difference costs a key listing: peers get fresh ones.
+        if cached is not None and time.monotonic() - cached[0] < DIGEST_CACHE_S:
             return cached[1]
         eventual = self._eventual(table)
         grace_ms = int(self.config.tombstone_grace_s * 1000)
@@ -945,7 +944,7 @@ class Replication:
             if not _page_full(page):
                 return [pairs, False]
             start = page[-1][0] + b"\x00"
-            await trio.lowlevel.checkpoint()
+            await trio.sleep(len(page) / SCAN_ROWS_PER_S)
         return [pairs, True]
 
     def _serve_page(self, table: str, body: list[Any]) -> object:
