@@ -279,25 +279,12 @@ class Cluster:
     async def wait_replica_ready(self, node_id: str, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait until the node's replica votes: a node that starts empty does so
         once its peers told it the cluster is new (or once it rebuilt itself)."""
-        node = self._node(node_id)
         state = "not asked"
         with trio.move_on_after(timeout_s):
             while True:
-                try:
-                    with trio.fail_after(READY_ATTEMPT_TIMEOUT_S):
-                        connection = await net.connect(
-                            node.config.host,
-                            node.config.port,
-                            secret=self.config.secret,
-                            connect_timeout_s=READY_ATTEMPT_TIMEOUT_S,
-                        )
-                        async with connection:
-                            status = await connection.request("status", {})
-                    state = str(status["replication"]["state"])  # type: ignore[index]
-                    if state == "ready":
-                        return
-                except (KvsvrError, trio.TooSlowError, OSError, KeyError, TypeError) as error:
-                    state = str(error)
+                state = await self.replica_state(node_id)
+                if state == "ready":
+                    return
                 await trio.sleep(READY_POLL_S)
         raise ClusterError(f"node {node_id} not ready within {timeout_s:g} s ({state})")
 

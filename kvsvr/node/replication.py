@@ -65,7 +65,7 @@ from kvsvr.protocol import replica
 from kvsvr.protocol.eventual import lww_apply, stamp_ms
 from kvsvr.protocol.placement import partition_of
 from kvsvr.protocol.state import EMPTY_ROW, ZERO_BALLOT, Row
-from kvsvr.storage import decode_row, encode_row
+from kvsvr.storage import Storage, decode_row, encode_row
 from kvsvr.storage.codec import crc_ok
 from kvsvr.storage.engine import HINTS_DB
 
@@ -124,6 +124,15 @@ def _page_full(page: list[tuple[bytes, bytes]]) -> bool:
     """Whether a local scan page ended at its row or byte limit (more may
     follow) rather than at the end of the table."""
     return len(page) >= SCAN_PAGE_ROWS or sum(len(k) + len(r) for k, r in page) >= SCAN_PAGE_BYTES
+
+
+def _local_page(
+    storage: Storage, table: str, start: bytes
+) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """One step of a local table scan: the stored rows from `start` (bounded in
+    rows and bytes) and where the next step starts (None: the table ended)."""
+    page = storage.scan_table_raw(table, start, None, SCAN_PAGE_ROWS, bytes_max=SCAN_PAGE_BYTES)
+    return page, (page[-1][0] + b"\x00" if _page_full(page) else None)
 
 
 def now_ms() -> int:
@@ -771,11 +780,9 @@ class Replication:
         grace_ms = int(self.config.tombstone_grace_s * 1000)
         result: dict[int, list[int]] = {}
         candidates: list[tuple[bytes, int]] = []
-        start = b""
-        while True:
-            page = self.storage.scan_table_raw(
-                table, start, None, SCAN_PAGE_ROWS, bytes_max=SCAN_PAGE_BYTES
-            )
+        start: bytes | None = b""
+        while start is not None:
+            page, start = _local_page(self.storage, table, start)
             now = now_ms()
             for key, raw in page:
                 try:
@@ -801,10 +808,8 @@ class Replication:
                 if buckets is None:
                     buckets = result[partition] = [0] * DIGEST_BUCKETS
                 buckets[bucket_of(key)] ^= row_hash(key, newest_version(row))
-            if not _page_full(page):
-                break
-            start = page[-1][0] + b"\x00"
-            await trio.sleep(len(page) / SCAN_ROWS_PER_S)
+            if start is not None:
+                await trio.sleep(len(page) / SCAN_ROWS_PER_S)
         self._digest_cache[table] = (time.monotonic(), result)
         if purge:
             self._tombstones[table] = candidates[:TOMBSTONES_PER_PASS_MAX]
@@ -924,11 +929,9 @@ class Replication:
         eventual = self._eventual(table)
         grace_ms = int(self.config.tombstone_grace_s * 1000)
         pairs: list[list[Any]] = []
-        start = body[3]
-        while len(pairs) < KEYS_PAGE_MAX:
-            page = self.storage.scan_table_raw(
-                table, start, None, SCAN_PAGE_ROWS, bytes_max=SCAN_PAGE_BYTES
-            )
+        start: bytes | None = body[3]
+        while start is not None and len(pairs) < KEYS_PAGE_MAX:
+            page, start = _local_page(self.storage, table, start)
             now = now_ms()
             for key, raw in page:
                 partition = partition_of(table, decode_key(key)[0], self.partitions)
@@ -941,11 +944,9 @@ class Replication:
                 if row.version == 0 or is_dead(row, eventual, now, grace_ms):
                     continue
                 pairs.append([key, newest_version(row)])
-            if not _page_full(page):
-                return [pairs, False]
-            start = page[-1][0] + b"\x00"
-            await trio.sleep(len(page) / SCAN_ROWS_PER_S)
-        return [pairs, True]
+            if start is not None:
+                await trio.sleep(len(page) / SCAN_ROWS_PER_S)
+        return [pairs, start is not None]
 
     def _serve_page(self, table: str, body: list[Any]) -> object:
         if (
@@ -958,14 +959,10 @@ class Replication:
             raise InvalidRequest("ae_page takes [table, requester, start, limit]")
         shared = set(self._shared.get(body[1], []))
         items: list[list[bytes]] = []
-        start = body[2]
-        scanned = 0
-        while True:
-            page = self.storage.scan_table_raw(
-                table, start, None, SCAN_PAGE_ROWS, bytes_max=SCAN_PAGE_BYTES
-            )
+        start: bytes | None = body[2]
+        while start is not None:
+            page, start = _local_page(self.storage, table, start)
             for key, raw in page:
-                scanned += 1
                 partition = partition_of(table, decode_key(key)[0], self.partitions)
                 if partition not in shared:
                     continue
@@ -975,9 +972,7 @@ class Replication:
                 items.append([key, raw])
                 if len(items) >= body[3]:
                     return [items, True]
-            if not _page_full(page):
-                return [items, False]
-            start = page[-1][0] + b"\x00"
+        return [items, False]
 
     # ------------------------------------------------------------ status
 
