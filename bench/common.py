@@ -53,6 +53,7 @@ import trio
 
 import kvsvr
 from kvsvr.config import local_cluster, render_config
+from kvsvr.node.server import tune_gc
 
 # --- limits and defaults --------------------------------------------------------
 
@@ -560,6 +561,9 @@ def _worker_main(spec: WorkerSpec, connection: multiprocessing.connection.Connec
 
     # Ctrl-C reaches the whole process group; the parent stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The same collector tuning as a node (kvsvr.node.server.tune_gc): a load
+    # generator allocates per operation too, and shares the cores with the target.
+    tune_gc()
     try:
         trio.run(_worker_loop, spec, connection)
     except BaseException:

@@ -43,6 +43,7 @@ from bench.workloads import (
     split_evenly,
     value_pool,
 )
+from kvsvr.node.server import tune_gc
 
 # --- limits and timings ------------------------------------------------------------
 
@@ -598,6 +599,9 @@ async def _process_main(
 
 
 def _process_entry(spec: RunSpec, index: int, messages: Any, go: Any, start_at: Any) -> None:
+    # The same collector tuning as a node (kvsvr.node.server.tune_gc): a load
+    # generator allocates per operation too, and shares the cores with the target.
+    tune_gc()
     try:
         result = trio.run(_process_main, spec, index, messages, go, start_at)
     except BaseException:  # reported to the parent, which decides
