@@ -7,6 +7,13 @@ Prints one line per file, ``FILE: linearizable`` / ``not linearizable`` /
 ``unknown``, and exits 0 if every file is linearizable, 1 if any is not, 2 if
 any is unknown (and none is not).  A file that cannot be read counts as
 unknown (its error goes to stderr): the checker could not vouch for it.
+
+Stale reads (``consistency: "stale"`` on a read, as the harness records
+them with ``--stale-reads``) are exempt from linearizability by design: they
+are left out of the linearizability check and checked instead never to go
+back in time for their own process.  A stale read that did counts as ``not
+linearizable`` (exit 1), with a ``stale read went backwards`` line per case
+on stderr.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from jepsen_like.checker import (
     Model,
     RegisterModel,
     check,
+    check_stale_reads_monotonic,
     model_for_fs,
     read_history,
+    without_stale_reads,
 )
 from jepsen_like.checker.report import write_html_report
 
@@ -95,18 +104,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             history, fmt = read_history(path, args.format)
             model = choose_model(args.model, fmt, {op.f for op in history})
-            result = check(history, model, timeout_s=args.timeout_s, workers=args.workers)
+            stale_problems = check_stale_reads_monotonic(history)
+            checked = without_stale_reads(history)
+            result = check(checked, model, timeout_s=args.timeout_s, workers=args.workers)
         except (OSError, ValueError) as exc:
             print(f"{path}: {UNKNOWN}", flush=True)
             print(f"{path}: error: {exc}", file=sys.stderr)
             verdicts.append(UNKNOWN)
             continue
-        verdicts.append(result.verdict)
-        print(f"{path}: {result.verdict}", flush=True)
+        verdict = NOT_LINEARIZABLE if stale_problems else result.verdict
+        verdicts.append(verdict)
+        print(f"{path}: {verdict}", flush=True)
+        for problem in stale_problems:
+            print(f"{path}:   stale read went backwards: {problem}", file=sys.stderr)
         if args.verbose:
+            set_aside = len(history) - len(checked)
             print(
                 f"{path}: {fmt}, {model.name} model, {len(result.keys)} key(s), "
-                f"{result.elapsed_s:.3f} s",
+                f"{result.elapsed_s:.3f} s"
+                + (
+                    f", {set_aside} stale-read events checked for monotonicity only"
+                    if set_aside
+                    else ""
+                ),
                 file=sys.stderr,
             )
             for key in result.bad_keys:

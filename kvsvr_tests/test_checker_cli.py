@@ -94,3 +94,60 @@ def test_corpus_files_with_detected_formats() -> None:
     proc = run("--format", "kv", CORPUS / "kv" / "c10-bad.txt")
     assert proc.returncode == 1
     assert proc.stdout.strip().endswith("c10-bad.txt: not linearizable")
+
+
+def _stale_history(stale_version: int) -> list[Op]:
+    """Process 0 writes 1 then 2 (versions 1, 2); process 1 reads 2 strongly,
+    then makes a stale read that returns value 1 at `stale_version`."""
+    strong = {"consistency": "strong"}
+    stale = {"consistency": "stale"}
+    return [
+        Op(0, "invoke", "write", "k", 1, 0, 0),
+        Op(0, "ok", "write", "k", 1, 1, 1, {"version": 1}),
+        Op(0, "invoke", "write", "k", 2, 2, 2),
+        Op(0, "ok", "write", "k", 2, 3, 3, {"version": 2}),
+        Op(1, "invoke", "read", "k", None, 4, 4, strong),
+        Op(1, "ok", "read", "k", 2, 5, 5, {"version": 2, **strong}),
+        Op(1, "invoke", "read", "k", None, 6, 6, stale),
+        Op(1, "ok", "read", "k", 1, 7, 7, {"version": stale_version, **stale}),
+    ]
+
+
+def test_stale_reads_are_left_out_of_linearizability(tmp_path: Path) -> None:
+    # A lagging stale read of another process's write is allowed: the same
+    # history with the read made strong would not be linearizable.
+    lagging = _stale_history(stale_version=2)
+    lagging[-2] = Op(2, "invoke", "read", "k", None, 6, 6, {"consistency": "stale"})
+    lagging[-1] = Op(2, "ok", "read", "k", 1, 7, 7, {"version": 1, "consistency": "stale"})
+    path = tmp_path / "lagging.jsonl"
+    write_jsonl(lagging, path)
+    proc = run("-v", path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{path}: linearizable"
+    assert "2 stale-read events checked for monotonicity only" in proc.stderr
+
+    as_strong = [
+        Op(
+            op.process,
+            op.type,
+            op.f,
+            op.key,
+            op.value,
+            op.time_ns,
+            op.index,
+            {**op.extra, "consistency": "strong"},
+        )
+        for op in lagging
+    ]
+    strong_path = tmp_path / "strong.jsonl"
+    write_jsonl(as_strong, strong_path)
+    assert run(strong_path).returncode == 1
+
+
+def test_a_stale_read_going_backwards_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "backwards.jsonl"
+    write_jsonl(_stale_history(stale_version=1), path)
+    proc = run(path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.strip() == f"{path}: not linearizable"
+    assert "stale read went backwards" in proc.stderr
