@@ -48,13 +48,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Final, TypeAlias, cast
 
 import trio
 
+from kvsvr.apps._tables import app_tables
 from kvsvr.client import (
     CONSISTENCIES,
     DEFAULT_TABLE,
@@ -65,7 +66,14 @@ from kvsvr.client import (
     format_address,
     parse_address,
 )
-from kvsvr.config import ClusterConfig, ConfigError, load_config, local_cluster, render_config
+from kvsvr.config import (
+    ClusterConfig,
+    ConfigError,
+    TableConfig,
+    load_config,
+    local_cluster,
+    render_config,
+)
 from kvsvr.errors import (
     AuthenticationFailed,
     Conflict,
@@ -267,6 +275,12 @@ def _add_up(commands: _Commands) -> None:
         "--partitions",
         type=_partition_count,
         help="partition count, a power of two (default 64); fixed once the cluster has data",
+    )
+    parser.add_argument(
+        "--apps",
+        action="store_true",
+        help="also declare the tables of the example apps (chat, moments), adding them "
+        "to a reused cluster.toml that lacks them",
     )
 
 
@@ -785,6 +799,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             base_port=args.base_port,
             secret=args.secret,
             partitions=args.partitions,
+            apps=args.apps,
         )
     except (ConfigError, OSError) as exc:
         _complain(str(exc))
@@ -830,14 +845,22 @@ def prepare_up_config(
     base_port: int,
     secret: str | None,
     partitions: int | None,
+    apps: bool = False,
 ) -> tuple[Path, ClusterConfig, bool]:
     """The config `up` runs: `directory/cluster.toml` if it describes the same
     nodes and ports (then True: reused), else a new one written there. Raises
     ConfigError if the existing file would be contradicted (other nodes, ports,
-    partitions or secret), since that would strand the data it describes."""
+    partitions or secret), since that would strand the data it describes.
+    `apps` declares the example apps' tables too: in a new file, or appended
+    to a reused one that lacks them (its other lines are kept as they are)."""
     path = directory / CONFIG_FILE_NAME
+    tables = (TableConfig("default"), *app_tables()) if apps else (TableConfig("default"),)
     wanted = local_cluster(
-        nodes, base_port, secret=secret, partitions=partitions if partitions is not None else 64
+        nodes,
+        base_port,
+        secret=secret,
+        partitions=partitions if partitions is not None else 64,
+        tables=tables,
     )
     if path.exists():
         existing = load_config(path)
@@ -857,12 +880,41 @@ def prepare_up_config(
             raise ConfigError(
                 f"{path} has a different secret; drop --secret, edit the file, or use another --dir"
             )
+        if apps:
+            existing = _add_missing_tables(path, existing, app_tables())
         return path, existing, True
     # data_dir "." is relative to the config file: node i keeps its data in directory/ni.
     path.write_text(render_config(wanted, data_dir="."), encoding="utf-8")
     if secret is not None:
         path.chmod(0o600)
     return path, load_config(path), False
+
+
+def _add_missing_tables(
+    path: Path, config: ClusterConfig, tables: tuple[TableConfig, ...]
+) -> ClusterConfig:
+    """Append to the config file the tables it lacks (a new table is a new,
+    empty LMDB sub-database on each node; nothing else changes). A table it
+    declares differently is an error: its rows were written under those rules."""
+    declared = {table.name: table for table in config.tables}
+    missing = []
+    for table in tables:
+        current = declared.get(table.name)
+        if current is None:
+            missing.append(table)
+        elif current != table:
+            raise ConfigError(
+                f"{path} declares table {table.name!r} differently from the apps "
+                f"({current} vs {table}); edit it or use another --dir"
+            )
+    if not missing:
+        return config
+    blocks = render_config(replace(config, tables=tuple(missing))).split("[[tables]]")[1:]
+    with path.open("a", encoding="utf-8") as out:
+        out.write("\n# added by `kvsvr up --apps`\n")
+        out.write("".join(f"[[tables]]{block}" for block in blocks))
+    _say(f"kvsvr up: declared {len(missing)} app table(s) in {path}")
+    return load_config(path)
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -970,6 +1022,13 @@ def _print_banner(
     _say("talk to it:")
     _say(f"  kvsvr put {target} greeting hello")
     _say(f"  kvsvr get {target} greeting")
+    app_names = {table.name for table in app_tables()}
+    if app_names <= {table.name for table in config.tables}:
+        demo_target = "--cluster " + ",".join(node.address for node in nodes)
+        if config.secret is not None:
+            demo_target += " --secret SECRET"
+        _say(f"  python -m kvsvr.apps.chat demo {demo_target}")
+        _say(f"  python -m kvsvr.apps.moments demo {demo_target}")
     _say("press Ctrl-C to stop every node")
 
 

@@ -20,6 +20,7 @@ import trio
 
 import kvsvr
 from kvsvr import cli
+from kvsvr.apps import app_tables
 from kvsvr.config import ConfigError, load_config
 from kvsvr.errors import (
     AuthenticationFailed,
@@ -251,6 +252,51 @@ def test_up_refuses_to_contradict_an_existing_config(
         cli.prepare_up_config(
             tmp_path, nodes=nodes, base_port=base_port, secret=secret, partitions=partitions
         )
+
+
+def test_up_apps_declares_the_app_tables(tmp_path: Path) -> None:
+    names = {table.name for table in app_tables()}
+    (tmp_path / "new").mkdir()
+    _, config, _ = cli.prepare_up_config(
+        tmp_path / "new", nodes=3, base_port=7200, secret=None, partitions=None, apps=True
+    )
+    assert {table.name for table in config.tables} == {"default", *names}
+
+    # A cluster started without them gets them appended; its own lines stay.
+    path, _, _ = cli.prepare_up_config(
+        tmp_path, nodes=3, base_port=7200, secret=None, partitions=None
+    )
+    before = path.read_text()
+    _, config, reused = cli.prepare_up_config(
+        tmp_path, nodes=3, base_port=7200, secret=None, partitions=None, apps=True
+    )
+    assert reused and path.read_text().startswith(before)
+    assert config == load_config(path)
+    assert {table.name: table for table in config.tables} == {
+        "default": config.tables[0],
+        **{table.name: table for table in app_tables()},
+    }
+    # Declared already: nothing more is written.
+    text = path.read_text()
+    cli.prepare_up_config(
+        tmp_path, nodes=3, base_port=7200, secret=None, partitions=None, apps=True
+    )
+    assert path.read_text() == text
+
+
+def test_up_apps_refuses_a_table_declared_otherwise(tmp_path: Path) -> None:
+    path, _, _ = cli.prepare_up_config(
+        tmp_path, nodes=3, base_port=7200, secret=None, partitions=None
+    )
+    path.write_text(
+        path.read_text() + '\n[[tables]]\nname = "chat_group"\nconsistency = "strong"\n'
+    )
+    text = path.read_text()
+    with pytest.raises(ConfigError, match="chat_group"):
+        cli.prepare_up_config(
+            tmp_path, nodes=3, base_port=7200, secret=None, partitions=None, apps=True
+        )
+    assert path.read_text() == text
 
 
 def test_up_refuses_ports_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
