@@ -17,7 +17,11 @@ from kvsvr.protocol.state import RECENT_OPS_MAX, Accepted, Ballot
 # ---------------------------------------------------------------- requests
 
 
-@dataclass(frozen=True, slots=True)
+# Messages are values: nobody changes one after building it. They are not
+# `frozen` dataclasses all the same, because a frozen __init__ sets every field
+# through object.__setattr__ (about 5x the cost of a plain one), and every
+# operation builds several messages; `unsafe_hash` keeps them hashable.
+@dataclass(slots=True, unsafe_hash=True)
 class Prepare:
     """Phase 1: promise `ballot` for every version of the key above your chosen one."""
 
@@ -29,7 +33,7 @@ class Prepare:
     known_version: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Accept:
     """Phase 2: accept `value` as the proposal for `version` under `ballot`."""
 
@@ -46,7 +50,7 @@ class Accept:
     commit_ballot: Ballot = (0, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Commit:
     """`version` is chosen. With `has_value`, the value travels along (read
     repair, replicas that missed the accept); without it, a replica commits the
@@ -62,7 +66,7 @@ class Commit:
     op_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Read:
     """Report your chosen version and any proposal in flight."""
 
@@ -71,7 +75,7 @@ class Read:
     known_version: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ScanRequest:
     """Report every row in [start, end) (end empty: to the end of the prefix)."""
 
@@ -85,7 +89,7 @@ class ScanRequest:
 # ---------------------------------------------------------------- replies
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Promise:
     ok: bool
     promised: Ballot  # on a refusal: the higher ballot already promised
@@ -99,14 +103,14 @@ class Promise:
     recent_ops: tuple[tuple[int, int], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class AcceptReply:
     ok: bool
     promised: Ballot
     version: int  # the replica's chosen version
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ReadReply:
     version: int
     has_value: bool
@@ -118,7 +122,7 @@ class ReadReply:
     op_id: int  # of the chosen value at `version`
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ScanEntry:
     key: bytes
     version: int
@@ -127,7 +131,7 @@ class ScanEntry:
     accepted_version: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ScanReply:
     entries: tuple[ScanEntry, ...]
     truncated: bool  # the replica stopped at the limit
