@@ -1071,9 +1071,7 @@ class Node:
         )
         self._raise_for(outcome)
         self.cache.put(table, key, outcome.version, value, expires, time.monotonic())
-        self.replication.hint_after_write(
-            table, key, replicas, Row(version=outcome.version, value=value, expires_at_ms=expires)
-        )
+        self.replication.hint_after_write(table, key, replicas, outcome.version, value, expires)
         return {"version": outcome.version}
 
     async def client_scan(self, body: dict[str, Any]) -> dict[str, Any]:
