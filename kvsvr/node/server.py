@@ -143,7 +143,7 @@ class _Deadline:
     """When a client operation must have finished (trio time). Passed down to
     the waits of the operation instead of a cancel scope around all of it:
     entering a scope with a deadline costs about 8 us on this machine, and
-    every round already waits in a scope of its own (see `quorum_round`)."""
+    every round ends by a deadline of its own anyway (see `quorum_round`)."""
 
     __slots__ = ("at", "timeout_s")
 
