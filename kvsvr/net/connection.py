@@ -698,7 +698,12 @@ class _ServerConnection:
     ) -> None:
         if isinstance(message, Request):
             # Waiting here for a free slot is the backpressure: no reads until then.
-            await self._in_flight.acquire()
+            # A free slot is taken without a checkpoint: `acquire` yields to
+            # the scheduler per request, and the loop checkpoints per read anyway.
+            try:
+                self._in_flight.acquire_nowait()
+            except trio.WouldBlock:
+                await self._in_flight.acquire()
             if self._handle_nowait is not None and self._try_nowait(message):
                 return
             handler_nursery.start_soon(self._answer, message)
@@ -758,10 +763,13 @@ class _ServerConnection:
                 frame = encode_message(
                     error_reply(request.request_id, KvsvrError.code, f"internal error: {exc}")
                 )
-            try:
-                await self._outgoing.put(frame)
-            except trio.ClosedResourceError:
-                pass  # the connection is closing; nobody will read the reply
+            # Queued without a checkpoint when there is room (the task ends
+            # here; `put` would yield to the scheduler once more per request).
+            if not self._outgoing.put_nowait(frame) and not self._outgoing.closed:
+                try:
+                    await self._outgoing.put(frame)
+                except trio.ClosedResourceError:
+                    pass  # the connection is closing; nobody will read the reply
         finally:
             self._in_flight.release()
 

@@ -432,8 +432,17 @@ class Replication:
 
     # ------------------------------------------------------------ write hooks
 
-    def hint_after_write(self, table: str, key: bytes, replicas: Iterable[int], row: Row) -> None:
-        """A write was chosen: keep a hint for each replica that is down."""
+    def hint_after_write(
+        self,
+        table: str,
+        key: bytes,
+        replicas: Iterable[int],
+        version: int,
+        value: bytes | None,
+        expires_at_ms: int | None,
+    ) -> None:
+        """A write of `version` was chosen: keep a hint for each replica that is
+        down. (The row is built only then: nearly always, nobody is down.)"""
         now = time.monotonic()
         for target in replicas:
             if target == self.me:
@@ -441,6 +450,7 @@ class Replication:
             # The detector needs a heartbeat or two to notice; a connection the
             # peer's kernel closed (a crashed process) says so at once.
             if not self.detectors[target].is_up(now) or not self.node.peers[target].up:
+                row = Row(version=version, value=value, expires_at_ms=expires_at_ms)
                 self.hints.add(target, table, key, row)
 
     def hint(self, target: int, table: str, key: bytes, row: Row) -> None:

@@ -173,58 +173,83 @@ def _row_from_fields(fields: object) -> Row:
     )
 
 
-def _uint_ok(value: object) -> bool:
-    return type(value) is int and 0 <= value <= ROW_INT_MAX
-
-
 def _recent_ops_ok(recent_ops: object, version: object) -> bool:
-    return (
-        type(recent_ops) is tuple
-        and len(recent_ops) <= RECENT_OPS_MAX
-        and all(
+    if type(recent_ops) is not tuple or len(recent_ops) > RECENT_OPS_MAX:
+        return False
+    if not recent_ops:
+        return True
+    if type(version) is not int:
+        return False
+    for pair in recent_ops:
+        if not (
             type(pair) is tuple
             and len(pair) == 2
-            and _uint_ok(pair[0])
-            and _uint_ok(pair[1])
-            and type(version) is int
+            and type(pair[0]) is int
+            and type(pair[1]) is int
+            and 0 <= pair[0] <= ROW_INT_MAX
+            and 0 <= pair[1] <= ROW_INT_MAX
             and pair[0] < version
-            for pair in recent_ops
-        )
-    )
+        ):
+            return False
+    return True
 
 
 def _row_ok(row: Row) -> bool:
     """The common case of `row_problem` in one expression: every row is checked
-    on every write and read, so this is on the hot path."""
+    on every write and read, so this is on the hot path (the integer checks
+    are spelled out rather than calls of `_is_uint`, which cost as much again)."""
+    if type(row) is not Row:
+        return False
+    version = row.version
+    value = row.value
+    expires = row.expires_at_ms
     promised = row.promised
+    hlc = row.hlc
+    op_id = row.op_id
     if not (
-        type(row) is Row
-        and _uint_ok(row.version)
-        and (row.value is None or type(row.value) is bytes)
-        and (row.expires_at_ms is None or _uint_ok(row.expires_at_ms))
+        type(version) is int
+        and 0 <= version <= ROW_INT_MAX
+        and (value is None or type(value) is bytes)
+        and (expires is None or (type(expires) is int and 0 <= expires <= ROW_INT_MAX))
         and type(promised) is tuple
         and len(promised) == 2
-        and _uint_ok(promised[0])
-        and _uint_ok(promised[1])
-        and _uint_ok(row.hlc)
-        and _uint_ok(row.op_id)
-        and _recent_ops_ok(row.recent_ops, row.version)
+        and type(promised[0]) is int
+        and type(promised[1]) is int
+        and 0 <= promised[0] <= ROW_INT_MAX
+        and 0 <= promised[1] <= ROW_INT_MAX
+        and type(hlc) is int
+        and 0 <= hlc <= ROW_INT_MAX
+        and type(op_id) is int
+        and 0 <= op_id <= ROW_INT_MAX
+        and _recent_ops_ok(row.recent_ops, version)
     ):
         return False
     accepted = row.accepted
     if accepted is None:
         return True
+    if type(accepted) is not Accepted:
+        return False
     ballot = accepted.ballot
+    accepted_version = accepted.version
+    accepted_value = accepted.value
+    accepted_expires = accepted.expires_at_ms
+    accepted_op_id = accepted.op_id
     return (
-        type(accepted) is Accepted
-        and type(ballot) is tuple
+        type(ballot) is tuple
         and len(ballot) == 2
-        and _uint_ok(ballot[0])
-        and _uint_ok(ballot[1])
-        and _uint_ok(accepted.version)
-        and (accepted.value is None or type(accepted.value) is bytes)
-        and (accepted.expires_at_ms is None or _uint_ok(accepted.expires_at_ms))
-        and _uint_ok(accepted.op_id)
+        and type(ballot[0]) is int
+        and type(ballot[1]) is int
+        and 0 <= ballot[0] <= ROW_INT_MAX
+        and 0 <= ballot[1] <= ROW_INT_MAX
+        and type(accepted_version) is int
+        and 0 <= accepted_version <= ROW_INT_MAX
+        and (accepted_value is None or type(accepted_value) is bytes)
+        and (
+            accepted_expires is None
+            or (type(accepted_expires) is int and 0 <= accepted_expires <= ROW_INT_MAX)
+        )
+        and type(accepted_op_id) is int
+        and 0 <= accepted_op_id <= ROW_INT_MAX
     )
 
 

@@ -246,9 +246,10 @@ class _Batch:
         )
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class CommitTicket:
-    """Returned by `stage`; pass it to `Storage.wait_durable`."""
+    """Returned by `stage`; pass it to `Storage.wait_durable`. Never changed
+    once made (not `frozen`: a frozen __init__ costs ~5x, paid per stage)."""
 
     _batch: _Batch
 
