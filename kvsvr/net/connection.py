@@ -30,6 +30,8 @@ from kvsvr.net.auth import ClientHandshake, ServerHandshake
 from kvsvr.net.framing import FEED_BYTES_MAX, FrameDecoder, encode_frame
 from kvsvr.net.messages import (
     CONNECTION_REQUEST_ID,
+    REPLY,
+    REQUEST_ID_MAX,
     OneWay,
     Reply,
     Request,
@@ -111,6 +113,7 @@ class _OutgoingQueue:
         self._closed = False
         self._room = trio.lowlevel.ParkingLot()  # producers waiting for space
         self._frames_ready = trio.lowlevel.ParkingLot()  # the send loop waiting for frames
+        self._sender_parked = False  # whether anyone is parked in `_frames_ready`
 
     def _has_room(self, size: int) -> bool:
         if not self._frames:
@@ -120,7 +123,9 @@ class _OutgoingQueue:
     def _append(self, frame: bytes) -> None:
         self._frames.append(frame)
         self._bytes += len(frame)
-        self._frames_ready.unpark_all()
+        if self._sender_parked:  # most frames join a batch the sender will take anyway
+            self._sender_parked = False
+            self._frames_ready.unpark_all()
 
     def put_nowait(self, frame: bytes) -> bool:
         """Queue `frame` if there is room; False if the queue is full or closed."""
@@ -153,6 +158,7 @@ class _OutgoingQueue:
         is closed and drained."""
         await trio.lowlevel.checkpoint()
         while not self._frames and not self._closed:
+            self._sender_parked = True
             await self._frames_ready.park()
         batch: list[bytes] = []
         batch_bytes = 0
@@ -174,6 +180,7 @@ class _OutgoingQueue:
         """Refuse new frames; the send loop still drains those already queued."""
         self._closed = True
         self._room.unpark_all()
+        self._sender_parked = False
         self._frames_ready.unpark_all()
 
 
@@ -274,16 +281,22 @@ class _ReplyWaiter:
     (reply), the deadline loop (too late) or the shutdown (connection lost).
     Lighter than an Event per request: no lot, no second wake-up."""
 
-    __slots__ = ("_error", "_reply", "_task")
+    __slots__ = ("_body", "_error", "_task")
 
     def __init__(self, task: trio.lowlevel.Task) -> None:
         self._task = task
-        self._reply: Reply | None = None
+        self._body: object = None
         self._error: Exception | None = None
 
-    def resolve(self, reply: Reply) -> None:
-        self._reply = reply
+    def resolve_ok(self, body: object) -> None:
+        self._body = body
         trio.lowlevel.reschedule(self._task)
+
+    def resolve(self, reply: Reply) -> None:
+        if reply.ok:
+            self.resolve_ok(reply.body)
+        else:
+            self.fail(reply.error())
 
     def fail(self, error: Exception) -> None:
         self._error = error
@@ -292,11 +305,7 @@ class _ReplyWaiter:
     def result(self) -> object:
         if self._error is not None:
             raise self._error
-        reply = self._reply
-        assert reply is not None, "woken without a reply or an error"
-        if not reply.ok:
-            raise reply.error()
-        return reply.body
+        return self._body
 
 
 # What a request sent with `RpcConnection.request_nowait` ends with: the reply's
@@ -314,6 +323,9 @@ class _CallbackRequest:
     def __init__(self, peer: str, callback: ReplyCallback) -> None:
         self._peer = peer
         self._callback = callback
+
+    def resolve_ok(self, body: object) -> None:
+        self._run(body, None)
 
     def resolve(self, reply: Reply) -> None:
         if reply.ok:
@@ -359,7 +371,9 @@ class RpcConnection:
         # Requests holding one of the `REQUESTS_IN_FLIGHT_MAX` slots, and the
         # tasks waiting for one: a freed slot passes to the first waiter, as with
         # a trio.Semaphore, but a request that finds one free takes it without
-        # a checkpoint (its wait for the reply is the checkpoint).
+        # a checkpoint (its wait for the reply is the checkpoint). Tasks wait
+        # only while every slot is taken, and a slot freed while any waits is
+        # handed over, so `_in_flight < REQUESTS_IN_FLIGHT_MAX` means nobody waits.
         self._in_flight = 0
         self._slot_waiters = trio.lowlevel.ParkingLot()
         # Every request holding a slot, by id; taking an entry out of it frees
@@ -424,11 +438,7 @@ class RpcConnection:
                 "RpcConnection is not running: use `async with connection:` "
                 "or `await nursery.start(connection.run)`"
             )
-        if (
-            self._close_reason is None
-            and self._in_flight < REQUESTS_IN_FLIGHT_MAX
-            and not self._slot_waiters
-        ):
+        if self._close_reason is None and self._in_flight < REQUESTS_IN_FLIGHT_MAX:
             # The common case: a free slot and room in the queue, so the only
             # wait is for the reply.
             request_id = next(self._request_ids)
@@ -483,14 +493,14 @@ class RpcConnection:
     async def _acquire_slot(self) -> None:
         # As trio.Semaphore.acquire: a checkpoint whether or not it waits.
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._in_flight < REQUESTS_IN_FLIGHT_MAX and not self._slot_waiters:
+        if self._in_flight < REQUESTS_IN_FLIGHT_MAX:
             self._in_flight += 1
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._slot_waiters.park()  # woken holding a slot passed on to it
 
     def _release_slot(self) -> None:
-        if self._slot_waiters:
+        if self._in_flight >= REQUESTS_IN_FLIGHT_MAX and self._slot_waiters:
             self._slot_waiters.unpark()  # the slot passes to the longest waiter
         else:
             self._in_flight -= 1
@@ -540,7 +550,7 @@ class RpcConnection:
         `FrameError` if the request cannot be encoded."""
         if not self._started or self._close_reason is not None:
             return None
-        if self._in_flight >= REQUESTS_IN_FLIGHT_MAX or self._slot_waiters:
+        if self._in_flight >= REQUESTS_IN_FLIGHT_MAX:
             return None
         request_id = next(self._request_ids)
         frame = encode_request(request_id, method, body)
@@ -634,7 +644,7 @@ class RpcConnection:
         try:
             while True:
                 while (frame := self._decoder.next_frame()) is not None:
-                    self._dispatch(from_wire(frame))
+                    self._dispatch(frame)
                 data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
                 if not data:
                     self._shutdown("the peer closed the connection")
@@ -645,7 +655,23 @@ class RpcConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._shutdown(f"receiving failed: {exc}")
 
-    def _dispatch(self, message: Request | Reply | OneWay) -> None:
+    def _dispatch(self, frame: object) -> None:
+        if (
+            type(frame) is list
+            and len(frame) == 4
+            and frame[0] == REPLY
+            and frame[2] is True
+            and type(frame[0]) is int
+            and type(frame[1]) is int
+            and CONNECTION_REQUEST_ID < frame[1] <= REQUEST_ID_MAX
+        ):
+            # A successful reply (almost every frame a client gets), checked as
+            # `from_wire` would, without building a Reply.
+            pending = self._take_pending(frame[1])
+            if pending is not None:  # None: the request was cancelled; drop its reply
+                pending.resolve_ok(frame[3])
+            return
+        message = from_wire(frame)
         if not isinstance(message, Reply):
             raise FrameError("the server sent a request or one-way message; only replies expected")
         if message.request_id == CONNECTION_REQUEST_ID and not message.ok:
