@@ -547,17 +547,17 @@ class Client:
         near_cache_bytes: int | None = None,
     ) -> None:
         self._nursery = nursery
-        self._map = partition_map
+        # Per partition, its replicas with their addresses (see `_candidates`),
+        # and the map's table names: both follow `_set_map`.
+        self._replicas: dict[int, tuple[tuple[NodeInfo, str], ...]] = {}
+        self._table_names: frozenset[str] = frozenset()
+        self._set_map(partition_map)
         self._secret = secret
         self._timeout_s = _check_timeout(timeout_s)
         self._home_address = home_address  # the node `status()` asks by default
         self._connections: dict[str, net.RpcConnection] = {}
         self._connect_locks: dict[str, trio.Lock] = {}
         self._down_until: dict[str, float] = {}
-        # Per partition, its replicas with their addresses (see `_candidates`),
-        # for the map `_replicas_of_map`; at most `PARTITIONS_MAX` entries.
-        self._replicas: dict[int, tuple[tuple[NodeInfo, str], ...]] = {}
-        self._replicas_of_map: PartitionMap | None = None
         self._session = SessionVersions()
         bytes_max = _check_near_cache_bytes(near_cache_bytes)
         self._near_cache = NearCache(bytes_max) if bytes_max else None
@@ -713,7 +713,7 @@ class Client:
         if refresh:
             with self._deadline("map"):
                 connection = await self._status_connection(None)
-                self._map = PartitionMap.from_wire(await connection.request("map", {}))
+                self._set_map(PartitionMap.from_wire(await connection.request("map", {})))
         else:
             await trio.lowlevel.checkpoint()
         return self._map
@@ -751,6 +751,8 @@ class Client:
         return Timeout(f"{operation} timed out after {self._timeout_s} s; the outcome is unknown")
 
     def _check_table(self, table: object) -> str:
+        if type(table) is str and table in self._table_names:
+            return table
         if not isinstance(table, str):
             raise InvalidRequest(f"a table name must be a str, not {type(table).__name__}")
         if self._map.tables and self._map.table(table) is None:
@@ -761,6 +763,8 @@ class Client:
     def _key(self, table: str, key: UserKey) -> tuple[bytes, bytes]:
         """(partition key, encoded key), checked."""
         self._check_table(table)
+        if type(key) is bytes:  # the common case, without split_user_key's checks
+            return key, encode_key(key)
         partition_key, sort_key = split_user_key(key)
         return partition_key, encode_key(partition_key, sort_key)
 
@@ -897,18 +901,19 @@ class Client:
                 now=trio.current_time(),
             )
             return [(node, node.address) for node in nodes]
-        partition_map = self._map
-        if self._replicas_of_map is not partition_map:
-            self._replicas.clear()
-            self._replicas_of_map = partition_map
-        partition = partition_of(table, partition_key, partition_map.partitions)
+        partition = partition_of(table, partition_key, self._map.partitions)
         replicas = self._replicas.get(partition)
-        if replicas is None:
+        if replicas is None:  # at most `PARTITIONS_MAX` entries
             replicas = tuple(
-                (node, node.address) for node in partition_map.replicas_of_partition(partition)
+                (node, node.address) for node in self._map.replicas_of_partition(partition)
             )
             self._replicas[partition] = replicas
         return replicas
+
+    def _set_map(self, partition_map: PartitionMap) -> None:
+        self._map = partition_map
+        self._replicas.clear()
+        self._table_names = frozenset(table.name for table in partition_map.tables)
 
     async def _connection_by(self, node: NodeInfo, deadline: float) -> net.RpcConnection:
         """`_connection` to `node`, bounded by `deadline` (then `trio.TooSlowError`)."""

@@ -156,8 +156,12 @@ class _OutgoingQueue:
         """The frames queued since the last call (at least one, up to
         `SEND_BATCH_BYTES_MAX`), waiting for one if none is; empty once the queue
         is closed and drained."""
-        await trio.lowlevel.checkpoint()
+        if self._frames or self._closed:
+            await trio.lowlevel.checkpoint()
         while not self._frames and not self._closed:
+            # Parking is the checkpoint: a yield first would only find the queue
+            # still empty one scheduler pass later (the frames it could gather
+            # then wake the parked loop just as well).
             self._sender_parked = True
             await self._frames_ready.park()
         batch: list[bytes] = []
