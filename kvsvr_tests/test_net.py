@@ -796,6 +796,38 @@ async def test_requests_past_the_in_flight_limit_wait_for_a_slot(
         nursery.cancel_scope.cancel()
 
 
+async def test_closing_fails_requests_waiting_for_a_slot_and_for_a_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection, "REQUESTS_IN_FLIGHT_MAX", 1)
+    handler = RecordingHandler()
+    outcomes: list[str] = []
+    async with trio.open_nursery() as nursery:
+        port = await start_server(nursery, handler)
+        conn = await open_client(port)
+        await nursery.start(conn.run)
+
+        async def wait_request() -> None:
+            try:
+                await conn.request("wait", None)
+            except Unavailable:
+                outcomes.append("unavailable")
+
+        async with trio.open_nursery() as requests:
+            for _ in range(3):  # one holds the slot, two wait for it
+                requests.start_soon(wait_request)
+            with trio.fail_after(5):
+                await handler.enough_running.wait()
+            # A request cancelled while it waits for a slot gives up its place.
+            with trio.move_on_after(0.05) as scope:
+                await conn.request("echo", 1)
+            assert scope.cancelled_caught
+            await conn.aclose()
+        assert outcomes == ["unavailable"] * 3
+        assert conn._in_flight == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_cancelling_the_owner_closes_the_connection() -> None:
     handler = RecordingHandler()
     async with trio.open_nursery() as nursery:
