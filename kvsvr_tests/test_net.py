@@ -828,6 +828,19 @@ async def test_closing_fails_requests_waiting_for_a_slot_and_for_a_reply(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_request_from_a_cancelled_caller_is_not_sent() -> None:
+    handler = RecordingHandler()
+    async with trio.open_nursery() as nursery:
+        port = await start_server(nursery, handler)
+        async with await open_client(port) as conn:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await conn.request("echo", "never")
+            assert await conn.request("echo", "next") == "next"
+        nursery.cancel_scope.cancel()
+    assert handler.requests == [("echo", "next")]
+
+
 async def test_cancelling_the_owner_closes_the_connection() -> None:
     handler = RecordingHandler()
     async with trio.open_nursery() as nursery:

@@ -442,6 +442,8 @@ class RpcConnection:
                 "RpcConnection is not running: use `async with connection:` "
                 "or `await nursery.start(connection.run)`"
             )
+        # A caller cancelled already sends nothing (cheap when it is not).
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._close_reason is None and self._in_flight < REQUESTS_IN_FLIGHT_MAX:
             # The common case: a free slot and room in the queue, so the only
             # wait is for the reply.
