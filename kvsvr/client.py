@@ -44,7 +44,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -175,7 +175,9 @@ class PartitionMap:
 
     def replicas(self, table: str, partition_key: bytes) -> list[NodeInfo]:
         """The replicas of a key's partition, preferred coordinator first."""
-        partition = partition_of(table, partition_key, self.partitions)
+        return self.replicas_of_partition(partition_of(table, partition_key, self.partitions))
+
+    def replicas_of_partition(self, partition: int) -> list[NodeInfo]:
         return [self.node_by_index(index) for index in self.replica_sets[partition]]
 
 
@@ -545,7 +547,11 @@ class Client:
         near_cache_bytes: int | None = None,
     ) -> None:
         self._nursery = nursery
-        self._map = partition_map
+        # Per partition, its replicas with their addresses (see `_candidates`),
+        # and the map's table names: both follow `_set_map`.
+        self._replicas: dict[int, tuple[tuple[NodeInfo, str], ...]] = {}
+        self._table_names: frozenset[str] = frozenset()
+        self._set_map(partition_map)
         self._secret = secret
         self._timeout_s = _check_timeout(timeout_s)
         self._home_address = home_address  # the node `status()` asks by default
@@ -585,9 +591,10 @@ class Client:
         partition_key, encoded = self._key(table, key)
         max_age = _check_read_options(consistency, max_age_s)
         min_version = 0 if consistency == "strong" else self._session.version(table, encoded)
-        with self._deadline("get"):
+        deadline = self._operation_deadline()
+        try:
             version, value = await self._get(
-                table, partition_key, encoded, consistency, max_age, min_version
+                table, partition_key, encoded, consistency, max_age, min_version, deadline
             )
             if version < min_version:
                 # The node should have fallen back to a strong read itself; if it
@@ -595,7 +602,11 @@ class Client:
                 logger.warning(
                     "a %s read returned version %d < %d", consistency, version, min_version
                 )
-                version, value = await self._get(table, partition_key, encoded, "strong", None, 0)
+                version, value = await self._get(
+                    table, partition_key, encoded, "strong", None, 0, deadline
+                )
+        except trio.TooSlowError:
+            raise self._timed_out("get") from None
         self._session.observe(table, encoded, version)
         return None if value is None else Item(value=value, version=version)
 
@@ -655,8 +666,13 @@ class Client:
             "end": end_key,
             "limit": _check_limit(limit),
         }
-        with self._deadline("scan"):
-            reply = await self._call(table, partition, "scan", body, repeatable=True)
+        deadline = self._operation_deadline()
+        try:
+            reply = await self._call(
+                table, partition, "scan", body, repeatable=True, deadline=deadline
+            )
+        except trio.TooSlowError:
+            raise self._timed_out("scan") from None
         items = _scan_reply(reply)
         for item in items:
             assert item.key is not None
@@ -697,7 +713,7 @@ class Client:
         if refresh:
             with self._deadline("map"):
                 connection = await self._status_connection(None)
-                self._map = PartitionMap.from_wire(await connection.request("map", {}))
+                self._set_map(PartitionMap.from_wire(await connection.request("map", {})))
         else:
             await trio.lowlevel.checkpoint()
         return self._map
@@ -714,17 +730,29 @@ class Client:
 
     @contextmanager
     def _deadline(self, operation: str) -> Iterator[None]:
-        if self._closed:
-            raise RuntimeError("the kvsvr client is closed")
+        """Bound an operation that is not on the hot path by the client's timeout."""
+        deadline = self._operation_deadline()
         try:
-            with trio.fail_after(self._timeout_s):
+            with trio.fail_at(deadline):
                 yield
         except trio.TooSlowError:
-            raise Timeout(
-                f"{operation} timed out after {self._timeout_s} s; the outcome is unknown"
-            ) from None
+            raise self._timed_out(operation) from None
+
+    def _operation_deadline(self) -> float:
+        """The time (trio's clock) by which an operation starting now must end.
+        The hot path passes it down (`_call`, `RpcConnection.request`) instead of
+        opening a cancel scope per operation; a `trio.TooSlowError` raised from
+        there means it has passed."""
+        if self._closed:
+            raise RuntimeError("the kvsvr client is closed")
+        return trio.current_time() + self._timeout_s
+
+    def _timed_out(self, operation: str) -> Timeout:
+        return Timeout(f"{operation} timed out after {self._timeout_s} s; the outcome is unknown")
 
     def _check_table(self, table: object) -> str:
+        if type(table) is str and table in self._table_names:
+            return table
         if not isinstance(table, str):
             raise InvalidRequest(f"a table name must be a str, not {type(table).__name__}")
         if self._map.tables and self._map.table(table) is None:
@@ -735,6 +763,8 @@ class Client:
     def _key(self, table: str, key: UserKey) -> tuple[bytes, bytes]:
         """(partition key, encoded key), checked."""
         self._check_table(table)
+        if type(key) is bytes:  # the common case, without split_user_key's checks
+            return key, encode_key(key)
         partition_key, sort_key = split_user_key(key)
         return partition_key, encode_key(partition_key, sort_key)
 
@@ -746,6 +776,7 @@ class Client:
         consistency: str,
         max_age_s: float | None,
         min_version: int,
+        deadline: float,
     ) -> tuple[int, bytes | None]:
         body: dict[str, Any] = {
             "table": table,
@@ -756,19 +787,27 @@ class Client:
         }
         near_cache = self._near_cache
         if near_cache is None:
-            return _get_reply(await self._call(table, partition_key, "get", body, repeatable=True))
+            return _get_reply(
+                await self._call(
+                    table, partition_key, "get", body, repeatable=True, deadline=deadline
+                )
+            )
         now_ms = int(time.time() * 1000)
         near = near_cache.get(table, encoded, now_ms) if consistency == "strong" else None
         if near is None:
             if consistency == "strong":
                 near_cache.stats.misses += 1
-            reply = await self._call(table, partition_key, "get", body, repeatable=True)
+            reply = await self._call(
+                table, partition_key, "get", body, repeatable=True, deadline=deadline
+            )
             version, value = _get_reply(reply)
             expires = _reply_dict(reply, "get").get("expires_at_ms")
             expires_at_ms = expires if type(expires) is int else None
         else:
             body["cached_version"] = near.version
-            reply = await self._call(table, partition_key, "get", body, repeatable=True)
+            reply = await self._call(
+                table, partition_key, "get", body, repeatable=True, deadline=deadline
+            )
             version, value, expires_at_ms = _near_reply(reply, near)
             if _reply_dict(reply, "get").get("unchanged") is True:
                 near_cache.stats.unchanged += 1
@@ -802,8 +841,13 @@ class Client:
         if self._near_cache is not None:
             # Whatever happens to this write, what the cache holds may be old.
             self._near_cache.discard(table, encoded)
-        with self._deadline(operation):
-            reply = await self._call(table, partition_key, "put", body, repeatable=False)
+        deadline = self._operation_deadline()
+        try:
+            reply = await self._call(
+                table, partition_key, "put", body, repeatable=False, deadline=deadline
+            )
+        except trio.TooSlowError:
+            raise self._timed_out(operation) from None
         version = _reply_version(_reply_dict(reply, "put"), "put")
         self._session.observe(table, encoded, version)
         if self._near_cache is not None:
@@ -811,31 +855,71 @@ class Client:
         return version
 
     async def _call(
-        self, table: str, partition_key: bytes, method: str, body: object, *, repeatable: bool
+        self,
+        table: str,
+        partition_key: bytes,
+        method: str,
+        body: object,
+        *,
+        repeatable: bool,
+        deadline: float,
     ) -> object:
         """Send to the first replica that can be reached. A request whose
         connection is lost after sending goes to the next replica only if
-        `repeatable` (a read); a write's outcome is then unknown: Unavailable."""
-        candidates = route(
-            self._map, table, partition_key, down_until=self._down_until, now=trio.current_time()
-        )
+        `repeatable` (a read); a write's outcome is then unknown: Unavailable.
+        Raises `trio.TooSlowError` once `deadline` (trio's clock) has passed."""
         failures: list[str] = []
-        for node in candidates:
+        for node, address in self._candidates(table, partition_key):
+            connection = self._connections.get(address)
+            if connection is None or connection.closed:
+                try:
+                    connection = await self._connection_by(node, deadline)
+                except Unavailable as exc:
+                    failures.append(str(exc))
+                    continue
             try:
-                connection = await self._connection(node.host, node.port)
-            except Unavailable as exc:
-                failures.append(str(exc))
-                continue
-            try:
-                return await connection.request(method, body)
+                return await connection.request(method, body, deadline=deadline)
             except Unavailable as exc:
                 if not (repeatable and connection.closed):
                     raise
-                self._mark_down(node.address)
+                self._mark_down(address)
                 failures.append(str(exc))
         raise Unavailable(
             f"no replica of the key's partition could be reached: {'; '.join(failures)}"
         )
+
+    def _candidates(self, table: str, partition_key: bytes) -> Sequence[tuple[NodeInfo, str]]:
+        """`route`'s nodes for a key, each with its address. While no node is
+        marked down (the usual case) they are a partition's replicas in map
+        order, kept per partition rather than looked up anew per operation."""
+        if self._down_until:
+            nodes = route(
+                self._map,
+                table,
+                partition_key,
+                down_until=self._down_until,
+                now=trio.current_time(),
+            )
+            return [(node, node.address) for node in nodes]
+        partition = partition_of(table, partition_key, self._map.partitions)
+        replicas = self._replicas.get(partition)
+        if replicas is None:  # at most `PARTITIONS_MAX` entries
+            replicas = tuple(
+                (node, node.address) for node in self._map.replicas_of_partition(partition)
+            )
+            self._replicas[partition] = replicas
+        return replicas
+
+    def _set_map(self, partition_map: PartitionMap) -> None:
+        self._map = partition_map
+        self._replicas.clear()
+        self._table_names = frozenset(table.name for table in partition_map.tables)
+
+    async def _connection_by(self, node: NodeInfo, deadline: float) -> net.RpcConnection:
+        """`_connection` to `node`, bounded by `deadline` (then `trio.TooSlowError`)."""
+        with trio.CancelScope(deadline=deadline):
+            return await self._connection(node.host, node.port)
+        raise trio.TooSlowError  # reached only when the deadline cut the connect short
 
     async def _status_connection(self, node: str | None) -> net.RpcConnection:
         if node is not None:

@@ -738,6 +738,109 @@ async def test_a_cancelled_request_leaves_the_connection_usable() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_request_past_its_deadline_raises_too_slow_and_frees_its_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection, "REQUESTS_IN_FLIGHT_MAX", 2)
+    handler = RecordingHandler()
+    async with trio.open_nursery() as nursery:
+        port = await start_server(nursery, handler)
+        async with await open_client(port) as conn:
+            started = trio.current_time()
+            with pytest.raises(trio.TooSlowError):
+                await conn.request("wait", None, deadline=started + 0.1)
+            assert 0.1 <= trio.current_time() - started < 1.0
+            # A deadline already past fails too, without waiting for the reply.
+            with pytest.raises(trio.TooSlowError):
+                await conn.request("wait", None, deadline=trio.current_time() - 1)
+            # Both slots are free again; the late replies are dropped.
+            handler.release.set()
+            deadline = trio.current_time() + 5
+            async with trio.open_nursery() as requests:
+                for i in range(5):
+                    requests.start_soon(partial(conn.request, "echo", i, deadline=deadline))
+            assert await conn.request("echo", "next", deadline=deadline) == "next"
+            assert conn._in_flight == 0
+            assert not conn._pending
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_past_the_in_flight_limit_wait_for_a_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection, "REQUESTS_IN_FLIGHT_MAX", 2)
+    handler = RecordingHandler()
+    handler.running_wanted = 2
+    results: list[object] = []
+    async with trio.open_nursery() as nursery:
+        port = await start_server(nursery, handler)
+        async with await open_client(port) as conn:
+
+            async def wait_request() -> None:
+                results.append(await conn.request("wait", None))
+
+            async with trio.open_nursery() as requests:
+                for _ in range(4):
+                    requests.start_soon(wait_request)
+                with trio.fail_after(5):
+                    await handler.enough_running.wait()
+                await trio.sleep(0.05)
+                assert len(handler.requests) == 2, "two slots: two requests sent"
+                assert conn.request_nowait("echo", 1, lambda body, error: None) is None
+                # Waiting for a slot counts against the deadline.
+                with pytest.raises(trio.TooSlowError):
+                    await conn.request("echo", 2, deadline=trio.current_time() + 0.05)
+                handler.release.set()
+            assert results == ["released"] * 4
+            assert conn._in_flight == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_closing_fails_requests_waiting_for_a_slot_and_for_a_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection, "REQUESTS_IN_FLIGHT_MAX", 1)
+    handler = RecordingHandler()
+    outcomes: list[str] = []
+    async with trio.open_nursery() as nursery:
+        port = await start_server(nursery, handler)
+        conn = await open_client(port)
+        await nursery.start(conn.run)
+
+        async def wait_request() -> None:
+            try:
+                await conn.request("wait", None)
+            except Unavailable:
+                outcomes.append("unavailable")
+
+        async with trio.open_nursery() as requests:
+            for _ in range(3):  # one holds the slot, two wait for it
+                requests.start_soon(wait_request)
+            with trio.fail_after(5):
+                await handler.enough_running.wait()
+            # A request cancelled while it waits for a slot gives up its place.
+            with trio.move_on_after(0.05) as scope:
+                await conn.request("echo", 1)
+            assert scope.cancelled_caught
+            await conn.aclose()
+        assert outcomes == ["unavailable"] * 3
+        assert conn._in_flight == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_from_a_cancelled_caller_is_not_sent() -> None:
+    handler = RecordingHandler()
+    async with trio.open_nursery() as nursery:
+        port = await start_server(nursery, handler)
+        async with await open_client(port) as conn:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await conn.request("echo", "never")
+            assert await conn.request("echo", "next") == "next"
+        nursery.cancel_scope.cancel()
+    assert handler.requests == [("echo", "next")]
+
+
 async def test_cancelling_the_owner_closes_the_connection() -> None:
     handler = RecordingHandler()
     async with trio.open_nursery() as nursery:

@@ -10,8 +10,10 @@ nursery; every queue and count has a limit below.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -28,10 +30,13 @@ from kvsvr.net.auth import ClientHandshake, ServerHandshake
 from kvsvr.net.framing import FEED_BYTES_MAX, FrameDecoder, encode_frame
 from kvsvr.net.messages import (
     CONNECTION_REQUEST_ID,
+    REPLY,
+    REQUEST_ID_MAX,
     OneWay,
     Reply,
     Request,
     encode_message,
+    encode_request,
     error_reply,
     error_reply_for,
     from_wire,
@@ -64,6 +69,12 @@ SEND_BATCH_BYTES_MAX: Final = 1024 * 1024
 # a reply to free a slot, so a caller in a loop cannot build an unbounded table
 # of waiters (or flood the server).
 REQUESTS_IN_FLIGHT_MAX: Final = 1024
+
+# Deadline entries of finished requests one client connection keeps (they are
+# dropped lazily) beyond twice its requests in flight: past it the heap is
+# rebuilt from the waiting requests, so its memory stays bounded and the
+# rebuild's cost is spread over at least this many requests.
+DEADLINES_STALE_MAX: Final = 1024
 
 # Requests one server connection runs at once. Past it the server stops reading
 # that connection until a handler finishes: TCP flow control then pushes back on
@@ -102,6 +113,7 @@ class _OutgoingQueue:
         self._closed = False
         self._room = trio.lowlevel.ParkingLot()  # producers waiting for space
         self._frames_ready = trio.lowlevel.ParkingLot()  # the send loop waiting for frames
+        self._sender_parked = False  # whether anyone is parked in `_frames_ready`
 
     def _has_room(self, size: int) -> bool:
         if not self._frames:
@@ -111,7 +123,9 @@ class _OutgoingQueue:
     def _append(self, frame: bytes) -> None:
         self._frames.append(frame)
         self._bytes += len(frame)
-        self._frames_ready.unpark_all()
+        if self._sender_parked:  # most frames join a batch the sender will take anyway
+            self._sender_parked = False
+            self._frames_ready.unpark_all()
 
     def put_nowait(self, frame: bytes) -> bool:
         """Queue `frame` if there is room; False if the queue is full or closed."""
@@ -119,6 +133,13 @@ class _OutgoingQueue:
             return False
         self._append(frame)
         return True
+
+    async def wait_for_room(self, size: int) -> None:
+        """Wait until a frame of `size` bytes would be admitted, or the queue
+        is closed."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._closed and not self._has_room(size):
+            await self._room.park()
 
     async def put(self, frame: bytes) -> None:
         """Queue `frame`, waiting while the queue is full. Raises
@@ -135,8 +156,13 @@ class _OutgoingQueue:
         """The frames queued since the last call (at least one, up to
         `SEND_BATCH_BYTES_MAX`), waiting for one if none is; empty once the queue
         is closed and drained."""
-        await trio.lowlevel.checkpoint()
+        if self._frames or self._closed:
+            await trio.lowlevel.checkpoint()
         while not self._frames and not self._closed:
+            # Parking is the checkpoint: a yield first would only find the queue
+            # still empty one scheduler pass later (the frames it could gather
+            # then wake the parked loop just as well).
+            self._sender_parked = True
             await self._frames_ready.park()
         batch: list[bytes] = []
         batch_bytes = 0
@@ -158,6 +184,7 @@ class _OutgoingQueue:
         """Refuse new frames; the send loop still drains those already queued."""
         self._closed = True
         self._room.unpark_all()
+        self._sender_parked = False
         self._frames_ready.unpark_all()
 
 
@@ -252,31 +279,37 @@ async def _client_handshake(stream: trio.SocketStream, secret: bytes | None) -> 
     return decoder
 
 
-class _PendingRequest:
-    __slots__ = ("_error", "_reply", "done")
+class _ReplyWaiter:
+    """A task in `RpcConnection.request` waiting for its reply. Woken once, on
+    the trio thread, by whoever takes it out of `_pending`: the receive loop
+    (reply), the deadline loop (too late) or the shutdown (connection lost).
+    Lighter than an Event per request: no lot, no second wake-up."""
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self._reply: Reply | None = None
-        self._error: KvsvrError | None = None
+    __slots__ = ("_body", "_error", "_task")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self._task = task
+        self._body: object = None
+        self._error: Exception | None = None
+
+    def resolve_ok(self, body: object) -> None:
+        self._body = body
+        trio.lowlevel.reschedule(self._task)
 
     def resolve(self, reply: Reply) -> None:
-        if not self.done.is_set():
-            self._reply = reply
-            self.done.set()
+        if reply.ok:
+            self.resolve_ok(reply.body)
+        else:
+            self.fail(reply.error())
 
-    def fail(self, error: KvsvrError) -> None:
-        if not self.done.is_set():
-            self._error = error
-            self.done.set()
+    def fail(self, error: Exception) -> None:
+        self._error = error
+        trio.lowlevel.reschedule(self._task)
 
     def result(self) -> object:
         if self._error is not None:
             raise self._error
-        assert self._reply is not None, "result() before the request finished"
-        if not self._reply.ok:
-            raise self._reply.error()
-        return self._reply.body
+        return self._body
 
 
 # What a request sent with `RpcConnection.request_nowait` ends with: the reply's
@@ -286,31 +319,32 @@ ReplyCallback = Callable[[object, KvsvrError | None], None]
 
 class _CallbackRequest:
     """A request sent by `request_nowait`: its callback runs once, on the trio
-    thread, from the receive loop or the connection's shutdown."""
+    thread, from the receive loop or the connection's shutdown (whichever
+    takes it out of `_pending`)."""
 
-    __slots__ = ("_callback", "_connection", "_request_id")
+    __slots__ = ("_callback", "_peer")
 
-    def __init__(self, connection: RpcConnection, request_id: int, callback: ReplyCallback) -> None:
-        self._connection = connection
-        self._request_id = request_id
+    def __init__(self, peer: str, callback: ReplyCallback) -> None:
+        self._peer = peer
         self._callback = callback
 
+    def resolve_ok(self, body: object) -> None:
+        self._run(body, None)
+
     def resolve(self, reply: Reply) -> None:
-        if self._connection._forget(self._request_id):
-            if reply.ok:
-                self._run(reply.body, None)
-            else:
-                self._run(None, reply.error())
+        if reply.ok:
+            self._run(reply.body, None)
+        else:
+            self._run(None, reply.error())
 
     def fail(self, error: KvsvrError) -> None:
-        if self._connection._forget(self._request_id):
-            self._run(None, error)
+        self._run(None, error)
 
     def _run(self, body: object, error: KvsvrError | None) -> None:
         try:
             self._callback(body, error)
         except Exception:
-            logger.exception("reply callback for a request to %s failed", self._connection.peer)
+            logger.exception("reply callback for a request to %s failed", self._peer)
 
 
 class RpcConnection:
@@ -338,8 +372,21 @@ class RpcConnection:
         self._stream = stream
         self._decoder = decoder
         self._outgoing = _OutgoingQueue()
-        self._in_flight = trio.Semaphore(REQUESTS_IN_FLIGHT_MAX)
-        self._pending: dict[int, _PendingRequest | _CallbackRequest] = {}
+        # Requests holding one of the `REQUESTS_IN_FLIGHT_MAX` slots, and the
+        # tasks waiting for one: a freed slot passes to the first waiter, as with
+        # a trio.Semaphore, but a request that finds one free takes it without
+        # a checkpoint (its wait for the reply is the checkpoint). Tasks wait
+        # only while every slot is taken, and a slot freed while any waits is
+        # handed over, so `_in_flight < REQUESTS_IN_FLIGHT_MAX` means nobody waits.
+        self._in_flight = 0
+        self._slot_waiters = trio.lowlevel.ParkingLot()
+        # Every request holding a slot, by id; taking an entry out of it frees
+        # the slot and obliges the taker to resolve or fail it.
+        self._pending: dict[int, _ReplyWaiter | _CallbackRequest] = {}
+        # (deadline, request id) of requests sent with a deadline, earliest
+        # first; entries of requests that have finished are dropped lazily.
+        self._deadlines: list[tuple[float, int]] = []
+        self._deadline_scope = trio.CancelScope()  # the deadline loop's sleep
         self._request_ids = itertools.count(1)
         self._started = False
         self._run_scope: trio.CancelScope | None = None
@@ -356,7 +403,7 @@ class RpcConnection:
         return self._close_reason
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the send and receive loops until the connection closes."""
+        """Run the send, receive and deadline loops until the connection closes."""
         if self._started:
             raise RuntimeError("RpcConnection.run() may be called only once")
         self._started = True
@@ -368,6 +415,7 @@ class RpcConnection:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_loop)
                     nursery.start_soon(self._receive_loop)
+                    nursery.start_soon(self._deadline_loop)
                     task_status.started()
         finally:
             self._shutdown("the connection's task ended")
@@ -379,34 +427,124 @@ class RpcConnection:
             finally:
                 self._finished.set()
 
-    async def request(self, method: str, body: object) -> object:
+    async def request(self, method: str, body: object, *, deadline: float = math.inf) -> object:
         """Send a request and wait for its reply's body.
 
         A failed reply raises the error class its code names (`Conflict`...).
         Raises `Unavailable` if the connection is or becomes closed before the
-        reply arrives, and `FrameError` if the request cannot be encoded.
+        reply arrives, `FrameError` if the request cannot be encoded, and
+        `trio.TooSlowError` if it has no reply by `deadline` (trio's clock), as
+        `trio.fail_at(deadline)` around it would, but without a cancel scope per
+        request: the connection's deadline loop wakes it. A late reply is dropped.
         """
         if not self._started:
             raise RuntimeError(
                 "RpcConnection is not running: use `async with connection:` "
                 "or `await nursery.start(connection.run)`"
             )
-        async with self._in_flight:
-            if self._close_reason is not None:
-                raise self._lost_error()
+        # A caller cancelled already sends nothing (cheap when it is not).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._close_reason is None and self._in_flight < REQUESTS_IN_FLIGHT_MAX:
+            # The common case: a free slot and room in the queue, so the only
+            # wait is for the reply.
             request_id = next(self._request_ids)
-            frame = encode_message(Request(request_id, method, body))
-            pending = _PendingRequest()
-            self._pending[request_id] = pending
             try:
-                await self._outgoing.put(frame)
-                await pending.done.wait()
-            except trio.ClosedResourceError:
-                # Closed while queueing: _shutdown has already failed `pending`.
-                assert pending.done.is_set()
-            finally:
-                del self._pending[request_id]
-        return pending.result()
+                frame = encode_request(request_id, method, body)
+            except FrameError:
+                await trio.lowlevel.checkpoint()
+                raise
+            if self._outgoing.put_nowait(frame):
+                self._in_flight += 1
+                return await self._wait_for_reply(request_id, deadline)
+        return await self._request_after_waiting(method, body, deadline)
+
+    async def _request_after_waiting(self, method: str, body: object, deadline: float) -> object:
+        """`request` when it may have to wait before sending: for a slot, for
+        room in the outgoing queue (or only for a checkpoint before it raises)."""
+        with trio.CancelScope(deadline=deadline) as scope:
+            await self._acquire_slot()
+            try:
+                if self._close_reason is not None:
+                    raise self._lost_error()
+                request_id = next(self._request_ids)
+                frame = encode_request(request_id, method, body)
+                while not self._outgoing.put_nowait(frame):
+                    if self._outgoing.closed:
+                        raise self._lost_error()
+                    await self._outgoing.wait_for_room(len(frame))
+            except BaseException:
+                self._release_slot()
+                raise
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
+        return await self._wait_for_reply(request_id, deadline)
+
+    async def _wait_for_reply(self, request_id: int, deadline: float) -> object:
+        """Wait for the reply to a request just queued, holding its slot. Nothing
+        may await between queueing the frame and this: whoever takes the waiter
+        out of `_pending` reschedules its task, which must be waiting by then."""
+        waiter = _ReplyWaiter(trio.lowlevel.current_task())
+        self._pending[request_id] = waiter
+        if deadline != math.inf:
+            self._add_deadline(deadline, request_id)
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            # Cancelled: forget the request; its reply, if it comes, is dropped.
+            self._take_pending(request_id)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        return waiter.result()
+
+    async def _acquire_slot(self) -> None:
+        # As trio.Semaphore.acquire: a checkpoint whether or not it waits.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._in_flight < REQUESTS_IN_FLIGHT_MAX:
+            self._in_flight += 1
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self._slot_waiters.park()  # woken holding a slot passed on to it
+
+    def _release_slot(self) -> None:
+        if self._in_flight >= REQUESTS_IN_FLIGHT_MAX and self._slot_waiters:
+            self._slot_waiters.unpark()  # the slot passes to the longest waiter
+        else:
+            self._in_flight -= 1
+            assert self._in_flight >= 0, "a slot released twice"
+
+    def _take_pending(self, request_id: int) -> _ReplyWaiter | _CallbackRequest | None:
+        """Take a request out of `_pending`, freeing its slot; None if it is not
+        there (finished, cancelled or forgotten)."""
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            self._release_slot()
+        return pending
+
+    def _add_deadline(self, deadline: float, request_id: int) -> None:
+        heap = self._deadlines
+        if len(heap) >= 2 * len(self._pending) + DEADLINES_STALE_MAX:
+            heap[:] = [entry for entry in heap if entry[1] in self._pending]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, request_id))
+        if deadline < self._deadline_scope.deadline:
+            self._deadline_scope.deadline = deadline
+
+    async def _deadline_loop(self) -> None:
+        """Fail with TooSlowError each waiting request whose deadline has passed."""
+        heap = self._deadlines
+        while True:
+            while heap and heap[0][1] not in self._pending:
+                heapq.heappop(heap)  # that request has finished
+            self._deadline_scope = trio.CancelScope(deadline=heap[0][0] if heap else math.inf)
+            with self._deadline_scope:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, request_id = heapq.heappop(heap)
+                waiter = self._pending.get(request_id)
+                if isinstance(waiter, _ReplyWaiter):
+                    self._take_pending(request_id)
+                    waiter.fail(trio.TooSlowError(f"no reply from {self.peer} by the deadline"))
 
     def request_nowait(self, method: str, body: object, callback: ReplyCallback) -> int | None:
         """Send a request without waiting for its reply, and without a task:
@@ -418,34 +556,21 @@ class RpcConnection:
         `FrameError` if the request cannot be encoded."""
         if not self._started or self._close_reason is not None:
             return None
-        try:
-            self._in_flight.acquire_nowait()
-        except trio.WouldBlock:
+        if self._in_flight >= REQUESTS_IN_FLIGHT_MAX:
             return None
         request_id = next(self._request_ids)
-        try:
-            frame = encode_message(Request(request_id, method, body))
-        except BaseException:
-            self._in_flight.release()
-            raise
+        frame = encode_request(request_id, method, body)
         if not self._outgoing.put_nowait(frame):
-            self._in_flight.release()
             return None
-        self._pending[request_id] = _CallbackRequest(self, request_id, callback)
+        self._in_flight += 1
+        self._pending[request_id] = _CallbackRequest(self.peer, callback)
         return request_id
 
     def forget(self, request_id: int) -> None:
         """Stop waiting for a `request_nowait` reply: its callback will not run
         and a late reply is dropped."""
-        self._forget(request_id)
-
-    def _forget(self, request_id: int) -> bool:
-        pending = self._pending.get(request_id)
-        if not isinstance(pending, _CallbackRequest):
-            return False
-        del self._pending[request_id]
-        self._in_flight.release()
-        return True
+        if isinstance(self._pending.get(request_id), _CallbackRequest):
+            self._take_pending(request_id)
 
     def send_oneway(self, method: str, body: object) -> None:
         """Queue a message that gets no reply, without waiting. It is dropped
@@ -505,8 +630,10 @@ class RpcConnection:
         logger.debug("connection to %s closing: %s", self.peer, reason)
         self._close_reason = reason
         self._outgoing.close()
-        for pending in list(self._pending.values()):
-            pending.fail(self._lost_error())
+        for request_id in list(self._pending):
+            pending = self._take_pending(request_id)
+            if pending is not None:  # None: a callback before it forgot the request
+                pending.fail(self._lost_error())
         if self._run_scope is not None:
             self._run_scope.cancel()
 
@@ -523,7 +650,7 @@ class RpcConnection:
         try:
             while True:
                 while (frame := self._decoder.next_frame()) is not None:
-                    self._dispatch(from_wire(frame))
+                    self._dispatch(frame)
                 data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
                 if not data:
                     self._shutdown("the peer closed the connection")
@@ -534,13 +661,29 @@ class RpcConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._shutdown(f"receiving failed: {exc}")
 
-    def _dispatch(self, message: Request | Reply | OneWay) -> None:
+    def _dispatch(self, frame: object) -> None:
+        if (
+            type(frame) is list
+            and len(frame) == 4
+            and frame[0] == REPLY
+            and frame[2] is True
+            and type(frame[0]) is int
+            and type(frame[1]) is int
+            and CONNECTION_REQUEST_ID < frame[1] <= REQUEST_ID_MAX
+        ):
+            # A successful reply (almost every frame a client gets), checked as
+            # `from_wire` would, without building a Reply.
+            pending = self._take_pending(frame[1])
+            if pending is not None:  # None: the request was cancelled; drop its reply
+                pending.resolve_ok(frame[3])
+            return
+        message = from_wire(frame)
         if not isinstance(message, Reply):
             raise FrameError("the server sent a request or one-way message; only replies expected")
         if message.request_id == CONNECTION_REQUEST_ID and not message.ok:
             self._shutdown(f"the peer reported: {message.error()!r}")
             return
-        pending = self._pending.get(message.request_id)
+        pending = self._take_pending(message.request_id)
         if pending is not None:  # None: the request was cancelled; drop its reply
             pending.resolve(message)
 

@@ -14,6 +14,7 @@ objects. Every way a peer can get a frame wrong surfaces as `FrameError`.
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterable
 from typing import Final, NoReturn
 
@@ -52,7 +53,7 @@ def encode_frame(obj: object) -> bytes:
     if obj is None:
         raise FrameError(_NIL_FRAME_MESSAGE)
     try:
-        body: bytes = msgpack.packb(obj, use_bin_type=True)
+        body: bytes = _packer().pack(obj)
     except (TypeError, ValueError, OverflowError) as exc:
         raise FrameError(f"cannot encode frame body: {exc}") from exc
     if len(body) > MAX_FRAME_BYTES:
@@ -60,6 +61,20 @@ def encode_frame(obj: object) -> bytes:
             f"frame body of {len(body)} bytes exceeds the maximum of {MAX_FRAME_BYTES} bytes"
         )
     return _HEADER.pack(len(body), _crc32c(body)) + body
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's msgpack packer. `msgpack.packb` builds a Packer per call,
+    which costs as much as packing a small message; a Packer must not be shared
+    between threads (clients run trio in threads of their own)."""
+    packer: msgpack.Packer | None = getattr(_thread_state, "packer", None)
+    if packer is None:
+        # autoreset (the default): each pack() returns its bytes and starts afresh.
+        packer = _thread_state.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
+_thread_state = threading.local()
 
 
 def encode_frames(objects: Iterable[object]) -> bytes:

@@ -98,6 +98,12 @@ def encode_message(message: Message) -> bytes:
     return encode_frame(to_wire(message))
 
 
+def encode_request(request_id: int, method: str, body: object) -> bytes:
+    """`encode_message(Request(request_id, method, body))`, without building the
+    Request: a client sends one per operation."""
+    return encode_frame([REQUEST, request_id, method, body])
+
+
 def encode_messages(messages: Iterable[Message]) -> bytes:
     """Several messages for one peer, coalesced into one buffer for one send."""
     return b"".join(encode_message(message) for message in messages)
