@@ -457,7 +457,7 @@ class Storage:
         hint): it does not start a commit of its own, but rides along with the
         next one, or is committed after LAZY_COMMIT_DELAY_S at the latest. A
         crash may lose it; only use it for writes that can be learned again."""
-        return self._stage_all([self._prepare(table, key, row)], lazy=lazy)
+        return self._stage_one(self._prepare(table, key, row), lazy)
 
     def stage_meta(self, key: bytes, value: bytes | None) -> CommitTicket:
         return self.stage_raw(META_DB, key, value)
@@ -466,7 +466,7 @@ class Storage:
         self, db_name: bytes, key: bytes, value: bytes | None, *, lazy: bool = False
     ) -> CommitTicket:
         """Like `stage`, for raw bytes in `meta` or `hints`."""
-        return self._stage_all([self._prepare_raw(_raw_db(db_name), key, value)], lazy=lazy)
+        return self._stage_one(self._prepare_raw(_raw_db(db_name), key, value), lazy)
 
     async def wait_durable(self, ticket: CommitTicket) -> None:
         """Return once the ticket's write is committed and fsynced; raise
@@ -714,29 +714,54 @@ class Storage:
                 f"{len(ops)} ops of {size_bytes} bytes exceed one batch "
                 f"({BATCH_OPS_MAX} ops, {BATCH_BYTES_MAX} bytes)"
             )
+        batch = self._batch_with_room(len(ops), size_bytes)
+        for op in ops:
+            self._place(batch, op)
+        return self._staged(batch, len(ops), size_bytes, lazy)
+
+    def _stage_one(self, op: _Op, lazy: bool) -> CommitTicket:
+        """`_stage_all([op])` without the list work: a Paxos step stages one
+        row, several times per operation. One record always fits in an empty
+        batch (`_prepare_raw` bounds it by RECORD_BYTES_MAX)."""
+        self._check_writable()
+        size_bytes = op.size_bytes
+        batch = self._batch_with_room(1, size_bytes)
+        self._place(batch, op)
+        return self._staged(batch, 1, size_bytes, lazy)
+
+    def _batch_with_room(self, op_count: int, size_bytes: int) -> _Batch:
+        """The batch that `op_count` ops of `size_bytes` join (sealing the
+        gathering one if they do not fit in it); `StorageOverloaded` if too
+        much already awaits commit."""
         if (
-            self._staged_ops + len(ops) > STAGED_OPS_MAX
+            self._staged_ops + op_count > STAGED_OPS_MAX
             or self._staged_bytes + size_bytes > STAGED_BYTES_MAX
         ):
             raise StorageOverloaded(
                 f"{self._staged_ops} writes ({self._staged_bytes} bytes) await commit"
             )
-        if not self._gathering.fits(len(ops), size_bytes):
+        if not self._gathering.fits(op_count, size_bytes):
             self._sealed.append(self._gathering)
             self._gathering = _Batch()
         batch = self._gathering
-        assert batch.fits(len(ops), size_bytes)
-        for op in ops:
-            self._seq += 1
-            op.seq = self._seq
-            batch.ops.append(op)
-            self._overlay[op.db_name][op.key] = op
-            if op.row is not None and op.data is not None:
-                self._decoded.put(op.db_name, op.key, op.row, len(op.data))
-            else:
-                self._decoded.drop(op.db_name, op.key)
+        assert batch.fits(op_count, size_bytes)
+        return batch
+
+    def _place(self, batch: _Batch, op: _Op) -> None:
+        """Add `op` to `batch` and make it what reads see."""
+        self._seq += 1
+        op.seq = self._seq
+        batch.ops.append(op)
+        self._overlay[op.db_name][op.key] = op
+        if op.row is not None and op.data is not None:
+            self._decoded.put(op.db_name, op.key, op.row, len(op.data))
+        else:
+            self._decoded.drop(op.db_name, op.key)
+
+    def _staged(self, batch: _Batch, op_count: int, size_bytes: int, lazy: bool) -> CommitTicket:
+        """Count what was placed in `batch`, wake the writer, make the ticket."""
         batch.size_bytes += size_bytes
-        self._staged_ops += len(ops)
+        self._staged_ops += op_count
         self._staged_bytes += size_bytes
         if not lazy:
             batch.urgent = True
