@@ -333,20 +333,14 @@ class LocalCluster:
         self.wait_replicas_ready()
 
     def wait_replicas_ready(self) -> None:
-        """Wait until every node's replica votes (a node starting empty asks its
-        peers whether the cluster is new first)."""
-        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        """Wait until every node's replica votes and sees its peers up (a node
+        starting empty asks its peers whether the cluster is new first)."""
         with kvsvr.SyncClient(self.addresses, secret=self.secret, timeout_s=5.0) as client:
-            for node in self.nodes:
-                while True:
-                    try:
-                        if client.status(node.id)["replication"]["state"] == "ready":
-                            break
-                    except kvsvr.KvsvrError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"node {node.id} not ready:\n{self.log_tail(node)}")
-                    time.sleep(0.05)
+            try:
+                client.wait_ready(timeout_s=NODE_START_TIMEOUT_S)
+            except kvsvr.KvsvrError as error:
+                tails = "\n".join(f"{node.id}:\n{self.log_tail(node)}" for node in self.nodes)
+                raise RuntimeError(f"{error}\n{tails}") from None
 
     def node(self, node_id: str) -> NodeProcess:
         return next(node for node in self.nodes if node.id == node_id)

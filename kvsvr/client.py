@@ -95,6 +95,8 @@ CONNECT_ATTEMPT_TIMEOUT_S: Final = 2.0
 # Time `SyncClient.close` waits for its trio thread to finish closing connections.
 SYNC_CLOSE_TIMEOUT_S: Final = 10.0
 
+# How often `wait_ready` asks the nodes again.
+READY_POLL_S: Final = 0.1
 CONSISTENCIES: Final = ("strong", "stale", "local")
 
 DEFAULT_TABLE: Final = "default"
@@ -708,6 +710,29 @@ class Client:
                 nursery.start_soon(ask, node)
         return [results[node.id] for node in self._map.nodes]
 
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until every node of the map answers, its replica votes (a node
+        that started with an empty store first asks its peers whether the
+        cluster is new, or rebuilds what it lost, and refuses to vote until
+        then) and it sees every other node up. Raises `Timeout` after
+        `timeout_s`, saying which nodes were not ready and why."""
+        if not timeout_s > 0:
+            raise InvalidRequest(f"timeout_s must be > 0, not {timeout_s!r}")
+        waiting = {node.id: "not asked yet" for node in self._map.nodes}
+        with trio.move_on_after(timeout_s):
+            while True:
+                for status in await self.cluster_status():
+                    reason = _not_ready_because(status)
+                    if reason is None:
+                        waiting.pop(str(status.get("node")), None)
+                    else:
+                        waiting[str(status.get("node"))] = reason
+                if not waiting:
+                    return
+                await trio.sleep(READY_POLL_S)
+        detail = "; ".join(f"{node}: {reason}" for node, reason in sorted(waiting.items()))
+        raise Timeout(f"cluster not ready after {timeout_s:g} s ({detail})")
+
     async def partition_map(self, *, refresh: bool = False) -> PartitionMap:
         """The partition map the client routes by; `refresh=True` fetches it anew."""
         if refresh:
@@ -1078,6 +1103,27 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
+def _not_ready_because(status: Mapping[str, Any]) -> str | None:
+    """Why a node (its `cluster_status` entry) is not ready yet; None if it is."""
+    if status.get("health") != "up":
+        return str(status.get("health"))
+    replication = status.get("replication")
+    if not isinstance(replication, Mapping):
+        return "no replication status"
+    state = replication.get("state")
+    if state != "ready":
+        return f"replica {state}"
+    peers = replication.get("peers")
+    down = sorted(
+        str(peer)
+        for peer, seen in (peers.items() if isinstance(peers, Mapping) else ())
+        if not (isinstance(seen, Mapping) and seen.get("up"))
+    )
+    if down:
+        return f"sees {', '.join(down)} down"
+    return None
+
+
 class SyncClient:
     """A blocking kvsvr client for scripts, with the methods of `Client`.
 
@@ -1205,6 +1251,9 @@ class SyncClient:
 
     def status(self, node: str | None = None) -> dict[str, Any]:
         return self._run(self._async.status, node)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        self._run(self._async.wait_ready, timeout_s)
 
     def partition_map(self, *, refresh: bool = False) -> PartitionMap:
         return self._run(self._async.partition_map, refresh=refresh)

@@ -72,6 +72,27 @@ async def _local_values(
         return {key: (await node.get(key, consistency="local"))[1] for key in keys}
 
 
+async def test_wait_ready_waits_for_every_node_and_names_one_that_is_down(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path, nodes=3) as cluster:
+        await cluster.astart_all()
+        victim = cluster.ids[-1]
+        async with cluster.connect(CLIENT_TIMEOUT_S) as client:
+            await client.wait_ready(timeout_s=60.0)
+            await cluster.akill(victim)
+            started = trio.current_time()
+            with pytest.raises(kvsvr.Timeout, match=f"{victim}: unreachable"):
+                await client.wait_ready(timeout_s=1.0)
+            # Bounded by its timeout (plus one status round of the client's).
+            assert trio.current_time() - started < 1.0 + CLIENT_TIMEOUT_S + 5.0
+            await cluster.astart(victim)
+            await client.wait_ready(timeout_s=60.0)
+            statuses = await client.cluster_status()
+        assert [status["replication"]["state"] for status in statuses] == ["ready"] * 3
+        assert all(
+            seen["up"] for status in statuses for seen in status["replication"]["peers"].values()
+        )
+
+
 async def test_one_node_down_keeps_serving_and_restarted_node_catches_up(tmp_path: Path) -> None:
     seed = _seed()
     rng = random.Random(seed)
