@@ -16,7 +16,15 @@ from jepsen_like.sim.check import check_seed
 from jepsen_like.sim.run import SimConfig
 from kvsvr.errors import FrameError
 from kvsvr.protocol import replica
-from kvsvr.protocol.coordinator import Coordinator, Mutation, Outcome, Replies, Round
+from kvsvr.protocol.coordinator import (
+    READ_WAIT_S,
+    READ_WAITS_MAX,
+    Coordinator,
+    Mutation,
+    Outcome,
+    Replies,
+    Round,
+)
 from kvsvr.protocol.messages import (
     Accept,
     AcceptReply,
@@ -308,6 +316,53 @@ def test_a_half_accepted_folded_write_is_recovered_at_its_version() -> None:
     outcome = cluster.run_from(put, cluster.answer(prepare, {1, 2, 3}), {1, 2, 3})
     assert (outcome.status, outcome.version) == ("ok", 5)
     assert max(row.version for row in cluster.rows.values()) == 5, "applied once"
+
+
+def _write_accepted_not_committed(cluster: Cluster, a: Coordinator) -> None:
+    """`a` wrote v1 (chosen everywhere) and has its fast-path write of v2
+    accepted by replicas 1 and 2, its commit not sent yet."""
+    cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"v1"), 0), {1, 2, 3})
+    put = a.write("t", KEY, [1, 2, 3], Mutation(b"v2"), 0)
+    fast_accept, _ = cluster.step(put, None, {1, 2, 3})
+    assert fast_accept is not None
+    assert all(isinstance(m, Accept) for m in fast_accept.requests.values())
+    cluster.answer(fast_accept, {1, 2})
+
+
+def test_a_read_waits_for_its_own_coordinators_write_before_recovering() -> None:
+    cluster = Cluster()
+    a = coordinator(1)
+    _write_accepted_not_committed(cluster, a)
+    read = a.read("t", KEY, [1, 2, 3], 0)
+    current, _ = cluster.step(read, None, {1, 2})
+    for _ in range(READ_WAITS_MAX):
+        assert current is not None
+        current, _ = cluster.step(read, cluster.answer(current, {1, 2}), {1, 2})
+        assert current is not None
+        assert all(isinstance(m, Read) for m in current.requests.values())
+        assert current.delay_s == READ_WAIT_S
+    assert a.stats.recoveries == 0
+    assert current is not None
+    # Still in flight after the waits: recover it (phase 1), as any reader would.
+    current, _ = cluster.step(read, cluster.answer(current, {1, 2}), {1, 2})
+    assert current is not None
+    assert all(isinstance(m, Prepare) for m in current.requests.values())
+    outcome = cluster.run_from(read, cluster.answer(current, {1, 2}), {1, 2})
+    assert (outcome.status, outcome.version, outcome.value) == ("ok", 2, b"v2")
+
+
+def test_a_read_recovers_another_coordinators_proposal_at_once() -> None:
+    cluster = Cluster()
+    a, b = coordinator(1), coordinator(2)
+    _write_accepted_not_committed(cluster, a)
+    read = b.read("t", KEY, [1, 2, 3], 0)
+    current, _ = cluster.step(read, None, {1, 2})
+    assert current is not None
+    current, _ = cluster.step(read, cluster.answer(current, {1, 2}), {1, 2})
+    assert current is not None
+    assert all(isinstance(m, Prepare) for m in current.requests.values())
+    outcome = cluster.run_from(read, cluster.answer(current, {1, 2}), {1, 2})
+    assert (outcome.status, outcome.version, outcome.value) == ("ok", 2, b"v2")
 
 
 def test_only_blind_writes_fold() -> None:
