@@ -652,13 +652,21 @@ class Replication:
         start: bytes,
         pages: dict[int, tuple[list[tuple[bytes, bytes]], bool]],
     ) -> None:
-        with trio.fail_after(RPC_TIMEOUT_S):
-            reply = await self.node.peers[peer].call(
-                PAGE, [table, self.me, start, REBUILD_PAGE_ROWS]
-            )
-        if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], list):
-            raise FrameError("ae_page answers [[[key, row], ...], more]")
-        items = [(bytes(k), bytes(r)) for k, r in reply[0]]
+        # A task of a nursery: an error escaping it would reach the rebuild as
+        # an exception group, past its retry (a peer still rebuilding itself
+        # answers Unavailable: two replicas wiped at once killed the node).
+        # A missing page makes the caller's round fail, and the rebuild retry.
+        try:
+            with trio.fail_after(RPC_TIMEOUT_S):
+                reply = await self.node.peers[peer].call(
+                    PAGE, [table, self.me, start, REBUILD_PAGE_ROWS]
+                )
+            if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], list):
+                raise FrameError("ae_page answers [[[key, row], ...], more]")
+            items = [(bytes(k), bytes(r)) for k, r in reply[0]]
+        except (KvsvrError, trio.TooSlowError, TypeError, ValueError) as error:
+            log.info("rebuild: no page of %s from replica %d: %s", table, peer, error)
+            return
         pages[peer] = (items, bool(reply[1]))
 
     # ------------------------------------------------------------ anti-entropy
