@@ -228,7 +228,9 @@ class KvsvrCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kvsvr nodes did not listen in time; logs in {self.directory}")
             time.sleep(POLL_S)
-        # Listening is not serving: wait for a write through a quorum.
+        # Listening is not serving: wait until every replica votes (a write
+        # before then can leave the replicas still joining to rebuild from each
+        # other, which then never vote), then for a write through a quorum.
         import kvsvr
 
         last_error: Exception | None = None
@@ -236,6 +238,7 @@ class KvsvrCluster:
             self._check_running()
             try:
                 with kvsvr.SyncClient(self.addresses, secret=self.secret, timeout_s=5) as client:
+                    client.wait_ready(timeout_s=max(1.0, deadline - time.monotonic()))
                     for index in range(8):  # keys on several partitions, so every node answers
                         client.put(f"bench-probe-{index}", b"ok")
                 return
