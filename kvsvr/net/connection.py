@@ -874,19 +874,23 @@ class _ServerConnection:
             reply = ok_reply(request.request_id, body)
         else:
             reply = error_reply_for(request.request_id, error)
-        try:
-            frame = encode_message(reply)
-        except FrameError as exc:
-            logger.error("reply to %r from %s not sent: %s", request.method, self._peer, exc)
-            frame = encode_message(
-                error_reply(request.request_id, KvsvrError.code, f"internal error: {exc}")
-            )
+        frame = self._encode_reply(request, reply)
         if self._outgoing.put_nowait(frame) or self._outgoing.closed:
             self._in_flight.release()  # queued, or nobody will read it
             return
         # The queue is full: wait for room in a task, as `_answer` would.
         assert self._handler_nursery is not None
         self._handler_nursery.start_soon(self._queue_reply, frame)
+
+    def _encode_reply(self, request: Request, reply: Reply) -> bytes:
+        """The reply's frame; an internal-error reply if it cannot be encoded."""
+        try:
+            return encode_message(reply)
+        except FrameError as exc:
+            logger.error("reply to %r from %s not sent: %s", request.method, self._peer, exc)
+            return encode_message(
+                error_reply(request.request_id, KvsvrError.code, f"internal error: {exc}")
+            )
 
     async def _queue_reply(self, frame: bytes) -> None:
         try:
@@ -898,14 +902,7 @@ class _ServerConnection:
 
     async def _answer(self, request: Request) -> None:
         try:
-            reply = await self._call_handler(request)
-            try:
-                frame = encode_message(reply)
-            except FrameError as exc:
-                logger.error("reply to %r from %s not sent: %s", request.method, self._peer, exc)
-                frame = encode_message(
-                    error_reply(request.request_id, KvsvrError.code, f"internal error: {exc}")
-                )
+            frame = self._encode_reply(request, await self._call_handler(request))
             # Queued without a checkpoint when there is room (the task ends
             # here; `put` would yield to the scheduler once more per request).
             if not self._outgoing.put_nowait(frame) and not self._outgoing.closed:
