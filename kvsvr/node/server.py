@@ -17,8 +17,9 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Generator
-from dataclasses import asdict
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
@@ -229,19 +230,80 @@ class PeerLink:
 
 
 class _Wait:
-    """One task waiting for its round to settle or its time to be up; whoever
-    comes first (the collector, the timer, a cancellation) ends it, once."""
+    """One task (or one task-free operation's next step, `then`) waiting for
+    its round to settle or its time to be up; whoever comes first (the
+    collector, the timer, a cancellation) ends it, once."""
 
-    __slots__ = ("task",)
+    __slots__ = ("task", "then")
 
-    def __init__(self, task: trio.lowlevel.Task) -> None:
-        self.task: trio.lowlevel.Task | None = task
+    def __init__(
+        self, task: trio.lowlevel.Task | None, then: Callable[[], None] | None = None
+    ) -> None:
+        self.task = task
+        self.then = then  # called instead of rescheduling a task; must not raise
 
     def end(self) -> None:
         task = self.task
         if task is not None:
             self.task = None
             trio.lowlevel.reschedule(task)
+            return
+        then = self.then
+        if then is not None:
+            self.then = None
+            then()
+
+
+class _Soon:
+    """Runs the next steps of task-free operations, in order, in one task.
+
+    A step is never run from inside the callback that made it due (a reply
+    callback in a connection's receive loop, a durability callback in the
+    storage's commit hand-over, the round timer's sweep): those are in the
+    middle of their own work, and a step sends messages, stages rows and
+    answers clients. It is queued here instead, and this task runs the queue
+    at its next turn: one task switch per batch of steps rather than one
+    task per operation."""
+
+    # Steps run per turn before the task yields to the others.
+    STEPS_PER_TURN = 256
+
+    def __init__(self) -> None:
+        self._ready: deque[Callable[[], None]] = deque()
+        self._parked: trio.lowlevel.Task | None = None
+        self.running = False
+
+    def call(self, step: Callable[[], None]) -> None:
+        self._ready.append(step)
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(parked)
+
+    async def run(self) -> None:
+        ready = self._ready
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        self.running = True
+        try:
+            while True:
+                if not ready:
+                    self._parked = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    continue
+                for _ in range(min(len(ready), self.STEPS_PER_TURN)):
+                    step = ready.popleft()
+                    try:
+                        step()
+                    except Exception:  # a step guards itself; this is the last net
+                        log.exception("a task-free operation's step failed")
+                await trio.lowlevel.checkpoint()
+        finally:
+            self.running = False
+            self._parked = None
 
 
 class _RoundTimer:
@@ -390,6 +452,190 @@ class _RoundCollector:
         self.outstanding.clear()
 
 
+# Answers a client request handled without a task (the connection's `_respond`).
+Respond = Callable[[object, KvsvrError | None], None]
+
+
+@dataclass(slots=True)
+class _PutRequest:
+    """A client put, validated."""
+
+    table: str
+    key: bytes
+    replicas: list[int]
+    value: bytes | None
+    expires_at_ms: int | None
+    now_ms: int
+    mutation: Mutation
+
+
+@dataclass(slots=True)
+class _GetRequest:
+    """A client get, validated."""
+
+    table: str
+    key: bytes
+    replicas: list[int]
+    consistency: str
+    min_version: int
+    max_age_s: float | None
+
+
+# How a task-free operation ends: its outcome, or the error to answer with.
+OperationDone = Callable[[Outcome | None, KvsvrError | None], None]
+
+
+class _TaskFreeDrive:
+    """`Node.drive` without a task: runs an operation's rounds from callbacks.
+
+    Each round is sent as `quorum_round` sends it; when its collector settles
+    or its time is up, the next step is queued on the node's `_Soon` runner
+    (never run inside the callback that ended the wait). `done` is called
+    exactly once: with the outcome, with the operation's `Timeout` past its
+    deadline, or with an internal error if a step raised. A client request
+    then costs no task, no coroutine chain to resume per round and no wake-up
+    of its own (`bench.single_node`, `bench.compare`: see DESIGN "Node")."""
+
+    __slots__ = ("deadline", "done", "finished", "node", "operation")
+
+    def __init__(
+        self, node: Node, operation: Operation, deadline: _Deadline, done: OperationDone
+    ) -> None:
+        self.node = node
+        self.operation = operation
+        self.deadline = deadline
+        self.done = done
+        self.finished = False
+
+    def start(self) -> None:
+        self._guarded(self._step, None)
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        if self.finished:
+            return
+        try:
+            step(*args)
+        except Exception as exc:
+            log.exception("a task-free operation failed")
+            self._finish(None, KvsvrError(f"internal error: {exc!r}"))
+
+    def _finish(self, outcome: Outcome | None, error: KvsvrError | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if outcome is None:
+            self.operation.close()
+        self.done(outcome, error)
+
+    def _later(self, step: Callable[..., None], *args: Any) -> Callable[[], None]:
+        """`step(*args)` as the next step of this operation, run by the node's
+        `_Soon` runner when a wait ends."""
+        call = self.node.soon.call
+        return lambda: call(lambda: self._guarded(step, *args))
+
+    def _step(self, replies: Replies | None) -> None:
+        node = self.node
+        operation = self.operation
+        while True:
+            try:
+                current = next(operation) if replies is None else operation.send(replies)
+            except StopIteration as stop:
+                self._finish(stop.value, None)
+                return
+            except KvsvrError as error:
+                self._finish(None, error)
+                return
+            for target, message in current.oneway:
+                node.send_oneway(target, message)
+            if not current.requests:
+                replies = {}
+                continue
+            if self.deadline.passed():
+                self._finish(None, self.deadline.error())
+                return
+            if current.delay_s > 0:
+                wake_at = min(trio.current_time() + current.delay_s, self.deadline.at)
+                node.round_timer.add(wake_at, _Wait(None, self._later(self._after_delay, current)))
+                return
+            self._start_round(current)
+            return
+
+    def _after_delay(self, current: Round) -> None:
+        if self.deadline.passed():
+            self._finish(None, self.deadline.error())
+            return
+        self._start_round(current)
+
+    def _start_round(self, current: Round) -> None:
+        node = self.node
+        round_deadline = min(trio.current_time() + ROUND_TIMEOUT_S, self.deadline.at)
+        collector = _RoundCollector(current.quorum)
+        first, rest = node._thrifty_split(current)
+        collector.expect(len(first))
+        for target in first:
+            node._send_for_round(target, current.requests[target], collector)
+        if rest:
+            node.rounds_thrifty += 1
+            started = trio.current_time()
+            self._wait(
+                collector,
+                min(started + node._hedge_s(), round_deadline),
+                self._after_first,
+                current,
+                collector,
+                first,
+                rest,
+                started,
+                round_deadline,
+            )
+        else:
+            self._wait(collector, round_deadline, self._round_done, collector)
+
+    def _wait(
+        self, collector: _RoundCollector, until: float, step: Callable[..., None], *args: Any
+    ) -> None:
+        """Run `step(*args)` once `collector` settles or `until` passes."""
+        if collector.settled:
+            step(*args)
+            return
+        wait = _Wait(None, self._later(step, *args))
+        collector.wait = wait
+        self.node.round_timer.add(until, wait)
+
+    def _after_first(
+        self,
+        current: Round,
+        collector: _RoundCollector,
+        first: list[int],
+        rest: list[int],
+        started: float,
+        round_deadline: float,
+    ) -> None:
+        """The majority asked first answered, or did not in the hedge time:
+        as `Node.quorum_round`, ask the others then."""
+        node = self.node
+        collector.wait = None
+        now = trio.current_time()
+        node.round_time_s += ROUND_TIME_WEIGHT * (now - started - node.round_time_s)
+        if collector.has_quorum or now >= round_deadline:
+            self._round_done(collector)
+            return
+        node.rounds_hedged += 1
+        node._mark_slow(first, collector)
+        collector.expect(len(rest))
+        for target in rest:
+            node._send_for_round(target, current.requests[target], collector)
+        self._wait(collector, round_deadline, self._round_done, collector)
+
+    def _round_done(self, collector: _RoundCollector) -> None:
+        collector.wait = None
+        collector.close()
+        if self.deadline.passed():
+            self._finish(None, self.deadline.error())
+            return
+        self._step(collector.replies)
+
+
 class Node:
     def __init__(self, config: ClusterConfig, node_id: str, storage: Storage) -> None:
         self.config = config
@@ -418,10 +664,12 @@ class Node:
         self.hlc = HybridClock(self.me.index)
         self.replication = Replication(self)
         self.round_timer = _RoundTimer()
+        self.soon = _Soon()
 
     def link_peers(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         nursery.start_soon(self.round_timer.run)
+        nursery.start_soon(self.soon.run)
         for peer in self.config.nodes:
             if peer.index == self.me.index:
                 continue
@@ -956,6 +1204,15 @@ class Node:
     # ------------------------------------------------------------ client API
 
     async def client_get(self, body: dict[str, Any]) -> dict[str, Any]:
+        get = self._parse_get(body)
+        if self._eventual(get.table):
+            return await self._eventual_get(get.table, get.key, get.replicas, get.consistency)
+        answer = self._get_without_quorum(get)
+        if answer is not None:
+            return answer
+        return await self._strong_get(get.table, get.key, get.replicas, body)
+
+    def _parse_get(self, body: dict[str, Any]) -> _GetRequest:
         table, key, partition_key = self._table_and_key(body)
         consistency = body.get("consistency", "strong")
         if consistency not in ("strong", "stale", "local"):
@@ -969,19 +1226,74 @@ class Node:
         ):
             raise InvalidRequest("max_age_s must be a number >= 0 or None")
         replicas = self.replicas_of(table, partition_key)
-        if self._eventual(table):
-            return await self._eventual_get(table, key, replicas, consistency)
-        if consistency == "local":
-            if self.me.index not in replicas:
+        return _GetRequest(table, key, replicas, consistency, min_version, max_age_s)
+
+    def _get_without_quorum(self, get: _GetRequest) -> dict[str, Any] | None:
+        """The answer of a strong table's local or stale read, when it needs
+        no quorum round; None when it does (strong, or a stale read the cache
+        and this replica cannot honour: counted as a fallback)."""
+        if get.consistency == "local":
+            if self.me.index not in get.replicas:
                 raise InvalidRequest(f"node {self.me.id} holds no replica of this key")
-            row = self._read_row(table, key)
+            row = self._read_row(get.table, get.key)
             return self._answer(row.version, row.value, row.expires_at_ms)
-        if consistency == "stale":
-            answer = self._stale_answer(table, key, replicas, min_version, max_age_s)
+        if get.consistency == "stale":
+            answer = self._stale_answer(
+                get.table, get.key, get.replicas, get.min_version, get.max_age_s
+            )
             if answer is not None:
                 return answer
             self.cache.stats.fallbacks += 1
-        return await self._strong_get(table, key, replicas, body)
+        return None
+
+    def _get_nowait(self, body: object, respond: Respond) -> bool:
+        """A get without a task: local and stale reads answer at once; a strong
+        read of a key with no read round running here runs as a
+        `_TaskFreeDrive` (as `_shared_strong_read` runs the first reader of an
+        idle key); the others join the next round the ordinary way, in a task."""
+        if not isinstance(body, dict):
+            return False
+        self.requests_served += 1
+        try:
+            get = self._parse_get(body)
+            if self._eventual(get.table):
+                self._answer_in_task(
+                    respond,
+                    self._eventual_get(get.table, get.key, get.replicas, get.consistency),
+                )
+                return True
+            answer = self._get_without_quorum(get)
+            if answer is not None:
+                respond(answer, None)
+                return True
+            client_version = _client_cached_version(body)
+            timeout_s = self._timeout(body)
+        except KvsvrError as error:
+            respond(None, error)
+            return True
+        table, key, replicas = get.table, get.key, get.replicas
+        slot = (table, key)
+        reads = self.shared_reads
+        if slot in reads.running:
+            self._answer_in_task(respond, self._strong_get(table, key, replicas, body))
+            return True
+        reads.running.add(slot)
+
+        def done(outcome: Outcome | None, error: KvsvrError | None) -> None:
+            self._start_next_read(slot)
+            if outcome is not None:
+                try:
+                    reply = self._strong_get_reply(table, key, outcome, client_version)
+                except KvsvrError as failure:
+                    error = failure
+                else:
+                    respond(reply, None)
+                    return
+            respond(None, error)
+
+        operation = self._strong_read_operation(table, key, replicas)
+        _TaskFreeDrive(self, operation, _Deadline(timeout_s), done).start()
+        return True
 
     async def _eventual_get(
         self, table: str, key: bytes, replicas: list[int], consistency: str
@@ -1084,16 +1396,24 @@ class Node:
         self, table: str, key: bytes, replicas: list[int], body: dict[str, Any]
     ) -> dict[str, Any]:
         client_version = _client_cached_version(body)
+        outcome = await self._shared_strong_read(
+            (table, key),
+            lambda: self._strong_read_operation(table, key, replicas),
+            self._timeout(body),
+        )
+        return self._strong_get_reply(table, key, outcome, client_version)
 
-        def read() -> Operation:
-            # Made when the round starts (it may serve later readers too).
-            entry = self.cache.get(table, key)
-            cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
-            # Replicas compare against the cached version when there is one.
-            known = -1 if cached is not None else self.local_version(table, key, replicas)
-            return self.coordinator.read(table, key, replicas, now_ms(), known, cached)
+    def _strong_read_operation(self, table: str, key: bytes, replicas: list[int]) -> Operation:
+        # Made when the round starts (it may serve later readers too).
+        entry = self.cache.get(table, key)
+        cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
+        # Replicas compare against the cached version when there is one.
+        known = -1 if cached is not None else self.local_version(table, key, replicas)
+        return self.coordinator.read(table, key, replicas, now_ms(), known, cached)
 
-        outcome = await self._shared_strong_read((table, key), read, self._timeout(body))
+    def _strong_get_reply(
+        self, table: str, key: bytes, outcome: Outcome, client_version: int | None
+    ) -> dict[str, Any]:
         self._raise_for(outcome)
         if outcome.cache_hit:
             self.cache.stats.hits += 1
@@ -1121,6 +1441,9 @@ class Node:
         return {"version": version, "value": value if present else None}
 
     async def client_put(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._put_parsed(self._parse_put(body), self._timeout(body))
+
+    def _parse_put(self, body: dict[str, Any]) -> _PutRequest:
         table, key, partition_key = self._table_and_key(body)
         value = body.get("value")
         if value is not None and not isinstance(value, bytes):
@@ -1137,26 +1460,110 @@ class Node:
         now = now_ms()
         expires = now + int(ttl_s * 1000) if ttl_s > 0 and value is not None else None
         replicas = self.replicas_of(table, partition_key)
-        if self._eventual(table):
-            if if_version is not None or if_absent:
-                raise InvalidRequest(
-                    f"table {table!r} is eventual: conditional writes need a strong table"
-                )
-            return await self._eventual_put(
-                table, key, replicas, value, expires, self._timeout(body)
+        if self._eventual(table) and (if_version is not None or if_absent):
+            raise InvalidRequest(
+                f"table {table!r} is eventual: conditional writes need a strong table"
             )
-        mutation = Mutation(value, expires, if_version, if_absent)
+        return _PutRequest(
+            table,
+            key,
+            replicas,
+            value,
+            expires,
+            now,
+            Mutation(value, expires, if_version, if_absent),
+        )
+
+    async def _put_parsed(self, put: _PutRequest, timeout_s: float) -> dict[str, Any]:
+        table, key, replicas, mutation = put.table, put.key, put.replicas, put.mutation
+        if self._eventual(table):
+            return await self._eventual_put(
+                table, key, replicas, put.value, put.expires_at_ms, timeout_s
+            )
         outcome = await self.coordinate(
             table,
             key,
-            lambda: self._write_operation(table, key, replicas, mutation, now),
-            self._timeout(body),
+            lambda: self._write_operation(table, key, replicas, mutation, put.now_ms),
+            timeout_s,
             mutation=mutation,
         )
+        return self._put_reply(put, outcome)
+
+    def _put_reply(self, put: _PutRequest, outcome: Outcome) -> dict[str, Any]:
         self._raise_for(outcome)
-        self.cache.put(table, key, outcome.version, value, expires, time.monotonic())
-        self.replication.hint_after_write(table, key, replicas, outcome.version, value, expires)
+        self.cache.put(
+            put.table, put.key, outcome.version, put.value, put.expires_at_ms, time.monotonic()
+        )
+        self.replication.hint_after_write(
+            put.table, put.key, put.replicas, outcome.version, put.value, put.expires_at_ms
+        )
         return {"version": outcome.version}
+
+    def _put_nowait(self, body: object, respond: Respond) -> bool:
+        """A put without a task: a strong table's key that no write of this
+        coordinator holds runs as a `_TaskFreeDrive` (its write queue entered
+        and left as `_write_in_turn` does for a write that leads at once).
+        A busy key (it may be folded into a group) and eventual tables run
+        the ordinary way, in a task."""
+        if not isinstance(body, dict):
+            return False
+        self.requests_served += 1
+        try:
+            put = self._parse_put(body)
+            timeout_s = self._timeout(body)
+        except KvsvrError as error:
+            respond(None, error)
+            return True
+        slot = (put.table, put.key)
+        queues = self.write_queues
+        if self._eventual(put.table) or slot in queues:
+            self._answer_in_task(respond, self._put_parsed(put, timeout_s))
+            return True
+        replicas, mutation = put.replicas, put.mutation
+        write = QueuedWrite(
+            lambda: self._write_operation(put.table, put.key, replicas, mutation, put.now_ms),
+            mutation,
+        )
+        leads = queues.enter(slot, write)
+        assert leads and write.group == [write]
+
+        def done(outcome: Outcome | None, error: KvsvrError | None) -> None:
+            queues.hand_over(slot)
+            assert write.group is not None
+            write.group.clear()  # the leader heads its own group: see `_write_in_turn`
+            if outcome is not None:
+                try:
+                    reply = self._put_reply(put, outcome)
+                except KvsvrError as failure:
+                    error = failure
+                else:
+                    respond(reply, None)
+                    return
+            respond(None, error)
+
+        _TaskFreeDrive(self, write.make(), _Deadline(timeout_s), done).start()
+        return True
+
+    def _answer_in_task(
+        self, respond: Respond, answer: Coroutine[Any, Any, dict[str, Any]]
+    ) -> None:
+        """Answer a request a task-free handler took but cannot finish without
+        a task (a busy key, an eventual table)."""
+        assert self.nursery is not None
+        self.nursery.start_soon(self._answer_task, respond, answer)
+
+    @staticmethod
+    async def _answer_task(respond: Respond, answer: Coroutine[Any, Any, dict[str, Any]]) -> None:
+        # A task of the node's nursery: nothing may escape it but cancellation.
+        try:
+            reply = await answer
+        except KvsvrError as error:
+            respond(None, error)
+        except Exception as exc:
+            log.exception("a client request failed")
+            respond(None, KvsvrError(f"internal error: {exc!r}"))
+        else:
+            respond(reply, None)
 
     async def client_scan(self, body: dict[str, Any]) -> dict[str, Any]:
         table = body.get("table", "default")
@@ -1305,11 +1712,19 @@ class Node:
         peer: str,
         method: str,
         body: object,
-        respond: Callable[[object, KvsvrError | None], None],
+        respond: Respond,
     ) -> bool:
         """Peers' Paxos requests, answered without a task of their own (see
-        `replica_nowait`); False for every other method (`handle_request`)."""
+        `replica_nowait`), and clients' gets and puts (see `_get_nowait`,
+        `_put_nowait`) once the node's runners are up; False for every other
+        method (`handle_request`)."""
         if method != PAXOS_METHOD:
+            if not self.soon.running or not self.round_timer.running:
+                return False
+            if method == "put":
+                return self._put_nowait(body, respond)
+            if method == "get":
+                return self._get_nowait(body, respond)
             return False
         self.requests_served += 1
         try:

@@ -71,6 +71,10 @@ class KeyWriteQueues:
     def __len__(self) -> int:
         return len(self._queues)
 
+    def __contains__(self, slot: Slot) -> bool:
+        """Whether a write of `slot` runs on this coordinator."""
+        return slot in self._queues
+
     def enter(self, slot: Slot, write: QueuedWrite) -> bool:
         """True: nothing runs on the key, `write` leads now (alone). False: it
         was queued; wait on `write.wake`."""
