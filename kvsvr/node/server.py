@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import heapq
-import itertools
 import logging
 import math
 import random
@@ -307,47 +306,62 @@ class _Soon:
 
 
 class _RoundTimer:
-    """Ends the round waits whose time is up: one heap and one task for every
-    round of the node, instead of a cancel scope per wait. Entering and
-    leaving a scope with a deadline (trio registers each one) was ~7% of a
-    node's samples on puts and ~10% on gets (py-spy); a heap entry costs
-    well under a microsecond. Ended waits stay in the heap until their time
-    (a `_Wait` is tiny: it holds no replies), and the task wakes at most
-    every ROUND_TIMER_TICK_S, so a wait may end up to that much late."""
+    """Ends the round waits whose time is up: one task for every round of the
+    node, instead of a cancel scope per wait. Entering and leaving a scope
+    with a deadline (trio registers each one) was ~7% of a node's samples on
+    puts and ~10% on gets (py-spy).
+
+    Waits are kept in buckets of one ROUND_TIMER_TICK_S each (a timing
+    wheel): adding one is a dict lookup and an append, and only a new
+    bucket's tick goes into a heap (at most one per tick, instead of a heap
+    push per round). A wait ends at the end of its bucket: up to one tick
+    late, never early. Ended waits stay in their bucket until its time (a
+    `_Wait` is tiny: it holds no replies), and the task wakes at most once
+    per tick."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Wait]] = []
-        self._order = itertools.count()
+        self._buckets: dict[int, list[_Wait]] = {}
+        self._ticks: list[int] = []  # heap of the buckets' ticks
         self._idle = trio.lowlevel.ParkingLot()
         self._sleep: trio.CancelScope | None = None
         self._woke_at = -math.inf
         self.running = False
 
     def add(self, deadline: float, wait: _Wait) -> None:
-        heapq.heappush(self._heap, (deadline, next(self._order), wait))
+        assert math.isfinite(deadline), "a round wait has a deadline"
+        # The first tick strictly after `deadline`: rounding never ends it early.
+        tick = int(deadline / ROUND_TIMER_TICK_S) + 1
+        bucket = self._buckets.get(tick)
+        if bucket is not None:
+            bucket.append(wait)
+            return
+        self._buckets[tick] = [wait]
+        heapq.heappush(self._ticks, tick)
         sleep = self._sleep
         if sleep is None:
             self._idle.unpark_all()
         else:
-            wake_at = max(deadline, self._woke_at + ROUND_TIMER_TICK_S)
+            wake_at = max(tick * ROUND_TIMER_TICK_S, self._woke_at + ROUND_TIMER_TICK_S)
             if wake_at < sleep.deadline:
                 sleep.deadline = wake_at
 
     async def run(self) -> None:
         self.running = True
-        heap = self._heap
+        ticks = self._ticks
+        buckets = self._buckets
         try:
             while True:
-                if not heap:
+                if not ticks:
                     await self._idle.park()
                     continue
-                wake_at = max(heap[0][0], self._woke_at + ROUND_TIMER_TICK_S)
+                wake_at = max(ticks[0] * ROUND_TIMER_TICK_S, self._woke_at + ROUND_TIMER_TICK_S)
                 with trio.CancelScope(deadline=wake_at) as self._sleep:
                     await trio.sleep_forever()
                 self._sleep = None
                 now = self._woke_at = trio.current_time()
-                while heap and heap[0][0] <= now:
-                    heapq.heappop(heap)[2].end()
+                while ticks and ticks[0] * ROUND_TIMER_TICK_S <= now:
+                    for wait in buckets.pop(heapq.heappop(ticks)):
+                        wait.end()
         finally:
             self.running = False
             self._sleep = None
