@@ -1,4 +1,5 @@
-"""Operations driven without a task (`kvsvr.node.server._TaskFreeDrive`): the
+"""Operations driven without a task (`kvsvr.node.server._TaskFreeDrive`,
+and client writes queued per key, `_TaskFreeWrite`): the
 next step after a round runs once the round's collector settles or its time
 is up, never inside the callback that ended the wait; `done` is called
 exactly once, with the outcome, with `Timeout` past the operation's
@@ -22,12 +23,15 @@ from kvsvr.node.server import (
     ROUND_TIMEOUT_S,
     ROUND_TIMER_TICK_S,
     _Deadline,
+    _PutRequest,
     _RoundCollector,
     _RoundTimer,
     _Soon,
     _TaskFreeDrive,
+    _TaskFreeWrite,
 )
-from kvsvr.protocol.coordinator import Outcome, Replies, Round
+from kvsvr.node.write_queue import KeyWriteQueues
+from kvsvr.protocol.coordinator import Mutation, Outcome, Replies, Round
 from kvsvr.protocol.messages import Read, ReadReply
 
 ME = 1
@@ -230,3 +234,150 @@ def test_a_delayed_round_waits_its_delay() -> None:
         assert calls == [(Outcome("ok", version=7), None)]
 
     _run(test)
+
+
+# --------------------------------------------------------------- queued writes
+
+
+class FakeWriteNode(FakeNode):
+    """What `_TaskFreeWrite` uses besides: a key's write queue, a cache and
+    the reply. A write asks replica 1 in rounds until it answers; then it
+    takes the next versions of the key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.write_queues = KeyWriteQueues()
+        self.cache = _NoCache()
+        self.version = 0
+        self.values: list[bytes | None] = []
+
+    def _write_operation(
+        self, table: str, key: bytes, replicas: list[int], mutation: Mutation, now: int
+    ) -> Generator[Round, Replies, Outcome]:
+        while not (yield Round({1: Read(table, key, -1)}, quorum=1)):
+            pass  # no answer in the round's time: ask again (until the deadline)
+        self.version += mutation.versions
+        self.values.append(mutation.value)
+        return Outcome("ok", version=self.version)
+
+    def _put_reply(self, put: _PutRequest, outcome: Outcome) -> dict[str, Any]:
+        return {"version": outcome.version}
+
+
+class _NoCache:
+    def put(self, *args: object) -> None:
+        pass
+
+
+def _put(value: bytes, *, if_version: int | None = None) -> _PutRequest:
+    return _PutRequest("t", b"k", [1], value, None, 0, Mutation(value, None, if_version=if_version))
+
+
+def _answers() -> tuple[list[tuple[object, KvsvrError | None]], Any]:
+    answers: list[tuple[object, KvsvrError | None]] = []
+
+    def respond(body: object, error: KvsvrError | None) -> None:
+        answers.append((body, error))
+
+    return answers, respond
+
+
+def _answer_round(node: FakeWriteNode, index: int) -> None:
+    node.sent[index][1].add(1, _reply(0))
+
+
+def test_writes_queued_behind_one_key_lead_in_turn_and_blind_ones_fold() -> None:
+    async def test(node: FakeWriteNode) -> None:
+        a, respond_a = _answers()
+        b, respond_b = _answers()
+        c, respond_c = _answers()
+        d, respond_d = _answers()
+        _TaskFreeWrite(node, _put(b"a"), _Deadline(4.0), respond_a).start()  # type: ignore[arg-type]
+        # Queued behind it: two blind puts, then a conditional one (never folded).
+        _TaskFreeWrite(node, _put(b"b"), _Deadline(4.0), respond_b).start()  # type: ignore[arg-type]
+        _TaskFreeWrite(node, _put(b"c"), _Deadline(4.0), respond_c).start()  # type: ignore[arg-type]
+        cas = _put(b"d", if_version=3)
+        _TaskFreeWrite(node, cas, _Deadline(4.0), respond_d).start()  # type: ignore[arg-type]
+        assert len(node.sent) == 1  # one write at a time per key
+        _answer_round(node, 0)
+        await trio.sleep(0.001)
+        assert a == [({"version": 1}, None)]
+        assert len(node.sent) == 2  # b leads a group of b and c
+        _answer_round(node, 1)
+        await trio.sleep(0.001)
+        assert b == [({"version": 2}, None)] and c == [({"version": 3}, None)]
+        assert node.values == [b"a", b"c"]  # the group wrote its last value once
+        assert len(node.sent) == 3 and d == []
+        _answer_round(node, 2)
+        await trio.sleep(0.001)
+        assert d == [({"version": 4}, None)]
+        assert len(node.write_queues) == 0  # the key is idle again
+
+    _run_writes(test)
+
+
+def test_a_queued_write_past_its_deadline_answers_timeout_and_is_skipped() -> None:
+    async def test(node: FakeWriteNode) -> None:
+        a, respond_a = _answers()
+        b, respond_b = _answers()
+        c, respond_c = _answers()
+        _TaskFreeWrite(node, _put(b"a"), _Deadline(4.0), respond_a).start()  # type: ignore[arg-type]
+        cas = _put(b"b", if_version=1)  # not folded with c: leads alone
+        _TaskFreeWrite(node, cas, _Deadline(0.5), respond_b).start()  # type: ignore[arg-type]
+        _TaskFreeWrite(node, _put(b"c"), _Deadline(4.0), respond_c).start()  # type: ignore[arg-type]
+        await trio.sleep(0.5 + ROUND_TIMER_TICK_S + 0.001)
+        (answer,) = b
+        assert answer[0] is None and isinstance(answer[1], Timeout)
+        _answer_round(node, 0)
+        await trio.sleep(0.001)
+        assert a == [({"version": 1}, None)]
+        # b was skipped: c leads, and b's value is never written.
+        assert len(node.sent) == 2
+        _answer_round(node, 1)
+        await trio.sleep(0.001)
+        assert c == [({"version": 2}, None)] and node.values == [b"a", b"c"]
+        assert len(b) == 1 and len(node.write_queues) == 0
+
+    _run_writes(test)
+
+
+def test_a_leader_that_fails_fails_its_members_and_hands_the_key_over() -> None:
+    async def test(node: FakeWriteNode) -> None:
+        a, respond_a = _answers()
+        b, respond_b = _answers()
+        c, respond_c = _answers()
+        d, respond_d = _answers()
+        _TaskFreeWrite(node, _put(b"a"), _Deadline(4.0), respond_a).start()  # type: ignore[arg-type]
+        _TaskFreeWrite(node, _put(b"b"), _Deadline(1.5), respond_b).start()  # type: ignore[arg-type]
+        _TaskFreeWrite(node, _put(b"c"), _Deadline(4.0), respond_c).start()  # type: ignore[arg-type]
+        _answer_round(node, 0)
+        await trio.sleep(0.001)
+        assert a == [({"version": 1}, None)]
+        # b leads {b, c}; nobody answers its round: it ends at b's deadline.
+        await trio.sleep(1.5 + ROUND_TIMER_TICK_S + 0.01)
+        (answer_b,) = b
+        assert answer_b[0] is None and isinstance(answer_b[1], Timeout)
+        (answer_c,) = c
+        assert answer_c[0] is None and isinstance(answer_c[1], Timeout)
+        assert "outcome unknown" in str(answer_c[1])
+        assert len(node.write_queues) == 0
+        # The key takes writes again.
+        _TaskFreeWrite(node, _put(b"d"), _Deadline(4.0), respond_d).start()  # type: ignore[arg-type]
+        _answer_round(node, len(node.sent) - 1)
+        await trio.sleep(0.001)
+        assert d == [({"version": 2}, None)]
+
+    _run_writes(test)
+
+
+def _run_writes(test: Any) -> None:
+    async def main() -> None:
+        node = FakeWriteNode()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.soon.run)
+            nursery.start_soon(node.round_timer.run)
+            await trio.lowlevel.checkpoint()
+            await test(node)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

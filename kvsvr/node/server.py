@@ -650,6 +650,137 @@ class _TaskFreeDrive:
         self._step(collector.replies)
 
 
+class _TaskFreeWrite:
+    """`Node._write_in_turn` without a task: a client put waits for its key's
+    turn in the write queue (woken through `QueuedWrite.notify`, bounded by
+    a round-timer wait at its deadline), then leads its group as a
+    `_TaskFreeDrive`, or takes the answer of the group it was folded into.
+    The same queue as the task path: a key's writes may wait in either form
+    and be folded together. `respond` is called exactly once."""
+
+    __slots__ = ("deadline", "folded", "node", "over", "put", "respond", "slot", "timer", "write")
+
+    def __init__(self, node: Node, put: _PutRequest, deadline: _Deadline, respond: Respond) -> None:
+        self.node = node
+        self.put = put
+        self.slot = (put.table, put.key)
+        self.deadline = deadline
+        self.respond = respond
+        self.over = False
+        self.timer: _Wait | None = None
+        self.folded: Mutation | None = None  # the group's write when it leads several
+        table, key, replicas, mutation = put.table, put.key, put.replicas, put.mutation
+        self.write = QueuedWrite(
+            lambda: node._write_operation(table, key, replicas, mutation, put.now_ms),
+            mutation,
+            self._woken,
+        )
+
+    def start(self) -> None:
+        node = self.node
+        if node.write_queues.enter(self.slot, self.write):
+            self._lead()
+            return
+        self.timer = _Wait(None, lambda: node.soon.call(self._time_up))
+        node.round_timer.add(self.deadline.at, self.timer)
+
+    def _woken(self) -> None:
+        # Called inside another write's hand-over or answer: run later.
+        self.node.soon.call(self._turn)
+
+    def _end(self) -> None:
+        self.over = True
+        if self.timer is not None:
+            self.timer.then = None
+
+    def _time_up(self) -> None:
+        write = self.write
+        if self.over or write.group is not None or write.outcome is not None:
+            return  # answered, or woken with its `_turn` queued: that decides
+        if write.failure is not None:
+            return
+        write.abandoned = True  # the hand-over skips it
+        self._end()
+        self.respond(None, self.deadline.error())
+
+    def _turn(self) -> None:
+        if self.over:
+            return
+        write = self.write
+        group = write.group
+        if group is None:  # folded into another write's group, which answered
+            self._end()
+            if write.outcome is not None:
+                self._reply(write.outcome)
+            else:
+                self.respond(None, Timeout(write.failure or "outcome unknown"))
+            return
+        if self.deadline.passed():  # made leader past its time: as a cancelled leader
+            write.abandoned = True
+            self._end()
+            fail_group(group, "its group's leader timed out; outcome unknown")
+            self.node.write_queues.hand_over(self.slot)
+            group.clear()
+            self.respond(None, self.deadline.error())
+            return
+        self._lead()
+
+    def _lead(self) -> None:
+        node = self.node
+        group = self.write.group
+        assert group is not None and group[0] is self.write
+        if self.timer is not None:
+            self.timer.then = None
+        if len(group) == 1:
+            operation = self.write.make()
+        else:
+            table, key = self.slot
+            self.folded = folded_mutation(group)
+            operation = node._write_operation(table, key, self.put.replicas, self.folded, now_ms())
+        _TaskFreeDrive(node, operation, self.deadline, self._group_done).start()
+
+    def _group_done(self, outcome: Outcome | None, error: KvsvrError | None) -> None:
+        """As `_run_group` and the end of `_write_in_turn`: answer the members,
+        hand the key over, answer the client."""
+        node = self.node
+        group = self.write.group
+        assert group is not None
+        try:
+            if outcome is None:
+                fail_group(group, "the write it was folded with did not finish; outcome unknown")
+            elif self.folded is not None:
+                if outcome.status == "ok":
+                    # The group's value, before the members' own (older) versions reach the cache.
+                    table, key = self.slot
+                    node.cache.put(
+                        table,
+                        key,
+                        outcome.version,
+                        self.folded.value,
+                        self.folded.expires_at_ms,
+                        time.monotonic(),
+                    )
+                answer_group(group, outcome)
+                outcome = group[0].outcome
+                assert outcome is not None
+        finally:
+            node.write_queues.hand_over(self.slot)
+            group.clear()  # the leader heads its own group: see `_write_in_turn`
+        self._end()
+        if outcome is not None:
+            self._reply(outcome)
+        else:
+            self.respond(None, error)
+
+    def _reply(self, outcome: Outcome) -> None:
+        try:
+            reply = self.node._put_reply(self.put, outcome)
+        except KvsvrError as error:
+            self.respond(None, error)
+        else:
+            self.respond(reply, None)
+
+
 class Node:
     def __init__(self, config: ClusterConfig, node_id: str, storage: Storage) -> None:
         self.config = config
@@ -1096,6 +1227,7 @@ class Node:
         if not queues.enter(slot, write):
             with trio.CancelScope(deadline=deadline.at) as waiting:
                 try:
+                    assert write.wake is not None, "a task waits on an Event"
                     await write.wake.wait()
                 except BaseException:
                     write.abandoned = True
@@ -1514,11 +1646,8 @@ class Node:
         return {"version": outcome.version}
 
     def _put_nowait(self, body: object, respond: Respond) -> bool:
-        """A put without a task: a strong table's key that no write of this
-        coordinator holds runs as a `_TaskFreeDrive` (its write queue entered
-        and left as `_write_in_turn` does for a write that leads at once).
-        A busy key (it may be folded into a group) and eventual tables run
-        the ordinary way, in a task."""
+        """A put without a task (`_TaskFreeWrite`); an eventual table's put
+        runs the ordinary way, in a task."""
         if not isinstance(body, dict):
             return False
         self.requests_served += 1
@@ -1528,34 +1657,10 @@ class Node:
         except KvsvrError as error:
             respond(None, error)
             return True
-        slot = (put.table, put.key)
-        queues = self.write_queues
-        if self._eventual(put.table) or slot in queues:
+        if self._eventual(put.table):
             self._answer_in_task(respond, self._put_parsed(put, timeout_s))
             return True
-        replicas, mutation = put.replicas, put.mutation
-        write = QueuedWrite(
-            lambda: self._write_operation(put.table, put.key, replicas, mutation, put.now_ms),
-            mutation,
-        )
-        leads = queues.enter(slot, write)
-        assert leads and write.group == [write]
-
-        def done(outcome: Outcome | None, error: KvsvrError | None) -> None:
-            queues.hand_over(slot)
-            assert write.group is not None
-            write.group.clear()  # the leader heads its own group: see `_write_in_turn`
-            if outcome is not None:
-                try:
-                    reply = self._put_reply(put, outcome)
-                except KvsvrError as failure:
-                    error = failure
-                else:
-                    respond(reply, None)
-                    return
-            respond(None, error)
-
-        _TaskFreeDrive(self, write.make(), _Deadline(timeout_s), done).start()
+        _TaskFreeWrite(self, put, _Deadline(timeout_s), respond).start()
         return True
 
     def _answer_in_task(

@@ -42,17 +42,42 @@ Operation: TypeAlias = Generator[Round, Replies, Outcome]
 class QueuedWrite:
     """One write waiting for (or holding) its key's turn on this coordinator."""
 
-    __slots__ = ("abandoned", "failure", "group", "make", "mutation", "outcome", "wake")
+    __slots__ = (
+        "abandoned",
+        "failure",
+        "group",
+        "make",
+        "mutation",
+        "on_wake",
+        "outcome",
+        "wake",
+    )
 
-    def __init__(self, make: Callable[[], Operation], mutation: Mutation | None) -> None:
+    def __init__(
+        self,
+        make: Callable[[], Operation],
+        mutation: Mutation | None,
+        on_wake: Callable[[], None] | None = None,
+    ) -> None:
         self.make = make  # runs it alone
         # A blind write (no condition) that may be folded with its neighbours.
         self.mutation = mutation if mutation is not None and _foldable(mutation) else None
-        self.wake = trio.Event()
+        # How its waiter learns that it leads or was answered (see `notify`):
+        # a callback for a write waiting without a task, else an Event.
+        self.on_wake = on_wake
+        self.wake: trio.Event | None = None if on_wake is not None else trio.Event()
         self.group: list[QueuedWrite] | None = None  # set on the leader of a group
         self.outcome: Outcome | None = None  # set on a member its leader answered
         self.failure: str | None = None  # set on a member whose leader failed
         self.abandoned = False  # the waiter gave up (timeout, cancellation)
+
+    def notify(self) -> None:
+        """Wake its waiter: it leads `group`, or `outcome`/`failure` is set."""
+        if self.on_wake is not None:
+            self.on_wake()
+        else:
+            assert self.wake is not None
+            self.wake.set()
 
 
 def _foldable(mutation: Mutation) -> bool:
@@ -77,7 +102,7 @@ class KeyWriteQueues:
 
     def enter(self, slot: Slot, write: QueuedWrite) -> bool:
         """True: nothing runs on the key, `write` leads now (alone). False: it
-        was queued; wait on `write.wake`."""
+        was queued; it is woken through `write.notify`."""
         queue = self._queues.get(slot)
         if queue is None:
             self._queues[slot] = deque()
@@ -110,7 +135,7 @@ class KeyWriteQueues:
             self.groups_folded += 1
             self.writes_folded += len(group)
         leader.group = group
-        leader.wake.set()
+        leader.notify()
 
 
 def folded_mutation(group: list[QueuedWrite]) -> Mutation:
@@ -139,7 +164,7 @@ def answer_group(group: list[QueuedWrite], outcome: Outcome) -> None:
         for member in group:
             member.outcome = outcome
     for member in group[1:]:
-        member.wake.set()
+        member.notify()
 
 
 def fail_group(group: list[QueuedWrite], reason: str) -> None:
@@ -148,4 +173,4 @@ def fail_group(group: list[QueuedWrite], reason: str) -> None:
     for member in group[1:]:
         if member.outcome is None:
             member.failure = reason
-            member.wake.set()
+            member.notify()
