@@ -9,7 +9,9 @@ One process, `--tasks` trio tasks sharing one `kvsvr.connect(...)` client, runs
 preloaded keys, and reports `time.process_time()` of this process per 1,000
 operations (the nodes run in processes of their own and are not counted).
 Each kind is measured `--repeat` times and the median is quoted: the machine is
-shared with the nodes and is noisy, so CPU time, not wall time, is the figure.
+shared with the nodes and is noisy, so CPU time, not wall time, is the figure
+(and the minimum is shown too). CPU per op still depends on the nodes' speed:
+the slower they answer, the fewer replies each receive and wake-up carries.
 
 `--compare-file` loads another copy of `kvsvr/client.py` (say, the one on main:
 `git show main:kvsvr/client.py > /tmp/client_base.py`) as a second module and
@@ -114,9 +116,10 @@ def run(addresses: list[str], secret: str, args: argparse.Namespace) -> dict[str
     for kind in kinds:
         row = []
         for name in modules:
-            cpu = statistics.median(sample[0] for sample in samples[name, kind]) * 1000
+            cpus = [sample[0] * 1000 for sample in samples[name, kind]]
+            cpu = statistics.median(cpus)
             summary[f"{name}.{kind}"] = cpu
-            row.append(f"{name} {cpu:7.1f}")
+            row.append(f"{name} {cpu:7.1f} (min {min(cpus):6.1f})")
         print(f"  {kind:6}  " + "   ".join(row))
     return summary
 
