@@ -600,7 +600,8 @@ class Client:
     ) -> None:
         self._nursery = nursery
         # Per partition, its replicas with their addresses (see `_candidates`),
-        # and the map's table names: both follow `_set_map`.
+        # the map's table names, and the partition hash's mask and per-table
+        # seeds (`_partition_hash_seed`): all follow `_set_map`.
         self._replicas: dict[int, tuple[tuple[NodeInfo, str], ...]] = {}
         self._table_names: frozenset[str] = frozenset()
         self._partition_mask = 0
