@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
 
+import crc32c
 import trio
 
 from kvsvr import net
@@ -116,6 +117,23 @@ class Item:
     value: bytes
     version: int
     key: bytes | None = None
+
+
+# `Item(value, version)` for the hot path: a frozen dataclass's __init__ sets
+# each field through `object.__setattr__`, which costs twice as much as
+# filling the slots directly. Same class, same fields, same immutability.
+_new_object = object.__new__
+_set_item_value = Item.__dict__["value"].__set__
+_set_item_version = Item.__dict__["version"].__set__
+_set_item_key = Item.__dict__["key"].__set__
+
+
+def _item(value: bytes, version: int) -> Item:
+    item: Item = _new_object(Item)
+    _set_item_value(item, value)
+    _set_item_version(item, version)
+    _set_item_key(item, None)
+    return item
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +287,26 @@ def route(
     return live + down
 
 
+# Probe keys on which `_partition_hash_seed` checks its shortcut against `partition_of`.
+_PARTITION_PROBES: Final = (b"\x00", b"k", b"kvsvr partition probe", bytes(range(256)))
+
+_crc32c = crc32c.crc32c
+
+
+def _partition_hash_seed(table: str) -> int | None:
+    """The crc32c of `table`'s prefix in the hash `partition_of` takes, so that
+    a key's partition is `crc32c(partition_key, seed) & (partitions - 1)`
+    without building `table + NUL + partition_key` per operation. None if
+    `partition_of` does not hash that way (checked on probe keys at the widest
+    mask): the client then calls `partition_of` itself."""
+    seed: int = _crc32c(table.encode("utf-8") + b"\x00")
+    mask = PARTITIONS_MAX - 1
+    for probe in _PARTITION_PROBES:
+        if _crc32c(probe, seed) & mask != partition_of(table, probe, PARTITIONS_MAX):
+            return None
+    return seed
+
+
 # --- session versions ---------------------------------------------------------------
 
 
@@ -286,17 +324,24 @@ class SessionVersions:
 
     def observe(self, table: str, encoded_key: bytes, version: int) -> None:
         entry = (table, encoded_key)
-        self._versions[entry] = max(version, self._versions.get(entry, 0))
-        self._versions.move_to_end(entry)
-        while len(self._versions) > self._capacity:
-            self._versions.popitem(last=False)
+        versions = self._versions
+        known = versions.get(entry)
+        if known is None:  # a new entry goes in last: the most recently used
+            versions[entry] = version
+            if len(versions) > self._capacity:
+                versions.popitem(last=False)
+            return
+        if version > known:
+            versions[entry] = version
+        versions.move_to_end(entry)
 
     def version(self, table: str, encoded_key: bytes) -> int:
         """The version a read of this key must at least return (0: no constraint)."""
         entry = (table, encoded_key)
-        version = self._versions.get(entry, 0)
-        if entry in self._versions:
-            self._versions.move_to_end(entry)
+        version = self._versions.get(entry)
+        if version is None:
+            return 0
+        self._versions.move_to_end(entry)
         return version
 
 
@@ -490,6 +535,11 @@ def _reply_version(reply: Mapping[str, Any], method: str) -> int:
 
 
 def _get_reply(reply: object) -> tuple[int, bytes | None]:
+    if type(reply) is dict:  # the well-formed reply, checked in one pass
+        version = reply.get("version")
+        value = reply.get("value")
+        if type(version) is int and version >= 0 and (value is None or type(value) is bytes):
+            return version, value
     body = _reply_dict(reply, "get")
     value = body.get("value")
     if value is not None and not isinstance(value, bytes):
@@ -550,9 +600,12 @@ class Client:
     ) -> None:
         self._nursery = nursery
         # Per partition, its replicas with their addresses (see `_candidates`),
-        # and the map's table names: both follow `_set_map`.
+        # the map's table names, and the partition hash's mask and per-table
+        # seeds (`_partition_hash_seed`): all follow `_set_map`.
         self._replicas: dict[int, tuple[tuple[NodeInfo, str], ...]] = {}
         self._table_names: frozenset[str] = frozenset()
+        self._partition_mask = 0
+        self._hash_seeds: dict[str, int] = {}
         self._set_map(partition_map)
         self._secret = secret
         self._timeout_s = _check_timeout(timeout_s)
@@ -590,14 +643,52 @@ class Client:
         `"local"` are answered by one replica without a quorum round, possibly
         older than the latest write (at most `max_age_s` old if given) but never
         older than what this client last wrote or read for the key."""
-        partition_key, encoded = self._key(table, key)
+        # The hot path: everything an operation needs is done here, in this
+        # coroutine, down to `RpcConnection.request` (each layer of coroutines
+        # costs on every suspension and resumption); `_get` and `_call` do the
+        # rest (near cache, no open connection yet, a replica lost).
+        if type(table) is not str or table not in self._table_names:
+            self._check_table(table)
+        if type(key) is bytes:  # the common case, without split_user_key's checks
+            partition_key = key
+            encoded = encode_key(key)
+        else:
+            partition_key, sort_key = split_user_key(key)
+            encoded = encode_key(partition_key, sort_key)
         max_age = _check_read_options(consistency, max_age_s)
         min_version = 0 if consistency == "strong" else self._session.version(table, encoded)
-        deadline = self._operation_deadline()
+        if self._closed:
+            raise RuntimeError("the kvsvr client is closed")
+        deadline = trio.current_time() + self._timeout_s
         try:
-            version, value = await self._get(
-                table, partition_key, encoded, consistency, max_age, min_version, deadline
-            )
+            if self._near_cache is None:
+                body = {
+                    "table": table,
+                    "key": encoded,
+                    "consistency": consistency,
+                    "max_age_s": max_age,
+                    "min_version": min_version,
+                }
+                candidates = self._candidates(table, partition_key)
+                connection = self._connections.get(candidates[0][1])
+                if connection is not None and not connection.closed:
+                    try:
+                        reply = await connection.request("get", body, deadline=deadline)
+                    except Unavailable as exc:
+                        if not connection.closed:
+                            raise
+                        # A read is repeatable: on to the next replicas, as in `_call`.
+                        self._mark_down(candidates[0][1])
+                        reply = await self._call_from(
+                            candidates, 1, [str(exc)], "get", body, True, deadline
+                        )
+                else:
+                    reply = await self._call_from(candidates, 0, [], "get", body, True, deadline)
+                version, value = _get_reply(reply)
+            else:
+                version, value = await self._get(
+                    table, partition_key, encoded, consistency, max_age, min_version, deadline
+                )
             if version < min_version:
                 # The node should have fallen back to a strong read itself; if it
                 # did not, do it here rather than let the session go backwards.
@@ -610,7 +701,7 @@ class Client:
         except trio.TooSlowError:
             raise self._timed_out("get") from None
         self._session.observe(table, encoded, version)
-        return None if value is None else Item(value=value, version=version)
+        return None if value is None else _item(value, version)
 
     async def put(
         self,
@@ -625,9 +716,21 @@ class Client:
         `if_version`, only if the key's current version is that one; with
         `if_absent`, only if the key holds no value. Otherwise `Conflict`, and
         nothing is written."""
-        return await self._write(
-            "put", key, _check_value(value), table=table, if_version=if_version, if_absent=if_absent
-        )
+        # `_write`, inlined (as `get`, the hot path is one coroutine down to
+        # `RpcConnection.request`).
+        value = _check_value(value)
+        partition_key, encoded, body = self._write_request(key, value, table, if_version, if_absent)
+        deadline = self._operation_deadline()
+        try:
+            candidates = self._candidates(table, partition_key)
+            connection = self._connections.get(candidates[0][1])
+            if connection is not None and not connection.closed:
+                reply = await connection.request("put", body, deadline=deadline)
+            else:
+                reply = await self._call_from(candidates, 0, [], "put", body, False, deadline)
+        except trio.TooSlowError:
+            raise self._timed_out("put") from None
+        return self._written(table, encoded, value, reply)
 
     async def delete(
         self, key: UserKey, *, table: str = DEFAULT_TABLE, if_version: int | None = None
@@ -851,10 +954,30 @@ class Client:
         if_version: int | None,
         if_absent: bool,
     ) -> int:
+        partition_key, encoded, body = self._write_request(key, value, table, if_version, if_absent)
+        deadline = self._operation_deadline()
+        try:
+            reply = await self._call(
+                table, partition_key, "put", body, repeatable=False, deadline=deadline
+            )
+        except trio.TooSlowError:
+            raise self._timed_out(operation) from None
+        return self._written(table, encoded, value, reply)
+
+    def _write_request(
+        self,
+        key: UserKey,
+        value: bytes | None,
+        table: str,
+        if_version: int | None,
+        if_absent: bool,
+    ) -> tuple[bytes, bytes, dict[str, Any]]:
+        """A write's (partition key, encoded key, request body), checked; the
+        near cache forgets the key."""
         partition_key, encoded = self._key(table, key)
         if not isinstance(if_absent, bool):
             raise InvalidRequest(f"if_absent must be a bool, not {if_absent!r}")
-        if _check_version(if_version) is not None and if_absent:
+        if if_version is not None and _check_version(if_version) is not None and if_absent:
             raise InvalidRequest("give if_version or if_absent, not both")
         body = {
             "table": table,
@@ -866,14 +989,17 @@ class Client:
         if self._near_cache is not None:
             # Whatever happens to this write, what the cache holds may be old.
             self._near_cache.discard(table, encoded)
-        deadline = self._operation_deadline()
-        try:
-            reply = await self._call(
-                table, partition_key, "put", body, repeatable=False, deadline=deadline
-            )
-        except trio.TooSlowError:
-            raise self._timed_out(operation) from None
-        version = _reply_version(_reply_dict(reply, "put"), "put")
+        return partition_key, encoded, body
+
+    def _written(self, table: str, encoded: bytes, value: bytes | None, reply: object) -> int:
+        """The version a write's reply names, remembered by the session (and
+        the near cache)."""
+        if type(reply) is dict:  # the well-formed reply, checked in one pass
+            version = reply.get("version")
+            if type(version) is not int or version < 0:
+                version = _reply_version(reply, "put")  # raises
+        else:
+            version = _reply_version(_reply_dict(reply, "put"), "put")
         self._session.observe(table, encoded, version)
         if self._near_cache is not None:
             self._near_cache.put(table, encoded, version, value)
@@ -893,8 +1019,22 @@ class Client:
         connection is lost after sending goes to the next replica only if
         `repeatable` (a read); a write's outcome is then unknown: Unavailable.
         Raises `trio.TooSlowError` once `deadline` (trio's clock) has passed."""
-        failures: list[str] = []
-        for node, address in self._candidates(table, partition_key):
+        return await self._call_from(
+            self._candidates(table, partition_key), 0, [], method, body, repeatable, deadline
+        )
+
+    async def _call_from(
+        self,
+        candidates: Sequence[tuple[NodeInfo, str]],
+        start: int,
+        failures: list[str],
+        method: str,
+        body: object,
+        repeatable: bool,
+        deadline: float,
+    ) -> object:
+        """`_call` from `candidates[start]` on, after `failures` with those before."""
+        for node, address in candidates[start:]:
             connection = self._connections.get(address)
             if connection is None or connection.closed:
                 try:
@@ -926,7 +1066,11 @@ class Client:
                 now=trio.current_time(),
             )
             return [(node, node.address) for node in nodes]
-        partition = partition_of(table, partition_key, self._map.partitions)
+        seed = self._hash_seeds.get(table)
+        if seed is None:
+            partition = partition_of(table, partition_key, self._map.partitions)
+        else:
+            partition = _crc32c(partition_key, seed) & self._partition_mask
         replicas = self._replicas.get(partition)
         if replicas is None:  # at most `PARTITIONS_MAX` entries
             replicas = tuple(
@@ -939,6 +1083,12 @@ class Client:
         self._map = partition_map
         self._replicas.clear()
         self._table_names = frozenset(table.name for table in partition_map.tables)
+        self._partition_mask = partition_map.partitions - 1
+        self._hash_seeds = {
+            table: seed
+            for table in self._table_names | {DEFAULT_TABLE}
+            if (seed := _partition_hash_seed(table)) is not None
+        }
 
     async def _connection_by(self, node: NodeInfo, deadline: float) -> net.RpcConnection:
         """`_connection` to `node`, bounded by `deadline` (then `trio.TooSlowError`)."""

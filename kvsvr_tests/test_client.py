@@ -3,6 +3,7 @@ clients against fake nodes (real sockets, see test_client_fakes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -20,6 +21,8 @@ from kvsvr.client import (
     NodeInfo,
     PartitionMap,
     SessionVersions,
+    _get_reply,
+    _item,
     parse_address,
     route,
 )
@@ -148,6 +151,59 @@ def test_route_moves_nodes_marked_down_to_the_end_until_their_time_passes() -> N
     ]
 
 
+def test_the_client_routes_every_key_as_partition_of_does() -> None:
+    # The client hashes a key's partition incrementally (`_partition_hash_seed`);
+    # it must pick the partitions `partition_of` (and so the nodes) pick.
+    partitions = 64
+    sets = [[1 + (p + i) % 3 for i in range(3)] for p in range(partitions)]
+    tables = [{"name": name, "consistency": "strong", "ttl_s": 0.0} for name in ("default", "ev")]
+    for body in (
+        map_body(partitions=partitions, replica_sets=sets, tables=tables),
+        map_body(partitions=partitions, replica_sets=sets, tables=[]),  # any table name goes
+    ):
+        partition_map = PartitionMap.from_wire(body)
+        client = Client(None, partition_map, secret=None, timeout_s=1.0)  # type: ignore[arg-type]
+        # The map's tables and "default" take the shortcut; others (a map
+        # without tables accepts any name) call partition_of.
+        assert set(client._hash_seeds) == {"default", *(t["name"] for t in body["tables"])}
+        for table in ("default", "ev", "t\u00e9", ""):
+            for number in range(300):
+                key = f"user-{number}".encode() + bytes([number % 256])
+                expected = sets[partition_of(table, key, partitions)]
+                nodes = [node for node, _ in client._candidates(table, key)]
+                assert [node.index for node in nodes] == expected
+                assert nodes == route(partition_map, table, key, down_until={}, now=0.0)
+
+
+def test_items_made_on_the_hot_path_are_plain_items() -> None:
+    item = _item(b"v", 3)
+    assert type(item) is Item
+    assert item == Item(b"v", 3) and hash(item) == hash(Item(b"v", 3))
+    assert repr(item) == repr(Item(value=b"v", version=3, key=None))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        item.version = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        ([1, b"v"], "expected a dict"),
+        ({"version": 1, "value": "text"}, "value is a str"),
+        ({"version": -1, "value": b"v"}, "bad version"),
+        ({"version": True, "value": b"v"}, "bad version"),
+        ({"value": None}, "bad version"),
+    ],
+)
+def test_malformed_get_replies_are_refused(reply: object, message: str) -> None:
+    with pytest.raises(KvsvrError, match=message):
+        _get_reply(reply)
+
+
+def test_well_formed_get_replies() -> None:
+    assert _get_reply({"version": 0}) == (0, None)
+    assert _get_reply({"version": 7, "value": b"v", "expires_at_ms": 5}) == (7, b"v")
+
+
 def test_parse_address() -> None:
     assert parse_address("127.0.0.1:7101") == ("127.0.0.1", 7101)
     assert parse_address(" node-1.example:80 ") == ("node-1.example", 80)
@@ -180,6 +236,9 @@ def test_session_versions_forget_the_least_recently_used_keys() -> None:
     assert len(session) == 3
     assert session.version("t", b"b") == 0  # forgotten
     assert [session.version("t", key) for key in (b"a", b"c", b"d")] == [1, 1, 1]
+    session.observe("t", b"a", 0)  # a write or read counts as a use, whatever its version
+    session.observe("t", b"e", 2)
+    assert [session.version("t", key) for key in (b"a", b"c", b"d", b"e")] == [1, 0, 1, 2]
 
 
 # --- validation before any network ---------------------------------------------------------
@@ -338,6 +397,9 @@ async def test_a_read_whose_connection_is_lost_is_retried_on_the_next_replica() 
         cluster.node(1).drop_on.add("get")
         assert await client.get(key) == Item(b"v", 1)
         assert cluster.node(cluster.preferred_order("default", key)[1]).methods()[-1] == "get"
+        assert cluster.node(1).address in client._down_until  # skipped for a while
+        assert await client.get(key, consistency="stale") == Item(b"v", 1)
+        assert cluster.node(1).methods().count("get") == 1
 
 
 async def test_every_operation_is_bounded_by_timeout_s() -> None:
