@@ -3,6 +3,7 @@ directory (group commit, pending overlay, scans, corruption, fail-stop)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import struct
 import tempfile
@@ -32,7 +33,7 @@ from kvsvr.storage import (
     encode_row,
     engine,
 )
-from kvsvr.storage.codec import ROW_INT_MAX
+from kvsvr.storage.codec import ROW_FORMAT_VERSION, ROW_INT_MAX
 from kvsvr.storage.engine import MAP_SIZE_BYTES_MIN, prefix_end
 
 TABLES = ["users", "posts"]
@@ -183,6 +184,82 @@ def test_codec_rejects_wrong_lengths_and_trailing_data() -> None:
             decode_row(with_crc(msgpack.packb(fields, use_bin_type=True)))
 
 
+@given(rows)
+def test_codec_encodes_the_documented_list_layout(row: Row) -> None:
+    """encode_row packs tuples; the bytes must be those of the documented lists."""
+    accepted = row.accepted
+    fields = [
+        ROW_FORMAT_VERSION,
+        row.version,
+        row.value,
+        row.expires_at_ms,
+        row.promised[0],
+        row.promised[1],
+        None
+        if accepted is None
+        else [
+            accepted.ballot[0],
+            accepted.ballot[1],
+            accepted.version,
+            accepted.value,
+            accepted.expires_at_ms,
+            accepted.op_id,
+        ],
+        row.hlc,
+        row.op_id,
+        [[version, op_id] for version, op_id in row.recent_ops],
+    ]
+    assert encode_row(row) == with_crc(msgpack.packb(fields, use_bin_type=True))
+
+
+@st.composite
+def _field_variants(draw: st.DrawFn) -> list[object]:
+    """Row bodies with a few fields (at any depth) replaced by anything msgpack
+    can carry, or by an edge case of the integer checks."""
+    replacements = (
+        st.sampled_from(
+            [0, 1, -1, ROW_INT_MAX, -(1 << 63), True, False, 1.0, None, b"", "", [], [0, 0]]
+        )
+        | st.integers(min_value=-(1 << 63), max_value=ROW_INT_MAX)
+        | msgpack_objects
+    )
+
+    fields = good_fields()
+    for _ in range(draw(st.integers(0, 2))):
+        index = draw(st.integers(1, len(fields) - 1) | st.just(0))
+        target: list[object] = fields
+        inner = fields[index]
+        if isinstance(inner, list) and inner and draw(st.booleans()):
+            target, index = inner, draw(st.integers(0, len(inner) - 1))
+            pair = target[index]
+            if isinstance(pair, list) and pair and draw(st.booleans()):
+                target, index = pair, draw(st.integers(0, len(pair) - 1))
+        target[index] = copy.deepcopy(draw(replacements))  # sampled lists are shared
+    return fields
+
+
+@settings(max_examples=1000)
+@given(_field_variants())
+def test_codec_fast_decode_agrees_with_the_field_by_field_checks(fields: list[object]) -> None:
+    """decode_row's one-expression check of a body accepts exactly what the
+    field-by-field path (`_row_from_fields`, `row_problem`) accepts."""
+    from kvsvr.storage import codec
+
+    body = msgpack.packb(fields, use_bin_type=True)
+    try:
+        unpacked = msgpack.unpackb(body, use_list=False, max_array_len=10)
+        expected: Row | None = codec._row_from_fields(unpacked)
+        if codec.row_problem(expected) is not None:  # type: ignore[arg-type]
+            expected = None
+    except (CorruptRow, ValueError):
+        expected = None
+    try:
+        got: Row | None = decode_row(with_crc(body))
+    except CorruptRow:
+        got = None
+    assert got == expected
+
+
 @pytest.mark.parametrize(
     "row",
     [
@@ -191,6 +268,16 @@ def test_codec_rejects_wrong_lengths_and_trailing_data() -> None:
         Row(value="text"),  # type: ignore[arg-type]
         Row(promised=(1,)),  # type: ignore[arg-type]
         Row(hlc=True),
+        Row(op_id=-1),
+        Row(promised=(1 << 64, 0)),
+        Row(expires_at_ms=1 << 64),
+        Row(version=5, recent_ops=((1, 1 << 64),)),
+        Row(version=5, recent_ops=((-1, 1),)),
+        Row(version=5, recent_ops=((True, 1),)),
+        Row(version=5, recent_ops=((5, 1),)),
+        Row(version=5, recent_ops=([1, 1],)),  # type: ignore[arg-type]
+        Row(accepted=Accepted(ballot=(1, -1), version=2, value=b"x")),
+        Row(accepted=Accepted(ballot=(1, 1), version=2, value=b"x", op_id=1 << 64)),
         Row(accepted=Accepted(ballot=(1, 1), version=2, value=b"x", expires_at_ms=-5)),
     ],
 )
