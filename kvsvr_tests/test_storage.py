@@ -260,6 +260,16 @@ def test_codec_fast_decode_agrees_with_the_field_by_field_checks(fields: list[ob
     assert got == expected
 
 
+def test_codec_encodes_a_row_subclass_like_its_row() -> None:
+    """The exact-type fast check refuses subclasses; the full check takes them."""
+
+    class MyRow(Row):
+        pass
+
+    fields = dict(version=3, value=b"v", promised=(4, 2), hlc=7, op_id=12, recent_ops=((2, 13),))
+    assert encode_row(MyRow(**fields)) == encode_row(Row(**fields))  # type: ignore[arg-type]
+
+
 def test_codec_fast_decode_agrees_for_every_single_change() -> None:
     """Every item of a row body, at any depth, replaced by each confusing value
     or dropped: decode_row accepts exactly what the field-by-field path does."""

@@ -61,7 +61,10 @@ def encode_row(row: Row) -> bytes:
     decoded again (wrong types, out-of-range integers): that is a caller bug,
     and it must not reach the disk."""
     if not _row_ok(row):
-        raise ValueError(f"cannot encode row: {row_problem(row)}")
+        # _row_ok wants exact types; row_problem also takes subclasses.
+        problem = row_problem(row)
+        if problem is not None:
+            raise ValueError(f"cannot encode row: {problem}")
     # msgpack packs a tuple as the array a list would be, byte for byte, so the
     # row's own tuples (ballots, recent ops) go out without copying to lists.
     accepted = row.accepted
