@@ -11,7 +11,17 @@ shaped as the node builds them: rows as `kvsvr/protocol/replica.py` leaves
 them (eight recent ops, a proposal in flight or not), Paxos messages in the
 envelope `kvsvr/net/connection.py` sends (method "px"/"px1"), and the client's
 put/get bodies and replies as `kvsvr/client.py` and `kvsvr/node/server.py`
-build them. To time another checkout's code, put it first on PYTHONPATH.
+build them.
+
+To compare two versions of the code, run this file by its path from outside
+any checkout (`python -m` puts the current directory first on sys.path), with
+each version's root on PYTHONPATH, alternating:
+
+    cd /tmp && git -C REPO archive BASE kvsvr | tar -x -C /tmp/base
+    PYTHONPATH=/tmp/base python REPO/bench/codec_cpu.py --json b1.json
+    PYTHONPATH=REPO python REPO/bench/codec_cpu.py --json a1.json
+    (again for b2/a2, b3/a3)
+    python REPO/bench/codec_cpu.py --compare b1.json,b2.json,b3.json a1.json,a2.json,a3.json
 """
 
 from __future__ import annotations
