@@ -261,6 +261,89 @@ def test_bad_envelopes_raise_frame_error(wire: object, complaint: str) -> None:
         from_wire(wire)
 
 
+_envelope_confusing = st.sampled_from(
+    [0, 1, 2, 3, -1, 2**63 - 1, 2**63, True, False, 1.0, None, "", "m" * 64, "m" * 65, b"get"]
+)
+
+
+@settings(max_examples=1000)
+@given(
+    wire=st.sampled_from(
+        [[0, 5, "put", None], [1, 5, True, None], [1, 0, True, 1], [2, 0, "g", 1]]
+    ),
+    index=st.integers(0, 3),
+    replacement=_envelope_confusing | msgpack_values,
+    length=st.sampled_from([4, 4, 4, 3, 5]),
+    body=msgpack_values,
+)
+def test_fast_envelope_parse_agrees_with_the_checks(
+    wire: list[object], index: int, replacement: object, length: int, body: object
+) -> None:
+    """from_wire's shortcut for requests and ok replies accepts exactly what
+    the check-by-check path accepts, and builds the same message."""
+    wire = [*wire[:3], body, None][:length]
+    if index < len(wire):
+        wire[index] = replacement
+    try:
+        expected: object = messages._checked_from_wire(wire)
+    except FrameError:
+        expected = FrameError
+    try:
+        got: object = from_wire(wire)
+    except FrameError:
+        got = FrameError
+    assert got == expected
+    assert type(got) is type(expected)
+
+
+def test_fast_envelope_parse_agrees_with_the_checks_for_every_single_change() -> None:
+    confusing: list[object] = [
+        *(0, 1, 2, 3, -1, 2**63 - 1, 2**63, True, False, 1.0, None, "", "m" * 64),
+        *("m" * 65, b"get", [], ["conflict", "x"]),
+    ]
+    goods: list[list[object]] = [
+        [0, 5, "put", None],
+        [1, 5, True, None],
+        [1, 0, True, 1],
+        [1, 5, False, ["conflict", "x"]],
+        [2, 0, "g", 1],
+    ]
+    for good in goods:
+        for index in range(4):
+            for replacement in confusing:
+                for wire in ([*good[:index], replacement, *good[index + 1 :]], good[:index]):
+                    try:
+                        expected: object = messages._checked_from_wire(wire)
+                    except FrameError:
+                        expected = FrameError
+                    try:
+                        got: object = from_wire(wire)
+                    except FrameError:
+                        got = FrameError
+                    assert got == expected, wire
+                    assert type(got) is type(expected), wire
+
+
+def test_decoder_compacts_and_keeps_a_partial_frame() -> None:
+    """Frames drained across the compaction threshold, then a frame split
+    across feeds: every frame comes out whole and in order."""
+    values = [[i, b"x" * 1000] for i in range(200)]  # about 200 KiB in all
+    data = b"".join(encode_frame(value) for value in values)
+    cut = len(data) - 500
+    decoder = FrameDecoder()
+    out: list[object] = []
+    for start in range(0, cut, 48 * 1024):
+        decoder.feed(data[start : min(start + 48 * 1024, cut)])
+        while (frame := decoder.next_frame()) is not None:
+            out.append(frame)
+        assert decoder.buffered_bytes < 8 + 1010
+    assert out == values[:-1]
+    decoder.feed(data[cut:])
+    assert decoder.next_frame() == values[-1]
+    assert decoder.next_frame() is None
+    assert decoder.buffered_bytes == 0
+
+
 def test_failed_reply_raises_the_class_its_code_names() -> None:
     assert isinstance(messages.error_reply(3, "conflict", "v2 != v3").error(), Conflict)
     assert type(messages.error_reply(3, "no-such-code", "?").error()) is KvsvrError

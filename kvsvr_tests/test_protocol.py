@@ -4,6 +4,7 @@ run through the deterministic simulator and checked for linearizability."""
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import Counter
 from collections.abc import Generator
@@ -465,6 +466,147 @@ def test_malformed_messages_raise_frame_error(raw: object) -> None:
         from_wire(raw)
     except FrameError:
         pass
+
+
+# Anything msgpack hands `from_wire` (lists, never tuples), near the shape of a
+# real message: a real message's wire form with a few items, at any depth,
+# replaced by another value or dropped, or another item appended.
+_wire_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.sampled_from([0, -1, 1.0, True, b"", "", "accept", "promise"])
+    | st.binary(max_size=4)
+    | st.text(max_size=4)
+)
+_wire_values = st.recursive(_wire_scalars, lambda inner: st.lists(inner, max_size=6), max_leaves=12)
+
+
+def _as_received(value: object) -> object:
+    """What msgpack decodes `to_wire`'s output to: tuples become lists."""
+    if isinstance(value, list | tuple):
+        return [_as_received(item) for item in value]
+    return value
+
+
+# Values that pass one check and fail a neighbouring one.
+_CONFUSING: list[object] = [
+    *(None, True, False, 0, 1, -1, 1.0, b"", b"k", "", "t", [], [1], [1, 2], [1, 2, 3]),
+    *([True, 1], [1, 1.0], [[1, 2], 1, b"v", None, 3], [[1, 2]], [[1, 2, 3]], [[1, True]]),
+    [[1, 2]] * 9,
+]
+_confusing = st.sampled_from(_CONFUSING)
+
+
+@st.composite
+def _mutated_wire(draw: st.DrawFn) -> object:
+    wire = _as_received(to_wire(draw(messages)))
+    assert isinstance(wire, list)
+    for _ in range(draw(st.sampled_from([1, 1, 1, 0, 2]))):
+        target: list[object] = wire
+        while True:
+            if not target:
+                break
+            index = draw(st.integers(0, len(target) - 1))
+            inner = target[index]
+            if isinstance(inner, list) and inner and draw(st.booleans()):
+                target = inner
+                continue
+            action = draw(st.sampled_from(["replace"] * 6 + ["any", "drop", "append"]))
+            if action == "replace":
+                target[index] = copy.deepcopy(draw(_confusing))
+            elif action == "any":
+                target[index] = draw(_wire_values)
+            elif action == "drop":
+                del target[index]
+            else:
+                target.append(draw(_wire_values))
+            break
+    return wire
+
+
+def _paths(value: list[object], prefix: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
+    out = []
+    for index, item in enumerate(value):
+        out.append((*prefix, index))
+        if isinstance(item, list):
+            out += _paths(item, (*prefix, index))
+    return out
+
+
+def _sample_messages() -> list[Request | Reply]:
+    accepted = Accepted((3, 1), 8, b"w", 99, 12)
+    return [
+        Prepare("t", KEY, (4, 1), 7),
+        Accept("t", KEY, (4, 1), 8, b"v", None, 12, 7, (3, 2)),
+        Accept("t", KEY, (4, 1), 8, None, 5, 12),
+        Commit("t", KEY, 8, (4, 1), True, b"v", 5, 12),
+        Commit("t", KEY, 8, (4, 1), False, None, None, 12),
+        Read("t", KEY, 7),
+        ScanRequest("t", b"p", b"a", b"z", 10),
+        Promise(True, (4, 1), 7, True, b"v", 5, accepted, 11, ((6, 10), (5, 9))),
+        Promise(False, (4, 1), 7, False, None, None, None, 11),
+        AcceptReply(True, (4, 1), 7),
+        ReadReply(7, True, b"v", 5, (3, 1), 8, (4, 1), 11),
+        ReadReply(7, False, None, None, None, 0, (4, 1), 11),
+        ScanReply((ScanEntry(b"k", 1, b"v", None, 0),), False),
+    ]
+
+
+def test_fast_parse_agrees_with_the_checks_for_every_single_change() -> None:
+    """Every item of every kind of message, at any depth, replaced by each
+    confusing value or dropped: the fast parse and the checked one agree."""
+    from kvsvr.protocol import messages as module
+
+    cases = 0
+    for message in _sample_messages():
+        good = _as_received(to_wire(message))
+        assert isinstance(good, list)
+        assert from_wire(good) == module._checked_from_wire(good) == message
+        for path in _paths(good):
+            for change in [*_CONFUSING, "drop"]:
+                raw = copy.deepcopy(good)
+                target = raw
+                for index in path[:-1]:
+                    target = target[index]
+                if change == "drop":
+                    del target[path[-1]]
+                else:
+                    target[path[-1]] = copy.deepcopy(change)
+                try:
+                    expected: object = module._checked_from_wire(raw)
+                except FrameError:
+                    expected = FrameError
+                try:
+                    got: object = from_wire(raw)
+                except FrameError:
+                    got = FrameError
+                assert got == expected, (message, path, change)
+                assert type(got) is type(expected), (message, path, change)
+                cases += 1
+    assert cases > 3000
+
+
+@settings(max_examples=500)
+@given(_mutated_wire())
+def test_fast_parse_agrees_with_the_field_by_field_checks(raw: object) -> None:
+    """from_wire's one-expression parse accepts exactly what the checked path
+    accepts, and builds the same message; the rest raises FrameError."""
+    from kvsvr.protocol import messages as module
+
+    try:
+        expected: object = module._checked_from_wire(raw)
+    except FrameError:
+        expected = FrameError
+    try:
+        got: object = from_wire(raw)
+    except FrameError:
+        got = FrameError
+    assert got == expected
+    assert type(got) is type(expected)
+    if isinstance(raw, list) and raw:
+        fast = module._fast_from_wire(raw)
+        assert fast is None or fast == expected
 
 
 def test_a_field_of_the_wrong_type_is_refused() -> None:

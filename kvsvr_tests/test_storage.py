@@ -3,6 +3,7 @@ directory (group commit, pending overlay, scans, corruption, fail-stop)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import struct
 import tempfile
@@ -32,7 +33,7 @@ from kvsvr.storage import (
     encode_row,
     engine,
 )
-from kvsvr.storage.codec import ROW_INT_MAX
+from kvsvr.storage.codec import ROW_FORMAT_VERSION, ROW_INT_MAX
 from kvsvr.storage.engine import MAP_SIZE_BYTES_MIN, prefix_end
 
 TABLES = ["users", "posts"]
@@ -183,6 +184,140 @@ def test_codec_rejects_wrong_lengths_and_trailing_data() -> None:
             decode_row(with_crc(msgpack.packb(fields, use_bin_type=True)))
 
 
+@given(rows)
+def test_codec_encodes_the_documented_list_layout(row: Row) -> None:
+    """encode_row packs tuples; the bytes must be those of the documented lists."""
+    accepted = row.accepted
+    fields = [
+        ROW_FORMAT_VERSION,
+        row.version,
+        row.value,
+        row.expires_at_ms,
+        row.promised[0],
+        row.promised[1],
+        None
+        if accepted is None
+        else [
+            accepted.ballot[0],
+            accepted.ballot[1],
+            accepted.version,
+            accepted.value,
+            accepted.expires_at_ms,
+            accepted.op_id,
+        ],
+        row.hlc,
+        row.op_id,
+        [[version, op_id] for version, op_id in row.recent_ops],
+    ]
+    assert encode_row(row) == with_crc(msgpack.packb(fields, use_bin_type=True))
+
+
+@st.composite
+def _field_variants(draw: st.DrawFn) -> list[object]:
+    """Row bodies with a few fields (at any depth) replaced by anything msgpack
+    can carry, or by an edge case of the integer checks."""
+    replacements = (
+        st.sampled_from(
+            [0, 1, -1, ROW_INT_MAX, -(1 << 63), True, False, 1.0, None, b"", "", [], [0, 0]]
+        )
+        | st.integers(min_value=-(1 << 63), max_value=ROW_INT_MAX)
+        | msgpack_objects
+    )
+
+    fields = good_fields()
+    for _ in range(draw(st.integers(0, 2))):
+        index = draw(st.integers(1, len(fields) - 1) | st.just(0))
+        target: list[object] = fields
+        inner = fields[index]
+        if isinstance(inner, list) and inner and draw(st.booleans()):
+            target, index = inner, draw(st.integers(0, len(inner) - 1))
+            pair = target[index]
+            if isinstance(pair, list) and pair and draw(st.booleans()):
+                target, index = pair, draw(st.integers(0, len(pair) - 1))
+        target[index] = copy.deepcopy(draw(replacements))  # sampled lists are shared
+    return fields
+
+
+@settings(max_examples=1000)
+@given(_field_variants())
+def test_codec_fast_decode_agrees_with_the_field_by_field_checks(fields: list[object]) -> None:
+    """decode_row's one-expression check of a body accepts exactly what the
+    field-by-field path (`_row_from_fields`, `row_problem`) accepts."""
+    from kvsvr.storage import codec
+
+    body = msgpack.packb(fields, use_bin_type=True)
+    try:
+        unpacked = msgpack.unpackb(body, use_list=False, max_array_len=10)
+        expected: Row | None = codec._row_from_fields(unpacked)
+        if codec.row_problem(expected) is not None:  # type: ignore[arg-type]
+            expected = None
+    except (CorruptRow, ValueError):
+        expected = None
+    try:
+        got: Row | None = decode_row(with_crc(body))
+    except CorruptRow:
+        got = None
+    assert got == expected
+
+
+def test_codec_encodes_a_row_subclass_like_its_row() -> None:
+    """The exact-type fast check refuses subclasses; the full check takes them."""
+
+    class MyRow(Row):
+        pass
+
+    fields = dict(version=3, value=b"v", promised=(4, 2), hlc=7, op_id=12, recent_ops=((2, 13),))
+    assert encode_row(MyRow(**fields)) == encode_row(Row(**fields))  # type: ignore[arg-type]
+
+
+def test_codec_fast_decode_agrees_for_every_single_change() -> None:
+    """Every item of a row body, at any depth, replaced by each confusing value
+    or dropped: decode_row accepts exactly what the field-by-field path does."""
+    from kvsvr.storage import codec
+
+    confusing: list[object] = [
+        *(None, True, False, 0, 1, -1, 2, 3, 13, ROW_INT_MAX, -(1 << 63), 1.0, b"", "x"),
+        *([], [1], [1, 2], [1, 2, 3], [True, 1], [1, -1], [[2, 13]], [[2, 13]] * 9),
+    ]
+
+    def paths(value: list[object], prefix: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
+        out = []
+        for index, item in enumerate(value):
+            out.append((*prefix, index))
+            if isinstance(item, list):
+                out += paths(item, (*prefix, index))
+        return out
+
+    goods = [good_fields(), [1, 3, b"v", None, 4, 2, None, 7, 12, []]]
+    for good in goods:
+        for path in paths(good):
+            for change in [*confusing, "drop"]:
+                fields = copy.deepcopy(good)
+                target: list[object] = fields
+                for index in path[:-1]:
+                    inner = target[index]
+                    assert isinstance(inner, list)
+                    target = inner
+                if change == "drop":
+                    del target[path[-1]]
+                else:
+                    target[path[-1]] = copy.deepcopy(change)
+                body = msgpack.packb(fields, use_bin_type=True)
+                try:
+                    expected: Row | None = codec._row_from_fields(
+                        msgpack.unpackb(body, use_list=False)
+                    )
+                    if codec.row_problem(expected) is not None:  # type: ignore[arg-type]
+                        expected = None
+                except CorruptRow:
+                    expected = None
+                try:
+                    got: Row | None = decode_row(with_crc(body))
+                except CorruptRow:
+                    got = None
+                assert got == expected, (path, change)
+
+
 @pytest.mark.parametrize(
     "row",
     [
@@ -191,6 +326,16 @@ def test_codec_rejects_wrong_lengths_and_trailing_data() -> None:
         Row(value="text"),  # type: ignore[arg-type]
         Row(promised=(1,)),  # type: ignore[arg-type]
         Row(hlc=True),
+        Row(op_id=-1),
+        Row(promised=(1 << 64, 0)),
+        Row(expires_at_ms=1 << 64),
+        Row(version=5, recent_ops=((1, 1 << 64),)),
+        Row(version=5, recent_ops=((-1, 1),)),
+        Row(version=5, recent_ops=((True, 1),)),
+        Row(version=5, recent_ops=((5, 1),)),
+        Row(version=5, recent_ops=([1, 1],)),  # type: ignore[arg-type]
+        Row(accepted=Accepted(ballot=(1, -1), version=2, value=b"x")),
+        Row(accepted=Accepted(ballot=(1, 1), version=2, value=b"x", op_id=1 << 64)),
         Row(accepted=Accepted(ballot=(1, 1), version=2, value=b"x", expires_at_ms=-5)),
     ],
 )

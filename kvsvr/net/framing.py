@@ -53,14 +53,19 @@ def encode_frame(obj: object) -> bytes:
     if obj is None:
         raise FrameError(_NIL_FRAME_MESSAGE)
     try:
-        body: bytes = _packer().pack(obj)
+        pack = _thread_state.pack
+    except AttributeError:
+        pack = _thread_state.pack = _packer().pack
+    try:
+        body: bytes = pack(obj)
     except (TypeError, ValueError, OverflowError) as exc:
         raise FrameError(f"cannot encode frame body: {exc}") from exc
-    if len(body) > MAX_FRAME_BYTES:
+    size = len(body)
+    if size > MAX_FRAME_BYTES:
         raise FrameError(
-            f"frame body of {len(body)} bytes exceeds the maximum of {MAX_FRAME_BYTES} bytes"
+            f"frame body of {size} bytes exceeds the maximum of {MAX_FRAME_BYTES} bytes"
         )
-    return _HEADER.pack(len(body), _crc32c(body)) + body
+    return _pack_header(size, _crc32c_raw(body)) + body
 
 
 def _packer() -> msgpack.Packer:
@@ -107,40 +112,73 @@ class FrameDecoder:
         return self._failure is not None
 
     def feed(self, data: bytes | bytearray) -> None:
-        self._check_alive()
-        if self.buffered_bytes + len(data) > DECODER_BUFFER_BYTES_MAX:
+        if self._failure is not None:
+            self._check_alive()
+        buffer = self._buffer
+        if len(buffer) - self._start + len(data) > DECODER_BUFFER_BYTES_MAX:
             self._fail(
                 f"decoder would hold more than {DECODER_BUFFER_BYTES_MAX} bytes; "
                 "drain frames with next_frame before feeding more"
             )
-        self._buffer += data
+        buffer += data
         # Check the pending header now, so an oversized length is refused before
         # any of its body is accumulated.
-        self._pending_body_length()
+        if len(buffer) - self._start >= FRAME_HEADER_BYTES:
+            self._pending_body_length()
 
     def next_frame(self) -> object | None:
         """The next whole frame's object, or None if more bytes are needed.
         (So a frame never carries a bare nil: both sides refuse one.)"""
-        self._check_alive()
-        body_length = self._pending_body_length()
-        if body_length is None:
+        # One method, locals only: it runs once per frame received, and every
+        # helper call cost about as much as decoding a small body.
+        if self._failure is not None:
+            self._check_alive()
+        buffer = self._buffer
+        start = self._start
+        if len(buffer) - start < FRAME_HEADER_BYTES:
             return None
-        body_start = self._start + FRAME_HEADER_BYTES
+        body_length, expected_crc = _unpack_header(buffer, start)
+        if body_length > MAX_FRAME_BYTES:
+            self._fail(f"frame length {body_length} exceeds the maximum of {MAX_FRAME_BYTES} bytes")
+        body_start = start + FRAME_HEADER_BYTES
         body_end = body_start + body_length
-        if len(self._buffer) < body_end:
+        if len(buffer) < body_end:
             return None
-        _, expected_crc = _HEADER.unpack_from(self._buffer, self._start)
-        with memoryview(self._buffer) as view:  # one copy of the body, not two
-            body = bytes(view[body_start:body_end])
-        self._start = body_end
-        self._compact()
-        actual_crc = _crc32c(body)
+        # One copy of the body (a bytearray slice: cheaper than memoryviews,
+        # which need releasing before the buffer may be resized).
+        body = buffer[body_start:body_end]
+        actual_crc = _crc32c_raw(body)
         if actual_crc != expected_crc:
             self._fail(
                 f"frame crc32c mismatch: header says {expected_crc:#010x}, "
                 f"body has {actual_crc:#010x}"
             )
-        return self._decode_body(body)
+        try:
+            obj: object = _unpackb(
+                body,
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                ext_hook=_refuse_ext_type,
+                max_str_len=body_length,
+                max_bin_len=body_length,
+                max_array_len=body_length,
+                max_map_len=body_length // 2,
+                max_ext_len=body_length,
+            )
+        except Exception as exc:  # msgpack reports bad input with many exception types
+            self._fail(f"undecodable msgpack frame body: {type(exc).__name__}: {exc}")
+        if obj is None:
+            self._fail(_NIL_FRAME_MESSAGE)
+        if body_end == len(buffer):
+            buffer.clear()
+            self._start = 0
+        elif body_end >= _COMPACT_AFTER_BYTES:
+            del buffer[:body_end]
+            self._start = 0
+        else:
+            self._start = body_end
+        return obj
 
     def _pending_body_length(self) -> int | None:
         if self.buffered_bytes < FRAME_HEADER_BYTES:
@@ -150,35 +188,6 @@ class FrameDecoder:
         if body_length > MAX_FRAME_BYTES:
             self._fail(f"frame length {body_length} exceeds the maximum of {MAX_FRAME_BYTES} bytes")
         return body_length
-
-    def _decode_body(self, body: bytes) -> object:
-        size = len(body)
-        try:
-            obj: object = msgpack.unpackb(
-                body,
-                raw=False,
-                strict_map_key=True,
-                use_list=True,
-                ext_hook=_refuse_ext_type,
-                max_str_len=size,
-                max_bin_len=size,
-                max_array_len=size,
-                max_map_len=size // 2,
-                max_ext_len=size,
-            )
-        except Exception as exc:  # msgpack reports bad input with many exception types
-            self._fail(f"undecodable msgpack frame body: {type(exc).__name__}: {exc}")
-        if obj is None:
-            self._fail(_NIL_FRAME_MESSAGE)
-        return obj
-
-    def _compact(self) -> None:
-        if self._start == len(self._buffer):
-            self._buffer.clear()
-            self._start = 0
-        elif self._start >= _COMPACT_AFTER_BYTES:
-            del self._buffer[: self._start]
-            self._start = 0
 
     def _check_alive(self) -> None:
         if self._failure is not None:
@@ -202,3 +211,9 @@ def _refuse_ext_type(code: int, data: bytes) -> NoReturn:
 
 def _crc32c(data: bytes) -> int:
     return int(crc32c.crc32c(data))
+
+
+_crc32c_raw = crc32c.crc32c
+_unpackb = msgpack.unpackb
+_unpack_header = _HEADER.unpack_from
+_pack_header = _HEADER.pack

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Any
 
 import crc32c
 import msgpack
@@ -61,34 +60,42 @@ def encode_row(row: Row) -> bytes:
     """The stored bytes of `row`. Raises ValueError for a row that could not be
     decoded again (wrong types, out-of-range integers): that is a caller bug,
     and it must not reach the disk."""
-    problem = row_problem(row)
-    if problem is not None:
-        raise ValueError(f"cannot encode row: {problem}")
-    accepted: list[Any] | None = None
-    if row.accepted is not None:
-        proposal = row.accepted
-        accepted = [
-            proposal.ballot[0],
-            proposal.ballot[1],
-            proposal.version,
-            proposal.value,
-            proposal.expires_at_ms,
-            proposal.op_id,
-        ]
-    fields: list[Any] = [
-        ROW_FORMAT_VERSION,
-        row.version,
-        row.value,
-        row.expires_at_ms,
-        row.promised[0],
-        row.promised[1],
-        accepted,
-        row.hlc,
-        row.op_id,
-        [[version, op_id] for version, op_id in row.recent_ops],
-    ]
-    assert len(fields) == ROW_FIELD_COUNT
-    body: bytes = _packer().pack(fields)
+    if not _row_ok(row):
+        # _row_ok wants exact types; row_problem also takes subclasses.
+        problem = row_problem(row)
+        if problem is not None:
+            raise ValueError(f"cannot encode row: {problem}")
+    # msgpack packs a tuple as the array a list would be, byte for byte, so the
+    # row's own tuples (ballots, recent ops) go out without copying to lists.
+    accepted = row.accepted
+    promised = row.promised
+    try:
+        pack = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = _packer().pack
+    body: bytes = pack(
+        (
+            ROW_FORMAT_VERSION,
+            row.version,
+            row.value,
+            row.expires_at_ms,
+            promised[0],
+            promised[1],
+            None
+            if accepted is None
+            else (
+                accepted.ballot[0],
+                accepted.ballot[1],
+                accepted.version,
+                accepted.value,
+                accepted.expires_at_ms,
+                accepted.op_id,
+            ),
+            row.hlc,
+            row.op_id,
+            row.recent_ops,
+        )
+    )
     return _CRC.pack(crc32c.crc32c(body)) + body
 
 
@@ -99,31 +106,36 @@ def crc_ok(data: bytes) -> bool:
     )
 
 
+_crc32c = crc32c.crc32c
+_unpackb = msgpack.unpackb
+_crc_unpack_from = _CRC.unpack_from
+
+
 def decode_row(data: bytes) -> Row:
     """The `Row` stored as `data`; `CorruptRow` if `data` is not exactly one
     intact row of a known format version."""
-    if not isinstance(data, bytes):
+    if type(data) is not bytes and not isinstance(data, bytes):
         raise CorruptRow(f"row data must be bytes, not {type(data).__name__}")
     if len(data) <= CRC_BYTES:
         raise CorruptRow(f"row truncated: {len(data)} bytes")
-    (crc_stored,) = _CRC.unpack_from(data)
+    (crc_stored,) = _crc_unpack_from(data)
     body = data[CRC_BYTES:]
-    crc_computed = crc32c.crc32c(body)
+    crc_computed = _crc32c(body)
     if crc_stored != crc_computed:
         raise CorruptRow(
             f"row crc32c mismatch: stored {crc_stored:#010x}, computed {crc_computed:#010x}"
         )
     try:
-        fields = msgpack.unpackb(
-            body,
-            raw=False,
-            use_list=True,
-            max_array_len=ROW_FIELD_COUNT,
-            max_map_len=0,
-            max_ext_len=0,
+        # Arrays come back as tuples: the recent ops are then the Row's field
+        # as they are, and ballots need no conversion.
+        fields = _unpackb(
+            body, use_list=False, max_array_len=ROW_FIELD_COUNT, max_map_len=0, max_ext_len=0
         )
     except Exception as error:  # msgpack raises many types; all mean "not a row"
         raise CorruptRow(f"row body is not valid msgpack: {error!r}") from error
+    row = _fast_row(fields)
+    if row is not None:
+        return row
     row = _row_from_fields(fields)
     problem = row_problem(row)
     if problem is not None:
@@ -131,9 +143,89 @@ def decode_row(data: bytes) -> Row:
     return row
 
 
+def _fast_row(fields: object) -> Row | None:
+    """The row of a body whose every field is right, checked in one expression
+    (the checks of `_row_ok`, on the fields as unpacked); None sends anything
+    else through `_row_from_fields` and `row_problem` for its error message.
+
+    `(a | b) >> 64` is zero exactly when both ints are in [0, 2**64): one test
+    for several fields once their types are known to be int (not bool)."""
+    if type(fields) is not tuple or len(fields) != ROW_FIELD_COUNT:
+        return None
+    (
+        format_version,
+        version,
+        value,
+        expires,
+        promised_round,
+        promised_node,
+        accepted_fields,
+        hlc,
+        op_id,
+        recent_ops,
+    ) = fields
+    if not (
+        type(format_version) is int
+        and format_version == ROW_FORMAT_VERSION
+        and type(version) is int
+        and type(promised_round) is int
+        and type(promised_node) is int
+        and type(hlc) is int
+        and type(op_id) is int
+        and not (version | promised_round | promised_node | hlc | op_id) >> 64
+        and (value is None or type(value) is bytes)
+        and (expires is None or (type(expires) is int and not expires >> 64))
+        and _recent_ops_ok(recent_ops, version)
+    ):
+        return None
+    accepted: Accepted | None = None
+    if accepted_fields is not None:
+        if type(accepted_fields) is not tuple or len(accepted_fields) != ACCEPTED_FIELD_COUNT:
+            return None
+        (
+            ballot_round,
+            ballot_node,
+            accepted_version,
+            accepted_value,
+            accepted_expires,
+            accepted_op_id,
+        ) = accepted_fields
+        if not (
+            type(ballot_round) is int
+            and type(ballot_node) is int
+            and type(accepted_version) is int
+            and type(accepted_op_id) is int
+            and not (ballot_round | ballot_node | accepted_version | accepted_op_id) >> 64
+            and (accepted_value is None or type(accepted_value) is bytes)
+            and (
+                accepted_expires is None
+                or (type(accepted_expires) is int and not accepted_expires >> 64)
+            )
+        ):
+            return None
+        accepted = Accepted(
+            (ballot_round, ballot_node),
+            accepted_version,
+            accepted_value,
+            accepted_expires,
+            accepted_op_id,
+        )
+    return Row(
+        version,
+        value,
+        expires,
+        (promised_round, promised_node),
+        accepted,
+        hlc,
+        op_id,
+        recent_ops,
+    )
+
+
 def _row_from_fields(fields: object) -> Row:
     """Assemble a Row without judging field types; `row_problem` does that."""
-    if not isinstance(fields, list) or len(fields) != ROW_FIELD_COUNT:
+    # (decode_row unpacks arrays as tuples)
+    if not isinstance(fields, tuple) or len(fields) != ROW_FIELD_COUNT:
         raise CorruptRow(f"row body is not a list of {ROW_FIELD_COUNT} fields")
     format_version = fields[0]
     if not _is_uint(format_version):
@@ -154,7 +246,7 @@ def _row_from_fields(fields: object) -> Row:
     ) = fields
     accepted: Accepted | None = None
     if accepted_fields is not None:
-        if not isinstance(accepted_fields, list) or len(accepted_fields) != ACCEPTED_FIELD_COUNT:
+        if not isinstance(accepted_fields, tuple) or len(accepted_fields) != ACCEPTED_FIELD_COUNT:
             raise CorruptRow(f"row accepted is not a list of {ACCEPTED_FIELD_COUNT} fields")
         (
             ballot_round,
@@ -171,8 +263,8 @@ def _row_from_fields(fields: object) -> Row:
             expires_at_ms=accepted_expires,
             op_id=accepted_op_id,
         )
-    if not isinstance(recent_fields, list) or not all(
-        isinstance(pair, list) and len(pair) == 2 for pair in recent_fields
+    if not isinstance(recent_fields, tuple) or not all(
+        isinstance(pair, tuple) and len(pair) == 2 for pair in recent_fields
     ):
         raise CorruptRow("row recent ops is not a list of pairs")
     return Row(
@@ -195,14 +287,15 @@ def _recent_ops_ok(recent_ops: object, version: object) -> bool:
     if type(version) is not int:
         return False
     for pair in recent_ops:
-        if not (
-            type(pair) is tuple
-            and len(pair) == 2
-            and type(pair[0]) is int
-            and type(pair[1]) is int
-            and 0 <= pair[0] <= ROW_INT_MAX
-            and 0 <= pair[1] <= ROW_INT_MAX
-            and pair[0] < version
+        if type(pair) is not tuple or len(pair) != 2:
+            return False
+        recent_version, recent_op_id = pair
+        # `>> 64` is zero exactly for ints in [0, 2**64), both at once.
+        if (
+            type(recent_version) is not int
+            or type(recent_op_id) is not int
+            or (recent_version | recent_op_id) >> 64
+            or recent_version >= version
         ):
             return False
     return True
@@ -210,8 +303,10 @@ def _recent_ops_ok(recent_ops: object, version: object) -> bool:
 
 def _row_ok(row: Row) -> bool:
     """The common case of `row_problem` in one expression: every row is checked
-    on every write and read, so this is on the hot path (the integer checks
-    are spelled out rather than calls of `_is_uint`, which cost as much again)."""
+    on every write, so this is on the hot path (the integer checks are spelled
+    out rather than calls of `_is_uint`, which cost as much again; once several
+    fields are known to be ints, `(a | b | ...) >> 64` is zero exactly when
+    every one is in [0, 2**64))."""
     if type(row) is not Row:
         return False
     version = row.version
@@ -221,20 +316,16 @@ def _row_ok(row: Row) -> bool:
     hlc = row.hlc
     op_id = row.op_id
     if not (
-        type(version) is int
-        and 0 <= version <= ROW_INT_MAX
-        and (value is None or type(value) is bytes)
-        and (expires is None or (type(expires) is int and 0 <= expires <= ROW_INT_MAX))
-        and type(promised) is tuple
+        type(promised) is tuple
         and len(promised) == 2
+        and type(version) is int
         and type(promised[0]) is int
         and type(promised[1]) is int
-        and 0 <= promised[0] <= ROW_INT_MAX
-        and 0 <= promised[1] <= ROW_INT_MAX
         and type(hlc) is int
-        and 0 <= hlc <= ROW_INT_MAX
         and type(op_id) is int
-        and 0 <= op_id <= ROW_INT_MAX
+        and not (version | promised[0] | promised[1] | hlc | op_id) >> 64
+        and (value is None or type(value) is bytes)
+        and (expires is None or (type(expires) is int and not expires >> 64))
         and _recent_ops_ok(row.recent_ops, version)
     ):
         return False
@@ -253,17 +344,14 @@ def _row_ok(row: Row) -> bool:
         and len(ballot) == 2
         and type(ballot[0]) is int
         and type(ballot[1]) is int
-        and 0 <= ballot[0] <= ROW_INT_MAX
-        and 0 <= ballot[1] <= ROW_INT_MAX
         and type(accepted_version) is int
-        and 0 <= accepted_version <= ROW_INT_MAX
+        and type(accepted_op_id) is int
+        and not (ballot[0] | ballot[1] | accepted_version | accepted_op_id) >> 64
         and (accepted_value is None or type(accepted_value) is bytes)
         and (
             accepted_expires is None
-            or (type(accepted_expires) is int and 0 <= accepted_expires <= ROW_INT_MAX)
+            or (type(accepted_expires) is int and not accepted_expires >> 64)
         )
-        and type(accepted_op_id) is int
-        and 0 <= accepted_op_id <= ROW_INT_MAX
     )
 
 
