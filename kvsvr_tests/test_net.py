@@ -179,6 +179,10 @@ def test_encode_refuses_what_msgpack_cannot_carry() -> None:
         (msgpack.packb(1) + msgpack.packb(2), "trailing data"),
         (msgpack.packb({1: 2}), "int map key"),
         (msgpack.packb(msgpack.ExtType(5, b"x")), "extension type"),
+        (msgpack.packb(msgpack.ExtType(5, b"")), "empty extension type"),
+        # msgpack decodes type -1 itself, without the ext hook: refused too.
+        (msgpack.packb(["put", msgpack.Timestamp(5, 0)]), "timestamp"),
+        (b"\xc7\x00\xff", "empty timestamp"),
         (b"\xdd\xff\xff\xff\xff", "array longer than the body"),
         (b"\x91" * 5000, "nesting"),
         (b"\xa2\xff\xfe", "invalid utf-8"),

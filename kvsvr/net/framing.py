@@ -164,9 +164,13 @@ class FrameDecoder:
                 max_bin_len=body_length,
                 max_array_len=body_length,
                 max_map_len=body_length // 2,
-                max_ext_len=body_length,
+                # No extension types at all: `ext_hook` refuses the others, but
+                # msgpack decodes type -1 (Timestamp) without calling it.
+                max_ext_len=0,
             )
         except Exception as exc:  # msgpack reports bad input with many exception types
+            if "max_ext_len" in str(exc):
+                self._fail(_EXT_TYPE_MESSAGE)
             self._fail(f"undecodable msgpack frame body: {type(exc).__name__}: {exc}")
         if obj is None:
             self._fail(_NIL_FRAME_MESSAGE)
@@ -203,6 +207,9 @@ class FrameDecoder:
 # `next_frame` answers None for "feed me more", so None cannot also be a frame.
 # Every message of the protocol is a list; nothing is lost.
 _NIL_FRAME_MESSAGE: Final = "a frame cannot carry a bare nil (None)"
+
+
+_EXT_TYPE_MESSAGE = "undecodable msgpack frame body: extension types are not part of the protocol"
 
 
 def _refuse_ext_type(code: int, data: bytes) -> NoReturn:
