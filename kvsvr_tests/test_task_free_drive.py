@@ -19,9 +19,11 @@ import trio.lowlevel
 import trio.testing
 
 from kvsvr.errors import KvsvrError, Timeout
+from kvsvr.keys import encode_key
 from kvsvr.node.server import (
     ROUND_TIMEOUT_S,
     ROUND_TIMER_TICK_S,
+    Node,
     _Deadline,
     _PutRequest,
     _RoundCollector,
@@ -89,9 +91,9 @@ def _two_rounds(seen: list[Replies]) -> Generator[Round, Replies, Outcome]:
     return Outcome("ok", version=len(seen))
 
 
-def _run(test: Any) -> None:
+def _run(test: Any, make_node: Any = None) -> None:
     async def main() -> None:
-        node = FakeNode()
+        node = (make_node or FakeNode)()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.soon.run)
             nursery.start_soon(node.round_timer.run)
@@ -263,6 +265,13 @@ class FakeWriteNode(FakeNode):
     def _put_reply(self, put: _PutRequest, outcome: Outcome) -> dict[str, Any]:
         return {"version": outcome.version}
 
+    def replicas_of(self, table: str, partition_key: bytes) -> list[int]:
+        return [1]
+
+    # The node's own group bookkeeping (folding, answering the members).
+    _group_operation = Node._group_operation
+    _answer_folded = Node._answer_folded
+
 
 class _NoCache:
     def put(self, *args: object) -> None:
@@ -270,7 +279,9 @@ class _NoCache:
 
 
 def _put(value: bytes, *, if_version: int | None = None) -> _PutRequest:
-    return _PutRequest("t", b"k", [1], value, None, 0, Mutation(value, None, if_version=if_version))
+    return _PutRequest(
+        "t", encode_key(b"k"), [1], value, None, 0, Mutation(value, None, if_version=if_version)
+    )
 
 
 def _answers() -> tuple[list[tuple[object, KvsvrError | None]], Any]:
@@ -313,7 +324,7 @@ def test_writes_queued_behind_one_key_lead_in_turn_and_blind_ones_fold() -> None
         assert d == [({"version": 4}, None)]
         assert len(node.write_queues) == 0  # the key is idle again
 
-    _run_writes(test)
+    _run(test, FakeWriteNode)
 
 
 def test_a_queued_write_past_its_deadline_answers_timeout_and_is_skipped() -> None:
@@ -338,7 +349,7 @@ def test_a_queued_write_past_its_deadline_answers_timeout_and_is_skipped() -> No
         assert c == [({"version": 2}, None)] and node.values == [b"a", b"c"]
         assert len(b) == 1 and len(node.write_queues) == 0
 
-    _run_writes(test)
+    _run(test, FakeWriteNode)
 
 
 def test_a_leader_that_fails_fails_its_members_and_hands_the_key_over() -> None:
@@ -367,17 +378,4 @@ def test_a_leader_that_fails_fails_its_members_and_hands_the_key_over() -> None:
         await trio.sleep(0.001)
         assert d == [({"version": 2}, None)]
 
-    _run_writes(test)
-
-
-def _run_writes(test: Any) -> None:
-    async def main() -> None:
-        node = FakeWriteNode()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(node.soon.run)
-            nursery.start_soon(node.round_timer.run)
-            await trio.lowlevel.checkpoint()
-            await test(node)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    _run(test, FakeWriteNode)

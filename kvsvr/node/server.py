@@ -731,12 +731,7 @@ class _TaskFreeWrite:
         assert group is not None and group[0] is self.write
         if self.timer is not None:
             self.timer.then = None
-        if len(group) == 1:
-            operation = self.write.make()
-        else:
-            table, key = self.slot
-            self.folded = folded_mutation(group)
-            operation = node._write_operation(table, key, self.put.replicas, self.folded, now_ms())
+        operation, self.folded = node._group_operation(self.slot, group)
         _TaskFreeDrive(node, operation, self.deadline, self._group_done).start()
 
     def _group_done(self, outcome: Outcome | None, error: KvsvrError | None) -> None:
@@ -749,20 +744,7 @@ class _TaskFreeWrite:
             if outcome is None:
                 fail_group(group, "the write it was folded with did not finish; outcome unknown")
             elif self.folded is not None:
-                if outcome.status == "ok":
-                    # The group's value, before the members' own (older) versions reach the cache.
-                    table, key = self.slot
-                    node.cache.put(
-                        table,
-                        key,
-                        outcome.version,
-                        self.folded.value,
-                        self.folded.expires_at_ms,
-                        time.monotonic(),
-                    )
-                answer_group(group, outcome)
-                outcome = group[0].outcome
-                assert outcome is not None
+                outcome = node._answer_folded(self.slot, group, self.folded, outcome)
         finally:
             node.write_queues.hand_over(self.slot)
             group.clear()  # the leader heads its own group: see `_write_in_turn`
@@ -1258,24 +1240,35 @@ class Node:
     async def _run_group(
         self, slot: Slot, group: list[QueuedWrite], deadline: _Deadline
     ) -> Outcome:
+        operation, folded = self._group_operation(slot, group)
+        outcome = await self.drive(operation, deadline)
+        if folded is None:
+            return outcome
+        return self._answer_folded(slot, group, folded, outcome)
+
+    def _group_operation(
+        self, slot: Slot, group: list[QueuedWrite]
+    ) -> tuple[Operation, Mutation | None]:
+        """The operation a write group's leader runs: its own write alone, or
+        the group's blind writes folded into one (returned too)."""
         if len(group) == 1:
-            return await self.drive(group[0].make(), deadline)
+            return group[0].make(), None
         table, key = slot
         mutation = folded_mutation(group)
         partition_key, _ = decode_key(key)
         replicas = self.replicas_of(table, partition_key)
-        outcome = await self.drive(
-            self._write_operation(table, key, replicas, mutation, now_ms()), deadline
-        )
+        return self._write_operation(table, key, replicas, mutation, now_ms()), mutation
+
+    def _answer_folded(
+        self, slot: Slot, group: list[QueuedWrite], folded: Mutation, outcome: Outcome
+    ) -> Outcome:
+        """A folded group's write ended with `outcome`: answer its members;
+        the leader's own outcome."""
         if outcome.status == "ok":
             # The group's value, before the members' own (older) versions reach the cache.
+            table, key = slot
             self.cache.put(
-                table,
-                key,
-                outcome.version,
-                mutation.value,
-                mutation.expires_at_ms,
-                time.monotonic(),
+                table, key, outcome.version, folded.value, folded.expires_at_ms, time.monotonic()
             )
         answer_group(group, outcome)
         assert group[0].outcome is not None
