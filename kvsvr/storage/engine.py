@@ -810,13 +810,33 @@ class Storage:
 
     def _commit_in_thread(self, ops: list[_Op]) -> None:
         """One write transaction, committed (and fsynced) or aborted as a whole.
-        Runs in a worker thread: touches only `ops`, `_env` and `_dbs`."""
+        Runs in a worker thread: touches only `ops`, `_env` and `_dbs`.
+
+        Puts go in runs through `Cursor.putmulti`, which holds the GIL for
+        the whole run, where `Transaction.put` lets it go and takes it back
+        around every row: with the trio thread busy, each take waited for it
+        (up to the switch interval) and cost both threads a context switch,
+        several per row. The ops keep their order: a run ends at a delete or
+        at a change of database."""
+        dbs = self._dbs
         with self._env.begin(write=True) as txn:
+            run: list[tuple[bytes, bytes]] = []
+            run_db = b""
             for op in ops:
+                if op.data is not None and (op.db_name == run_db or not run):
+                    run.append((op.key, op.data))
+                    run_db = op.db_name
+                    continue
+                if run:
+                    txn.cursor(db=dbs[run_db]).putmulti(run)
+                    run = []
                 if op.data is None:
-                    txn.delete(op.key, db=self._dbs[op.db_name])
+                    txn.delete(op.key, db=dbs[op.db_name])
                 else:
-                    txn.put(op.key, op.data, db=self._dbs[op.db_name])
+                    run.append((op.key, op.data))
+                    run_db = op.db_name
+            if run:
+                txn.cursor(db=dbs[run_db]).putmulti(run)
 
     def _finish(self, batch: _Batch) -> None:
         """Trio thread, right after the commit: retire the batch's overlay
