@@ -109,9 +109,12 @@ STAGED_BYTES_MAX = 256 << 20
 
 # Decoded rows kept for reads (see `_DecodedRows`): a put touches its row on
 # the coordinator's replica up to three times within milliseconds, and a hot
-# key is touched by every operation. 32 MiB holds the working set of 100 B
-# values many times over and bounds a store of 1 MiB values to a few dozen.
-DECODED_ROWS_BYTES_MAX = 32 << 20
+# key is touched by every operation. 8 MiB holds ~15,000 rows of 100 B values
+# (seconds of writes at full load) and eight of the largest. It is memory
+# outside the node's row cache (`cache_bytes_max`, which is what caches reads):
+# at 32 MiB it took a third of the 100 MiB headroom, and the CI test of
+# that bound (16 MiB cache, 1-64 KiB values) peaked 5-10% either side of it.
+DECODED_ROWS_BYTES_MAX = 8 << 20
 # What a cached row costs beyond its encoded bytes (the Row, its tuples, the
 # dict entry), so that tiny rows are not undercounted.
 DECODED_ROW_OVERHEAD_BYTES = 400
