@@ -1281,7 +1281,7 @@ class Node:
         # hold); a write that holds the key's lease takes the fast path without it.
         known = (
             -1
-            if (table, key) in self.coordinator.leases
+            if self.coordinator.has_lease(table, key)
             else self.local_version(table, key, replicas)
         )
         return self.coordinator.write(table, key, replicas, mutation, now, known)

@@ -62,10 +62,15 @@ READ_WAITS_MAX = 3
 # randomised so that duelling coordinators fall out of step.
 BACKOFF_BASE_S = 0.002
 BACKOFF_MAX_S = 0.2
-# Keys for which a coordinator remembers that it holds the promise (fast path).
-# Bounded so a node touching millions of keys does not grow without end; a
-# forgotten lease only costs one extra round trip.
-LEASES_MAX = 200_000
+# Keys for which a coordinator remembers that it holds the promise (fast path),
+# bounded in bytes so that a node writing millions of distinct keys does not
+# grow without end (a forgotten lease only costs one extra round trip). An
+# entry is the key, its slot in an OrderedDict and one packed int: about
+# LEASE_ENTRY_BYTES + len(key), so 16 MiB remember ~80,000 short keys. (It
+# was 200,000 entries of ~450 B each: up to 90 MiB, uncounted by any limit.)
+LEASES_BYTES_MAX = 16 << 20
+LEASE_ENTRY_BYTES = 160
+_U64 = (1 << 64) - 1
 
 NodeId: TypeAlias = int
 # (version, value, expires_at_ms) of a chosen version the caller has cached.
@@ -151,6 +156,26 @@ class Lease:
     present: bool | None  # None: not known (then if_absent takes the full path)
 
 
+_PRESENT_CODES: dict[bool | None, int] = {None: 0, False: 1, True: 2}
+_PRESENT_OF_CODE: tuple[bool | None, ...] = (None, False, True)
+
+
+def _pack_lease(lease: Lease) -> int:
+    """A lease as one int (version, ballot round, ballot node, presence in
+    64-bit fields): a tenth of the memory of the objects, for many keys."""
+    round_, node = lease.ballot
+    assert 0 <= lease.version <= _U64 and 0 <= round_ <= _U64 and 0 <= node <= _U64
+    return lease.version | round_ << 64 | node << 128 | _PRESENT_CODES[lease.present] << 192
+
+
+def _unpack_lease(packed: int) -> Lease:
+    return Lease(
+        ((packed >> 64) & _U64, (packed >> 128) & _U64),
+        packed & _U64,
+        _PRESENT_OF_CODE[packed >> 192],
+    )
+
+
 @dataclass(slots=True)
 class CoordinatorStats:
     writes: int = 0
@@ -175,7 +200,9 @@ class Coordinator:
         self.node_id = node_id
         self.rng = rng
         self.round_seen = 0
-        self.leases: OrderedDict[tuple[str, bytes], Lease] = OrderedDict()
+        # table -> key -> packed Lease (see `_pack_lease`), least recently put first.
+        self._leases: dict[str, OrderedDict[bytes, int]] = {}
+        self.lease_bytes = 0
         self.stats = CoordinatorStats()
         self._op_counter = 0
 
@@ -193,17 +220,46 @@ class Coordinator:
     def observe(self, ballot: Ballot) -> None:
         self.round_seen = max(self.round_seen, ballot[0])
 
+    def has_lease(self, table: str, key: bytes) -> bool:
+        leases = self._leases.get(table)
+        return leases is not None and key in leases
+
+    def lease_count(self) -> int:
+        return sum(len(leases) for leases in self._leases.values())
+
     def take_lease(self, table: str, key: bytes) -> Lease | None:
-        return self.leases.pop((table, key), None)
+        leases = self._leases.get(table)
+        if leases is None:
+            return None
+        packed = leases.pop(key, None)
+        if packed is None:
+            return None
+        self.lease_bytes -= LEASE_ENTRY_BYTES + len(key)
+        return _unpack_lease(packed)
 
     def drop_lease(self, table: str, key: bytes) -> None:
-        self.leases.pop((table, key), None)
+        self.take_lease(table, key)
 
     def put_lease(self, table: str, key: bytes, lease: Lease) -> None:
-        self.leases[(table, key)] = lease
-        self.leases.move_to_end((table, key))
-        while len(self.leases) > LEASES_MAX:
-            self.leases.popitem(last=False)
+        leases = self._leases.get(table)
+        if leases is None:
+            leases = self._leases[table] = OrderedDict()
+        if leases.pop(key, None) is None:
+            self.lease_bytes += LEASE_ENTRY_BYTES + len(key)
+        leases[key] = _pack_lease(lease)
+        while self.lease_bytes > LEASES_BYTES_MAX:
+            # The oldest of this table first; another table's when this one
+            # holds nothing else (a table's dict only grows by one per put).
+            victim = leases if len(leases) > 1 else self._largest_other(table)
+            old_key, _ = victim.popitem(last=False)
+            self.lease_bytes -= LEASE_ENTRY_BYTES + len(old_key)
+        assert self.lease_bytes >= 0
+
+    def _largest_other(self, table: str) -> OrderedDict[bytes, int]:
+        return max(
+            (leases for name, leases in self._leases.items() if name != table),
+            key=len,
+        )
 
     def known_for(self, node: NodeId, known_version: int) -> int:
         """The version to tell `node` we already hold. Our own replica sends its
