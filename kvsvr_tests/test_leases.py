@@ -52,3 +52,12 @@ def test_the_table_is_bounded_in_bytes_and_forgets_the_oldest(
     coordinator.drop_lease("u", b"k000")
     coordinator.drop_lease("u", b"k000")
     assert coordinator.lease_count() == 9 and coordinator.lease_bytes == 9 * entry
+
+
+def test_a_lease_that_does_not_fit_is_not_kept() -> None:
+    coordinator = Coordinator(1, random.Random(0))
+    coordinator.put_lease("t", b"k", Lease((1, 1), 1, True))
+    coordinator.put_lease("t", b"k", Lease((1 << 64, 1), 2, True))  # a ballot past 2**64 - 1
+    assert not coordinator.has_lease("t", b"k") and coordinator.lease_bytes == 0
+    coordinator.put_lease("t", b"k", Lease((1, 1), -1, True))
+    assert coordinator.lease_count() == 0

@@ -160,11 +160,14 @@ _PRESENT_CODES: dict[bool | None, int] = {None: 0, False: 1, True: 2}
 _PRESENT_OF_CODE: tuple[bool | None, ...] = (None, False, True)
 
 
-def _pack_lease(lease: Lease) -> int:
+def _pack_lease(lease: Lease) -> int | None:
     """A lease as one int (version, ballot round, ballot node, presence in
-    64-bit fields): a tenth of the memory of the objects, for many keys."""
+    64-bit fields): a quarter of the memory of the objects, for many keys. None
+    if a field does not fit (a ballot past 2**64 - 1, as only a peer that sent
+    one could make us reach): that key then goes without a lease."""
     round_, node = lease.ballot
-    assert 0 <= lease.version <= _U64 and 0 <= round_ <= _U64 and 0 <= node <= _U64
+    if not (0 <= lease.version <= _U64 and 0 <= round_ <= _U64 and 0 <= node <= _U64):
+        return None
     return lease.version | round_ << 64 | node << 128 | _PRESENT_CODES[lease.present] << 192
 
 
@@ -244,9 +247,15 @@ class Coordinator:
         leases = self._leases.get(table)
         if leases is None:
             leases = self._leases[table] = OrderedDict()
+        packed = _pack_lease(lease)
         if leases.pop(key, None) is None:
+            if packed is None:
+                return
             self.lease_bytes += LEASE_ENTRY_BYTES + len(key)
-        leases[key] = _pack_lease(lease)
+        elif packed is None:
+            self.lease_bytes -= LEASE_ENTRY_BYTES + len(key)
+            return
+        leases[key] = packed
         while self.lease_bytes > LEASES_BYTES_MAX:
             # The oldest of this table first; another table's when this one
             # holds nothing else (a table's dict only grows by one per put).
