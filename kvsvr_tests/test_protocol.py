@@ -44,6 +44,7 @@ from kvsvr.protocol.messages import (
 )
 from kvsvr.protocol.placement import NodePlace, partition_of, replica_sets
 from kvsvr.protocol.state import EMPTY_ROW, RECENT_OPS_MAX, Accepted, Row
+from kvsvr_tests.parse_agreement import assert_parses_alike
 
 KEY = b"\x00\x01k"
 
@@ -573,16 +574,9 @@ def test_fast_parse_agrees_with_the_checks_for_every_single_change() -> None:
                     del target[path[-1]]
                 else:
                     target[path[-1]] = copy.deepcopy(change)
-                try:
-                    expected: object = module._checked_from_wire(raw)
-                except FrameError:
-                    expected = FrameError
-                try:
-                    got: object = from_wire(raw)
-                except FrameError:
-                    got = FrameError
-                assert got == expected, (message, path, change)
-                assert type(got) is type(expected), (message, path, change)
+                assert_parses_alike(
+                    module._checked_from_wire, from_wire, raw, (message, path, change)
+                )
                 cases += 1
     assert cases > 3000
 
@@ -594,16 +588,7 @@ def test_fast_parse_agrees_with_the_field_by_field_checks(raw: object) -> None:
     accepts, and builds the same message; the rest raises FrameError."""
     from kvsvr.protocol import messages as module
 
-    try:
-        expected: object = module._checked_from_wire(raw)
-    except FrameError:
-        expected = FrameError
-    try:
-        got: object = from_wire(raw)
-    except FrameError:
-        got = FrameError
-    assert got == expected
-    assert type(got) is type(expected)
+    expected = assert_parses_alike(module._checked_from_wire, from_wire, raw)
     if isinstance(raw, list) and raw:
         fast = module._fast_from_wire(raw)
         assert fast is None or fast == expected
