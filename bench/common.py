@@ -52,6 +52,7 @@ from typing import Any, Final
 import trio
 
 import kvsvr
+from kvsvr import _build
 from kvsvr.config import local_cluster, render_config
 from kvsvr.node.server import tune_gc
 
@@ -1291,7 +1292,7 @@ def print_setup(title: str, args: argparse.Namespace, run: dict[str, Any]) -> No
         f"processes {run['load_tasks_per_process']}, on {env['cpus']} cores ({env['cpu_model']}); "
         f"{args.value_bytes}-byte values, {args.keys_per_client} keys per client (written "
         f"once before), warm-up {args.warmup_s:g} s excluded, measured {window} per phase; "
-        f"load average now {load_average}"
+        f"load average now {load_average}; kvsvr build: {env['kvsvr_build']}"
     )
 
 
@@ -1488,7 +1489,15 @@ def environment() -> dict[str, Any]:
         # Uncommitted changes under kvsvr/ when this ran (others edit the tree).
         "kvsvr_uncommitted_files": [line[3:] for line in dirty],
         "memory_page_bytes": _PAGE_BYTES,
+        "kvsvr_build": build_name(),
     }
+
+
+def build_name() -> str:
+    """The build the nodes and clients run: "compiled (mypyc, N modules)"
+    after `python3 dev.py compile`, else "pure Python"."""
+    compiled = _build.compiled_modules()
+    return f"compiled (mypyc, {len(compiled)} modules)" if compiled else "pure Python"
 
 
 def name_run(args: argparse.Namespace, benchmark: str) -> str:

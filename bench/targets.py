@@ -453,6 +453,7 @@ def cpu_model() -> str:
 
 def environment(work_dir: Path, etcd_binary: str | None) -> dict[str, object]:
     import kvsvr
+    from kvsvr import _build
 
     etcd = None
     if etcd_binary is not None:
@@ -467,6 +468,7 @@ def environment(work_dir: Path, etcd_binary: str | None) -> dict[str, object]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "kvsvr_version": kvsvr.__version__,
+        "kvsvr_compiled_modules": _build.compiled_modules(),
         "etcd_version": etcd,
         "data_filesystem": filesystem_of(work_dir),
         "data_dir": str(work_dir),

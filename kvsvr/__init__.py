@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+# First: importing _build refuses a compiled build older than its sources,
+# before anything compiled is imported.
+from kvsvr import _build  # noqa: F401  (imported for that check)
 from kvsvr.client import Client, Item, SyncClient, connect
 from kvsvr.config import ClusterConfig, load_config
 from kvsvr.errors import (

@@ -16,6 +16,7 @@ from kvsvr.keys import encode_key
 from kvsvr.node.cache import ENTRY_OVERHEAD_BYTES, RowCache
 from kvsvr.node.server import Node, serve_node
 from kvsvr.protocol.coordinator import Mutation
+from kvsvr_tests.build_mode import pure_python_only
 from kvsvr_tests.cluster_util import free_base_port
 from kvsvr_tests.test_protocol import KEY, Cluster, coordinator
 
@@ -71,6 +72,7 @@ def test_strong_read_is_never_answered_from_an_older_cache_entry(
         assert outcome.cache_hit, "a matching entry is used, so no value moves"
 
 
+@pure_python_only
 async def test_a_cache_hit_skips_the_coordinators_own_version_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

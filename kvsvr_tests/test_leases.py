@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kvsvr.protocol import coordinator as coordinator_module
 from kvsvr.protocol.coordinator import LEASE_ENTRY_BYTES, Coordinator, Lease
+from kvsvr_tests.build_mode import pure_python_only
 
 u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
 
@@ -30,6 +31,7 @@ def test_a_lease_comes_back_as_it_was_put(
     assert coordinator.lease_bytes == 0
 
 
+@pure_python_only
 def test_the_table_is_bounded_in_bytes_and_forgets_the_oldest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -35,6 +35,7 @@ from kvsvr.net.framing import (
     encode_frames,
 )
 from kvsvr.net.messages import OneWay, Reply, Request, from_wire, to_wire
+from kvsvr_tests.build_mode import pure_python_only
 from kvsvr_tests.parse_agreement import assert_parses_alike
 
 SECRET = b"cluster secret for tests"
@@ -210,6 +211,7 @@ def test_decoder_is_dead_after_an_error() -> None:
         decoder.next_frame()
 
 
+@pure_python_only
 def test_decoder_refuses_to_buffer_without_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(framing, "DECODER_BUFFER_BYTES_MAX", 100)
     decoder = FrameDecoder()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from kvsvr.errors import FrameError, KvsvrError, error_from_code
 from kvsvr.net.framing import encode_frame
@@ -45,14 +45,14 @@ ERROR_MESSAGE_CHARS_MAX: Final = 4096
 class Request:
     request_id: int
     method: str
-    body: object
+    body: Any
 
 
 @dataclass(slots=True, unsafe_hash=True)
 class Reply:
     request_id: int
     ok: bool
-    body: object  # [code, message] when not ok
+    body: Any  # [code, message] when not ok
 
     def error(self) -> KvsvrError:
         """The error a failed reply stands for, as the class its code names."""
@@ -64,7 +64,7 @@ class Reply:
 @dataclass(slots=True, unsafe_hash=True)
 class OneWay:
     method: str
-    body: object
+    body: Any
 
 
 Message = Request | Reply | OneWay

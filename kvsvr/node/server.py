@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from kvsvr import _build
 from kvsvr.config import ClusterConfig, NodeConfig, load_config
 from kvsvr.errors import (
     Conflict,
@@ -1735,6 +1736,8 @@ class Node:
             "address": self.me.address,
             "zone": self.me.zone,
             "uptime_s": round(time.time() - self.started_at, 1),
+            # Modules compiled by mypyc (`python3 dev.py compile`); [] = pure Python.
+            "compiled_modules": _build.compiled_modules(),
             "partitions": self.config.partitions,
             "partitions_held": held,
             "partitions_preferred": preferred,
@@ -1952,6 +1955,11 @@ def run_node(config_path: str, node_id: str) -> int:
     )
     config = load_config(config_path)
     config.node(node_id)  # fail early, with the list of known ids
+    compiled = _build.compiled_modules()
+    log.info(
+        "build: %s",
+        f"{len(compiled)} modules compiled by mypyc" if compiled else "pure Python",
+    )
     tune_gc()
     trio.run(_main, config, node_id)
     return 0

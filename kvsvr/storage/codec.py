@@ -136,11 +136,7 @@ def decode_row(data: bytes) -> Row:
     row = _fast_row(fields)
     if row is not None:
         return row
-    row = _row_from_fields(fields)
-    problem = row_problem(row)
-    if problem is not None:
-        raise CorruptRow(f"row has a bad field: {problem}")
-    return row
+    return _row_from_fields(fields)
 
 
 def _fast_row(fields: object) -> Row | None:
@@ -223,7 +219,7 @@ def _fast_row(fields: object) -> Row | None:
 
 
 def _row_from_fields(fields: object) -> Row:
-    """Assemble a Row without judging field types; `row_problem` does that."""
+    """Assemble a Row from decoded fields, or raise CorruptRow naming the bad one."""
     # (decode_row unpacks arrays as tuples)
     if not isinstance(fields, tuple) or len(fields) != ROW_FIELD_COUNT:
         raise CorruptRow(f"row body is not a list of {ROW_FIELD_COUNT} fields")
@@ -244,10 +240,41 @@ def _row_from_fields(fields: object) -> Row:
         op_id,
         recent_fields,
     ) = fields
+    if accepted_fields is not None and (
+        not isinstance(accepted_fields, tuple) or len(accepted_fields) != ACCEPTED_FIELD_COUNT
+    ):
+        raise CorruptRow(f"row accepted is not a list of {ACCEPTED_FIELD_COUNT} fields")
+    if not isinstance(recent_fields, tuple) or not all(
+        isinstance(pair, tuple) and len(pair) == 2 for pair in recent_fields
+    ):
+        raise CorruptRow("row recent ops is not a list of pairs")
+    recent_ops = tuple((pair[0], pair[1]) for pair in recent_fields)
+    # Judge the fields before building: compiled (`dev.py compile`), Row and
+    # Accepted check their fields' types as they are built (and store a bool
+    # as the int it equals), so a bad field must be named here, as it is in
+    # pure Python.
+    problem = _fields_problem(
+        version,
+        value,
+        expires_at_ms,
+        (promised_round, promised_node),
+        hlc,
+        op_id,
+        recent_ops,
+        None
+        if accepted_fields is None
+        else (
+            (accepted_fields[0], accepted_fields[1]),
+            accepted_fields[2],
+            accepted_fields[3],
+            accepted_fields[4],
+            accepted_fields[5],
+        ),
+    )
+    if problem is not None:
+        raise CorruptRow(f"row has a bad field: {problem}")
     accepted: Accepted | None = None
     if accepted_fields is not None:
-        if not isinstance(accepted_fields, tuple) or len(accepted_fields) != ACCEPTED_FIELD_COUNT:
-            raise CorruptRow(f"row accepted is not a list of {ACCEPTED_FIELD_COUNT} fields")
         (
             ballot_round,
             ballot_node,
@@ -263,10 +290,6 @@ def _row_from_fields(fields: object) -> Row:
             expires_at_ms=accepted_expires,
             op_id=accepted_op_id,
         )
-    if not isinstance(recent_fields, tuple) or not all(
-        isinstance(pair, tuple) and len(pair) == 2 for pair in recent_fields
-    ):
-        raise CorruptRow("row recent ops is not a list of pairs")
     return Row(
         version=version,
         value=value,
@@ -275,7 +298,7 @@ def _row_from_fields(fields: object) -> Row:
         accepted=accepted,
         hlc=hlc,
         op_id=op_id,
-        recent_ops=tuple((pair[0], pair[1]) for pair in recent_fields),
+        recent_ops=recent_ops,
     )
 
 
@@ -362,30 +385,63 @@ def row_problem(row: Row) -> str | None:
         return None
     if not isinstance(row, Row):
         return f"not a Row: {type(row).__name__}"
+    accepted = row.accepted
+    if accepted is not None and not isinstance(accepted, Accepted):
+        return f"accepted: not an Accepted: {type(accepted).__name__}"
+    return _fields_problem(
+        row.version,
+        row.value,
+        row.expires_at_ms,
+        row.promised,
+        row.hlc,
+        row.op_id,
+        row.recent_ops,
+        None
+        if accepted is None
+        else (
+            accepted.ballot,
+            accepted.version,
+            accepted.value,
+            accepted.expires_at_ms,
+            accepted.op_id,
+        ),
+    )
+
+
+def _fields_problem(
+    version: object,
+    value: object,
+    expires_at_ms: object,
+    promised: object,
+    hlc: object,
+    op_id: object,
+    recent_ops: object,
+    accepted: tuple[object, object, object, object, object] | None,
+) -> str | None:
+    """`row_problem` of a row's fields, whether or not they made a Row;
+    `accepted` is (ballot, version, value, expires_at_ms, op_id)."""
     checks: list[tuple[str, str | None]] = [
-        ("version", _uint_problem(row.version)),
-        ("value", _value_problem(row.value)),
-        ("expires_at_ms", _optional_uint_problem(row.expires_at_ms)),
-        ("promised", _ballot_problem(row.promised)),
-        ("hlc", _uint_problem(row.hlc)),
-        ("op_id", _uint_problem(row.op_id)),
+        ("version", _uint_problem(version)),
+        ("value", _value_problem(value)),
+        ("expires_at_ms", _optional_uint_problem(expires_at_ms)),
+        ("promised", _ballot_problem(promised)),
+        ("hlc", _uint_problem(hlc)),
+        ("op_id", _uint_problem(op_id)),
         (
             "recent_ops",
             None
-            if _recent_ops_ok(row.recent_ops, row.version)
-            else f"expected at most {RECENT_OPS_MAX} (version < {row.version!r}, op id) pairs",
+            if _recent_ops_ok(recent_ops, version)
+            else f"expected at most {RECENT_OPS_MAX} (version < {version!r}, op id) pairs",
         ),
     ]
-    if row.accepted is not None:
-        accepted = row.accepted
-        if not isinstance(accepted, Accepted):
-            return f"accepted: not an Accepted: {type(accepted).__name__}"
+    if accepted is not None:
+        ballot, accepted_version, accepted_value, accepted_expires, accepted_op_id = accepted
         checks += [
-            ("accepted.ballot", _ballot_problem(accepted.ballot)),
-            ("accepted.version", _uint_problem(accepted.version)),
-            ("accepted.value", _value_problem(accepted.value)),
-            ("accepted.expires_at_ms", _optional_uint_problem(accepted.expires_at_ms)),
-            ("accepted.op_id", _uint_problem(accepted.op_id)),
+            ("accepted.ballot", _ballot_problem(ballot)),
+            ("accepted.version", _uint_problem(accepted_version)),
+            ("accepted.value", _value_problem(accepted_value)),
+            ("accepted.expires_at_ms", _optional_uint_problem(accepted_expires)),
+            ("accepted.op_id", _uint_problem(accepted_op_id)),
         ]
     for name, problem in checks:
         if problem is not None:

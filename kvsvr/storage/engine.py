@@ -140,6 +140,15 @@ class StorageFailed(KvsvrError):
     code = "storage_failed"
 
 
+def _failed_again(failure: StorageFailed) -> StorageFailed:
+    """The error for a caller that meets an earlier failure: a new one, with
+    the same message and cause. (Not `raise ... from`: compiled by mypyc, that
+    drops the cause.)"""
+    again = StorageFailed(str(failure))
+    again.__cause__ = failure.__cause__
+    return again
+
+
 class StorageOverloaded(Unavailable):
     """Too much is staged and not yet committed; nothing was staged. Retry later."""
 
@@ -273,16 +282,16 @@ class _CommitThread:
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._worker_thread: threading.Thread | None = None
 
     async def run(self, function: Callable[[], None]) -> None:
         """Run `function` on the thread; return (or raise) what it did. Waits
         uncancellably: callers shield it anyway (a commit, once begun, ends)."""
-        if self._thread is None:
-            self._thread = threading.Thread(
+        if self._worker_thread is None:
+            self._worker_thread = threading.Thread(
                 target=self._serve, name="kvsvr-lmdb-commit", daemon=True
             )
-            self._thread.start()
+            self._worker_thread.start()
         token = trio.lowlevel.current_trio_token()
         task = trio.lowlevel.current_task()
         result: list[BaseException | None] = []
@@ -305,10 +314,10 @@ class _CommitThread:
             raise error
 
     def stop(self) -> None:
-        if self._thread is not None:
+        if self._worker_thread is not None:
             self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
+            self._worker_thread.join()
+            self._worker_thread = None
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -477,7 +486,7 @@ class Storage:
         await ticket._batch.done.wait()
         failure = ticket._batch.error
         if failure is not None:
-            raise StorageFailed(str(failure)) from failure.__cause__
+            raise _failed_again(failure)
 
     def when_durable(
         self, ticket: CommitTicket, callback: Callable[[StorageFailed | None], None]
@@ -919,7 +928,7 @@ class Storage:
     def _check_writable(self) -> None:
         self._check_process()
         if self._failure is not None:
-            raise StorageFailed(str(self._failure)) from self._failure.__cause__
+            raise _failed_again(self._failure)
         if self._closing:
             raise StorageClosed("the store is closing; no new writes")
 
