@@ -708,6 +708,7 @@ async def test_queued_messages_are_coalesced_into_few_sends() -> None:
     assert handler.oneways == [("gossip", i) for i in range(300)]
 
 
+@pure_python_only
 async def test_oneway_is_dropped_when_the_queue_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connection, "OUTGOING_FRAMES_MAX", 4)
     handler = RecordingHandler()
@@ -724,6 +725,7 @@ async def test_oneway_is_dropped_when_the_queue_is_full(monkeypatch: pytest.Monk
     assert handler.oneways == [("gossip", i) for i in range(4)]
 
 
+@pure_python_only
 async def test_server_bounds_requests_in_flight_per_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -810,6 +812,7 @@ async def test_a_cancelled_request_leaves_the_connection_usable() -> None:
         nursery.cancel_scope.cancel()
 
 
+@pure_python_only
 async def test_a_request_past_its_deadline_raises_too_slow_and_frees_its_slot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -837,6 +840,7 @@ async def test_a_request_past_its_deadline_raises_too_slow_and_frees_its_slot(
         nursery.cancel_scope.cancel()
 
 
+@pure_python_only
 async def test_requests_past_the_in_flight_limit_wait_for_a_slot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -868,6 +872,7 @@ async def test_requests_past_the_in_flight_limit_wait_for_a_slot(
         nursery.cancel_scope.cancel()
 
 
+@pure_python_only
 async def test_closing_fails_requests_waiting_for_a_slot_and_for_a_reply(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -926,6 +931,7 @@ async def test_cancelling_the_owner_closes_the_connection() -> None:
         nursery.cancel_scope.cancel()
 
 
+@pure_python_only
 async def test_a_silent_client_is_dropped_after_the_handshake_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -940,6 +946,7 @@ async def test_a_silent_client_is_dropped_after_the_handshake_timeout(
         nursery.cancel_scope.cancel()
 
 
+@pure_python_only
 async def test_connections_past_the_limit_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connection, "SERVER_CONNECTIONS_MAX", 1)
     handler = RecordingHandler()

@@ -16,8 +16,8 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -26,6 +26,7 @@ from typing import Final, Protocol
 import trio
 
 from kvsvr.errors import AuthenticationFailed, FrameError, KvsvrError, Unavailable
+from kvsvr.net._hosting import hosted
 from kvsvr.net.auth import ClientHandshake, ServerHandshake
 from kvsvr.net.framing import FEED_BYTES_MAX, FrameDecoder, encode_frame
 from kvsvr.net.messages import (
@@ -591,7 +592,7 @@ class RpcConnection:
     async def __aenter__(self) -> RpcConnection:
         if not self._started:
             stack = AsyncExitStack()
-            await stack.enter_async_context(self._hosted())
+            await stack.enter_async_context(hosted(self))
             self._exit_stack = stack
         return self
 
@@ -606,23 +607,6 @@ class RpcConnection:
             await self.aclose()
             return None
         return await stack.__aexit__(exc_type, exc_value, traceback)
-
-    @asynccontextmanager
-    async def _hosted(self) -> AsyncIterator[None]:
-        # The body of `async with connection:` runs inside this nursery. Its
-        # exception is carried out of the nursery and re-raised as is, so callers
-        # see their own error rather than an ExceptionGroup wrapping it.
-        body_error: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.run)
-            try:
-                yield
-            except BaseException as exc:
-                body_error = exc
-            finally:
-                self._shutdown("closed by its owner")
-        if body_error is not None:
-            raise body_error
 
     def _shutdown(self, reason: str) -> None:
         if self._close_reason is not None:
