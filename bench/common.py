@@ -1489,15 +1489,9 @@ def environment() -> dict[str, Any]:
         # Uncommitted changes under kvsvr/ when this ran (others edit the tree).
         "kvsvr_uncommitted_files": [line[3:] for line in dirty],
         "memory_page_bytes": _PAGE_BYTES,
-        "kvsvr_build": build_name(),
+        # The build the nodes and clients run (`python3 dev.py compile` or not).
+        "kvsvr_build": _build.describe(_build.compiled_modules()),
     }
-
-
-def build_name() -> str:
-    """The build the nodes and clients run: "compiled (mypyc, N modules)"
-    after `python3 dev.py compile`, else "pure Python"."""
-    compiled = _build.compiled_modules()
-    return f"compiled (mypyc, {len(compiled)} modules)" if compiled else "pure Python"
 
 
 def name_run(args: argparse.Namespace, benchmark: str) -> str:

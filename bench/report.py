@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kvsvr import _build
+
 Row = Sequence[object]
 
 
@@ -143,14 +145,7 @@ def notes(results: dict[str, Any]) -> list[str]:
         f"Machine: {env['cpu_count']} cores ({env['cpu_model']}), load average "
         f"{', '.join(f'{v:.1f}' for v in env['load_average_at_start'])} at start; "
         f"servers, load generator and anything else running share these cores.",
-        "kvsvr build: "
-        + (
-            f"compiled with mypyc ({len(env['kvsvr_compiled_modules'])} modules, "
-            "`python3 dev.py compile`)"
-            if env.get("kvsvr_compiled_modules")
-            else "pure Python"
-        )
-        + ".",
+        f"kvsvr build: {_build.describe(env.get('kvsvr_compiled_modules') or [])}.",
         f"Driver: {options['processes']} load processes (multiprocessing, one trio loop each); "
         f"they used {min(driver, default=0):.2f}-{max(driver, default=0):.2f} cores "
         "during measured windows.",

@@ -4,12 +4,14 @@ compiled by mypyc (`python3 dev.py compile`).
 A compiled module is an extension module beside its source, and Python
 imports it instead of the source. An edit to the source after compiling
 would then be silently ignored, so `check_fresh` (run when this module is
-imported, which `import kvsvr` does before anything else of kvsvr) refuses to go on when a compiled
-module's source no longer matches the hash `dev.py compile` recorded.
+imported, which `import kvsvr` does before anything else of kvsvr) refuses
+to go on when a compiled module's source no longer matches the hash
+`dev.py compile` recorded.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -37,10 +39,22 @@ def compiled_sources(package: Path = PACKAGE) -> list[Path]:
 def compiled_modules() -> list[str]:
     """Dotted names of the modules this process runs compiled, e.g.
     ["kvsvr.node.server", ...]; [] for a pure-Python build."""
+    return list(_compiled_modules())
+
+
+@functools.cache
+def _compiled_modules() -> tuple[str, ...]:
+    # Looked up once: the build a process runs does not change under it
+    # (the node's status asks for it on every call).
     root = PACKAGE.parent
-    return [
+    return tuple(
         ".".join(source.relative_to(root).with_suffix("").parts) for source in compiled_sources()
-    ]
+    )
+
+
+def describe(compiled: list[str]) -> str:
+    """How logs and benchmarks name a build, from its `compiled_modules()`."""
+    return f"compiled with mypyc ({len(compiled)} modules)" if compiled else "pure Python"
 
 
 def check_fresh(package: Path = PACKAGE) -> None:

@@ -1,6 +1,6 @@
 """Which build of kvsvr the tests run against: pure Python (the default) or
 with its hot modules compiled by mypyc (`python3 dev.py compile`; CI runs
-part of the suite that way too, see .ci/run).
+the whole suite both ways, see .ci/run).
 
 Compiled code binds module globals and methods when it is built, so a test
 that swaps one in with `monkeypatch` would see no effect there; such tests

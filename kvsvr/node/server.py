@@ -1955,11 +1955,7 @@ def run_node(config_path: str, node_id: str) -> int:
     )
     config = load_config(config_path)
     config.node(node_id)  # fail early, with the list of known ids
-    compiled = _build.compiled_modules()
-    log.info(
-        "build: %s",
-        f"{len(compiled)} modules compiled by mypyc" if compiled else "pure Python",
-    )
+    log.info("build: %s", _build.describe(_build.compiled_modules()))
     tune_gc()
     trio.run(_main, config, node_id)
     return 0
