@@ -66,6 +66,8 @@ def test_parse_maps_keeps_paths_with_spaces_and_anonymous_mappings() -> None:
     assert mappings[1].length == 1 << 30
     assert mappings[5].path == ""
     assert mappings[6].path == "[stack]"
+    # Only the lines holding a path, the others skipped unparsed.
+    assert parse_maps(SAMPLE_MAPS, "/n1/") == [mappings[1], mappings[2], mappings[4]]
 
 
 def test_only_the_read_only_shared_map_of_this_data_file_is_trimmable() -> None:
@@ -105,7 +107,9 @@ def _read_all(storage: Storage) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and madvise")
-def test_trim_lowers_rss_file_and_rows_read_back_intact(tmp_path: Path) -> None:
+def test_trim_lowers_rss_file_and_rows_read_back_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     storage = Storage.open(tmp_path, tables=["t"], map_size_bytes=256 << 20)
     trio.run(_write_rows, storage)
     # Reopen, so the reads below fault the map in from the page cache.
@@ -154,6 +158,16 @@ def test_trim_lowers_rss_file_and_rows_read_back_intact(tmp_path: Path) -> None:
         # While it runs, the guard also checks after every read_check_bytes
         # read through the store: a burst of reads between two timer ticks
         # (one tick an hour here) is trimmed as it happens.
+        # A guard with its store looks the map up once, not per trim.
+        lookups: list[int] = []
+        look_up = residency.mapped_data_files
+
+        def counted(data_dir: str | Path) -> list[Mapping]:
+            lookups.append(1)
+            return look_up(data_dir)
+
+        monkeypatch.setattr(residency, "mapped_data_files", counted)
+
         async def burst() -> ResidencyGuard:
             hourly = ResidencyGuard(
                 tmp_path,
@@ -173,6 +187,7 @@ def test_trim_lowers_rss_file_and_rows_read_back_intact(tmp_path: Path) -> None:
 
         hourly = trio.run(burst)
         assert hourly.trims >= 7, hourly.status()
+        assert len(lookups) == 1
         assert storage._read_hook is None  # removed when the guard stops
     finally:
         trio.run(storage.aclose)

@@ -607,6 +607,11 @@ class Storage:
         """Keys the overlay holds (staged, not yet committed)."""
         return sum(len(entries) for entries in self._overlay.values())
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` or `aclose` has run (the map is gone then)."""
+        return self._closed
+
     def set_read_hook(self, hook: Callable[[], object] | None, every_bytes: int) -> None:
         """Call `hook` (on the reading thread, possibly inside a read
         transaction) each time `every_bytes` of keys and rows have been read
