@@ -254,7 +254,8 @@ def report(result: MemoryResult) -> list[str]:
         f"cache: {cache.get('bytes_used', 0) / (1 << 20):.1f} MiB used, "
         f"{cache.get('evictions', 0)} evictions, {cache.get('entries', 0)} entries",
         f"residency guard: {memory.get('trims', 0)} trims above RssFile "
-        f"{memory.get('mapped_rss_max_bytes', 0) / (1 << 20):.0f} MiB, "
+        f"{memory.get('mapped_rss_max_bytes', 0) / (1 << 20):.0f} MiB plus the cache "
+        "budget not yet used, "
         f"{memory.get('trimmed_bytes', 0) / (1 << 20):.1f} MiB of mapped pages given back",
         f"peak VmRSS {verdict} the bound cache_bytes_max + 100 MiB = "
         f"{result.bound_kib / mib:.0f} MiB (peak RssAnon {anon_verdict} it)",

@@ -34,6 +34,23 @@ def test_cache_evicts_least_recently_used_within_its_bytes() -> None:
     assert cache.stats.evictions == 1
 
 
+def test_the_budget_never_used_shrinks_with_the_peak_not_back() -> None:
+    entry_bytes = 3 + 100 + ENTRY_OVERHEAD_BYTES
+    cache = RowCache(bytes_max=entry_bytes * 4)
+    assert cache.budget_never_used() == entry_bytes * 4
+    cache.put("t", b"aaa", 1, b"x" * 100, None, 0.0)
+    cache.put("t", b"bbb", 1, b"x" * 100, None, 0.0)
+    assert cache.budget_never_used() == entry_bytes * 2
+    cache.invalidate("t", b"aaa")
+    cache.invalidate("t", b"bbb")
+    # Emptied, but the memory may still be the process's: nothing comes back.
+    assert cache.bytes_used == 0 and cache.budget_never_used() == entry_bytes * 2
+    for name in (b"ccc", b"ddd", b"eee", b"fff", b"ggg"):
+        cache.put("t", name, 1, b"x" * 100, None, 0.0)
+    assert cache.bytes_peak == cache.bytes_max and cache.budget_never_used() == 0
+    assert RowCache(bytes_max=0).budget_never_used() == 0
+
+
 def test_cache_never_goes_back_a_version_and_can_be_off() -> None:
     cache = RowCache(bytes_max=1 << 20)
     cache.put("t", b"k", 5, b"new", None, 0.0)

@@ -153,6 +153,16 @@ def test_trim_lowers_rss_file_and_rows_read_back_intact(
         assert guard.trims == 1 and guard.trimmed_bytes >= 32 << 20
         idle = ResidencyGuard(tmp_path, mapped_rss_max_bytes=1 << 40)
         assert not idle.check() and idle.trims == 0
+        # What another part lends (the cache's never-used budget) raises the
+        # limit: the same RssFile trims only once the loan is gone.
+        _read_all(storage)
+        loan = [1 << 40]
+        lending = ResidencyGuard(tmp_path, mapped_rss_max_bytes=1 << 20, lent_bytes=lambda: loan[0])
+        assert lending.limit_bytes() == (1 << 40) + (1 << 20)
+        assert not lending.check() and lending.trims == 0
+        loan[0] = 0
+        assert lending.check() and lending.trims == 1
+        assert lending.status()["mapped_rss_limit_bytes"] == 1 << 20
         assert guard.status()["trims"] == 1
 
         # While it runs, the guard also checks after every read_check_bytes

@@ -50,6 +50,9 @@ class RowCache:
         assert bytes_max >= 0
         self.bytes_max = bytes_max
         self.bytes_used = 0
+        # The most `bytes_used` has ever been: memory the process may still
+        # hold after entries go (freed memory is not always given back).
+        self.bytes_peak = 0
         self.stats = CacheStats()
         self._entries: OrderedDict[tuple[str, bytes], CachedRow] = OrderedDict()
 
@@ -97,6 +100,14 @@ class RowCache:
             self.bytes_used -= old.size_bytes(old_key)
             self.stats.evictions += 1
         assert self.bytes_used >= 0
+        if self.bytes_used > self.bytes_peak:
+            self.bytes_peak = self.bytes_used
+
+    def budget_never_used(self) -> int:
+        """Bytes of the budget the cache has never filled (`bytes_max` less the
+        peak): memory the node's bound allows but the cache has not taken,
+        which the residency guard lends to LMDB's map meanwhile."""
+        return max(0, self.bytes_max - self.bytes_peak)
 
     def invalidate(self, table: str, key: bytes) -> None:
         entry = self._entries.pop((table, key), None)

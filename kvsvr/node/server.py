@@ -780,7 +780,9 @@ class Node:
         self.round_time_s = ROUND_HEDGE_MIN_S  # moving average of thrifty rounds
         self.started_at = time.time()
         self.cache = RowCache(config.cache_bytes_max)
-        self.residency = ResidencyGuard(config.node_data_dir(node_id), storage)
+        self.residency = ResidencyGuard(
+            config.node_data_dir(node_id), storage, lent_bytes=self.cache.budget_never_used
+        )
         self.corrupt_rows_seen = 0
         self.requests_served = 0
         self.nursery: trio.Nursery | None = None
