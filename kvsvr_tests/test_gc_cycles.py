@@ -3,9 +3,10 @@
 A node raises the cyclic collector's threshold (`server.tune_gc`) on the
 premise that requests die by reference count. A put once left a cycle of ~20
 objects (the task-free write and its queued write's wake-up callback), and
-the collector's runs took ~4% of a node's CPU under strong writes. Here three
-nodes and a client share one process: puts, strong and stale gets, with the
-collector off, then one collection saving what it finds."""
+the collector's runs took ~4% of a node's CPU under strong writes; an error
+reply raised in the client (a Conflict) left one too. Here three nodes and a
+client share one process: puts, strong and stale gets, failed conditions,
+deletes, with the collector off, then one collection saving what it finds."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import gc
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import trio
 
 import kvsvr
@@ -22,7 +24,7 @@ from kvsvr.node.server import serve_node
 from kvsvr_tests.cluster_util import free_base_port
 
 CLIENTS = 8
-OPERATIONS = 40  # per client, each a put, a strong get and a stale get
+OPERATIONS = 40  # per client, each a put, two gets, a failed conditional put
 KEYS = 10  # per client, so keys are written again (the fast path) and read back
 
 
@@ -39,6 +41,12 @@ def test_puts_and_gets_leave_no_cyclic_garbage(tmp_path: Path) -> None:
             item = await client.get(b"k%d-%d" % (worker, (index * 7) % KEYS))
             assert item is None or item.value == b"v" * 100
             await client.get(b"k%d-%d" % (worker, (index * 3) % KEYS), consistency="stale")
+            # A condition that fails: the Conflict travels back as an error
+            # reply and is raised in the client; then a delete.
+            with pytest.raises(kvsvr.Conflict):
+                await client.put(key, b"w", if_version=10**9)
+            if index % 4 == 3:
+                await client.delete(key)
 
     async def load(client: kvsvr.Client) -> None:
         async with trio.open_nursery() as nursery:

@@ -308,9 +308,17 @@ class _ReplyWaiter:
         trio.lowlevel.reschedule(self._task)
 
     def result(self) -> object:
-        if self._error is not None:
-            raise self._error
-        return self._body
+        error = self._error
+        if error is None:
+            return self._body
+        # Raised, the error's traceback holds this frame: neither the frame
+        # (`error`) nor the waiter (`_error`) may hold the error back, or the
+        # three make a cycle left to the cyclic collector.
+        self._error = None
+        try:
+            raise error
+        finally:
+            del error
 
 
 # What a request sent with `RpcConnection.request_nowait` ends with: the reply's

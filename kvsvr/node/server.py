@@ -1940,7 +1940,8 @@ async def _main(config: ClusterConfig, node_id: str) -> None:
 
 # A request allocates a few dozen short-lived containers (messages, rows,
 # dicts, trio's task and scope objects); they die by reference count (the
-# hot path makes no reference cycles: see `_write_in_turn`). At CPython's
+# hot path makes no reference cycles: see `_write_in_turn` and
+# `_TaskFreeWrite._end`; kvsvr_tests/test_gc_cycles.py checks it). At CPython's
 # default gen-0 threshold (700) the cyclic collector still ran every few
 # requests and walked the young objects each time, for nothing: about a
 # fifth of a node's CPU on durable puts (bench.single_node: 0.39-0.46 ->
