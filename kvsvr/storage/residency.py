@@ -44,9 +44,9 @@ Why this is safe (no data can be lost or corrupted):
 Cost. A trim is one madvise over the mapping (walks only populated page
 tables; well under a millisecond for tens of MiB). The guard finds the
 mapping in /proc/self/maps once (the map never moves while the store is
-open), not on every trim: reading that file costs ~0.6 ms of kernel time. Afterwards the hot pages
-(b-tree branch pages, the meta pages) fault back in as minor faults, a
-microsecond or so each, once per trim. Reading /proc/self/status a few times
+open), not on every trim: reading that file costs ~0.6 ms of kernel time.
+Afterwards the hot pages (b-tree branch pages, the meta pages) fault back in
+as minor faults, a microsecond or so each, once per trim. Reading /proc/self/status a few times
 a second is tens of microseconds each. Nothing is read from disk because of
 a trim: disk reads happen only if the kernel evicted the page cache, which
 it does under memory pressure whether or not we trim.
@@ -271,8 +271,8 @@ class ResidencyGuard:
         # node would have kept mapped otherwise.
         self.trimmed_bytes = 0
         self.enabled = _IS_LINUX
-        # The data file's mappings, once looked up while `storage` is open.
-        self._mappings: list[Mapping] | None = None
+        # The data file's mappings, once found while `storage` is open.
+        self._mappings: list[Mapping] = []
 
     def _data_file_mappings(self) -> list[Mapping]:
         """The data file's trimmable mappings. With a store, looked up once:
@@ -280,10 +280,8 @@ class ResidencyGuard:
         map while it stays open (only `mdb_env_set_mapsize` would, and kvsvr
         never calls it: a full map means a restart with a larger one, see
         `engine`), and this guard's store stays open for the guard's life.
-        Reading /proc/self/maps costs ~0.6 ms of kernel time in a node, paid
-        on every trim before (a few trims a second under load: ~5% of a
-        node's CPU on strong writes). Without a store (tests trimming a map
-        they may close and reopen) it is looked up every time."""
+        Without a store (tests trimming a map they may close and reopen) it
+        is looked up every time."""
         storage = self.storage
         if storage is None:
             return mapped_data_files(self.data_dir)
