@@ -344,6 +344,7 @@ def test_a_read_waits_for_its_own_coordinators_write_before_recovering() -> None
         assert all(isinstance(m, Read) for m in current.requests.values())
         assert current.delay_s == READ_WAIT_S
     assert a.stats.recoveries == 0
+    assert a.stats.read_waits == READ_WAITS_MAX
     assert current is not None
     # Still in flight after the waits: recover it (phase 1), as any reader would.
     current, _ = cluster.step(read, cluster.answer(current, {1, 2}), {1, 2})

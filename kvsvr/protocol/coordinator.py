@@ -189,6 +189,7 @@ class CoordinatorStats:
     conflicts: int = 0
     unavailable: int = 0
     duels: int = 0
+    read_waits: int = 0  # reads that found their own proposal in flight and read again
 
 
 def _present(value: bytes | None, expires_at_ms: int | None, now_ms: int) -> bool:
@@ -731,6 +732,7 @@ def _read(
             )
         ):
             waits += 1
+            stats.read_waits += 1
             delay_s = READ_WAIT_S
             continue
         if in_flight:
