@@ -421,6 +421,20 @@ def _highest_proposal(promises: list[Promise], above: int) -> Accepted | None:
     return best
 
 
+def _chosen_on_its_base(ops: dict[int, int], version: int, mutation: Mutation) -> bool:
+    """Whether a write chosen at `version` was chosen on top of the version
+    it was proposed on (`version - mutation.versions`), as far as the replicas'
+    remembered ops (`ops`: version -> op id) show: no other operation chosen
+    in between, and the memory reaching back to that base. Always true for a
+    write of one version; False when it cannot be told."""
+    base = version - mutation.versions
+    if mutation.versions == 1:
+        return True
+    if any(base < v < version for v in ops):
+        return False
+    return base == 0 or any(v <= base for v in ops)
+
+
 def _accept_round(
     coordinator: Coordinator,
     table: str,
@@ -589,6 +603,17 @@ def _write(
 
         if attempted is not None and chosen.version >= attempted:
             winner = chosen.ops.get(attempted)
+            if winner == op_id and not _chosen_on_its_base(chosen.ops, attempted, mutation):
+                # Ours was chosen, but a recovery chose it on top of another
+                # operation's version: a folded group's members cannot be
+                # given versions of their own. Applied, but say so as unknown.
+                if pending_oneway:
+                    yield Round({}, quorum=0, oneway=pending_oneway)
+                stats.unavailable += 1
+                return Outcome(
+                    "unavailable",
+                    detail="chosen on top of another write; the members' versions are unknown",
+                )
             if winner == op_id:
                 # Our earlier attempt was chosen: that is our answer.
                 if chosen.version == attempted:
@@ -608,6 +633,21 @@ def _write(
                     detail="lost track of an attempt that may have been chosen; outcome unknown",
                 )
             attempted = None  # version `attempted` went to another operation
+
+        if attempted is not None and chosen.version + mutation.versions != attempted:
+            # Our last attempt was proposed on top of an older chosen version
+            # and is still undecided: a replica outside this quorum may hold it
+            # for a later recovery to choose. Proposing again at another
+            # version could get both chosen and apply the write twice (a
+            # folded group, whose base another write has since taken). A new
+            # attempt at the same version is safe: one version, one value.
+            if pending_oneway:
+                yield Round({}, quorum=0, oneway=pending_oneway)
+            stats.unavailable += 1
+            return Outcome(
+                "unavailable",
+                detail="an earlier attempt may still be chosen; outcome unknown",
+            )
 
         if not chosen.value_known and mutation.if_absent:
             # Only `if_absent` needs the value itself; `if_version` needs the version.
