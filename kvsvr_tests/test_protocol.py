@@ -320,6 +320,24 @@ def test_a_half_accepted_folded_write_is_recovered_at_its_version() -> None:
     assert max(row.version for row in cluster.rows.values()) == 5, "applied once"
 
 
+def _folded_attempt_only_on_3_then_b_at_2(
+    cluster: Cluster,
+) -> tuple[Generator[Round, Replies, Outcome], Round]:
+    """A (node 1) wrote v1; its folded write of three puts (fast path, at
+    1 + 3 = 4) reached replica 3 only and it fell back to phase 1 (returned,
+    not yet answered); then B's write took version 2 through replicas 1 and 2."""
+    a, b = coordinator(1), coordinator(2)
+    cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"v1"), 0), {1, 2, 3})
+    group = a.write("t", KEY, [1, 2, 3], Mutation(b"g", versions=3), 0)
+    fast_accept, _ = cluster.step(group, None, {3})
+    assert fast_accept is not None
+    assert all(isinstance(m, Accept) for m in fast_accept.requests.values())
+    prepare, _ = cluster.step(group, cluster.answer(fast_accept, {3}), {3})
+    assert prepare is not None
+    assert cluster.run(b.write("t", KEY, [1, 2, 3], Mutation(b"b"), 0), {1, 2}).version == 2
+    return group, prepare
+
+
 def test_a_folded_write_never_has_attempts_at_two_versions() -> None:
     """Regression (simulator seed 80686): A's folded write (three puts, one
     proposal at chosen + 3) reaches only replica 3 on the fast path; B's write
@@ -330,16 +348,8 @@ def test_a_folded_write_never_has_attempts_at_two_versions() -> None:
     second, applying the write twice (the simulator saw a value come back
     after a later write had replaced it). A says "outcome unknown" instead."""
     cluster = Cluster()
-    a, b, c = coordinator(1), coordinator(2), coordinator(3)
-    cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"v1"), 0), {1, 2, 3})
-    group = a.write("t", KEY, [1, 2, 3], Mutation(b"g", versions=3), 0)
-    fast_accept, _ = cluster.step(group, None, {3})
-    assert fast_accept is not None
-    assert all(isinstance(m, Accept) for m in fast_accept.requests.values())
-    prepare, _ = cluster.step(group, cluster.answer(fast_accept, {3}), {3})
-    assert prepare is not None
-    assert cluster.run(b.write("t", KEY, [1, 2, 3], Mutation(b"b"), 0), {1, 2}).version == 2
-
+    c = coordinator(3)
+    group, prepare = _folded_attempt_only_on_3_then_b_at_2(cluster)
     outcome = cluster.run_from(group, cluster.answer(prepare, {1, 2}), {1, 2})
     assert outcome.status == "unavailable", outcome
     assert all(row.version <= 2 for row in cluster.rows.values()), "no second attempt"
@@ -348,7 +358,7 @@ def test_a_folded_write_never_has_attempts_at_two_versions() -> None:
     assert (read.version, read.value) == (4, b"g")
     later = cluster.run(c.write("t", KEY, [1, 2, 3], Mutation(b"c"), 0), {1, 2, 3})
     assert (later.status, later.version) == ("ok", 5)
-    final = cluster.run(b.read("t", KEY, [1, 2, 3], 0), {1, 2, 3})
+    final = cluster.run(coordinator(2).read("t", KEY, [1, 2, 3], 0), {1, 2, 3})
     assert (final.version, final.value) == (5, b"c")
 
 
@@ -358,15 +368,8 @@ def test_a_folded_write_chosen_on_another_base_is_not_given_versions() -> None:
     it, at 4. A then learns that its op won version 4, but its members' versions
     (2, 3, 4) would name B's write: outcome unknown, not three wrong versions."""
     cluster = Cluster()
-    a, b, c = coordinator(1), coordinator(2), coordinator(3)
-    cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"v1"), 0), {1, 2, 3})
-    group = a.write("t", KEY, [1, 2, 3], Mutation(b"g", versions=3), 0)
-    fast_accept, _ = cluster.step(group, None, {3})
-    assert fast_accept is not None
-    prepare, _ = cluster.step(group, cluster.answer(fast_accept, {3}), {3})
-    assert prepare is not None
-    assert cluster.run(b.write("t", KEY, [1, 2, 3], Mutation(b"b"), 0), {1, 2}).version == 2
-    read = cluster.run(c.read("t", KEY, [1, 2, 3], 0), {2, 3})
+    group, prepare = _folded_attempt_only_on_3_then_b_at_2(cluster)
+    read = cluster.run(coordinator(3).read("t", KEY, [1, 2, 3], 0), {2, 3})
     assert (read.version, read.value) == (4, b"g")
 
     outcome = cluster.run_from(group, cluster.answer(prepare, {1, 2, 3}), {1, 2, 3})

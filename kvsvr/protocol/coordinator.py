@@ -435,6 +435,17 @@ def _chosen_on_its_base(ops: dict[int, int], version: int, mutation: Mutation) -
     return base == 0 or any(v <= base for v in ops)
 
 
+def _unknown(
+    coordinator: Coordinator, pending_oneway: list[tuple[NodeId, Request]], detail: str
+) -> Generator[Round, Replies, Outcome]:
+    """A write that gives up with its outcome unknown: the commits it still
+    owes go out first (one-way), then `Unavailable`."""
+    if pending_oneway:
+        yield Round({}, quorum=0, oneway=pending_oneway)
+    coordinator.stats.unavailable += 1
+    return Outcome("unavailable", detail=detail)
+
+
 def _accept_round(
     coordinator: Coordinator,
     table: str,
@@ -607,12 +618,12 @@ def _write(
                 # Ours was chosen, but a recovery chose it on top of another
                 # operation's version: a folded group's members cannot be
                 # given versions of their own. Applied, but say so as unknown.
-                if pending_oneway:
-                    yield Round({}, quorum=0, oneway=pending_oneway)
-                stats.unavailable += 1
-                return Outcome(
-                    "unavailable",
-                    detail="chosen on top of another write; the members' versions are unknown",
+                return (
+                    yield from _unknown(
+                        coordinator,
+                        pending_oneway,
+                        "chosen on top of another write; the members' versions are unknown",
+                    )
                 )
             if winner == op_id:
                 # Our earlier attempt was chosen: that is our answer.
@@ -625,12 +636,12 @@ def _write(
             if winner is None:
                 # Versions were chosen on top of ours and no replica remembers
                 # which operation won it: ours may have. Never guess.
-                if pending_oneway:
-                    yield Round({}, quorum=0, oneway=pending_oneway)
-                stats.unavailable += 1
-                return Outcome(
-                    "unavailable",
-                    detail="lost track of an attempt that may have been chosen; outcome unknown",
+                return (
+                    yield from _unknown(
+                        coordinator,
+                        pending_oneway,
+                        "lost track of an attempt that may have been chosen; outcome unknown",
+                    )
                 )
             attempted = None  # version `attempted` went to another operation
 
@@ -641,12 +652,12 @@ def _write(
             # version could get both chosen and apply the write twice (a
             # folded group, whose base another write has since taken). A new
             # attempt at the same version is safe: one version, one value.
-            if pending_oneway:
-                yield Round({}, quorum=0, oneway=pending_oneway)
-            stats.unavailable += 1
-            return Outcome(
-                "unavailable",
-                detail="an earlier attempt may still be chosen; outcome unknown",
+            return (
+                yield from _unknown(
+                    coordinator,
+                    pending_oneway,
+                    "an earlier attempt may still be chosen; outcome unknown",
+                )
             )
 
         if not chosen.value_known and mutation.if_absent:
@@ -691,10 +702,9 @@ def _write(
             )
         )
 
-    stats.unavailable += 1
-    if pending_oneway:
-        yield Round({}, quorum=0, oneway=pending_oneway)
-    return Outcome("unavailable", detail="no majority of replicas accepted in time")
+    return (
+        yield from _unknown(coordinator, pending_oneway, "no majority of replicas accepted in time")
+    )
 
 
 def _finish_write(
