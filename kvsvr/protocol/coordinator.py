@@ -427,9 +427,9 @@ def _chosen_on_its_base(ops: dict[int, int], version: int, mutation: Mutation) -
     remembered ops (`ops`: version -> op id) show: no other operation chosen
     in between, and the memory reaching back to that base. Always true for a
     write of one version; False when it cannot be told."""
-    base = version - mutation.versions
     if mutation.versions == 1:
         return True
+    base = version - mutation.versions
     if any(base < v < version for v in ops):
         return False
     return base == 0 or any(v <= base for v in ops)
