@@ -402,6 +402,8 @@ class WorkerSpec:
 
     index: int
     tasks: int
+    first_client: int  # the global index of this worker's first client task
+    clients: int  # client tasks over all workers
     addresses: list[str]
     secret: str
     keys_per_task: int
@@ -418,6 +420,21 @@ class PhaseSpec:
     measure_from: float
     measure_until: float  # time mode: the end; ops mode: math.inf
     ops_per_task: int  # ops mode: measured ops per task; time mode: 0
+    # Paced (open loop): the offered rate over all clients, each client
+    # issuing its share on a fixed schedule; latency is measured from each
+    # operation's scheduled start. 0: closed loop (each client issues its
+    # next operation when the last one finished).
+    rate_per_s: float = 0.0
+
+
+def paced_start(phase: PhaseSpec, clients: int, client: int, number: int) -> float:
+    """When client `client` (0-based, of `clients`) should start its
+    `number`-th operation of a paced phase: every client issues one per
+    `clients / rate` seconds, the clients staggered evenly across that
+    interval, so the whole load arrives at `rate` per second, evenly spread."""
+    assert phase.rate_per_s > 0 and 0 <= client < clients and number >= 0
+    interval_s = clients / phase.rate_per_s
+    return phase.start_at + (number + client / clients) * interval_s
 
 
 @dataclass
@@ -467,7 +484,15 @@ class LoadGenerator:
             for index, tasks in enumerate(self.task_counts):
                 parent_end, child_end = context.Pipe()
                 spec = WorkerSpec(
-                    index, tasks, addresses, secret, keys_per_task, value_bytes, key_tag
+                    index,
+                    tasks,
+                    sum(self.task_counts[:index]),
+                    clients,
+                    addresses,
+                    secret,
+                    keys_per_task,
+                    value_bytes,
+                    key_tag,
                 )
                 process = context.Process(
                     target=_worker_main, args=(spec, child_end), name=f"bench-worker-{index}"
@@ -500,15 +525,26 @@ class LoadGenerator:
         return time.monotonic() - started
 
     def start_phase(
-        self, operation: str, *, warmup_s: float, duration_s: float | None, ops: int | None
+        self,
+        operation: str,
+        *,
+        warmup_s: float,
+        duration_s: float | None,
+        ops: int | None,
+        rate_per_s: float = 0.0,
     ) -> PhaseSpec:
         """Send a phase to every worker; returns its window. Exactly one of
-        `duration_s` (timed) and `ops` (measured ops over all clients) is given."""
+        `duration_s` (timed) and `ops` (measured ops over all clients) is
+        given. `rate_per_s` > 0 paces the phase (see `PhaseSpec.rate_per_s`);
+        a paced phase must be timed."""
         assert (duration_s is None) != (ops is None)
+        assert rate_per_s >= 0 and (rate_per_s == 0 or duration_s is not None)
         start_at = time.monotonic() + PHASE_START_DELAY_S
         measure_from = start_at + warmup_s
         if duration_s is not None:
-            spec = PhaseSpec(operation, start_at, measure_from, measure_from + duration_s, 0)
+            spec = PhaseSpec(
+                operation, start_at, measure_from, measure_from + duration_s, 0, rate_per_s
+            )
         else:
             assert ops is not None
             per_task = max(1, math.ceil(ops / self.clients))
@@ -596,7 +632,16 @@ async def _worker_loop(spec: WorkerSpec, connection: multiprocessing.connection.
                         nursery.start_soon(populate, task_keys)
                 connection.send(("populated", None))
             elif kind == "phase":
-                result = await _run_phase(client, payload, spec.index, keys, versions, value)
+                result = await _run_phase(
+                    client,
+                    payload,
+                    spec.index,
+                    keys,
+                    versions,
+                    value,
+                    spec.first_client,
+                    spec.clients,
+                )
                 connection.send(("phase-done", result))
 
 
@@ -607,8 +652,14 @@ async def _run_phase(
     keys: list[list[bytes]],
     versions: dict[bytes, int],
     value: bytes,
+    first_client: int = 0,
+    clients: int = 0,
 ) -> WorkerResult:
+    """Run one phase on this worker's client tasks (`keys[task]` are task's
+    keys). Paced phases need `first_client` and `clients` (see `paced_start`)."""
     result = WorkerResult(worker)
+    paced = phase.rate_per_s > 0
+    assert not paced or first_client + len(keys) <= clients
     sampler = random.Random(worker)
     seen_latencies = 0
     measured_ops_left = [phase.ops_per_task] * len(keys)
@@ -619,7 +670,11 @@ async def _run_phase(
 
     def record(started: float, finished: float) -> None:
         nonlocal seen_latencies
-        if started < phase.measure_from or finished > phase.measure_until:
+        # Closed loop: operations wholly inside the window. Paced: every
+        # operation scheduled inside it, however late it finished (dropping
+        # the late ones would hide exactly the queueing a paced run is for).
+        late = finished > phase.measure_until and not paced
+        if started < phase.measure_from or late:
             result.warmup_ops += 1
             return
         result.ops += 1
@@ -655,9 +710,21 @@ async def _run_phase(
     async def run_task(task: int) -> None:
         task_keys = keys[task]
         position = task % len(task_keys)
+        number = 0
+        scheduled = 0.0
         while True:
             now = time.monotonic()
-            if now >= phase.measure_until:
+            if paced:
+                # Latency runs from the scheduled start: an operation issued
+                # late, because this client's previous one was slow, counts
+                # its wait (no coordinated omission).
+                scheduled = paced_start(phase, clients, first_client + task, number)
+                number += 1
+                if scheduled >= phase.measure_until:
+                    return
+                if scheduled > now:
+                    await trio.sleep_until(to_trio(scheduled))
+            elif now >= phase.measure_until:
                 return
             if now >= phase.measure_from and phase.ops_per_task:
                 if measured_ops_left[task] == 0:
@@ -665,7 +732,7 @@ async def _run_phase(
                 measured_ops_left[task] -= 1
             key = task_keys[position]
             position = (position + 1) % len(task_keys)
-            started = time.monotonic()
+            started = scheduled if paced else time.monotonic()
             try:
                 await one_op(key)
             except kvsvr.Conflict:
@@ -772,6 +839,7 @@ def summarize_phase(
     }
     return {
         "operation": operation,
+        "offered_per_s": spec.rate_per_s,  # 0: closed loop
         "ops": ops,
         "seconds": seconds,
         "ops_per_s": ops / seconds if seconds > 0 else 0.0,
@@ -814,14 +882,18 @@ def run_measured_phase(
     ops: int | None,
     profile_dir: Path | None = None,
     profile_label: str = "",
+    rate_per_s: float = 0.0,
 ) -> dict[str, Any]:
     """Run one phase on every worker, reading the nodes at the window's edges,
-    optionally under py-spy for the measured window; its summary."""
+    optionally under py-spy for the measured window; its summary.
+    `rate_per_s` > 0 paces it (see `PhaseSpec.rate_per_s`)."""
     # Counters read while no operation is in flight (before the phase and
     # after its last operation) count every operation whole; the window's
     # edges cut through operations in flight.
     status_before_phase = {node.id: status_client.status(node.id) for node in cluster.nodes}
-    spec = load.start_phase(operation, warmup_s=warmup_s, duration_s=duration_s, ops=ops)
+    spec = load.start_phase(
+        operation, warmup_s=warmup_s, duration_s=duration_s, ops=ops, rate_per_s=rate_per_s
+    )
     wait_until(spec.measure_from)
     before = snapshot(cluster, load, status_client)
     profiler: Profiler | None = None
@@ -866,9 +938,12 @@ def run_cluster_phases(
     replication: int,
     operations: Sequence[str],
     label: str,
+    paced: Sequence[tuple[str, float]] = (),
 ) -> dict[str, Any]:
     """Start a cluster, load it (populate, then one measured phase per
-    operation, in order), stop it: each phase's summary, node RSS, status."""
+    operation, in order, then one paced phase per (operation, rate) of
+    `paced`, named "<operation>-paced"), stop it: each phase's summary,
+    node RSS, status."""
     duration_s, ops = phase_amount(args)
     phases: dict[str, Any] = {}
     cprofile_dir = args.out / f"{args.run_id}-profiles" if args.cprofile else None
@@ -906,6 +981,20 @@ def run_cluster_phases(
                     ops=ops,
                     profile_dir=args.out / f"{args.run_id}-profiles" if args.profile else None,
                     profile_label=f"{label}-{operation}",
+                )
+            for operation, rate_per_s in paced:
+                # Paced phases are timed: with --ops, as long as the rate
+                # needs for that many.
+                paced_s = duration_s if duration_s is not None else (ops or 0) / rate_per_s
+                phases[f"{operation}-paced"] = run_measured_phase(
+                    cluster,
+                    load,
+                    status_client,
+                    operation,
+                    warmup_s=args.warmup_s,
+                    duration_s=paced_s,
+                    ops=None,
+                    rate_per_s=rate_per_s,
                 )
             hwm_kib = {node.id: status_kib(node.pid, "VmHWM") for node in cluster.nodes}
             final_status = {node.id: status_client.status(node.id) for node in cluster.nodes}
