@@ -631,6 +631,7 @@ def format_cluster_status(statuses: list[dict[str, Any]]) -> list[str]:
             f"{status.get('node', '?')!s:<6} {status.get('address', '?')!s:<21} "
             f"{status.get('zone', '?')!s:<8} {held!s:>5} {preferred!s:>5} {uptime_text:>8}  "
             f"{status.get('health')}"
+            + (", UNSAFE: no fsync" if status.get("fsync") is False else "")
         )
     return lines
 

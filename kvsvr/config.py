@@ -15,6 +15,9 @@
     anti_entropy_interval_s = 600  # a digest comparison with every peer this often (and at start)
     anti_entropy_rows_per_s = 2500
     tombstone_grace_s = 14400     # eventual tables: tombstones purged after this (> hint_ttl_s)
+    # For benchmarks only (as etcd's --unsafe-no-fsync): commits skip fsync, so
+    # an acknowledged write can be lost to a machine crash or power cut.
+    unsafe_no_fsync = false
 
     [[nodes]]
     id = "n1"
@@ -90,6 +93,7 @@ class ClusterConfig:
     anti_entropy_interval_s: float = 600.0
     anti_entropy_rows_per_s: int = 2_500
     tombstone_grace_s: float = 14_400.0
+    unsafe_no_fsync: bool = False
 
     def node(self, node_id: str) -> NodeConfig:
         for node in self.nodes:
@@ -230,6 +234,9 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
     map_size_mb = cluster.get("map_size_mb", 1024)
     if not isinstance(map_size_mb, int) or map_size_mb < 1:
         raise ConfigError("map_size_mb must be a positive int")
+    unsafe_no_fsync = cluster.get("unsafe_no_fsync", False)
+    if not isinstance(unsafe_no_fsync, bool):
+        raise ConfigError("unsafe_no_fsync must be true or false")
     return ClusterConfig(
         nodes=tuple(nodes),
         tables=tuple(tables),
@@ -240,6 +247,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         map_size_bytes=map_size_mb << 20,
         source=source,
         cache_bytes_max=cache_bytes_max,
+        unsafe_no_fsync=unsafe_no_fsync,
         **catch_up,
     )
 
@@ -303,6 +311,8 @@ def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
         f"map_size_mb = {config.map_size_bytes >> 20}",
         f"cache_bytes_max = {config.cache_bytes_max}",
         *(f"{name} = {getattr(config, name)!r}" for name in _CATCH_UP),
+        # Written only when set, so that a config never mentions it by accident.
+        *(["unsafe_no_fsync = true"] if config.unsafe_no_fsync else []),
         "",
     ]
     for node in config.nodes:

@@ -390,6 +390,24 @@ def gate_commits(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> threading
 # --- Engine: basics ------------------------------------------------------------------
 
 
+def test_every_commit_is_fsynced_unless_the_benchmark_only_flag_says_not(tmp_path: Path) -> None:
+    """`fsync=False` (the config's `unsafe_no_fsync`) turns off exactly LMDB's
+    two flushes; the default keeps both on."""
+    storage = Storage.open(tmp_path / "safe", tables=TABLES)
+    try:
+        flags = storage._env.flags()
+        assert flags["sync"] is True and flags["metasync"] is True
+    finally:
+        storage.close()
+    storage = Storage.open(tmp_path / "unsafe", tables=TABLES, fsync=False)
+    try:
+        flags = storage._env.flags()
+        assert flags["sync"] is False and flags["metasync"] is False
+        assert flags["writemap"] is False and flags["map_async"] is False
+    finally:
+        storage.close()
+
+
 async def test_write_read_and_survive_reopen(tmp_path: Path) -> None:
     async with running(tmp_path / "db") as storage:
         await storage.write([("users", b"alice", row_of(1)), ("posts", b"p1", row_of(2))])

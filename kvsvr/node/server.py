@@ -1747,6 +1747,8 @@ class Node:
             "address": self.me.address,
             "zone": self.me.zone,
             "uptime_s": round(time.time() - self.started_at, 1),
+            # False only under the config's unsafe_no_fsync (benchmarks).
+            "fsync": not self.config.unsafe_no_fsync,
             # Modules compiled by mypyc (`python3 dev.py compile`); [] = pure Python.
             "compiled_modules": _build.compiled_modules(),
             "partitions": self.config.partitions,
@@ -1906,8 +1908,16 @@ async def serve_node(
     data_dir = config.node_data_dir(node_id)
     data_dir.mkdir(parents=True, exist_ok=True)
     storage = Storage.open(
-        data_dir, tables=[t.name for t in config.tables], map_size_bytes=config.map_size_bytes
+        data_dir,
+        tables=[t.name for t in config.tables],
+        map_size_bytes=config.map_size_bytes,
+        fsync=not config.unsafe_no_fsync,
     )
+    if config.unsafe_no_fsync:
+        log.warning(
+            "unsafe_no_fsync is set: commits are not flushed to disk, so acknowledged "
+            "writes can be lost if the machine crashes; for benchmarks only"
+        )
     if config.secret is None:
         log.warning("no cluster secret configured: anyone who can reach %s can use it", me.address)
     try:

@@ -387,14 +387,17 @@ class Storage:
         *,
         tables: Iterable[str],
         map_size_bytes: int = DEFAULT_MAP_SIZE_BYTES,
+        fsync: bool = True,
     ) -> Storage:
         """Open (creating if needed) the environment at directory `path` with one
         sub-database per table plus `meta` and `hints`. Call it in the process
-        that uses the store, after any fork."""
+        that uses the store, after any fork. `fsync=False` (the config's
+        `unsafe_no_fsync`, for benchmarks) commits without flushing to disk:
+        a commit then survives a crash of the process but not of the machine."""
         table_dbs = _table_db_names(tables)
         if type(map_size_bytes) is not int or map_size_bytes < MAP_SIZE_BYTES_MIN:
             raise InvalidRequest(f"map_size_bytes must be an int >= {MAP_SIZE_BYTES_MIN}")
-        env = open_environment(path, map_size_bytes=map_size_bytes)
+        env = open_environment(path, map_size_bytes=map_size_bytes, fsync=fsync)
         try:
             db_names = [*table_dbs.values(), META_DB, HINTS_DB]
             with env.begin(write=True) as txn:
@@ -950,10 +953,13 @@ def prefix_end(prefix: bytes) -> bytes | None:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
-def open_environment(path: str | Path, *, map_size_bytes: int) -> lmdb.Environment:
+def open_environment(
+    path: str | Path, *, map_size_bytes: int, fsync: bool = True
+) -> lmdb.Environment:
     """The LMDB environment at directory `path` with kvsvr's settings, every
     durability flag explicit. Shared with the raw-LMDB benchmark so both
-    measure the same thing."""
+    measure the same thing. `fsync=False` only for benchmarks (see
+    `Storage.open`)."""
     return lmdb.open(
         str(path),
         map_size=map_size_bytes,
@@ -964,8 +970,8 @@ def open_environment(path: str | Path, *, map_size_bytes: int) -> lmdb.Environme
         # Durability: fsync data and meta page on every commit, through
         # write(2) rather than a writable map (a stray pointer cannot
         # scribble on the file, and a torn page cannot reach the meta).
-        sync=True,
-        metasync=True,
+        sync=fsync,
+        metasync=fsync,
         map_async=False,
         writemap=False,
         # Random point reads: kernel readahead would only evict useful pages.
