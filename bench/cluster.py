@@ -27,6 +27,11 @@ fraction (sum over nodes of `fast_path_writes / writes` from `status`, target
 >= 95%), CPU seconds per 1000 ops of each node, batching per node, and peak
 RSS per node. `--profile` runs py-spy on every node during the measured
 windows. A JSON result goes to `--out`.
+
+`--paced-rate N` paces (c) at N ops/s instead (to compare two builds or
+settings at one load). `--unsafe-no-fsync` runs every node with commits that
+skip fsync: a ceiling that shows how much of a figure the disk costs, printed
+as such and never a result.
 """
 
 from __future__ import annotations
@@ -64,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
             f"(default {PUT_RATIO_TARGET}, the issue's ratio); 0 skips them"
         ),
     )
+    parser.add_argument(
+        "--unsafe-no-fsync",
+        action="store_true",
+        help=(
+            "run every node with unsafe_no_fsync (commits skip fsync): a ceiling "
+            "that shows what the disk costs, never a result to quote as kvsvr's"
+        ),
+    )
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        default=None,
+        metavar="OPS_PER_S",
+        help=(
+            "paced put and cas phases at this fixed offered rate instead of a "
+            "fraction of the baseline (for comparing two builds or settings at "
+            "one load; runs without the baseline too)"
+        ),
+    )
     return parser
 
 
@@ -82,23 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.paced_fraction <= 10:
         parser.error(f"--paced-fraction must be 0 to 10, not {args.paced_fraction}")
+    if args.paced_rate is not None and not 0 < args.paced_rate <= 1_000_000:
+        parser.error(f"--paced-rate must be above 0 and at most 1,000,000, not {args.paced_rate}")
     common.name_run(args, "cluster")
     args.scratch.mkdir(parents=True, exist_ok=True)
     warning = common.check_scratch(args.scratch)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    settings = {"unsafe_no_fsync": True} if args.unsafe_no_fsync else {}
     with common.terminate_on_sigterm():
         baseline = None
         if not args.no_baseline:
-            baseline = common.run_cluster_phases(args, 1, 1, ["put"], "baseline")
+            baseline = common.run_cluster_phases(args, 1, 1, ["put"], "baseline", settings=settings)
+            common.check_fsync_setting(baseline, fsync=not args.unsafe_no_fsync)
         paced: list[tuple[str, float]] = []
-        if baseline is not None and args.paced_fraction > 0:
+        if args.paced_rate is not None:
+            paced = [("put", args.paced_rate), ("cas", args.paced_rate)]
+        elif baseline is not None and args.paced_fraction > 0:
             rate = args.paced_fraction * baseline["phases"]["put"]["ops_per_s"]
             if rate > 0:
                 paced = [("put", rate), ("cas", rate)]
         cluster = common.run_cluster_phases(
-            args, 3, 3, ["put", "get", "cas"], "cluster", paced=paced
+            args, 3, 3, ["put", "get", "cas"], "cluster", paced=paced, settings=settings
         )
+        common.check_fsync_setting(cluster, fsync=not args.unsafe_no_fsync)
     phases = cluster["phases"]
     single_put_rate = baseline["phases"]["put"]["ops_per_s"] if baseline else math.nan
     targets = {
@@ -144,12 +175,17 @@ def print_report(
     targets: dict[str, dict[str, Any]],
 ) -> None:
     common.print_setup("kvsvr 3-node cluster (replication 3, one machine)", args, cluster)
+    if args.unsafe_no_fsync:
+        print(
+            "UNSAFE: every node ran with unsafe_no_fsync (commits skip fsync); these "
+            "figures are a ceiling that shows what the disk costs, not kvsvr's results"
+        )
     extra: list[list[object]] = []
     if baseline is not None:
         put = baseline["phases"]["put"]
         extra.append(
             [
-                "1-node put (durable)",
+                "1-node put (no fsync)" if args.unsafe_no_fsync else "1-node put (durable)",
                 put["ops"],
                 put["ops_per_s"],
                 put["p50_ms"],

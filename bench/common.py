@@ -939,11 +939,13 @@ def run_cluster_phases(
     operations: Sequence[str],
     label: str,
     paced: Sequence[tuple[str, float]] = (),
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Start a cluster, load it (populate, then one measured phase per
     operation, in order, then one paced phase per (operation, rate) of
     `paced`, named "<operation>-paced"), stop it: each phase's summary,
-    node RSS, status."""
+    node RSS, status. `settings` override `ClusterConfig` fields (such as
+    `unsafe_no_fsync`)."""
     duration_s, ops = phase_amount(args)
     phases: dict[str, Any] = {}
     cprofile_dir = args.out / f"{args.run_id}-profiles" if args.cprofile else None
@@ -953,6 +955,7 @@ def run_cluster_phases(
         scratch_root=args.scratch,
         keep=args.keep,
         cprofile_dir=cprofile_dir,
+        settings=settings,
     ) as cluster:
         rss_at_start_kib = {node.id: status_kib(node.pid, "VmRSS") for node in cluster.nodes}
         with (
@@ -1004,6 +1007,7 @@ def run_cluster_phases(
     return {
         "nodes": node_count,
         "replication": replication,
+        "settings": settings or {},
         "phases": phases,
         "load_processes": load.processes,
         "load_tasks_per_process": load.task_counts,
@@ -1014,6 +1018,17 @@ def run_cluster_phases(
         "final_status": final_status,
         "cprofile": cprofiles,
     }
+
+
+def check_fsync_setting(run: dict[str, Any], *, fsync: bool) -> None:
+    """Refuse a run whose nodes did not (or did) fsync as the benchmark meant:
+    the figures would be labelled wrongly."""
+    for node, status in run["final_status"].items():
+        if status.get("fsync") is not fsync:
+            raise SystemExit(
+                f"benchmark error: node {node} reports fsync={status.get('fsync')!r}, "
+                f"this run needs fsync={fsync}"
+            )
 
 
 def summarize_cprofile(path: Path, top: int = 30) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Single-node benchmark: group commit against one fsync per put.
 
     python -m bench.single_node [--clients 64] [--processes 2] [--time-s 10 | --ops N]
-                                [--value-bytes 100] [--profile] [--out bench-results]
+                                [--value-bytes 100] [--no-ceiling] [--profile] [--out bench-results]
 
 In one run, on the same disk:
 
@@ -11,7 +11,12 @@ In one run, on the same disk:
     process) with `--clients` concurrent clients (spread over `--processes`
     spawned worker processes, each with its own client) doing durable puts
     of `--value-bytes` bytes to keys they wrote before (each client owns
-    `--keys-per-client` keys), then strong gets of the same keys.
+    `--keys-per-client` keys), then strong gets of the same keys;
+(c) the ceiling: the same puts on a fresh 1-node cluster whose commits skip
+    fsync (`unsafe_no_fsync`, never for real data). No group commit can beat
+    a disk that costs nothing, so c/a is the highest ratio (b) could reach on
+    this machine: when c/a is under the target, the node's CPU per put, not
+    the batching, is what misses it. `--no-ceiling` skips it.
 
 Reports ops/s, p50/p99 latency, the put ratio b/a (target >= 4), the node's
 peak RSS (target < 150 MB), its CPU seconds per 1000 ops (where the cost
@@ -53,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="raw LMDB puts (default: as many as fit in --time-s, or --ops)",
     )
+    parser.add_argument(
+        "--no-ceiling",
+        action="store_true",
+        help="skip (c), the puts on a node that does not fsync",
+    )
     return parser
 
 
@@ -77,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     with common.terminate_on_sigterm():
         raw = measure_raw_lmdb(args, args.scratch)
         node = common.run_cluster_phases(args, 1, 1, ["put", "get"], "single")
+        common.check_fsync_setting(node, fsync=True)
+        ceiling = None
+        if not args.no_ceiling:
+            ceiling = common.run_cluster_phases(
+                args, 1, 1, ["put"], "ceiling", settings={"unsafe_no_fsync": True}
+            )
+            common.check_fsync_setting(ceiling, fsync=False)
     put = node["phases"]["put"]
     ratio = put["ops_per_s"] / raw["ops_per_s"] if raw["ops_per_s"] else math.nan
     rss_mb = max(*node["rss_peak_sampled_mb"].values(), *node["rss_hwm_mb"].values())
@@ -90,12 +107,21 @@ def main(argv: list[str] | None = None) -> int:
         "environment": common.environment(),
         "raw_lmdb": raw,
         "node": node,
+        "ceiling_no_fsync": ceiling,
+        "ceiling_ratio_over_raw": ceiling_ratio(ceiling, raw),
         "targets": targets,
     }
-    print_report(args, raw, node, targets)
+    print_report(args, raw, node, targets, ceiling)
     path = common.write_result(args, result)
     print(f"\nresult: {path}")
     return 0
+
+
+def ceiling_ratio(ceiling: dict[str, Any] | None, raw: dict[str, Any]) -> float | None:
+    if ceiling is None:
+        return None
+    rate = float(ceiling["phases"]["put"]["ops_per_s"])
+    return rate / raw["ops_per_s"] if raw["ops_per_s"] else math.nan
 
 
 def print_report(
@@ -103,6 +129,7 @@ def print_report(
     raw: dict[str, Any],
     node: dict[str, Any],
     targets: dict[str, dict[str, Any]],
+    ceiling: dict[str, Any] | None = None,
 ) -> None:
     common.print_setup("kvsvr single node (replication 1)", args, node)
     raw_row: list[object] = [
@@ -112,8 +139,16 @@ def print_report(
         raw["p50_ms"],
         raw["p99_ms"],
     ]
-    common.print_phases(node["phases"], {"put": "put (durable)", "get": "get (strong)"}, [raw_row])
-    common.print_batching(node["phases"])
+    phases = dict(node["phases"])
+    if ceiling is not None:
+        phases["put-no-fsync"] = ceiling["phases"]["put"]
+    names = {
+        "put": "put (durable)",
+        "get": "get (strong)",
+        "put-no-fsync": "(c) put, no fsync (UNSAFE)",
+    }
+    common.print_phases(phases, names, [raw_row])
+    common.print_batching(phases)
     print()
     ratio = targets["put_ratio_node_over_raw"]
     print(
@@ -121,6 +156,19 @@ def print_report(
         f"{raw['ops_per_s']:,.0f}/s = {ratio['value']:.2f}x "
         f"(target {ratio['rule']}): {ratio['verdict']}"
     )
+    bound = ceiling_ratio(ceiling, raw)
+    if ceiling is not None and bound is not None:
+        rate = ceiling["phases"]["put"]["ops_per_s"]
+        print(
+            f"ceiling (c): node puts with fsync off {rate:,.0f}/s = {bound:.2f}x raw LMDB: "
+            "no group commit can do better on this machine"
+            + (
+                f"; under {PUT_RATIO_TARGET:g}x, so the node's CPU per put, not the "
+                "batching, is what misses the target"
+                if bound < PUT_RATIO_TARGET
+                else ""
+            )
+        )
     rss = targets["node_rss_mb"]
     start_mb = next(iter(node["rss_at_start_mb"].values()))
     print(
