@@ -512,6 +512,29 @@ async def test_lazy_writes_share_the_next_fsync_or_flush_soon(tmp_path: Path) ->
         assert storage.overlay_size == 0
 
 
+async def test_a_lazy_write_waits_far_longer_than_an_fsync_for_company(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A quiet node's learned commit shares the next put's fsync even when
+    that put comes tens of milliseconds later (the clock only moves when the
+    test moves it), and is committed alone once the delay is over."""
+    async with running(tmp_path / "db") as storage:
+        lazy = storage.stage("users", b"lazy-1", row_of(1), lazy=True)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(0.02)  # one client's next put, 20 ms later
+        await trio.testing.wait_all_tasks_blocked()
+        assert not lazy.is_durable and storage.stats.batches_committed == 0
+        await storage.write([("users", b"urgent", row_of(2))])
+        assert lazy.is_durable
+        assert storage.stats.batches_committed == 1, "one fsync for both"
+        alone = storage.stage("users", b"lazy-2", row_of(3), lazy=True)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(engine.LAZY_COMMIT_DELAY_S)
+        with trio.fail_after(3600):  # virtual time: the clock does not move by itself
+            await storage.wait_durable(alone)
+        assert storage.stats.batches_committed == 2
+
+
 @pure_python_only
 async def test_writes_staged_during_a_commit_form_the_next_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

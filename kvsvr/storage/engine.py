@@ -91,9 +91,12 @@ FILE_MODE = 0o700
 # memory and the fsync latency every waiter of one batch pays.
 BATCH_OPS_MAX = 4096
 # A batch holding only lazy writes (see `Storage.stage`) waits at most this long
-# for an urgent write to share its fsync. Short, so learned commits reach the
-# disk soon; long next to an fsync, so that a quiet node does one, not two.
-LAZY_COMMIT_DELAY_S = 0.005
+# for an urgent write to share its fsync. Long next to the gap between puts on
+# a quietly used node, so that each put costs a replica one fsync, not two (at
+# 5 ms, one client's puts 20 ms apart cost every replica two transactions per
+# put and the three nodes 27% more CPU: bench/README.md, session 10); short
+# next to what losing a learned commit in a crash costs, one recovery round.
+LAZY_COMMIT_DELAY_S = 0.05
 # At most this many key+value bytes per commit, for the same reason; at disk
 # bandwidths of a few hundred MB/s this keeps one commit in the tens of ms.
 BATCH_BYTES_MAX = 16 << 20
