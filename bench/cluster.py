@@ -119,13 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_baseline:
             baseline = common.run_cluster_phases(args, 1, 1, ["put"], "baseline", settings=settings)
             common.check_fsync_setting(baseline, fsync=not args.unsafe_no_fsync)
-        paced: list[tuple[str, float]] = []
-        if args.paced_rate is not None:
-            paced = [("put", args.paced_rate), ("cas", args.paced_rate)]
-        elif baseline is not None and args.paced_fraction > 0:
-            rate = args.paced_fraction * baseline["phases"]["put"]["ops_per_s"]
-            if rate > 0:
-                paced = [("put", rate), ("cas", rate)]
+        rate = args.paced_rate
+        if rate is None:
+            rate = args.paced_fraction * baseline["phases"]["put"]["ops_per_s"] if baseline else 0.0
+        paced = [("put", rate), ("cas", rate)] if rate > 0 else []
         cluster = common.run_cluster_phases(
             args, 3, 3, ["put", "get", "cas"], "cluster", paced=paced, settings=settings
         )
