@@ -998,6 +998,8 @@ def run_cluster_phases(
                     duration_s=paced_s,
                     ops=None,
                     rate_per_s=rate_per_s,
+                    profile_dir=args.out / f"{args.run_id}-profiles" if args.profile else None,
+                    profile_label=f"{label}-{operation}-paced",
                 )
             hwm_kib = {node.id: status_kib(node.pid, "VmHWM") for node in cluster.nodes}
             final_status = {node.id: status_client.status(node.id) for node in cluster.nodes}
