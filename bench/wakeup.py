@@ -35,6 +35,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Final
 
@@ -62,10 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _spawn_sender(receiver: str, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+@contextmanager
+def _sender(
+    receiver: str, port: int, args: argparse.Namespace
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The sender process, for the block's duration; waited for on the way
+    out (a trio receiver that must keep serving until the sender is done
+    waits for it in a thread first), and killed first if the block failed."""
     command = [sys.executable, "-m", "bench.wakeup", "--send", receiver, str(port)]
     command += ["--messages", str(args.messages), "--gap-ms", str(args.gap_ms)]
-    return subprocess.Popen(command)
+    process = subprocess.Popen(command)
+    try:
+        yield process
+    except BaseException:
+        process.kill()
+        raise
+    finally:
+        process.wait()
 
 
 def _send(receiver: str, port: int, messages: int, gap_s: float) -> None:
@@ -89,52 +104,65 @@ def _send(receiver: str, port: int, messages: int, gap_s: float) -> None:
             sock.sendall(b"x")
 
 
+def _run_timeout_s(args: argparse.Namespace) -> float:
+    return CONNECT_TIMEOUT_S + MESSAGE_TIMEOUT_S + args.messages * (args.gap_ms / 1000 + 0.1)
+
+
+class _Tally:
+    """Counts the bytes (one per message) a receiver got, and its thread's CPU
+    time from the first read on: the first wake-up is not counted."""
+
+    def __init__(self, messages: int) -> None:
+        self.messages = messages
+        self.received = 0
+        self.started = 0.0
+
+    def wanted(self) -> bool:
+        return self.received < self.messages
+
+    def add(self, data: bytes) -> None:
+        if not data:
+            raise ConnectionError("the sender closed early")
+        if self.received == 0:
+            self.started = time.thread_time()
+        self.received += len(data)
+
+    def per_message_s(self) -> float:
+        return (time.thread_time() - self.started) / (self.messages - 1)
+
+
 def _receive_epoll(args: argparse.Namespace) -> float:
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        sender = _spawn_sender("epoll", listener.getsockname()[1], args)
-        listener.settimeout(CONNECT_TIMEOUT_S)
-        connection, _ = listener.accept()
-    with connection, select.epoll() as poller:
-        connection.setblocking(False)
-        poller.register(connection.fileno(), select.EPOLLIN)
-        received = 0
-        started = 0.0
-        while received < args.messages:
-            if not poller.poll(MESSAGE_TIMEOUT_S):
-                raise TimeoutError("the sender stopped sending")
-            data = connection.recv(4096)
-            if not data:
-                raise ConnectionError("the sender closed early")
-            if received == 0:
-                started = time.thread_time()
-            received += len(data)
-        used = time.thread_time() - started
-    sender.wait()
-    return used / (args.messages - 1)
+        with _sender("epoll", listener.getsockname()[1], args):
+            listener.settimeout(CONNECT_TIMEOUT_S)
+            connection, _ = listener.accept()
+            tally = _Tally(args.messages)
+            with connection, select.epoll() as poller:
+                connection.setblocking(False)
+                poller.register(connection.fileno(), select.EPOLLIN)
+                while tally.wanted():
+                    if not poller.poll(MESSAGE_TIMEOUT_S):
+                        raise TimeoutError("the sender stopped sending")
+                    tally.add(connection.recv(4096))
+                return tally.per_message_s()
 
 
 def _receive_trio(args: argparse.Namespace) -> float:
     async def main() -> float:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
-        sender = _spawn_sender("trio", port, args)
-        with trio.fail_after(CONNECT_TIMEOUT_S):
-            stream = await listeners[0].accept()
-        await listeners[0].aclose()
-        received = 0
-        started = 0.0
-        async with stream:
-            while received < args.messages:
-                with trio.fail_after(MESSAGE_TIMEOUT_S):
-                    data = await stream.receive_some(4096)
-                if not data:
-                    raise ConnectionError("the sender closed early")
-                if received == 0:
-                    started = time.thread_time()
-                received += len(data)
-        used = time.thread_time() - started
-        await trio.to_thread.run_sync(sender.wait)
-        return used / (args.messages - 1)
+        with _sender("trio", port, args):
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                stream = await listeners[0].accept()
+            await listeners[0].aclose()
+            tally = _Tally(args.messages)
+            # One deadline for the whole run: a scope per message would add
+            # its own cost to what is measured.
+            with trio.fail_after(_run_timeout_s(args)):
+                async with stream:
+                    while tally.wanted():
+                        tally.add(await stream.receive_some(4096))
+                    return tally.per_message_s()
 
     return trio.run(main)
 
@@ -168,10 +196,12 @@ def _receive_rpc(args: argparse.Namespace) -> float:
         handler = _Answering(args.messages)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(partial(serve, "127.0.0.1", 0, handler, secret=SECRET))
-            sender = _spawn_sender("kvsvr-rpc", port, args)
-            with trio.fail_after(CONNECT_TIMEOUT_S + MESSAGE_TIMEOUT_S * args.messages):
-                await handler.done.wait()
-            await trio.to_thread.run_sync(sender.wait)
+            with _sender("kvsvr-rpc", port, args) as sender:
+                with trio.fail_after(_run_timeout_s(args)):
+                    await handler.done.wait()
+                    # The last reply still has to go out: serve until the
+                    # sender, which waits for it, is gone.
+                    await trio.to_thread.run_sync(sender.wait, abandon_on_cancel=True)
             nursery.cancel_scope.cancel()
         # The last reply's send is not counted; every other request's is.
         return (handler.last - handler.first) / (args.messages - 1)
