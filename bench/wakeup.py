@@ -14,8 +14,9 @@ arrives. The receiver measures its own CPU time per message (its thread's
 - `trio`: `trio.SocketStream.receive_some` under `trio.run`, the event loop a
   kvsvr node runs on.
 - `kvsvr-rpc`: a `kvsvr.net` server with a handler that answers at once, and
-  a `kvsvr.net` client that waits for each reply: frame decode, dispatch,
-  reply encode and send. What a node's trio thread pays for one lone request.
+  a `kvsvr.net` client that waits for each reply: frame decode, dispatch
+  (without a task, as a node answers puts), reply encode and send. What a
+  node's trio thread pays for one lone request, before any work of its own.
 
 A kvsvr put at a light load wakes each node several times (the request, the
 peer's accept and its reply, the commit thread's hand-back, the commits), so
@@ -35,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Final
@@ -81,6 +82,8 @@ def _sender(
         raise
     finally:
         process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(f"the sender process failed (exit code {process.returncode})")
 
 
 def _send(receiver: str, port: int, messages: int, gap_s: float) -> None:
@@ -168,8 +171,9 @@ def _receive_trio(args: argparse.Namespace) -> float:
 
 
 class _Answering:
-    """A `kvsvr.net` handler that answers every request at once and notes the
-    CPU time of the first and the last."""
+    """A `kvsvr.net` handler that answers every request at once, without a
+    task of its own (as a node answers puts and peers' Paxos messages), and
+    notes the CPU time of the first and the last."""
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
@@ -178,14 +182,20 @@ class _Answering:
         self.last = 0.0
         self.done = trio.Event()
 
-    async def handle_request(self, peer: str, method: str, body: object) -> object:
+    def handle_request_nowait(
+        self, peer: str, method: str, body: object, respond: Callable[[object, None], None]
+    ) -> bool:
         self.count += 1
         if self.count == 1:
             self.first = time.thread_time()
         if self.count == self.expected:
             self.last = time.thread_time()
             self.done.set()
-        return body
+        respond(body, None)
+        return True
+
+    async def handle_request(self, peer: str, method: str, body: object) -> object:
+        raise AssertionError("every request is answered by handle_request_nowait")
 
     def handle_oneway(self, peer: str, method: str, body: object) -> None:
         pass
