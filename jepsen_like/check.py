@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jepsen_like.checker import (
+    FAIL_CONFLICT,
+    FAIL_KNOSSOS,
     FORMATS,
     LINEARIZABLE,
     NOT_LINEARIZABLE,
@@ -57,6 +59,13 @@ def choose_model(name: str | None, fmt: str, fs: set[str]) -> Model:
     if fmt == "kv":
         return KvModel(missing="")
     return model_for_fs(fs)
+
+
+def fail_convention_for(fmt: str) -> str:
+    """Our own histories record why a cas failed, and a Conflict is checked as
+    a claim; in Jepsen's etcd logs and the ``kv`` files a failed operation
+    did not happen (Knossos's convention)."""
+    return FAIL_CONFLICT if fmt == "jsonl" else FAIL_KNOSSOS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = choose_model(args.model, fmt, {op.f for op in history})
             stale_problems = check_stale_reads_monotonic(history)
             checked = without_stale_reads(history)
-            result = check(checked, model, timeout_s=args.timeout_s, workers=args.workers)
+            result = check(
+                checked,
+                model,
+                timeout_s=args.timeout_s,
+                workers=args.workers,
+                fail_convention=fail_convention_for(fmt),
+            )
         except (OSError, ValueError) as exc:
             print(f"{path}: {UNKNOWN}", flush=True)
             print(f"{path}: error: {exc}", file=sys.stderr)

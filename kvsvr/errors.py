@@ -6,6 +6,8 @@ client can raise the same class the node meant.
 
 from __future__ import annotations
 
+import re
+
 
 class KvsvrError(Exception):
     """Base of every error kvsvr raises on purpose."""
@@ -14,9 +16,34 @@ class KvsvrError(Exception):
 
 
 class Conflict(KvsvrError):
-    """A condition (`if_version`, `if_absent`) did not hold; nothing was written."""
+    """A condition (`if_version`, `if_absent`) did not hold; nothing was written.
+
+    `current_version` is the key's latest chosen version at some moment during
+    the call (None when the node did not say, as an older node would not): a
+    client doing optimistic concurrency re-reads from there.
+    """
 
     code = "conflict"
+
+    def __init__(self, message: str, current_version: int | None = None) -> None:
+        super().__init__(message)
+        self.current_version = current_version
+
+    @classmethod
+    def of_version(cls, current_version: int) -> Conflict:
+        """The error a node answers with; its text is what travels on the wire."""
+        return cls(_CONFLICT_MESSAGE.format(current_version), current_version)
+
+    @classmethod
+    def from_message(cls, message: str) -> Conflict:
+        """The error a client rebuilds from the wire, with the version it names."""
+        match = _CONFLICT_VERSION.search(message)
+        return cls(message, int(match.group(1)) if match else None)
+
+
+# What a Conflict says on the wire; `from_message` reads the version back.
+_CONFLICT_MESSAGE = "condition failed; the current version is {}"
+_CONFLICT_VERSION = re.compile(r"the current version is (\d+)")
 
 
 class Unavailable(KvsvrError):
@@ -74,4 +101,6 @@ ERRORS_BY_CODE: dict[str, type[KvsvrError]] = {
 
 def error_from_code(code: str, message: str) -> KvsvrError:
     """Rebuild an error received on the wire; unknown codes become `KvsvrError`."""
+    if code == Conflict.code:
+        return Conflict.from_message(message)
     return ERRORS_BY_CODE.get(code, KvsvrError)(message)

@@ -310,7 +310,17 @@ def small_histories(draw: st.DrawFn) -> tuple[list[Op], Model]:
             if invoke.f in ("read", "get"):
                 choices = REGISTER_READS if kind == "register" else KV_READS
                 value = draw(st.sampled_from(choices))
-            events.append(Op(process, type_, invoke.f, "k", value, t, len(events)))
+            # Versions on ok operations tie values to versions; a failed cas
+            # is often a Conflict claiming one (see pair_history).
+            extra: dict[str, Any] = {}
+            if type_ == "ok":
+                extra["version"] = draw(st.integers(0, 3))
+            elif type_ == "fail" and invoke.f == "cas" and draw(st.booleans()):
+                extra["error"] = "Conflict: condition failed"
+                claimed = draw(st.sampled_from([None, 0, 1, 2, 3]))
+                if claimed is not None:
+                    extra["current_version"] = claimed
+            events.append(Op(process, type_, invoke.f, "k", value, t, len(events), extra))
         elif invoked < n_ops:
             if kind == "register":
                 f = draw(st.sampled_from(["read", "write", "cas"]))
@@ -332,7 +342,8 @@ def small_histories(draw: st.DrawFn) -> tuple[list[Op], Model]:
                     ),  # c: unread, 3: list
                     "cas": [draw(st.sampled_from([None, "a", "b"])), draw(vals)],
                 }[f]
-            invoke = Op(process, "invoke", f, "k", value, t, len(events))
+            invoke_extra = {"if_version": draw(st.integers(0, 3))} if f == "cas" else {}
+            invoke = Op(process, "invoke", f, "k", value, t, len(events), invoke_extra)
             pending[process] = invoke
             events.append(invoke)
             invoked += 1

@@ -9,9 +9,11 @@ coordinator); the other half send every request to one node, so all three
 nodes coordinate every key and duel for its version slots.
 
 Recording: `invoke` just before a request is sent; `ok` with the result,
-`fail` when it certainly did not take effect (Conflict; any failed read), and
-`info` when the outcome is unknown (Unavailable/Timeout or anything else on a
-write), after which the client continues as a new process, as in Jepsen.
+`fail` when it certainly did not take effect (any failed read) or found its
+condition false (Conflict, recorded with the version the node reported as
+current, which the checker holds it to), and `info` when the outcome is
+unknown (Unavailable/Timeout or anything else on a write), after which the
+client continues as a new process, as in Jepsen.
 A cas is `[expected, new]` and is sent as `put(key, new, if_version=v)`,
 where v is the version at which this client last saw `expected`; since every
 written value is unique, "the version is v" and "the value is expected" are
@@ -80,10 +82,20 @@ class Recorder:
         self._index = itertools.count()
         self._process_ids = itertools.count(CLIENTS)
 
-    def event(self, process: int, type_: str, f: str, key: str, value: Any, error: str = "") -> Op:
+    def event(
+        self,
+        process: int,
+        type_: str,
+        f: str,
+        key: str,
+        value: Any,
+        error: str = "",
+        **extra: int | None,
+    ) -> Op:
         op = Op(process, type_, f, key, value, time.monotonic_ns(), next(self._index))
         if error:
             op.extra["error"] = error
+        op.extra.update((name, field) for name, field in extra.items() if field is not None)
         self.history.append(op)
         return op
 
@@ -128,7 +140,7 @@ class Worker:
             rec.event(self.process, "fail", "read", key, None, repr(exc))
             raise
         value = _decode(raw)
-        rec.event(self.process, "ok", "read", key, value)
+        rec.event(self.process, "ok", "read", key, value, version=version)
         self.seen[key] = (value, version)
 
     async def _write(self, put: Any, key: str) -> None:
@@ -141,24 +153,32 @@ class Worker:
             rec.event(self.process, "info", "write", key, new, repr(exc))
             self._crashed()
             raise
-        rec.event(self.process, "ok", "write", key, new)
+        rec.event(self.process, "ok", "write", key, new, version=got)
         self.seen[key] = (new, got)
 
     async def _cas(self, put: Any, key: str) -> None:
         rec = self.recorder
         expected, version = self.seen[key]
         new = next(self.values)
-        rec.event(self.process, "invoke", "cas", key, [expected, new])
+        rec.event(self.process, "invoke", "cas", key, [expected, new], if_version=version)
         try:
             got = await put(key, str(new).encode(), version)
         except kvsvr.Conflict as exc:
-            rec.event(self.process, "fail", "cas", key, [expected, new], repr(exc))
+            rec.event(
+                self.process,
+                "fail",
+                "cas",
+                key,
+                [expected, new],
+                repr(exc),
+                current_version=exc.current_version,
+            )
             return
         except Exception as exc:
             rec.event(self.process, "info", "cas", key, [expected, new], repr(exc))
             self._crashed()
             raise
-        rec.event(self.process, "ok", "cas", key, [expected, new])
+        rec.event(self.process, "ok", "cas", key, [expected, new], version=got)
         self.seen[key] = (new, got)
 
     def _crashed(self) -> None:

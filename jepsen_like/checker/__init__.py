@@ -43,16 +43,31 @@ from .formats import (
     write_edn,
     write_jsonl,
 )
-from .history import Op, Operation, freeze, pair_history
+from .history import (
+    CAS_CONFLICT,
+    FAIL_CONFLICT,
+    FAIL_CONVENTIONS,
+    FAIL_KNOSSOS,
+    UNREPORTED,
+    Op,
+    Operation,
+    freeze,
+    pair_history,
+)
 from .models import BaseModel, KvModel, Model, RegisterModel, model_for_fs
 from .report import render_html_report, write_html_report
 from .stale import StaleReadProblem, check_stale_reads_monotonic, is_stale_read, without_stale_reads
 
 __all__ = [
+    "CAS_CONFLICT",
+    "FAIL_CONFLICT",
+    "FAIL_CONVENTIONS",
+    "FAIL_KNOSSOS",
     "FORMATS",
     "LINEARIZABLE",
     "NOT_LINEARIZABLE",
     "UNKNOWN",
+    "UNREPORTED",
     "BaseModel",
     "CheckResult",
     "KeyResult",

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .history import Op, Operation, pair_history
+from .history import FAIL_CONFLICT, Op, Operation, pair_history
 from .models import Model, model_for_fs
 from .search import LINEARIZABLE as LINEARIZABLE
 from .search import NOT_LINEARIZABLE as NOT_LINEARIZABLE
@@ -97,15 +97,18 @@ def combine_verdicts(verdicts: Iterable[str]) -> str:
     return LINEARIZABLE
 
 
-def prepare(history: Iterable[Op], model: Model) -> dict[str | None, list[Operation]]:
+def prepare(
+    history: Iterable[Op], model: Model, fail_convention: str = FAIL_CONFLICT
+) -> dict[str | None, list[Operation]]:
     """Pair events into operations, drop what constrains nothing, split per key.
 
     Reads of unknown outcome are dropped: whatever they returned is not known,
     and a read changes no state.  Functions the model does not know are an
-    error rather than a violation.
+    error rather than a violation.  ``fail_convention`` says what a ``fail``
+    means (:func:`pair_history`).
     """
     per_key: dict[str | None, list[Operation]] = {}
-    for op in pair_history(history):
+    for op in pair_history(history, fail_convention):
         if op.f not in model.fs:
             raise ValueError(f"{model.name} model cannot check {op.f!r} (event {op.invoke_index})")
         if op.return_ns is None and op.f in model.read_fs:
@@ -208,6 +211,7 @@ def check(
     timeout_s: float | None = 60.0,
     workers: int = 2,
     probe_s: float = PROBE_S,
+    fail_convention: str = FAIL_CONFLICT,
 ) -> CheckResult:
     """Check that ``history`` is linearizable with respect to ``model``, per key.
 
@@ -221,13 +225,17 @@ def check(
     ``PROBE_TOTAL_S``).  The keys left over are checked afresh in a pool of
     ``workers`` processes when there are several, in-process otherwise.
     ``probe_s=0`` sends every key to the pool.
+
+    ``fail_convention`` is ``"conflict"`` for kvsvr's histories (a cas that
+    failed with a Conflict happened, and its claim is checked) and
+    ``"knossos"`` for outside ones, where every ``fail`` did not happen.
     """
     start = time.monotonic()
     history = list(history)
     if model is None:
         model = model_for_fs({op.f for op in history})
     deadline = None if timeout_s is None else start + timeout_s
-    per_key = prepare(history, model)
+    per_key = prepare(history, model, fail_convention)
     items = list(per_key.items())
     parallel = workers > 1 and len(items) > 1
     results: list[KeyResult] = []

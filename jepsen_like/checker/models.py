@@ -14,6 +14,13 @@ only tries to linearize them when ``step`` says they can succeed in the
 current state, and is free to leave them out (a cas whose comparison fails
 then is the same as a cas that never happened).
 
+A cas that failed with a Conflict is a completed operation of its own,
+``cas-conflict`` with value ``(expected, reported)`` (see
+:mod:`jepsen_like.checker.history`): it changes nothing and fits a state only
+if the condition is false there and, when ``reported`` is known, the state is
+the one reported.  So a Conflict answered from a stale view is caught, where
+reading a failed cas as "did not happen" (Knossos's convention) accepts any.
+
 Besides ``step``, a model offers two optional accelerations (see
 :class:`BaseModel` for the neutral defaults):
 
@@ -31,6 +38,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
+
+from .history import CAS_CONFLICT, UNREPORTED
 
 
 class OpLike(Protocol):
@@ -73,6 +82,8 @@ class Model(Protocol):
 
     def irrelevant(self, op: OpLike) -> bool: ...
 
+    def symmetry_class(self, op: OpLike) -> Hashable: ...
+
 
 class BaseModel:
     """Neutral defaults for the optional parts of :class:`Model`."""
@@ -113,6 +124,13 @@ class BaseModel:
         stays a candidate until the end of the history.
         """
         return False
+
+    def symmetry_class(self, op: OpLike) -> Hashable:
+        """Unknown-outcome operations of one class must act alike: ``step``
+        gives the same answer for each, from every state.  The search then
+        tries only the earliest-invoked remaining one of a class.  The default
+        class is ``(f, value)``."""
+        return (op.f, op.value)
 
 
 class _Unobserved:
@@ -158,20 +176,46 @@ def _show(value: Any) -> str:
     return "nil" if value is None else repr(value)
 
 
+def _conflict_fits(state: Any, holds: bool, reported: Any) -> bool:
+    """A Conflict fits a state where its condition does not hold and which is
+    the state it reported (when the history names that state)."""
+    return not holds and (reported is UNREPORTED or state == reported)
+
+
+def _conflict_observed(ops: Sequence[OpLike]) -> tuple[set[Any], bool]:
+    """The values Conflicts tell apart, and whether any reported no state:
+    such a Conflict fits every state but one, so no write is irrelevant to it."""
+    observed: set[Any] = set()
+    open_claims = False
+    for op in ops:
+        if op.f == CAS_CONFLICT:
+            expected, reported = op.value
+            observed.add(expected)
+            if reported is UNREPORTED:
+                open_claims = True
+            else:
+                observed.add(reported)
+    return observed, open_claims
+
+
 class RegisterModel(BaseModel):
     """A single register: ``read`` / ``write`` / ``cas``, starting at nil.
 
     ``cas`` carries ``[expected, new]``; a successful (``ok``) cas means the
     register held ``expected``, as in Jepsen's etcd and Knossos.
+    ``cas-conflict`` carries ``(expected, reported)``: the register did not
+    hold ``expected`` (and held ``reported``, when known).
     """
 
     name = "register"
-    fs = frozenset({"read", "write", "cas"})
-    read_fs = frozenset({"read"})
+    fs = frozenset({"read", "write", "cas", CAS_CONFLICT})
+    read_fs = frozenset({"read", CAS_CONFLICT})
 
-    def __init__(self, observed: frozenset[Any] | None = None) -> None:
+    def __init__(self, observed: frozenset[Any] | None = None, open_claims: bool = False) -> None:
         #: Values some read returns or some cas expects; others are merged.
         self.observed = observed
+        #: Whether some Conflict reported no state (see :meth:`irrelevant`).
+        self.open_claims = open_claims
 
     def _canon(self, value: Any) -> Any:
         observed = self.observed
@@ -190,6 +234,9 @@ class RegisterModel(BaseModel):
             if state == expected:
                 return True, self._canon(new)
             return False, state
+        if f == CAS_CONFLICT:
+            expected, reported = op.value
+            return _conflict_fits(state, state == expected, reported), state
         raise ValueError(f"register model has no function {f!r}")
 
     def describe(self, state: Any) -> str:
@@ -197,6 +244,8 @@ class RegisterModel(BaseModel):
 
     def read_reachable(self, state: Any, read: OpLike, changers: Sequence[OpLike]) -> bool:
         """The value read must be the current one or be written by a changer."""
+        if read.f == CAS_CONFLICT:
+            return True
         target = read.value
         if state == target:
             return True
@@ -214,15 +263,27 @@ class RegisterModel(BaseModel):
                 observed.add(op.value)
             elif op.f == "cas":
                 observed.add(op.value[0])
-        return RegisterModel(frozenset(observed))
+        claimed, open_claims = _conflict_observed(ops)
+        return RegisterModel(frozenset(observed | claimed), open_claims)
+
+    def symmetry_class(self, op: OpLike) -> Hashable:
+        """Writes (and cas with one expected value) of values nobody tells
+        apart all lead to the same merged state: one class."""
+        if op.f == "write":
+            return ("write", self._canon(op.value))
+        if op.f == "cas":
+            expected, new = op.value
+            return ("cas", expected, self._canon(new))
+        return (op.f, op.value)
 
     def irrelevant(self, op: OpLike) -> bool:
         """An unknown write (or cas) of a value nobody reads or expects.
 
         Once it took effect nothing but a later write can succeed, and that
-        write succeeds just as well without it.
+        write succeeds just as well without it. Not so while a Conflict that
+        reported no state stands: any value but its expected one lets it fit.
         """
-        if self.observed is None:
+        if self.observed is None or self.open_claims:
             return False
         if op.f == "write":
             return op.value is not None and op.value not in self.observed
@@ -232,10 +293,14 @@ class RegisterModel(BaseModel):
         return False
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, RegisterModel) and other.observed == self.observed
+        return (
+            isinstance(other, RegisterModel)
+            and other.observed == self.observed
+            and other.open_claims == self.open_claims
+        )
 
     def __hash__(self) -> int:
-        return hash((RegisterModel, self.observed))
+        return hash((RegisterModel, self.observed, self.open_claims))
 
     def __repr__(self) -> str:
         return "RegisterModel()"
@@ -251,12 +316,13 @@ class KvModel(BaseModel):
     other appended value is added as one element of a list (Jepsen's
     list-append).  The register functions ``read`` / ``write`` / ``cas`` are
     accepted as aliases so that one model covers kvsvr histories that mix
-    them (``cas [nil v]`` succeeds on an absent key).
+    them (``cas [nil v]`` succeeds on an absent key), and so is
+    ``cas-conflict`` (a cas that failed with a Conflict: see the module).
     """
 
     name = "kv"
-    fs = frozenset({"get", "put", "append", "delete", "read", "write", "cas"})
-    read_fs = frozenset({"get", "read"})
+    fs = frozenset({"get", "put", "append", "delete", "read", "write", "cas", CAS_CONFLICT})
+    read_fs = frozenset({"get", "read", CAS_CONFLICT})
 
     def __init__(
         self,
@@ -308,11 +374,18 @@ class KvModel(BaseModel):
             return True, None
         if f == "cas":
             expected, new = op.value
-            current = self.missing if state is None and expected is not None else state
-            if current == expected:
+            if self._holds(state, expected):
                 return True, self._canon(new)
             return False, state
+        if f == CAS_CONFLICT:
+            expected, reported = op.value
+            return _conflict_fits(state, self._holds(state, expected), reported), state
         raise ValueError(f"kv model has no function {f!r}")
+
+    def _holds(self, state: Any, expected: Any) -> bool:
+        """A cas's condition: expecting nil means the key is absent."""
+        current = self.missing if state is None and expected is not None else state
+        return bool(current == expected)
 
     def describe(self, state: Any) -> str:
         return "(absent)" if state is None else repr(state)
@@ -326,6 +399,8 @@ class KvModel(BaseModel):
         values (each piece may be counted more than once: a safe
         over-approximation that keeps the test linear).
         """
+        if read.f == CAS_CONFLICT:
+            return True
         target = read.value
         bases: list[Any] = [state]
         pieces: set[Any] = set()
@@ -354,8 +429,22 @@ class KvModel(BaseModel):
                 observed.update(_prefixes(op.value))
             elif op.f == "cas":
                 observed.update(_prefixes(op.value[0]))
+        claimed, open_claims = _conflict_observed(ops)
+        for value in claimed:
+            observed.update(_prefixes(value))
         texts = tuple(v for v in observed if isinstance(v, str))
-        return KvModel(self.missing, frozenset(observed), _strings_only(ops), texts)
+        droppable = _strings_only(ops) and not open_claims
+        return KvModel(self.missing, frozenset(observed), droppable, texts)
+
+    def symmetry_class(self, op: OpLike) -> Hashable:
+        """Puts (and cas with one expected value) of values nobody tells apart
+        all lead to the same merged state: one class."""
+        if op.f in ("put", "write"):
+            return ("put", self._canon(op.value))
+        if op.f == "cas":
+            expected, new = op.value
+            return ("cas", expected, self._canon(new))
+        return (op.f, op.value)
 
     def irrelevant(self, op: OpLike) -> bool:
         """An unknown put, cas or append whose result nobody can ever see.
@@ -366,7 +455,8 @@ class KvModel(BaseModel):
         appends and resets can succeed until the next reset, so it can be left
         out provided those appends succeed on whatever value was there
         instead: guaranteed when every value of the key is a string (or the
-        key has no appends).
+        key has no appends), and no Conflict reported no state (any value but
+        its expected one lets such a Conflict fit).
         """
         if self.observed is None or not self.droppable_puts:
             return False
@@ -385,10 +475,11 @@ class KvModel(BaseModel):
             isinstance(other, KvModel)
             and other.missing == self.missing
             and other.observed == self.observed
+            and other.droppable_puts == self.droppable_puts
         )
 
     def __hash__(self) -> int:
-        return hash((KvModel, self.missing, self.observed))
+        return hash((KvModel, self.missing, self.observed, self.droppable_puts))
 
     def __repr__(self) -> str:
         return f"KvModel(missing={self.missing!r})"

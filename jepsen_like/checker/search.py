@@ -26,8 +26,9 @@ verdict is unchanged (a randomized test compares with brute force):
 * dominance for optional operations: a configuration that linearized a
   superset of the optional operations of a seen configuration with the same
   required set and state can do nothing the seen one could not;
-* symmetry: unknown-outcome operations with equal (f, value) are
-  interchangeable, so only the earliest-invoked remaining one is tried;
+* symmetry: unknown-outcome operations of one class (equal (f, value), or
+  what ``Model.symmetry_class`` says acts alike) are interchangeable, so
+  only the earliest-invoked remaining one is tried;
 * eager reads: a read that fits the current state is linearized at once and
   nothing else is tried there (moving a read earlier to where it fits never
   breaks a linearization);
@@ -144,9 +145,10 @@ def search(
     # are interchangeable, and the one invoked first is available whenever a
     # later one is, so only ever linearize the earliest remaining of a class.
     gate = [0] * n
-    last_of_class: dict[tuple[str, Any], int] = {}
+    last_of_class: dict[Any, int] = {}
+    symmetry_class = model.symmetry_class
     for op in sorted((o for o in ops if o.return_ns is None), key=lambda o: (o.call_ns, o.id)):
-        cls = (op.f, op.value)
+        cls = symmetry_class(op)
         previous = last_of_class.get(cls)
         if previous is not None:
             gate[op.id] = bits[previous]

@@ -200,6 +200,7 @@ def _record_completion(
         version=completion.version,
         error=completion.error,
         unchanged=completion.unchanged or None,
+        current_version=completion.current_version,
     )
 
 
@@ -219,6 +220,7 @@ async def _perform(
         op.value,
         node=worker.node,
         consistency=_consistency_field(op),
+        if_version=op.if_version,
     )
     try:
         completion = await workload.execute(op, worker, client)

@@ -16,9 +16,13 @@ for the key and the version it saw it at: values are unique per write, so a
 version names exactly one value, and the put succeeds exactly when the
 register still holds `expected`.
 
-Outcomes: ok; `Conflict` is fail (nothing written); a request that was never
-sent (`NotSent`) is fail; `Unavailable` / `Timeout` / anything else on a write
-is info (outcome unknown); a read that raised is fail (a read changes nothing).
+Outcomes: ok; `Conflict` is fail, recorded with the version the node reported
+as current (`current_version`): the checker takes it as an operation that
+happened and found the condition false, so an untrue Conflict is caught; a
+request that was never sent (`NotSent`) is fail (it did not happen);
+`Unavailable` / `Timeout` / anything else on a write is info (outcome
+unknown); a read that raised is fail (a read changes nothing). A cas invoke
+records the `if_version` it sends.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class PlannedOp:
     # "strong" (linearizable) or "stale" (a read answered without a quorum
     # round, checked for per-process monotonicity instead of linearizability).
     consistency: str = "strong"
+    # A cas's condition: the version its expected value was seen at.
+    if_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,8 @@ class Completion:
     # A near-cache read the node answered "unchanged": the value is the one
     # the client held at this version, not sent again.
     unchanged: bool = False
+    # A Conflict's claim: the key's version at some moment during the call.
+    current_version: int | None = None
 
 
 @dataclass(slots=True)
@@ -127,7 +135,7 @@ def _failed_write(error: KvsvrError) -> Completion:
     if isinstance(error, NotSent):
         return Completion("fail", error=_error_text(error), sent=False)
     if isinstance(error, Conflict):
-        return Completion("fail", error=_error_text(error))
+        return Completion("fail", error=_error_text(error), current_version=error.current_version)
     return Completion("info", error=_error_text(error))
 
 
@@ -208,8 +216,8 @@ class RegisterWorkload:
             return PlannedOp("read", key, None)
         if roll < self.read_fraction + self.write_fraction:
             return PlannedOp("write", key, self._value())
-        expected, _ = worker.last_seen.get(key, (None, 0))
-        return PlannedOp("cas", key, [expected, self._value()])
+        expected, seen_version = worker.last_seen.get(key, (None, 0))
+        return PlannedOp("cas", key, [expected, self._value()], if_version=seen_version)
 
     def final_read(self, key: str) -> PlannedOp:
         return PlannedOp("read", key, None)
@@ -246,9 +254,10 @@ class RegisterWorkload:
             if_version = None
         else:
             expected, new = op.value
-            seen_value, seen_version = worker.last_seen.get(op.key, (None, 0))
-            assert seen_value == expected, "cas is planned from the last value seen"
-            if_version = seen_version
+            assert worker.last_seen.get(op.key, (None, 0)) == (expected, op.if_version), (
+                "cas is planned from the last value seen"
+            )
+            if_version = op.if_version
         try:
             version = await client.put(op.key, encode_value(new), if_version=if_version)
         except KvsvrError as error:

@@ -25,7 +25,12 @@ class SeedVerdict:
         return self.verdict == LINEARIZABLE
 
 
+_STANDARD_FIELDS = frozenset({"process", "type", "f", "key", "value", "time", "index"})
+
+
 def to_ops(history: list[dict[str, object]]) -> list[Op]:
+    """The checker's events; the other fields (versions, a Conflict's claim)
+    go in `extra`, where the checker reads them."""
     ops = []
     for event in history:
         ops.append(
@@ -37,6 +42,7 @@ def to_ops(history: list[dict[str, object]]) -> list[Op]:
                 value=event["value"],
                 time_ns=int(event["time"]),  # type: ignore[call-overload]
                 index=int(event["index"]),  # type: ignore[call-overload]
+                extra={k: v for k, v in event.items() if k not in _STANDARD_FIELDS},
             )
         )
     return ops

@@ -104,7 +104,7 @@ class _Client:
             run.next_value += 1
             new = run.next_value
             expected, version = self.seen.get(key, (None, 0))
-            self._invoke("cas", key, [expected, new])
+            self._invoke("cas", key, [expected, new], if_version=version)
             world.write(
                 node,
                 key,
@@ -112,11 +112,11 @@ class _Client:
                 lambda o: self._done_cas(key, expected, new, o),
             )
 
-    def _invoke(self, f: str, key: bytes, value: Any) -> None:
-        self.run.record(self.process, "invoke", f, key, value)
+    def _invoke(self, f: str, key: bytes, value: Any, **extra: Any) -> None:
+        self.run.record(self.process, "invoke", f, key, value, **extra)
 
-    def _complete(self, kind: str, f: str, key: bytes, value: Any) -> None:
-        self.run.record(self.process, kind, f, key, value)
+    def _complete(self, kind: str, f: str, key: bytes, value: Any, **extra: Any) -> None:
+        self.run.record(self.process, kind, f, key, value, **extra)
         if kind == "info":
             # As in Jepsen: a process whose operation is in doubt is retired.
             self.process += self.run.config.processes
@@ -128,14 +128,14 @@ class _Client:
             return
         value = _decode(outcome.value)
         self.seen[key] = (value, outcome.version)
-        self._complete("ok", "read", key, value)
+        self._complete("ok", "read", key, value, version=outcome.version)
 
     def _done_write(self, key: bytes, value: int, outcome: Outcome | None) -> None:
         if outcome is None or outcome.status != "ok":
             self._complete("info", "write", key, value)
             return
         self.seen[key] = (value, outcome.version)
-        self._complete("ok", "write", key, value)
+        self._complete("ok", "write", key, value, version=outcome.version)
 
     def _done_cas(
         self, key: bytes, expected: int | None, new: int, outcome: Outcome | None
@@ -143,10 +143,19 @@ class _Client:
         if outcome is None or outcome.status == "unavailable":
             self._complete("info", "cas", key, [expected, new])
         elif outcome.status == "conflict":
-            self._complete("fail", "cas", key, [expected, new])
+            # A Conflict is a claim about the key (the checker holds it to it):
+            # the condition was false, at the version reported.
+            self._complete(
+                "fail",
+                "cas",
+                key,
+                [expected, new],
+                error=f"Conflict: {outcome.detail}",
+                current_version=outcome.version,
+            )
         else:
             self.seen[key] = (new, outcome.version)
-            self._complete("ok", "cas", key, [expected, new])
+            self._complete("ok", "cas", key, [expected, new], version=outcome.version)
 
 
 class _Run:
@@ -179,7 +188,9 @@ class _Run:
         replicas = self.world.replicas
         return replicas[sum(key) % len(replicas)]
 
-    def record(self, process: int, kind: str, f: str, key: bytes, value: Any) -> None:
+    def record(self, process: int, kind: str, f: str, key: bytes, value: Any, **extra: Any) -> None:
+        """One event; `extra` (version, if_version, current_version, error) as
+        the harness records them."""
         self.history.append(
             {
                 "process": process,
@@ -189,9 +200,11 @@ class _Run:
                 "value": value,
                 "time": int(self.world.now_s * 1e9),
                 "index": len(self.history),
+                **extra,
             }
         )
-        self.world.log(f"p{process} {kind} {f} {key.decode()} {value}")
+        shown = "".join(f" {name}={field}" for name, field in extra.items())
+        self.world.log(f"p{process} {kind} {f} {key.decode()} {value}{shown}")
 
     def nemesis(self) -> None:
         if self.issued >= self.config.operations:

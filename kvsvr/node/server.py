@@ -1808,7 +1808,7 @@ class Node:
         if outcome.status == "ok":
             return
         if outcome.status == "conflict":
-            raise Conflict(f"condition failed; the current version is {outcome.version}")
+            raise Conflict.of_version(outcome.version)
         raise Unavailable(outcome.detail or "no majority of replicas answered; outcome unknown")
 
     # ------------------------------------------------------------ the handler
