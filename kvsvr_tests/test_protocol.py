@@ -215,6 +215,46 @@ def test_conditions() -> None:
     assert lost.status == "conflict"
 
 
+def test_a_stale_lease_never_answers_conflict() -> None:
+    """Regression (issue 22; simulator seeds 3, 6, 11, ... under the models that
+    check a Conflict's claim): A chose version 1 and keeps its promise; B
+    writes version 2 through phase 1. A's lease now says 1, but a cas by A
+    with if_version=2 holds for the whole call and must be written, and a cas
+    with if_version=1 must report 2, the current version, not A's 1."""
+    cluster = Cluster()
+    a, b = coordinator(1), coordinator(2)
+    everyone = {1, 2, 3}
+    assert cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"a1"), 0), everyone).version == 1
+    assert a.has_lease("t", KEY)
+    assert cluster.run(b.write("t", KEY, [1, 2, 3], Mutation(b"b2"), 0), everyone).version == 2
+
+    stale = cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"x", if_version=1), 0), everyone)
+    assert (stale.status, stale.version) == ("conflict", 2)
+
+    cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"a2"), 0), everyone)  # version 3, A's lease
+    cluster.run(b.write("t", KEY, [1, 2, 3], Mutation(b"b4"), 0), everyone)  # version 4
+    held = cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"a5", if_version=4), 0), everyone)
+    assert (held.status, held.version) == ("ok", 5)
+    absent = cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"y", if_absent=True), 0), everyone)
+    assert (absent.status, absent.version) == ("conflict", 5)
+
+
+def test_a_lease_that_contradicts_the_condition_costs_a_round_not_a_guess() -> None:
+    """A conflict is answered only after a majority's phase 1, never from the
+    lease alone (zero messages would prove nothing)."""
+    cluster = Cluster()
+    a = coordinator(1)
+    everyone = {1, 2, 3}
+    cluster.run(a.write("t", KEY, [1, 2, 3], Mutation(b"v1"), 0), everyone)
+    cas = a.write("t", KEY, [1, 2, 3], Mutation(b"x", if_version=7), 0)
+    first, outcome = cluster.step(cas, None, everyone)
+    assert outcome is None and first is not None
+    assert all(isinstance(m, Prepare) for m in first.requests.values())
+    assert len(first.requests) == 3
+    final = cluster.run_from(cas, cluster.answer(first, everyone), everyone)
+    assert (final.status, final.version) == ("conflict", 1)
+
+
 def test_no_majority_means_unavailable() -> None:
     cluster = Cluster()
     outcome = cluster.run(coordinator(1).write("t", KEY, [1, 2, 3], Mutation(b"v"), 0), {1})

@@ -511,13 +511,17 @@ def _write(
     attempted: int | None = None  # the version our last accept round proposed at
 
     lease = coordinator.take_lease(table, key)
-    if lease is not None and lease.present is None and mutation.if_absent:
+    if lease is not None and (
+        (lease.present is None and mutation.if_absent)
+        or not mutation.allows(lease.version, lease.present)
+    ):
+        # A lease is what this coordinator last chose, not what the key holds
+        # now: another coordinator may have written since. Only an accept that
+        # a majority takes proves the lease current, so a condition that fails
+        # against it proves nothing; phase 1 asks a majority (see
+        # docs/DESIGN.md, "Write path", step 3).
         lease = None
     if lease is not None:
-        if not mutation.allows(lease.version, lease.present):
-            coordinator.put_lease(table, key, lease)
-            stats.conflicts += 1
-            return Outcome("conflict", version=lease.version, detail="condition failed")
         attempted = lease.version + mutation.versions
         acceptors = yield from _accept_round(
             coordinator,
