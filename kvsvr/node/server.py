@@ -2000,6 +2000,12 @@ def tune_gc() -> None:
 EXIT_WRONG_CLUSTER = 5
 
 
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
 def run_node(config_path: str, node_id: str, initial_state: str | None = None) -> int:
     """`kvsvr node`: serve until SIGTERM or SIGINT. Returns the exit code.
     `initial_state` ("new" or "existing") overrides the config's."""
@@ -2016,7 +2022,7 @@ def run_node(config_path: str, node_id: str, initial_state: str | None = None) -
     try:
         trio.run(_main, config, node_id, initial_state)
     except* lifecycle.WrongCluster as group:
-        refused.extend(group.exceptions)
+        refused.extend(_leaves(group))
     for error in refused:
         log.error("refusing to run: %s", error)
         print(f"kvsvr node {node_id}: refusing to run: {error}", file=sys.stderr, flush=True)
