@@ -77,6 +77,7 @@ from kvsvr.config import (
     TableConfig,
     load_config,
     local_cluster,
+    new_cluster_id,
     render_config,
 )
 from kvsvr.errors import (
@@ -1010,12 +1011,27 @@ def prepare_up_config(
             )
         if apps:
             existing = _add_missing_tables(path, existing, app_tables())
+        if existing.cluster_id is None:
+            existing = _add_cluster_id(path)
         return path, existing, True
     # data_dir "." is relative to the config file: node i keeps its data in directory/ni.
     path.write_text(render_config(wanted, data_dir="."), encoding="utf-8")
     if secret is not None:
         path.chmod(0o600)
     return path, load_config(path), False
+
+
+def _add_cluster_id(path: Path) -> ClusterConfig:
+    """Give a config written before cluster ids one (its nodes' directories
+    adopt it on their next start: they hold data, so they are not new)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if "[cluster]\n" not in lines:
+        raise ConfigError(f"{path} has no [cluster] table to add the cluster id to")
+    at = lines.index("[cluster]\n") + 1
+    lines.insert(at, f'id = "{new_cluster_id()}"  # added by `kvsvr up`\n')
+    path.write_text("".join(lines), encoding="utf-8")
+    _say(f"kvsvr up: gave {path} a cluster id")
+    return load_config(path)
 
 
 def _add_missing_tables(
