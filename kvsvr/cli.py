@@ -466,7 +466,7 @@ def _add_recover(commands: _Commands, options: argparse.ArgumentParser) -> None:
             "their data. It needs --accept-data-loss."
         ),
     )
-    parser.set_defaults(operation=_recover)
+    parser.set_defaults(operation=_recover, validate=_check_recover)
     parser.add_argument(
         "--accept-data-loss",
         action="store_true",
@@ -533,6 +533,9 @@ Operation = Callable[[Client, argparse.Namespace], Awaitable[int]]
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
+    validate = getattr(args, "validate", None)
+    if validate is not None:
+        validate(args)  # a UsageError before anything is sent
     try:
         addresses, secret = _cluster_target(args)
         value_from_stdin = getattr(args, "value", None) == "-"
@@ -681,11 +684,14 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
-async def _recover(client: Client, args: argparse.Namespace) -> int:
+def _check_recover(args: argparse.Namespace) -> None:
     if not args.accept_data_loss:
         raise UsageError(
             "recovery may lose acknowledged writes; say --accept-data-loss to go ahead"
         )
+
+
+async def _recover(client: Client, args: argparse.Namespace) -> int:
     statuses = await client.cluster_status()
     waiting = [s for s in statuses if s.get("health") == "needs_operator"]
     for line in format_operator_messages(statuses):
