@@ -402,7 +402,6 @@ class Replication:
         self.detectors = {n.index: PhiDetector() for n in node.config.nodes if n.index != self.me}
         self.hints = HintStore(node)
         self.replay_wakeups = {index: trio.Event() for index in self.detectors}
-        self._pinged = trio.Event()  # a peer pinged us: while joining, ask again at once
         self.ae = AntiEntropyStats()
         self.rebuild = RebuildStats()
         self.names = {n.index: n.id for n in node.config.nodes}
@@ -578,7 +577,6 @@ class Replication:
         hello = Hello.from_wire(body)
         if hello.node_id not in self.indexes or hello.node_id == self.names[self.me]:
             raise InvalidRequest(f"hello from unknown node {hello.node_id!r}")
-        self._pinged.set()
         if hello.cluster_id != self.cluster_id:
             self._log_foreign(hello.node_id, hello.cluster_id)
         elif hello.state == READY:
@@ -738,11 +736,14 @@ class Replication:
             else:
                 parts.append(f"partitions {ranges}: every replica lost its data; they start empty")
         lost_names = ", ".join(self.names[n] for n in lost_nodes)
-        message = (
-            "; ".join(parts)
-            + f". Writes acknowledged only by replicas that lost their data ({lost_names}) "
-            "may be lost, and a write whose outcome was unknown may not have happened."
-        )
+        if parts:
+            message = (
+                "; ".join(parts)
+                + f". Writes acknowledged only by replicas that lost their data ({lost_names}) "
+                "may be lost, and a write whose outcome was unknown may not have happened."
+            )
+        else:
+            message = "enough replicas were ready by then: rebuilt in full, nothing lost here"
         return {
             "message": message,
             "partitions": {str(p): [self.names[n] for n in s] for p, s in short.items()},
