@@ -2018,12 +2018,15 @@ def run_node(config_path: str, node_id: str, initial_state: str | None = None) -
     _require_cluster_id(config)
     log.info("build: %s", _build.describe(_build.compiled_modules()))
     tune_gc()
-    refused: list[BaseException] = []
     try:
         trio.run(_main, config, node_id, initial_state)
-    except* lifecycle.WrongCluster as group:
-        refused.extend(_leaves(group))
-    for error in refused:
-        log.error("refusing to run: %s", error)
-        print(f"kvsvr node {node_id}: refusing to run: {error}", file=sys.stderr, flush=True)
-    return EXIT_WRONG_CLUSTER if refused else 0
+    except (lifecycle.WrongCluster, BaseExceptionGroup) as failure:
+        refused = _leaves(failure)
+        if not all(isinstance(leaf, lifecycle.WrongCluster) for leaf in refused):
+            raise
+    else:
+        return 0
+    for reason in refused:
+        log.error("refusing to run: %s", reason)
+        print(f"kvsvr node {node_id}: refusing to run: {reason}", file=sys.stderr, flush=True)
+    return EXIT_WRONG_CLUSTER
