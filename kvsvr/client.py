@@ -838,11 +838,12 @@ class Client:
         return [results[node.id] for node in self._map.nodes]
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Wait until every node of the map answers, its replica votes (a node
-        that started with an empty store first asks its peers whether the
-        cluster is new, or rebuilds what it lost, and refuses to vote until
-        then) and it sees every other node up. Raises `Timeout` after
-        `timeout_s`, saying which nodes were not ready and why."""
+        """Wait until every node of the map answers, its replica is "ready"
+        (it votes: a node with an empty data directory first founds the
+        cluster or rebuilds what it lost; see `cluster_status` for the other
+        states) and it sees every other node up. Raises `Timeout` after
+        `timeout_s`, saying which nodes were not ready and why (a node that
+        needs an operator says so)."""
         if not timeout_s > 0:
             raise InvalidRequest(f"timeout_s must be > 0, not {timeout_s!r}")
         waiting = {node.id: "not asked yet" for node in self._map.nodes}
