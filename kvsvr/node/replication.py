@@ -412,6 +412,10 @@ class Replication:
         self.peer_replies: dict[int, HelloReply] = {}
         self._foreign_logged: set[str] = set()
         self._changed = trio.Event()  # a peer's reply changed what we know
+        # Set (and replaced) when this node becomes ready: every heartbeat says
+        # hello at once, so that peers record it as a member within a round
+        # trip of its first vote, not a beat later (see `lifecycle.decide_new`).
+        self._announce = trio.Event()
         self.members: set[str] = _read_members(self.storage.read_meta(MEMBERS_KEY))
         # Set by `kvsvr recover --accept-data-loss`; what the rebuild then lost.
         self.accept_data_loss = False
@@ -477,6 +481,8 @@ class Replication:
         self.ready = True
         self.ready_event.set()
         self.state = READY
+        self._announce.set()
+        self._announce = trio.Event()
         log.info("replica ready (%s)", why)
 
     # ------------------------------------------------------------ write hooks
@@ -541,7 +547,8 @@ class Replication:
             # A peer that is down is asked again sooner, so that its link (and
             # the first rounds after it comes back) do not wait a whole beat.
             beat = HEARTBEAT_S if not detector.failed else HEARTBEAT_DOWN_S
-            await trio.sleep_until(started + beat)
+            with trio.move_on_at(started + beat):
+                await self._announce.wait()
 
     def _heard(self, peer: int, reply: HelloReply) -> bool:
         """Take in a peer's hello reply; False if it is of another cluster."""
