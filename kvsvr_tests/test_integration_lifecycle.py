@@ -189,3 +189,49 @@ async def test_a_node_whose_peers_are_of_another_cluster_refuses_to_start(
         log = cluster.log_path("n3").read_text()
         assert code == 5, log
         assert f"belongs to cluster {config.cluster_id}, not {stranger}" in log, log
+
+
+async def test_a_rebuild_cut_short_is_taken_up_again_after_a_restart(tmp_path: Path) -> None:
+    """A replacement that is killed before its rebuild ends holds its
+    identity but not its rows: started again (as "new", even), it must
+    rebuild, never count as a node that restarted with its data."""
+    with LocalCluster(tmp_path, nodes=3) as cluster:
+        cluster.start_all()
+        async with node_connection(cluster.address("n1"), cluster.secret) as n1:
+            for i in range(20):
+                await n1.put(f"k{i}", b"v%d" % i)
+        for node_id in ("n2", "n3"):
+            await cluster.astop(node_id)
+        shutil.rmtree(cluster.config.node_data_dir("n2"))
+        # n3 is down: n2 cannot rebuild yet (it needs both other replicas).
+        await trio.to_thread.run_sync(
+            lambda: cluster.start("n2", extra_args=("--initial-cluster-state", "existing"))
+        )
+        await _wait_replica_state(cluster, "n2", "rebuilding", 60.0)
+        await cluster.akill("n2")
+        await cluster.astart("n2")
+        await _wait_replica_state(cluster, "n2", "rebuilding", 60.0)
+        await cluster.astart("n3")
+        await _wait_states(cluster, {"n1": "ready", "n2": "ready", "n3": "ready"}, 60.0)
+        async with node_connection(cluster.address("n2"), cluster.secret) as n2:
+            for i in range(20):
+                assert await n2.get(f"k{i}", consistency="local") == (1, b"v%d" % i)
+        log = cluster.log_path("n2").read_text()
+        assert "its rebuild was cut short" in log, log
+
+
+async def _wait_replica_state(
+    cluster: LocalCluster, node_id: str, state: str, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    seen = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            async with cluster.connect() as client:
+                seen = (await client.status(node_id))["replication"]["state"]
+        except kvsvr.KvsvrError as error:
+            seen = f"no answer ({error})"
+        if seen == state:
+            return
+        await trio.sleep(0.2)
+    raise AssertionError(f"{node_id} still {seen}, not {state}")

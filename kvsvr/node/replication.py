@@ -443,6 +443,8 @@ class Replication:
         )
         if self.start.kind == "refuse":
             raise lifecycle.WrongCluster(self.start.reason)
+        if self.start.kind in ("replacement", "ask_peers"):
+            log.info("data directory: %s", self.start.reason)
         if self.start.kind == "adopt":
             self.storage.stage_meta(IDENTITY_KEY, self._identity().to_bytes())
         if self.start.kind in ("ready", "adopt"):
