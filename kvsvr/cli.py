@@ -60,7 +60,7 @@ from typing import IO, Any, Final, TypeAlias, cast
 
 import trio
 
-from kvsvr.apps._tables import app_tables
+from kvsvr.apps import app_tables
 from kvsvr.client import (
     CONSISTENCIES,
     DEFAULT_TABLE,
