@@ -228,9 +228,8 @@ class KvsvrCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kvsvr nodes did not listen in time; logs in {self.directory}")
             time.sleep(POLL_S)
-        # Listening is not serving: wait until every replica votes (a write
-        # before then can leave the replicas still joining to rebuild from each
-        # other, which then never vote), then for a write through a quorum.
+        # Listening is not serving: wait until every replica votes and sees
+        # its peers, then for a write through a quorum on several partitions.
         import kvsvr
 
         last_error: Exception | None = None

@@ -1,13 +1,14 @@
 """The `kvsvr` command: run a local cluster, run a node, read and write keys.
 
     kvsvr up [--nodes 3] [--dir ./kvsvr-data] [--base-port 7100] [--secret S] [--partitions P]
-    kvsvr node --config FILE --id ID
+    kvsvr node --config FILE --id ID [--initial-cluster-state new|existing]
     kvsvr get    KEY [--sort-key SK] [--consistency strong|stale|local] [--max-age-s S] [--raw]
     kvsvr put    KEY VALUE [--sort-key SK] [--if-version V | --if-absent]
     kvsvr cas    KEY VALUE --if-version V [--sort-key SK]
     kvsvr del    KEY [--sort-key SK] [--if-version V]
     kvsvr scan   PARTITION_KEY [--start S] [--end E] [--limit N]
-    kvsvr status [--node ID|HOST:PORT]
+    kvsvr status [--node ID|HOST:PORT] [--json]
+    kvsvr recover --accept-data-loss
 
 The key commands say which cluster with `--cluster HOST:PORT[,HOST:PORT...]`
 or `--config FILE` (its nodes and secret), else the `KVSVR_CLUSTER`
@@ -33,6 +34,9 @@ Exit codes:
     3  conflict: a condition (--if-version, --if-absent) did not hold; nothing written
     4  unavailable or timed out: the outcome of a write is unknown
     5  any other error (authentication failed, invalid request, bad config, ...)
+
+`kvsvr node` exits with 5 when its data directory or its peers belong to
+another cluster (or its directory to another node), and says so.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.metadata
+import json
 import os
 import signal
 import socket
@@ -55,7 +60,7 @@ from typing import IO, Any, Final, TypeAlias, cast
 
 import trio
 
-from kvsvr.apps._tables import app_tables
+from kvsvr.apps import app_tables
 from kvsvr.client import (
     CONSISTENCIES,
     DEFAULT_TABLE,
@@ -72,6 +77,7 @@ from kvsvr.config import (
     TableConfig,
     load_config,
     local_cluster,
+    new_cluster_id,
     render_config,
 )
 from kvsvr.errors import (
@@ -84,6 +90,7 @@ from kvsvr.errors import (
     Unavailable,
 )
 from kvsvr.keys import UserKey
+from kvsvr.protocol.lifecycle import INITIAL_STATES
 from kvsvr.protocol.placement import PARTITIONS_MAX
 
 EXIT_OK: Final = 0
@@ -130,6 +137,8 @@ CONFIG_FILE_NAME: Final = "cluster.toml"
 DEFAULT_UP_DIR: Final = "kvsvr-data"
 DEFAULT_BASE_PORT: Final = 7100
 DEFAULT_TIMEOUT_S: Final = 5.0
+# `kvsvr recover` waits this long for the nodes to rebuild and the cluster to be ready.
+RECOVER_WAIT_S: Final = 300.0
 
 
 class UsageError(Exception):
@@ -208,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_del(commands, client_options)
     _add_scan(commands, client_options)
     _add_status(commands, client_options)
+    _add_recover(commands, client_options)
     return parser
 
 
@@ -288,6 +298,13 @@ def _add_node(commands: _Commands) -> None:
     parser = _command(commands, "node", "run one node (what `up` starts)", _cmd_node)
     parser.add_argument("--config", required=True, help="the cluster's config file (TOML)")
     parser.add_argument("--id", required=True, help="this node's id in the config")
+    parser.add_argument(
+        "--initial-cluster-state",
+        choices=INITIAL_STATES,
+        help="with an empty data directory: 'new' founds the cluster (unless a peer knows "
+        "this node as a member), 'existing' replaces a member and rebuilds from its peers "
+        "before voting (default: the config's initial_state, else new)",
+    )
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -428,6 +445,39 @@ def _add_status(commands: _Commands, options: argparse.ArgumentParser) -> None:
         metavar="ID|HOST:PORT",
         help="show this node's full status (default: a line per node)",
     )
+    parser.add_argument(
+        "--json", action="store_true", help="print the statuses as JSON (exit code as without)"
+    )
+
+
+def _add_recover(commands: _Commands, options: argparse.ArgumentParser) -> None:
+    parser = _command(
+        commands,
+        "recover",
+        "bring back a cluster where a majority of some partition's replicas lost their data",
+        _cmd_client,
+        parents=[options],
+        description=(
+            "Nodes whose data directories were lost rebuild from their peers by themselves,\n"
+            "but when too few replicas of a partition kept their data they wait, saying\n"
+            "'needs operator'. This tells each such node to rebuild from the replicas\n"
+            "that kept their data, then waits for the cluster to be ready and prints\n"
+            "what may have been lost: writes acknowledged only by replicas that lost\n"
+            "their data. It needs --accept-data-loss."
+        ),
+    )
+    parser.set_defaults(operation=_recover, validate=_check_recover)
+    parser.add_argument(
+        "--accept-data-loss",
+        action="store_true",
+        help="required: acknowledged writes held only by the lost replicas are gone",
+    )
+    parser.add_argument(
+        "--wait-s",
+        type=_seconds(allow_zero=False),
+        default=RECOVER_WAIT_S,
+        help=f"how long to wait for the recovery and readiness (default {RECOVER_WAIT_S:g})",
+    )
 
 
 # --- entry point --------------------------------------------------------------------
@@ -483,6 +533,9 @@ Operation = Callable[[Client, argparse.Namespace], Awaitable[int]]
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
+    validate = getattr(args, "validate", None)
+    if validate is not None:
+        validate(args)  # a UsageError before anything is sent
     try:
         addresses, secret = _cluster_target(args)
         value_from_stdin = getattr(args, "value", None) == "-"
@@ -601,23 +654,104 @@ async def _scan(client: Client, args: argparse.Namespace) -> int:
 
 async def _status(client: Client, args: argparse.Namespace) -> int:
     if args.node is not None:
-        for line in format_status(await client.status(args.node)):
-            _say(line)
+        status = await client.status(args.node)
+        if args.json:
+            _say(json.dumps(status, indent=2, sort_keys=True, default=_json_default))
+        else:
+            for line in format_status(status):
+                _say(line)
         return EXIT_OK
     statuses = await client.cluster_status()
-    for line in format_cluster_status(statuses):
+    if args.json:
+        _say(json.dumps(statuses, indent=2, sort_keys=True, default=_json_default))
+    else:
+        for line in format_cluster_status(statuses):
+            _say(line)
+        for line in format_operator_messages(statuses):
+            _say(line)
+        _say()
+        for line in format_cache_status(statuses):
+            _say(line)
+        _say()
+        for line in format_catch_up(statuses):
+            _say(line)
+    return EXIT_OK if all(s.get("health") == "ready" for s in statuses) else EXIT_UNAVAILABLE
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return _show(value)
+    return str(value)
+
+
+def _check_recover(args: argparse.Namespace) -> None:
+    if not args.accept_data_loss:
+        raise UsageError(
+            "recovery may lose acknowledged writes; say --accept-data-loss to go ahead"
+        )
+
+
+async def _recover(client: Client, args: argparse.Namespace) -> int:
+    statuses = await client.cluster_status()
+    waiting = [s for s in statuses if s.get("health") == "needs_operator"]
+    for line in format_operator_messages(statuses):
         _say(line)
-    _say()
-    for line in format_cache_status(statuses):
-        _say(line)
-    _say()
-    for line in format_catch_up(statuses):
-        _say(line)
-    return EXIT_OK if all(s.get("health") == "up" for s in statuses) else EXIT_UNAVAILABLE
+    if not waiting:
+        _say("no node needs an operator")
+    answers: dict[str, Any] = {}
+
+    async def recover(node: str) -> None:
+        answers[node] = await client.recover(node, accept_data_loss=True, timeout_s=args.wait_s)
+
+    async with trio.open_nursery() as nursery:
+        for status in waiting:
+            nursery.start_soon(recover, str(status.get("node")))
+    for node, answer in sorted(answers.items()):
+        loss = answer.get("loss") if isinstance(answer, dict) else None
+        if isinstance(loss, dict):
+            _say(f"{node}: recovered; {loss.get('message')}")
+        else:
+            _say(f"{node}: {answer.get('state') if isinstance(answer, dict) else answer}")
+    await client.wait_ready(timeout_s=args.wait_s)
+    _say("cluster ready")
+    return EXIT_OK
+
+
+def format_operator_messages(statuses: list[dict[str, Any]]) -> list[str]:
+    """The 'needs operator' lines of the nodes that wait for one."""
+    lines: list[str] = []
+    for status in statuses:
+        replication = status.get("replication")
+        message = replication.get("needs_operator") if isinstance(replication, dict) else None
+        if message:
+            lines.append(
+                f"{status.get('node', '?')}: {message} "
+                "(kvsvr recover --accept-data-loss brings it back from the rest)"
+            )
+    return lines
+
+
+def describe_health(status: dict[str, Any]) -> str:
+    """A node's state in words, with a rebuild's progress."""
+    health = str(status.get("health"))
+    if health == "rebuilding":
+        replication = status.get("replication")
+        rebuild = replication.get("rebuild") if isinstance(replication, dict) else None
+        if isinstance(rebuild, dict):
+            waiting = rebuild.get("waiting_for") or []
+            if waiting:
+                return f"rebuilding, waiting for {', '.join(map(str, waiting))}"
+            return (
+                f"rebuilding ({rebuild.get('tables_done', 0)}/{rebuild.get('tables_total', '?')} "
+                f"tables, {rebuild.get('rows_rebuilt', 0)} rows)"
+            )
+    return health.replace("_", " ")
 
 
 def format_cluster_status(statuses: list[dict[str, Any]]) -> list[str]:
-    """One line per node: health, partitions held and preferred, uptime."""
+    """One line per node: partitions held and preferred, uptime, and its state
+    (ready, starting, waiting for peers, rebuilding, needs operator, or why it
+    could not be asked)."""
     header = (
         f"{'node':<6} {'address':<21} {'zone':<8} {'held':>5} {'pref':>5} {'uptime':>8}  health"
     )
@@ -630,7 +764,7 @@ def format_cluster_status(statuses: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"{status.get('node', '?')!s:<6} {status.get('address', '?')!s:<21} "
             f"{status.get('zone', '?')!s:<8} {held!s:>5} {preferred!s:>5} {uptime_text:>8}  "
-            f"{status.get('health')}"
+            f"{describe_health(status)}"
             + (", UNSAFE: no fsync" if status.get("fsync") is False else "")
         )
     return lines
@@ -735,9 +869,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
             raise
         _complain(f"this kvsvr has no node implementation ({exc})")
         return EXIT_ERROR
-    run_node = cast(Callable[[str, str], int], server.run_node)
+    run_node = cast(Callable[[str, str, str | None], int], server.run_node)
     try:
-        return run_node(args.config, args.id)
+        return run_node(args.config, args.id, args.initial_cluster_state)
     except ConfigError as exc:
         _complain(f"bad config: {exc}")
         return EXIT_ERROR
@@ -883,12 +1017,27 @@ def prepare_up_config(
             )
         if apps:
             existing = _add_missing_tables(path, existing, app_tables())
+        if existing.cluster_id is None:
+            existing = _add_cluster_id(path)
         return path, existing, True
     # data_dir "." is relative to the config file: node i keeps its data in directory/ni.
     path.write_text(render_config(wanted, data_dir="."), encoding="utf-8")
     if secret is not None:
         path.chmod(0o600)
     return path, load_config(path), False
+
+
+def _add_cluster_id(path: Path) -> ClusterConfig:
+    """Give a config written before cluster ids one (its nodes' directories
+    adopt it on their next start: they hold data, so they are not new)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if "[cluster]\n" not in lines:
+        raise ConfigError(f"{path} has no [cluster] table to add the cluster id to")
+    at = lines.index("[cluster]\n") + 1
+    lines.insert(at, f'id = "{new_cluster_id()}"  # added by `kvsvr up`\n')
+    path.write_text("".join(lines), encoding="utf-8")
+    _say(f"kvsvr up: gave {path} a cluster id")
+    return load_config(path)
 
 
 def _add_missing_tables(

@@ -791,17 +791,41 @@ class Client:
             connection = await self._status_connection(node)
             return _reply_dict(await connection.request("status", {}), "status")
 
+    async def recover(
+        self, node: str, *, accept_data_loss: bool, timeout_s: float = 300.0
+    ) -> dict[str, Any]:
+        """Tell a node that waits for an operator (a majority of some partition's
+        replicas lost their data) to rebuild from the replicas that kept theirs.
+        Returns once it is ready, with what may have been lost (`"loss"`);
+        a node that needs no operator answers `"recovered": False`."""
+        if not accept_data_loss:
+            raise InvalidRequest("recovery may lose acknowledged writes: pass accept_data_loss")
+        if not timeout_s > 0:
+            raise InvalidRequest(f"timeout_s must be > 0, not {timeout_s!r}")
+        try:
+            with trio.fail_after(timeout_s):
+                connection = await self._status_connection(node)
+                reply = await connection.request(
+                    "recover", {"accept_data_loss": True}, deadline=trio.current_time() + timeout_s
+                )
+        except trio.TooSlowError:
+            raise Timeout(f"node {node} did not finish recovering in {timeout_s:g} s") from None
+        return _reply_dict(reply, "recover")
+
     async def cluster_status(self) -> list[dict[str, Any]]:
         """Every node of the map, asked at once: its status with `"health"`
-        set to "up", or only its id, address and zone with `"health"` saying
-        why it could not be asked."""
+        set to its replica's state ("ready", "starting", "waiting_for_peers",
+        "rebuilding", "needs_operator"; only "ready" serves), or only its id,
+        address and zone with `"health"` saying why it could not be asked."""
         results: dict[str, dict[str, Any]] = {}
 
         async def ask(node: NodeInfo) -> None:
             try:
                 with trio.fail_after(self._timeout_s):
                     status = await self.status(node.id)
-                status["health"] = "up"
+                replication = status.get("replication")
+                state = replication.get("state") if isinstance(replication, Mapping) else None
+                status["health"] = str(state) if state is not None else "answering"
             except (KvsvrError, trio.TooSlowError) as error:
                 status = {"node": node.id, "health": f"unreachable ({error})"}
             status.setdefault("address", f"{node.host}:{node.port}")
@@ -814,11 +838,12 @@ class Client:
         return [results[node.id] for node in self._map.nodes]
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Wait until every node of the map answers, its replica votes (a node
-        that started with an empty store first asks its peers whether the
-        cluster is new, or rebuilds what it lost, and refuses to vote until
-        then) and it sees every other node up. Raises `Timeout` after
-        `timeout_s`, saying which nodes were not ready and why."""
+        """Wait until every node of the map answers, its replica is "ready"
+        (it votes: a node with an empty data directory first founds the
+        cluster or rebuilds what it lost; see `cluster_status` for the other
+        states) and it sees every other node up. Raises `Timeout` after
+        `timeout_s`, saying which nodes were not ready and why (a node that
+        needs an operator says so)."""
         if not timeout_s > 0:
             raise InvalidRequest(f"timeout_s must be > 0, not {timeout_s!r}")
         waiting = {node.id: "not asked yet" for node in self._map.nodes}
@@ -1255,7 +1280,7 @@ _T = TypeVar("_T")
 
 def _not_ready_because(status: Mapping[str, Any]) -> str | None:
     """Why a node (its `cluster_status` entry) is not ready yet; None if it is."""
-    if status.get("health") != "up":
+    if status.get("health") != "ready":
         return str(status.get("health"))
     replication = status.get("replication")
     if not isinstance(replication, Mapping):
@@ -1404,6 +1429,13 @@ class SyncClient:
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         self._run(self._async.wait_ready, timeout_s)
+
+    def recover(
+        self, node: str, *, accept_data_loss: bool, timeout_s: float = 300.0
+    ) -> dict[str, Any]:
+        return self._run(
+            self._async.recover, node, accept_data_loss=accept_data_loss, timeout_s=timeout_s
+        )
 
     def partition_map(self, *, refresh: bool = False) -> PartitionMap:
         return self._run(self._async.partition_map, refresh=refresh)

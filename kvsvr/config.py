@@ -1,6 +1,9 @@
 """Cluster configuration: a TOML file every node and tool reads.
 
     [cluster]
+    id = "0b6e0f9e-..."       # the cluster's id, a UUID made when the config is written
+    initial_state = "new"     # "new": a node with an empty data directory founds the
+                              # cluster; "existing": it replaces a member and rebuilds first
     secret = "change-me"      # optional; absent = open cluster (a warning is logged)
     partitions = 64           # a power of two, fixed at cluster creation
     replication = 3           # replicas per partition
@@ -33,15 +36,19 @@
     ttl_s = 0                 # 0: rows never expire
 
 Relative `data_dir` paths are taken relative to the config file's folder.
+A node needs `id` (`kvsvr/protocol/lifecycle.py` says what it and
+`initial_state` decide); clients do not read either.
 """
 
 from __future__ import annotations
 
 import tomllib
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvsvr.protocol.lifecycle import CLUSTER_ID_CHARS_MAX, INITIAL_STATES, NEW
 from kvsvr.protocol.placement import PARTITIONS_MAX, NodePlace, replica_sets
 
 # Table names become LMDB sub-database names; keep them short and plain.
@@ -94,6 +101,8 @@ class ClusterConfig:
     anti_entropy_rows_per_s: int = 2_500
     tombstone_grace_s: float = 14_400.0
     unsafe_no_fsync: bool = False
+    cluster_id: str | None = None  # None: a config only clients read
+    initial_state: str = NEW
 
     def node(self, node_id: str) -> NodeConfig:
         for node in self.nodes:
@@ -237,9 +246,22 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
     unsafe_no_fsync = cluster.get("unsafe_no_fsync", False)
     if not isinstance(unsafe_no_fsync, bool):
         raise ConfigError("unsafe_no_fsync must be true or false")
+    cluster_id = cluster.get("id")
+    if cluster_id is not None and (
+        not isinstance(cluster_id, str)
+        or not cluster_id
+        or len(cluster_id) > CLUSTER_ID_CHARS_MAX
+        or not cluster_id.isprintable()
+    ):
+        raise ConfigError(f"id must be a non-empty string of at most {CLUSTER_ID_CHARS_MAX} chars")
+    initial_state = cluster.get("initial_state", NEW)
+    if initial_state not in INITIAL_STATES:
+        raise ConfigError(f"initial_state must be one of {', '.join(INITIAL_STATES)}")
     return ClusterConfig(
         nodes=tuple(nodes),
         tables=tuple(tables),
+        cluster_id=cluster_id,
+        initial_state=initial_state,
         partitions=partitions,
         replication=replication,
         secret=secret_raw.encode() if secret_raw else None,
@@ -302,6 +324,9 @@ def _toml_string(text: str) -> str:
 def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
     """The TOML text of a config (what `kvsvr up` writes)."""
     lines = ["[cluster]"]
+    if config.cluster_id is not None:
+        lines.append(f"id = {_toml_string(config.cluster_id)}")
+    lines.append(f"initial_state = {_toml_string(config.initial_state)}")
     if config.secret is not None:
         lines.append(f"secret = {_toml_string(config.secret.decode())}")
     lines += [
@@ -351,7 +376,8 @@ def local_cluster(
     replication: int = 3,
     tables: tuple[TableConfig, ...] = (TableConfig("default"),),
 ) -> ClusterConfig:
-    """A cluster on 127.0.0.1: node i (from 1) on base_port + i, each in its own zone."""
+    """A new cluster on 127.0.0.1: node i (from 1) on base_port + i, each in its
+    own zone, with a fresh cluster id."""
     nodes = tuple(
         NodeConfig(id=f"n{i}", index=i, host="127.0.0.1", port=base_port + i, zone=f"z{i}")
         for i in range(1, node_count + 1)
@@ -359,7 +385,13 @@ def local_cluster(
     return ClusterConfig(
         nodes=nodes,
         tables=tables,
+        cluster_id=new_cluster_id(),
         partitions=partitions,
         replication=min(replication, node_count),
         secret=secret.encode() if secret else None,
     )
+
+
+def new_cluster_id() -> str:
+    """A fresh cluster id: made once, when a cluster's config is first written."""
+    return str(uuid.uuid4())

@@ -192,8 +192,17 @@ class LocalCluster:
 
     # --- control --------------------------------------------------------------------
 
-    def start(self, node_id: str, *, wait: bool = True) -> None:
-        """Start a node that is not running; by default wait until its port answers."""
+    def start(
+        self,
+        node_id: str,
+        *,
+        wait: bool = True,
+        extra_args: tuple[str, ...] = (),
+        config_path: Path | None = None,
+    ) -> None:
+        """Start a node that is not running; by default wait until its port
+        answers. `extra_args` go to `kvsvr node` (`--initial-cluster-state
+        existing`); `config_path` replaces the cluster's config for this start."""
         self.config.node(node_id)  # a clear error for an unknown id
         if self.is_running(node_id):
             raise ClusterError(f"node {node_id} is already running")
@@ -203,9 +212,10 @@ class LocalCluster:
             "kvsvr",
             "node",
             "--config",
-            str(self.config_path),
+            str(config_path or self.config_path),
             "--id",
             node_id,
+            *extra_args,
         ]
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
@@ -286,6 +296,19 @@ class LocalCluster:
                     "log tail:\n" + self.log_tail(node_id)
                 )
             time.sleep(READY_POLL_S)
+
+    def wait_exit(self, node_id: str, timeout_s: float = READY_TIMEOUT_S) -> int:
+        """Wait for a node that should exit by itself; its exit code."""
+        process = self._processes.get(node_id)
+        if process is None:
+            raise ClusterError(f"node {node_id} was never started")
+        try:
+            return process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(
+                f"node {node_id} still runs after {timeout_s} s; log tail:\n"
+                + self.log_tail(node_id)
+            ) from None
 
     def kill(self, node_id: str) -> None:
         """SIGKILL the node (a crash) and reap it."""

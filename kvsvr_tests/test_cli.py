@@ -98,6 +98,8 @@ CLUSTER = ["--cluster", "127.0.0.1:7101"]
         ["up", "--partitions", "3"],
         ["up", "--base-port", "70000"],
         ["node", "--config", "c.toml"],
+        ["node", "--config", "c.toml", "--id", "n1", "--initial-cluster-state", "old"],
+        ["recover", *CLUSTER],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -177,6 +179,62 @@ def test_catch_up_lines_show_hints_and_the_oldest_anti_entropy_pass() -> None:
     )
     assert "rebuilding" in lines[2] and "not yet for 1 of 2 partitions" in lines[2]
     assert len(lines) == 3
+
+
+def test_status_lines_say_each_nodes_state_and_who_needs_an_operator() -> None:
+    message = "needs operator: n2, n3 lost data for partitions 0-15"
+    statuses = [
+        {"node": "n1", "health": "ready", "replication": {"state": "ready"}},
+        {
+            "node": "n2",
+            "health": "rebuilding",
+            "replication": {
+                "state": "rebuilding",
+                "rebuild": {"tables_done": 1, "tables_total": 3, "rows_rebuilt": 120},
+            },
+        },
+        {
+            "node": "n3",
+            "health": "rebuilding",
+            "replication": {"state": "rebuilding", "rebuild": {"waiting_for": ["n1"]}},
+        },
+        {
+            "node": "n4",
+            "health": "needs_operator",
+            "replication": {"state": "needs_operator", "needs_operator": message},
+        },
+        {"node": "n5", "health": "waiting_for_peers"},
+        {"node": "n6", "health": "unreachable (refused)"},
+    ]
+    lines = cli.format_cluster_status(statuses)[1:]
+    assert [line.split("  ")[-1].strip() for line in lines] == [
+        "ready",
+        "rebuilding (1/3 tables, 120 rows)",
+        "rebuilding, waiting for n1",
+        "needs operator",
+        "waiting for peers",
+        "unreachable (refused)",
+    ]
+    assert not any(line.endswith(" up") for line in lines)
+    (operator,) = cli.format_operator_messages(statuses)
+    assert operator.startswith(f"n4: {message}") and "kvsvr recover --accept-data-loss" in operator
+
+
+def test_up_gives_a_config_from_before_cluster_ids_one(tmp_path: Path) -> None:
+    path, config, _ = cli.prepare_up_config(
+        tmp_path, nodes=3, base_port=7200, secret=None, partitions=None
+    )
+    assert config.cluster_id is not None
+    text = path.read_text().replace(f'id = "{config.cluster_id}"\n', "")
+    path.write_text(text)
+    _, again, reused = cli.prepare_up_config(
+        tmp_path, nodes=3, base_port=7200, secret=None, partitions=None
+    )
+    assert reused and again.cluster_id is not None and again.cluster_id != config.cluster_id
+    _, third, _ = cli.prepare_up_config(
+        tmp_path, nodes=3, base_port=7200, secret=None, partitions=None
+    )
+    assert third.cluster_id == again.cluster_id
 
 
 def test_cache_figures_per_node() -> None:

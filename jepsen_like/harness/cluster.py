@@ -257,8 +257,8 @@ class Cluster:
         )
 
     async def replica_state(self, node_id: str) -> str:
-        """The node's replica state ("ready", "joining", "rebuilding"), or why
-        it could not be asked."""
+        """The node's replica state ("ready", "starting", "waiting_for_peers",
+        "rebuilding", "needs_operator"), or why it could not be asked."""
         if not self.is_running(node_id):
             return "not running"
         node = self._node(node_id)

@@ -207,8 +207,10 @@ class WipeNemesis:
     disk. The node must rebuild every row from its peers before it votes
     (kvsvr/node/replication.py), or the checker finds the promises it forgot.
     It strikes only while every node is "ready": two replicas wiped at once is
-    a lost majority, which kvsvr does not claim to survive. Nothing to heal:
-    the node rebuilds itself."""
+    a lost majority, which needs an operator (`kvsvr recover`) and may lose
+    acknowledged writes. Nothing to heal: the node rebuilds itself (it is
+    restarted with the same config; its peers know it as a member, so it
+    does not found the cluster again)."""
 
     name = "wipe"
 

@@ -1,6 +1,7 @@
 """A throwaway local cluster with the applications' tables, for the demos and
 `bench.apps`: 3 `kvsvr node` processes on free ports of 127.0.0.1, data in a
-temporary directory, stopped (SIGTERM, then SIGKILL) and removed on exit.
+temporary directory, ready (every node votes and sees its peers: `wait_ready`)
+when yielded, stopped (SIGTERM, then SIGKILL) and removed on exit.
 
     with local_app_cluster() as (addresses, secret):
         ...
@@ -18,16 +19,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+import trio
+
 from kvsvr.apps._tables import app_tables, tables_toml
-from kvsvr.client import Client
+from kvsvr.client import Client, SyncClient
 from kvsvr.config import TableConfig, local_cluster, render_config
+from kvsvr.errors import KvsvrError
 
 NODE_START_TIMEOUT_S: Final = 60.0  # a loaded 2-core machine can take many seconds
+# From the ports answering to every node voting: a fresh cluster decides at
+# once, but a loaded machine's processes can be slow to exchange hellos.
+CLUSTER_READY_TIMEOUT_S: Final = 60.0
+STATUS_TIMEOUT_S: Final = 5.0
 NODE_STOP_TIMEOUT_S: Final = 15.0
 PORT_LOW: Final = 20000  # below the kernel's ephemeral range, as the test clusters do
 PORT_HIGH: Final = 30000
@@ -60,6 +68,17 @@ def _free_base_port(count: int) -> int:
         if all(_port_is_free(base + offset) for offset in range(1, count + 1)):
             return base
     raise RuntimeError(f"no {count} consecutive free ports in [{PORT_LOW}, {PORT_HIGH})")
+
+
+class ClusterStartError(RuntimeError):
+    """The local cluster did not become ready; `.logs` holds the nodes' log tails."""
+
+    def __init__(self, message: str, logs: str) -> None:
+        super().__init__(message)
+        self.logs = logs
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}\n{self.logs}"
 
 
 @contextmanager
@@ -108,9 +127,19 @@ def local_app_cluster(
             while not _port_answers(node.port):
                 if process.poll() is not None or time.monotonic() > deadline:
                     log_text = (directory / f"{node.id}.log").read_text(errors="replace")
-                    raise RuntimeError(f"node {node.id} did not start:\n{log_text[-2000:]}")
+                    raise ClusterStartError(f"node {node.id} did not start", log_text[-2000:])
                 time.sleep(0.05)
-        yield [node.address for node in config.nodes], secret
+        addresses = [node.address for node in config.nodes]
+        with SyncClient(addresses, secret=secret, timeout_s=STATUS_TIMEOUT_S) as client:
+            try:
+                client.wait_ready(timeout_s=CLUSTER_READY_TIMEOUT_S)
+            except KvsvrError as error:
+                tails = "\n".join(
+                    (directory / f"{n.id}.log").read_text(errors="replace")[-1000:]
+                    for n in config.nodes
+                )
+                raise ClusterStartError(str(error), tails) from None
+        yield addresses, secret
     finally:
         for process in processes:
             if process.poll() is None:
@@ -163,3 +192,48 @@ def missing_tables_message(missing: list[str]) -> str:
         f"the cluster does not declare the tables {', '.join(missing)}; add these to its "
         f"config (every node) and restart it:\n\n{tables_toml(declarations)}"
     )
+
+
+Demo = Callable[[list[str], str | None, float], Awaitable[int]]
+
+# Exit codes of a demo that could not run, as the `kvsvr` command's.
+EXIT_UNAVAILABLE: Final = 4
+EXIT_ERROR: Final = 5
+
+
+def run_demo(prog: str, args: argparse.Namespace, demo: Demo) -> int:
+    """Run a demo against `--cluster` or a local cluster (ready before the
+    demo's first operation). A cluster that cannot be reached or started is
+    one line on stderr and a non-zero exit, not a traceback."""
+    try:
+        with demo_cluster(args) as (addresses, secret):
+            return trio.run(demo, addresses, secret, args.timeout_s)
+    except ClusterStartError as error:
+        _fail(prog, f"the local cluster did not start: {error.args[0]}")
+        return EXIT_ERROR
+    except Exception as error:
+        errors = _kvsvr_errors(error)
+        if errors is None:
+            raise
+        first = errors[0]
+        _fail(prog, f"cannot reach the cluster: {type(first).__name__}: {first}")
+        return EXIT_UNAVAILABLE
+
+
+def _kvsvr_errors(error: BaseException) -> list[KvsvrError] | None:
+    """The KvsvrErrors that `error` is (or is a group of only), else None."""
+    if isinstance(error, KvsvrError):
+        return [error]
+    if isinstance(error, BaseExceptionGroup):
+        found: list[KvsvrError] = []
+        for inner in error.exceptions:
+            errors = _kvsvr_errors(inner)
+            if errors is None:
+                return None
+            found += errors
+        return found
+    return None
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: {' '.join(message.split())}", file=sys.stderr, flush=True)

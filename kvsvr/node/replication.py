@@ -22,14 +22,17 @@ background, each mechanism bounded:
   differ it asks the peer for (key, version) pairs and pulls the rows where
   the peer is ahead, at `anti_entropy_rows_per_s` at most. Pull only: each
   node fetches what it lacks, so the pair converges after both passes.
-- **Rebuild.** A node that starts with no `initialized` marker in its `meta`
-  asks its peers whether they hold data. If one does, its own data directory
-  was wiped (or lost): it must not vote on any strong key until its rows are
-  rebuilt from *every* peer it shares partitions with (the rule of
-  `replica.peers_needed_to_rebuild` for three replicas; stricter for more),
-  merging promises and proposals as well as values, or it could forget a
-  promise it made and let two values be chosen. Until then it refuses Paxos
-  messages on strong tables (the other replicas still form a majority).
+- **Start and rebuild.** How a node starts is decided by
+  `kvsvr.protocol.lifecycle` (identity in `meta`, "new" or "existing",
+  founding or replacing). A replacement must not vote on any strong key
+  until its rows are rebuilt, merging promises and proposals as well as
+  values from enough *ready* replicas of each partition it holds
+  (`replica.peers_needed_to_rebuild`: a majority of the partition), or it
+  could forget a promise it made and let two values be chosen. Until then it
+  refuses Paxos messages on strong tables (the other replicas still form a
+  majority). It never waits on a peer that lost its data too: when too few
+  replicas of a partition kept theirs, it reports "needs operator" and waits
+  for `kvsvr recover --accept-data-loss`.
 - **Purges.** Expired rows: an eventual table's are deleted; a strong table's
   keep their version and promise but lose the value (the key's version must
   never go back: see `purge_row`). An eventual table's tombstone is deleted
@@ -61,8 +64,18 @@ import trio
 
 from kvsvr.errors import CorruptRow, FrameError, InvalidRequest, KvsvrError, Unavailable
 from kvsvr.keys import decode_key
-from kvsvr.protocol import replica
+from kvsvr.protocol import lifecycle, replica
 from kvsvr.protocol.eventual import lww_apply, stamp_ms
+from kvsvr.protocol.lifecycle import (
+    NEEDS_OPERATOR,
+    READY,
+    REBUILDING,
+    STARTING,
+    WAITING_FOR_PEERS,
+    Hello,
+    HelloReply,
+    Identity,
+)
 from kvsvr.protocol.placement import partition_of
 from kvsvr.protocol.state import EMPTY_ROW, ZERO_BALLOT, Row
 from kvsvr.storage import Storage, decode_row, encode_row
@@ -81,8 +94,11 @@ HEARTBEAT_TIMEOUT_S: Final = 2.0
 # 0.5 s pings that is about 4.6 s of silence; a refused connection is faster.
 PHI_DOWN: Final = 4.0
 ARRIVALS_KEPT: Final = 100
-HELLO_RETRY_S: Final = 0.05
 JOIN_WAIT_S: Final = 0.8  # below the coordinators' round timeout (1 s)
+# A node deciding how to start, or waiting for rebuild sources, looks again
+# when a peer's hello changes what it knows, and at least this often.
+DECIDE_AGAIN_S: Final = 0.25
+MEMBERS_MAX: Final = 256  # node ids remembered as members: more than a cluster has
 
 HINT_BATCH_ROWS: Final = 512
 HINT_REPLAY_IDLE_S: Final = 1.0  # look for new hints of an up target this often
@@ -106,7 +122,15 @@ REBUILD_RETRY_S: Final = 0.5
 RPC_TIMEOUT_S: Final = 10.0
 DIGEST_TIMEOUT_S: Final = 120.0  # a peer may have to scan its table first
 
-MARKER_KEY: Final = b"initialized"
+# `meta` keys. The identity (cluster id, node id) is written before the node
+# first votes; `rebuild_pending` from the start of a replacement's rebuild to
+# its end, so that a rebuild cut short is taken up again, never mistaken for
+# a directory that holds its data. `initialized` is what directories made
+# before cluster ids carry.
+IDENTITY_KEY: Final = b"identity"
+REBUILD_PENDING_KEY: Final = b"rebuild_pending"
+MEMBERS_KEY: Final = b"members"
+OLD_MARKER_KEY: Final = b"initialized"
 
 # RPC methods this module answers (the node's handler dispatches them here).
 PING: Final = "ping"
@@ -358,10 +382,13 @@ class AntiEntropyStats:
 
 @dataclass
 class RebuildStats:
-    state: str = "starting"  # starting | joining | rebuilding | ready
     rows_rebuilt: int = 0
+    tables_done: int = 0
+    tables_total: int = 0
     started_at: float = 0.0
     finished_at: float = 0.0
+    waiting_for: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
 
 
 class Replication:
@@ -375,10 +402,27 @@ class Replication:
         self.detectors = {n.index: PhiDetector() for n in node.config.nodes if n.index != self.me}
         self.hints = HintStore(node)
         self.replay_wakeups = {index: trio.Event() for index in self.detectors}
-        self._pinged = trio.Event()  # a peer pinged us: while joining, ask again at once
         self.ae = AntiEntropyStats()
         self.rebuild = RebuildStats()
+        self.names = {n.index: n.id for n in node.config.nodes}
+        self.indexes = {n.id: n.index for n in node.config.nodes}
+        assert node.config.cluster_id is not None, "a node needs the cluster id"
+        self.cluster_id: str = node.config.cluster_id
+        # What each peer said last: its hello reply (state, whether it knows us).
+        self.peer_replies: dict[int, HelloReply] = {}
+        self._foreign_logged: set[str] = set()
+        self._changed = trio.Event()  # a peer's reply changed what we know
+        # Set (and replaced) when this node becomes ready: every heartbeat says
+        # hello at once, so that peers record it as a member within a round
+        # trip of its first vote, not a beat later (see `lifecycle.decide_new`).
+        self._announce = trio.Event()
+        self.members: set[str] = _read_members(self.storage.read_meta(MEMBERS_KEY))
+        # Set by `kvsvr recover --accept-data-loss`; what the rebuild then lost.
+        self.accept_data_loss = False
+        self.lost: dict[int, tuple[int, ...]] = {}
+        self.loss_report: dict[str, Any] | None = None
         # Strong tables refuse votes until the node knows it did not lose data.
+        self.state = STARTING
         self.ready = False
         self.ready_event = trio.Event()
         self._digest_cache: dict[str, tuple[float, dict[int, list[int]]]] = {}
@@ -387,12 +431,24 @@ class Replication:
             peer: [p for p, s in enumerate(self.replica_sets) if self.me in s and peer in s]
             for peer in self.detectors
         }
-        if self.storage.read_meta(MARKER_KEY) is not None:
-            self._become_ready("restarted with its data")
-        elif self._has_strong_rows():
-            # A data directory from before the marker existed: its data is its own.
-            self.storage.stage_meta(MARKER_KEY, b"1")
-            self._become_ready("data present")
+        stored_raw = self.storage.read_meta(IDENTITY_KEY)
+        stored = None if stored_raw is None else Identity.from_bytes(stored_raw)
+        self.start = lifecycle.decide_start(
+            stored,
+            self.storage.read_meta(OLD_MARKER_KEY) is not None or self._has_rows(),
+            self.cluster_id,
+            node.me.id,
+            node.initial_state,
+            rebuild_pending=self.storage.read_meta(REBUILD_PENDING_KEY) is not None,
+        )
+        if self.start.kind == "refuse":
+            raise lifecycle.WrongCluster(self.start.reason)
+        if self.start.kind in ("replacement", "ask_peers"):
+            log.info("data directory: %s", self.start.reason)
+        if self.start.kind == "adopt":
+            self.storage.stage_meta(IDENTITY_KEY, self._identity().to_bytes())
+        if self.start.kind in ("ready", "adopt"):
+            self._become_ready(self.start.reason)
 
     # ------------------------------------------------------------ queries
 
@@ -401,33 +457,34 @@ class Replication:
 
     async def wait_to_vote(self) -> None:
         """Return when this replica may vote on strong keys; raise Unavailable
-        if it may not. A node still joining (asking its peers whether the
-        cluster is new, which takes a moment after a fresh start) holds the
-        message up to JOIN_WAIT_S rather than refusing it; a rebuilding one
-        refuses at once."""
+        if it may not. A node still deciding how to start (asking its peers
+        whether it founds the cluster, which takes a moment after a fresh
+        start) holds the message up to JOIN_WAIT_S rather than refusing it; a
+        rebuilding one refuses at once."""
         if self.ready:
             return
-        if self.rebuild.state in ("starting", "joining"):
+        if self.state in (STARTING, WAITING_FOR_PEERS):
             with trio.move_on_after(JOIN_WAIT_S):
                 await self.ready_event.wait()
             if self.ready:
                 return
-        raise Unavailable(f"this replica is {self.rebuild.state} and does not vote yet")
+        raise Unavailable(f"this replica is {self.state} and does not vote yet")
 
     def _eventual(self, table: str) -> bool:
         return self.node.tables[table].consistency == "eventual"
 
-    def _has_strong_rows(self) -> bool:
-        return any(
-            self.storage.scan_table_raw(t.name, b"", None, 1)
-            for t in self.config.tables
-            if t.consistency == "strong"
-        )
+    def _has_rows(self) -> bool:
+        return any(self.storage.scan_table_raw(t.name, b"", None, 1) for t in self.config.tables)
+
+    def _identity(self) -> Identity:
+        return Identity(self.cluster_id, self.names[self.me])
 
     def _become_ready(self, why: str) -> None:
         self.ready = True
         self.ready_event.set()
-        self.rebuild.state = "ready"
+        self.state = READY
+        self._announce.set()
+        self._announce = trio.Event()
         log.info("replica ready (%s)", why)
 
     # ------------------------------------------------------------ write hooks
@@ -466,16 +523,22 @@ class Replication:
                 nursery.start_soon(self._replay_loop, peer)
             task_status.started()
             if not self.ready:
-                await self._join()
+                await self._bootstrap()
             nursery.start_soon(self._anti_entropy_loop)
 
     async def _heartbeat(self, peer: int) -> None:
+        """Say hello to the peer every beat: who we are and our state; its
+        reply says the same of it, and whether it knows us as a member."""
         detector = self.detectors[peer]
         while True:
             started = trio.current_time()
             try:
+                hello = Hello(self.cluster_id, self.names[self.me], self.state)
                 with trio.fail_after(HEARTBEAT_TIMEOUT_S):
-                    await self.node.peers[peer].call(PING, None)
+                    raw = await self.node.peers[peer].call(PING, hello.to_wire())
+                reply = HelloReply.from_wire(raw)
+                if not self._heard(peer, reply):
+                    raise FrameError(f"peer {self.names[peer]} is of another cluster")
                 if detector.arrived(time.monotonic()):
                     log.info("peer %d is up", peer)
                     self.replay_wakeups[peer].set()
@@ -486,7 +549,55 @@ class Replication:
             # A peer that is down is asked again sooner, so that its link (and
             # the first rounds after it comes back) do not wait a whole beat.
             beat = HEARTBEAT_S if not detector.failed else HEARTBEAT_DOWN_S
-            await trio.sleep_until(started + beat)
+            with trio.move_on_at(started + beat):
+                await self._announce.wait()
+
+    def _heard(self, peer: int, reply: HelloReply) -> bool:
+        """Take in a peer's hello reply; False if it is of another cluster."""
+        if reply.cluster_id != self.cluster_id:
+            self._log_foreign(self.names[peer], reply.cluster_id)
+        elif reply.state == READY:
+            self._remember_member(self.names[peer])
+        previous = self.peer_replies.get(peer)
+        self.peer_replies[peer] = reply
+        if previous != reply:
+            self._changed.set()
+        return reply.cluster_id == self.cluster_id
+
+    def _log_foreign(self, peer: str, cluster_id: str) -> None:
+        if peer not in self._foreign_logged:
+            self._foreign_logged.add(peer)
+            log.error(
+                "peer %s belongs to cluster %s, not %s: it is not talked to",
+                peer,
+                cluster_id,
+                self.cluster_id,
+            )
+
+    def _remember_member(self, node_id: str) -> None:
+        """A peer seen voting is a member: should it come back empty, it was
+        wiped and must rebuild (see `lifecycle.decide_new`)."""
+        if node_id in self.members or len(self.members) >= MEMBERS_MAX:
+            return
+        self.members.add(node_id)
+        self.storage.stage_meta(MEMBERS_KEY, msgpack.packb(sorted(self.members)))
+
+    def _answer_hello(self, body: object) -> list[Any]:
+        hello = Hello.from_wire(body)
+        if hello.node_id not in self.indexes or hello.node_id == self.names[self.me]:
+            raise InvalidRequest(f"hello from unknown node {hello.node_id!r}")
+        if hello.cluster_id != self.cluster_id:
+            self._log_foreign(hello.node_id, hello.cluster_id)
+        elif hello.state == READY:
+            self._remember_member(hello.node_id)
+        knows = hello.node_id in self.members and hello.cluster_id == self.cluster_id
+        return HelloReply(self.cluster_id, self.state, knows).to_wire()
+
+    async def _decide_again(self) -> None:
+        """Sleep until a peer's reply changes what we know (or a while)."""
+        with trio.move_on_after(DECIDE_AGAIN_S):
+            await self._changed.wait()
+        self._changed = trio.Event()
 
     async def _replay_loop(self, peer: int) -> None:
         stats = self.hints.targets[peer]
@@ -535,63 +646,144 @@ class Replication:
             stats.replayed += len(items)
         return len(batch)
 
-    # ------------------------------------------------------------ joining / rebuild
+    # ------------------------------------------------------------ starting / rebuild
 
-    async def _join(self) -> None:
-        """Decide whether this empty replica is new or lost its data, and in the
-        second case rebuild it before it votes."""
-        self.rebuild.state = "joining"
-        answers: dict[int, bool] = {}
-        while True:
-            for peer in self.detectors:
-                if peer in answers:
-                    continue
-                try:
-                    with trio.fail_after(HEARTBEAT_TIMEOUT_S):
-                        reply = await self.node.peers[peer].call(PING, None)
-                except (KvsvrError, trio.TooSlowError):
-                    continue
-                if isinstance(reply, dict):
-                    answers[peer] = bool(reply.get("has_rows"))
-            if any(answers.values()):
-                break
-            if self._heard_enough(set(answers)):
-                self.storage.stage_meta(MARKER_KEY, b"1")
-                self._become_ready("new cluster: no peer holds data")
-                return
-            with trio.move_on_after(HELLO_RETRY_S * 10):
-                await self._pinged.wait()
-            self._pinged = trio.Event()
-        self.rebuild.state = "rebuilding"
+    async def _bootstrap(self) -> None:
+        """Found the cluster, or rebuild this replica before it votes (see
+        `kvsvr.protocol.lifecycle`)."""
+        if self.start.kind == "ask_peers":
+            self.state = WAITING_FOR_PEERS
+            started = trio.current_time()
+            peers = [self.names[p] for p in self.detectors]
+            while True:
+                replies = {
+                    self.names[p]: r
+                    for p, r in self.peer_replies.items()
+                    if self.is_up(p) or r.cluster_id != self.cluster_id
+                }
+                decision = lifecycle.decide_new(
+                    replies, peers, self.cluster_id, trio.current_time() - started
+                )
+                if decision.kind == "refuse":
+                    log.error("refusing to start: %s", decision.reason)
+                    raise lifecycle.WrongCluster(decision.reason)
+                if decision.kind == "found":
+                    await self.storage.wait_durable(
+                        self.storage.stage_meta(IDENTITY_KEY, self._identity().to_bytes())
+                    )
+                    self._become_ready(decision.reason)
+                    return
+                if decision.kind == "replacement":
+                    log.warning("%s", decision.reason)
+                    break
+                await self._decide_again()
+        await self._rebuild_before_voting()
+
+    async def _rebuild_before_voting(self) -> None:
+        self.state = REBUILDING
         self.rebuild.started_at = time.time()
+        # Pending first: a directory with the identity and no pending mark is
+        # one that holds its data.
+        self.storage.stage_meta(REBUILD_PENDING_KEY, b"1")
+        await self.storage.wait_durable(
+            self.storage.stage_meta(IDENTITY_KEY, self._identity().to_bytes())
+        )
         log.warning("this replica is empty but its peers hold data: rebuilding before voting")
         while True:
+            plan = lifecycle.plan_rebuild(
+                self.replica_sets,
+                self.me,
+                {p: r.state for p, r in self.peer_replies.items() if self.is_up(p)},
+                accept_data_loss=self.accept_data_loss,
+            )
+            self.rebuild.waiting_for = tuple(self.names[p] for p in plan.waiting_for)
+            if plan.needs_operator:
+                if self.state != NEEDS_OPERATOR:
+                    log.error("%s", self._operator_message(plan.lost))
+                self.state = NEEDS_OPERATOR
+                self.lost = plan.lost
+                await self._decide_again()
+                continue
+            self.state = REBUILDING
+            if plan.sources is None:
+                await self._decide_again()
+                continue
+            self.rebuild.sources = tuple(self.names[p] for p in sorted(plan.sources))
             try:
-                await self._rebuild_all()
+                await self._rebuild_all(sorted(plan.sources))
                 break
             except (KvsvrError, trio.TooSlowError) as error:
                 log.warning("rebuild paused (%s); retrying", error)
                 await trio.sleep(REBUILD_RETRY_S)
-        await self.storage.wait_durable(self.storage.stage_meta(MARKER_KEY, b"1"))
+        if self.accept_data_loss:
+            self.loss_report = self._loss_report(plan.short)
+            log.error("recovered with data loss accepted: %s", self.loss_report["message"])
+        await self.storage.wait_durable(self.storage.stage_meta(REBUILD_PENDING_KEY, None))
         self.rebuild.finished_at = time.time()
+        self.rebuild.waiting_for = ()
         self._become_ready(f"rebuilt {self.rebuild.rows_rebuilt} rows from peers")
 
-    def _heard_enough(self, heard: set[int]) -> bool:
-        """Every partition this node holds has enough of its other replicas in `heard`."""
-        for replicas in self.replica_sets:
-            if self.me not in replicas:
-                continue
-            others = [r for r in replicas if r != self.me]
-            # With one replica there is nobody to ask (and nothing to rebuild from).
-            needed = min(replica.peers_needed_to_rebuild(len(replicas)), len(others))
-            if sum(1 for r in others if r in heard) < needed:
-                return False
-        return True
+    def _operator_message(self, lost: dict[int, tuple[int, ...]]) -> str:
+        return lifecycle.needs_operator_message(
+            {p: [self.names[n] for n in nodes] for p, nodes in lost.items()}
+        )
 
-    async def _rebuild_all(self) -> None:
-        sources = [peer for peer, shared in self._shared.items() if shared]
+    def _loss_report(self, short: dict[int, tuple[int, ...]]) -> dict[str, Any]:
+        """What a recovery with the loss accepted may have lost: for each
+        partition rebuilt from fewer replicas than a safe rebuild needs, the
+        writes that only the replicas which lost their data had accepted."""
+        lost_nodes = sorted({n for nodes in self.lost.values() for n in nodes})
+        by_sources: dict[tuple[int, ...], list[int]] = {}
+        for partition, sources in sorted(short.items()):
+            by_sources.setdefault(sources, []).append(partition)
+        parts = []
+        for sources, partitions in sorted(by_sources.items()):
+            ranges = lifecycle.partition_ranges(partitions)
+            if sources:
+                names = ", ".join(self.names[n] for n in sources)
+                parts.append(f"partitions {ranges} rebuilt from {names} alone")
+            else:
+                parts.append(f"partitions {ranges}: every replica lost its data; they start empty")
+        lost_names = ", ".join(self.names[n] for n in lost_nodes)
+        if parts:
+            message = (
+                "; ".join(parts)
+                + f". Writes acknowledged only by replicas that lost their data ({lost_names}) "
+                "may be lost, and a write whose outcome was unknown may not have happened."
+            )
+        else:
+            message = "enough replicas were ready by then: rebuilt in full, nothing lost here"
+        return {
+            "message": message,
+            "partitions": {str(p): [self.names[n] for n in s] for p, s in short.items()},
+            "lost_data": [self.names[n] for n in lost_nodes],
+            "rows_rebuilt": self.rebuild.rows_rebuilt,
+        }
+
+    async def recover(self, accept_data_loss: bool) -> dict[str, Any]:
+        """`kvsvr recover`: a node that needs an operator rebuilds from the
+        replicas that kept their data, and says what may have been lost."""
+        if not accept_data_loss:
+            raise InvalidRequest("recovery may lose acknowledged writes: it needs accept_data_loss")
+        if self.state != NEEDS_OPERATOR:
+            await trio.lowlevel.checkpoint()
+            return {"node": self.names[self.me], "recovered": False, "state": self.state}
+        self.accept_data_loss = True
+        self._changed.set()
+        await self.ready_event.wait()
+        return {
+            "node": self.names[self.me],
+            "recovered": True,
+            "state": self.state,
+            "loss": self.loss_report,
+        }
+
+    async def _rebuild_all(self, sources: list[int]) -> None:
+        self.rebuild.tables_total = len(self.config.tables)
+        self.rebuild.tables_done = 0
         for table in self.config.tables:
             await self._rebuild_table(table.name, sources)
+            self.rebuild.tables_done += 1
 
     async def _rebuild_table(self, table: str, sources: list[int]) -> None:
         eventual = self._eventual(table)
@@ -900,8 +1092,8 @@ class Replication:
 
     async def handle(self, method: str, body: object) -> object:
         if method == PING:
-            self._pinged.set()
-            return {"ready": self.ready, "has_rows": self._has_strong_rows()}
+            await trio.lowlevel.checkpoint()
+            return self._answer_hello(body)
         if not isinstance(body, list) or not body or not isinstance(body[0], str):
             raise InvalidRequest(f"{method} takes [table, ...]")
         table = body[0]
@@ -1009,8 +1201,20 @@ class Replication:
                 round(wall - min(known), 1) if known and len(known) == len(times) else None
             )
         return {
-            "state": self.rebuild.state,
+            "state": self.state,
+            "cluster_id": self.cluster_id,
             "rows_rebuilt": self.rebuild.rows_rebuilt,
+            "rebuild": {
+                "tables_done": self.rebuild.tables_done,
+                "tables_total": self.rebuild.tables_total,
+                "rows_rebuilt": self.rebuild.rows_rebuilt,
+                "sources": list(self.rebuild.sources),
+                "waiting_for": list(self.rebuild.waiting_for),
+            },
+            "needs_operator": self._operator_message(self.lost)
+            if self.state == NEEDS_OPERATOR
+            else None,
+            "loss_report": self.loss_report,
             "peers": {
                 names[p]: {
                     "up": d.is_up(now),
@@ -1040,6 +1244,18 @@ class Replication:
                 "last_pass_s_ago": last,
             },
         }
+
+
+def _read_members(raw: bytes | None) -> set[str]:
+    if raw is None:
+        return set()
+    try:
+        members = msgpack.unpackb(raw, raw=False)
+    except ValueError:
+        members = None
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise CorruptRow("unreadable member list in meta")
+    return set(members)
 
 
 def _hint_carries(data: bytes, row_bytes: bytes) -> bool:

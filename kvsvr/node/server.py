@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
@@ -25,7 +26,7 @@ from typing import Any
 import trio
 
 from kvsvr import _build
-from kvsvr.config import ClusterConfig, NodeConfig, load_config
+from kvsvr.config import ClusterConfig, ConfigError, NodeConfig, load_config, new_cluster_id
 from kvsvr.errors import (
     Conflict,
     CorruptRow,
@@ -50,7 +51,7 @@ from kvsvr.node.write_queue import (
     fail_group,
     folded_mutation,
 )
-from kvsvr.protocol import replica
+from kvsvr.protocol import lifecycle, replica
 from kvsvr.protocol.coordinator import (
     Coordinator,
     Mutation,
@@ -774,9 +775,18 @@ class _TaskFreeWrite:
 
 
 class Node:
-    def __init__(self, config: ClusterConfig, node_id: str, storage: Storage) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        node_id: str,
+        storage: Storage,
+        *,
+        initial_state: str | None = None,
+    ) -> None:
+        """`initial_state` ("new" or "existing") overrides the config's."""
         self.config = config
         self.me = config.node(node_id)
+        self.initial_state = initial_state or config.initial_state
         self.storage = storage
         self.coordinator = Coordinator(self.me.index, random.Random())
         self.replica_sets = config.replica_sets()
@@ -925,7 +935,7 @@ class Node:
         if not self.replication.ready and not self._eventual(message.table):
             # Empty after losing its data: a vote now could contradict one it
             # made before the loss. The other replicas form the majority.
-            raise Unavailable(f"this replica is {self.replication.rebuild.state}; no vote yet")
+            raise Unavailable(f"this replica is {self.replication.state}; no vote yet")
         if isinstance(message, ScanRequest):
             return self._replica_scan(message), None
         if isinstance(message, Commit):
@@ -1825,6 +1835,10 @@ class Node:
             return self.client_map()
         if method == "status":
             return self.client_status()
+        if method == "recover":
+            if not isinstance(body, dict):
+                raise InvalidRequest("recover: the body must be a map")
+            return await self.replication.recover(body.get("accept_data_loss") is True)
         if not isinstance(body, dict):
             raise InvalidRequest(f"{method}: the body must be a map")
         if method == "get":
@@ -1901,10 +1915,14 @@ async def serve_node(
     config: ClusterConfig,
     node_id: str,
     *,
+    initial_state: str | None = None,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a node until cancelled; on cancellation, commit what is staged and close."""
+    """Run a node until cancelled; on cancellation, commit what is staged and
+    close. Raises `WrongCluster` (in an exception group) when the data
+    directory or the peers belong to another cluster."""
     me = config.node(node_id)
+    _require_cluster_id(config)
     data_dir = config.node_data_dir(node_id)
     data_dir.mkdir(parents=True, exist_ok=True)
     storage = Storage.open(
@@ -1923,7 +1941,7 @@ async def serve_node(
     try:
         async with trio.open_nursery() as storage_nursery:
             await storage_nursery.start(storage.run)
-            node = Node(config, node_id, storage)
+            node = Node(config, node_id, storage, initial_state=initial_state)
             async with trio.open_nursery() as nursery:
                 node.link_peers(nursery)
                 await nursery.start(partial(serve, me.host, me.port, node, secret=config.secret))
@@ -1938,10 +1956,18 @@ async def serve_node(
         log.info("node %s stopped; storage closed", me.id)
 
 
-async def _main(config: ClusterConfig, node_id: str) -> None:
+def _require_cluster_id(config: ClusterConfig) -> None:
+    if config.cluster_id is None:
+        raise ConfigError(
+            "the config has no cluster id; give every node the same one, e.g. "
+            f'id = "{new_cluster_id()}" under [cluster]'
+        )
+
+
+async def _main(config: ClusterConfig, node_id: str, initial_state: str | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_node, config, node_id)
+            nursery.start_soon(partial(serve_node, config, node_id, initial_state=initial_state))
             async for signum in signals:
                 log.info("signal %d: stopping", signum)
                 nursery.cancel_scope.cancel()
@@ -1969,15 +1995,38 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, GC_OLDER_THRESHOLD, GC_OLDER_THRESHOLD)
 
 
-def run_node(config_path: str, node_id: str) -> int:
-    """`kvsvr node`: serve until SIGTERM or SIGINT. Returns the exit code."""
+# `kvsvr node` exits with this when its data directory or peers belong to
+# another cluster (the CLI's "any other error").
+EXIT_WRONG_CLUSTER = 5
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def run_node(config_path: str, node_id: str, initial_state: str | None = None) -> int:
+    """`kvsvr node`: serve until SIGTERM or SIGINT. Returns the exit code.
+    `initial_state` ("new" or "existing") overrides the config's."""
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {node_id} %(levelname)s %(name)s: %(message)s",
     )
     config = load_config(config_path)
     config.node(node_id)  # fail early, with the list of known ids
+    _require_cluster_id(config)
     log.info("build: %s", _build.describe(_build.compiled_modules()))
     tune_gc()
-    trio.run(_main, config, node_id)
-    return 0
+    try:
+        trio.run(_main, config, node_id, initial_state)
+    except (lifecycle.WrongCluster, BaseExceptionGroup) as failure:
+        refused = _leaves(failure)
+        if not all(isinstance(leaf, lifecycle.WrongCluster) for leaf in refused):
+            raise
+    else:
+        return 0
+    for reason in refused:
+        log.error("refusing to run: %s", reason)
+        print(f"kvsvr node {node_id}: refusing to run: {reason}", file=sys.stderr, flush=True)
+    return EXIT_WRONG_CLUSTER

@@ -9,7 +9,7 @@ import time
 import trio
 
 import kvsvr
-from kvsvr.apps._local import demo_cluster, demo_parser, missing_tables, missing_tables_message
+from kvsvr.apps._local import demo_parser, missing_tables, missing_tables_message, run_demo
 from kvsvr.apps._tables import CHAT_TABLES, HOUR_S
 from kvsvr.apps.chat._chat import GROUP_MEMBERS_MAX, Chat, GroupFull, SyncKey, decode_message_value
 
@@ -131,8 +131,7 @@ async def demo(addresses: list[str], secret: str | None, timeout_s: float) -> in
 def main(argv: list[str] | None = None) -> int:
     parser = demo_parser("python -m kvsvr.apps.chat", "WeChat-style chat on kvsvr")
     args: argparse.Namespace = parser.parse_args(argv)
-    with demo_cluster(args) as (addresses, secret):
-        return trio.run(demo, addresses, secret, args.timeout_s)
+    return run_demo("python -m kvsvr.apps.chat", args, demo)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import trio
-
 import kvsvr
-from kvsvr.apps._local import demo_cluster, demo_parser, missing_tables, missing_tables_message
+from kvsvr.apps._local import demo_parser, missing_tables, missing_tables_message, run_demo
 from kvsvr.apps._tables import MOMENTS_TABLES
 from kvsvr.apps.moments._moments import Moments, MomentsError, TimelinePage
 
@@ -78,8 +76,7 @@ async def demo(addresses: list[str], secret: str | None, timeout_s: float) -> in
 def main(argv: list[str] | None = None) -> int:
     parser = demo_parser("python -m kvsvr.apps.moments", "WeChat Moments on kvsvr")
     args: argparse.Namespace = parser.parse_args(argv)
-    with demo_cluster(args) as (addresses, secret):
-        return trio.run(demo, addresses, secret, args.timeout_s)
+    return run_demo("python -m kvsvr.apps.moments", args, demo)
 
 
 if __name__ == "__main__":
