@@ -254,10 +254,9 @@ class RegisterWorkload:
             if_version = None
         else:
             expected, new = op.value
-            assert worker.last_seen.get(op.key, (None, 0)) == (expected, op.if_version), (
-                "cas is planned from the last value seen"
-            )
-            if_version = op.if_version
+            seen_value, if_version = worker.last_seen.get(op.key, (None, 0))
+            assert seen_value == expected, "cas is planned from the last value seen"
+            assert op.if_version in (None, if_version), "and at the version it was seen at"
         try:
             version = await client.put(op.key, encode_value(new), if_version=if_version)
         except KvsvrError as error:
