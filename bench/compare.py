@@ -99,7 +99,11 @@ class CompareOptions:
     # "python": every etcd target on the Python HTTP driver (a lower bound).
     etcd_driver: str = "go"
     etcd_connections: int = 8  # the Go driver's gRPC connections
-    kvsvr_processes: int | None = None  # kvsvr's load processes (None: `processes`)
+    # kvsvr's load processes (None: `processes`). One by default: with all 64
+    # clients on one kvsvr client, requests share connections and batches, and
+    # the nodes spend less CPU per operation (RESULTS.md, 2026-12-07: C 3,045-
+    # 3,817/s with one process against 2,010-2,137 with two or three; W level).
+    kvsvr_processes: int | None = 1
     go_driver_binary: str = ""  # set by run_compare once built
 
     def __post_init__(self) -> None:

@@ -502,3 +502,18 @@ def test_real_go_driver_against_real_etcd(tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 1 and "bogus" in json.loads(out.stdout)["message"]
+
+
+def test_command_line_defaults_measure_each_side_at_its_best() -> None:
+    from bench.__main__ import build_parser
+
+    args = build_parser().parse_args(
+        "compare --workloads A,B,C,W --targets kvsvr,etcd --time-s 30".split()
+    )
+    assert args.etcd_driver == "go" and args.etcd_conns == 8
+    assert args.kvsvr_processes == 1
+    assert args.sweep == "W"  # the latency target is on W
+    args = build_parser().parse_args(["compare", "--etcd-driver", "python"])
+    assert args.etcd_driver == "python"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--etcd-driver", "rust"])
