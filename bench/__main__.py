@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare",
-        help="throughput and latency of kvsvr and etcd, same run, same driver",
+        help="throughput and latency of kvsvr and etcd, same run, each on its own client",
         description="Start the clusters, load the keys, run each workload on each target "
         "back to back (closed loop), then an open-loop sweep; print a table and write "
         "compare.json, compare.md, throughput.png and latency_vs_load.png to --out.",

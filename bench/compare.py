@@ -187,12 +187,14 @@ def driver_record(spec: RunSpec) -> dict[str, Any]:
         return {
             "driver": DRIVER_ETCD_HTTP,
             "driver_detail": f"bench's Python driver via etcd's HTTP/JSON gateway: "
-            f"{spec.processes} processes; the driver sets the rate, a lower bound on etcd",
+            f"{spec.processes} process{'es' if spec.processes != 1 else ''}; the driver sets "
+            "the rate, a lower bound on etcd",
             "lower_bound": True,
         }
     return {
         "driver": DRIVER_KVSVR,
-        "driver_detail": f"kvsvr's own client (kvsvr.connect, trio): {spec.processes} processes",
+        "driver_detail": "kvsvr's own client (kvsvr.connect, trio): "
+        f"{spec.processes} process{'es' if spec.processes != 1 else ''}",
         "lower_bound": False,
     }
 
