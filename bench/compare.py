@@ -142,7 +142,18 @@ def resolve_drivers(
             options.go_driver_binary = str(binary)
             record["go"] = {"binary": str(binary)}
             return record
-    options.targets = [replace(t, driver="python") if t in wanting else t for t in options.targets]
+    options.targets = [
+        replace(
+            t,
+            driver="python",
+            description=t.description.replace(
+                "etcd's Go client", "bench's Python HTTP driver (a lower bound)"
+            ),
+        )
+        if t in wanting
+        else t
+        for t in options.targets
+    ]
     record["fallback"] = [t.name for t in wanting]
     record["fallback_reason"] = reason
     return record
@@ -711,8 +722,9 @@ def run_compare(options: CompareOptions) -> dict[str, Any]:
         if drivers.get("fallback"):
             print(
                 f"bench: etcd's Go driver is not available, so {', '.join(drivers['fallback'])} "
-                "run on bench's Python HTTP driver, and their figures are a lower bound "
-                f"on etcd's:\n  {drivers['fallback_reason']}",
+                f"{'runs' if len(drivers['fallback']) == 1 else 'run'} on bench's Python HTTP "
+                "driver, and its figures are a lower bound on etcd's (marked so in every "
+                f"table):\n  {drivers['fallback_reason']}",
                 file=sys.stderr,
             )
         driven, skipped = runnable(options.targets)

@@ -119,7 +119,12 @@ def sweep_rows(results: dict[str, Any]) -> tuple[list[str], list[Row]]:
 def check_rows(results: dict[str, Any]) -> tuple[list[str], list[Row]]:
     header = ["target", "status", "value", "detail"]
     rows: list[Row] = [
-        [c["target"], c["status"].upper(), c.get("value"), c.get("detail", "")]
+        [
+            c["target"],
+            c["status"].upper() + (" (vs a lower bound)" if c.get("lower_bound") else ""),
+            c.get("value"),
+            c.get("detail", ""),
+        ]
         for c in results["checks"]
     ]
     return header, rows

@@ -29,7 +29,7 @@ from bench.compare import (
     target_checks,
 )
 from bench.driver import DriverError, Histogram, RunSpec, TargetSpec, _merge, run_phase
-from bench.report import closed_rows, compare_text, ratio_rows, sweep_rows
+from bench.report import check_rows, closed_rows, compare_text, ratio_rows, sweep_rows
 from bench.targets import TARGETS, TargetInfo, free_ports, parse_targets
 from bench.workloads import WORKLOADS, parse_workloads
 
@@ -279,6 +279,7 @@ def test_without_go_etcd_falls_back_to_the_python_driver_as_a_lower_bound() -> N
     assert record["fallback_reason"] == "install golang-go"
     by_name = {t.name: t for t in options.targets}
     assert by_name["etcd"].driver == "python" and by_name["etcd"].lower_bound
+    assert "lower bound" in by_name["etcd"].description
     assert by_name["etcd-serializable"].lower_bound and not by_name["kvsvr"].lower_bound
     assert options.go_driver_binary == ""
 
@@ -400,6 +401,8 @@ def test_report_labels_the_python_driver_as_a_lower_bound_everywhere() -> None:
     _, swept = sweep_rows(results)
     assert swept[0][2] == "etcd (lower bound)"
     assert all(c["lower_bound"] for c in results["checks"] if c["status"] != "not measured")
+    _, checks = check_rows(results)
+    assert checks[0][1] == "MET (vs a lower bound)"  # W: 1.6x against a lower bound
     text = compare_text(results, markdown=True)
     assert "not a fair ratio" in text
     assert "etcd's Go driver was not available for etcd: no go" in text
@@ -423,6 +426,8 @@ def test_report_with_the_go_driver_has_no_lower_bound_marks() -> None:
     # The targets compare against etcd on the Go driver only.
     w_check = next(c for c in results["checks"] if c["target"].startswith("W:"))
     assert w_check["status"] == "missed" and not w_check["lower_bound"]
+    _, checks = check_rows(results)
+    assert checks[0][1] == "MISSED"
     text = compare_text(results)
     assert "Driver of etcd: etcd-go detail." in text
     assert "Driver of kvsvr: kvsvr-client detail." in text
