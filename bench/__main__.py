@@ -6,7 +6,10 @@
 
 Results go to --out (default ./bench-results/): JSON, Markdown and PNG charts.
 etcd must be installed (Debian: `apt-get install etcd-server`); bench starts and
-stops its own clusters in a temporary directory.
+stops its own clusters in a temporary directory. compare drives etcd with etcd's
+own Go client (bench/etcdload), built on first use from Debian's packages
+(`apt-get install golang-go golang-etcd-server-dev`); without them it falls back
+to bench's Python HTTP driver and marks etcd's figures as a lower bound.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare",
-        help="throughput and latency of kvsvr and etcd, same run, same driver",
+        help="throughput and latency of kvsvr and etcd, same run, each on its own client",
         description="Start the clusters, load the keys, run each workload on each target "
         "back to back (closed loop), then an open-loop sweep; print a table and write "
         "compare.json, compare.md, throughput.png and latency_vs_load.png to --out.",
@@ -124,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets",
         default="kvsvr,etcd",
         help="comma-separated, of kvsvr, kvsvr-stale, kvsvr-eventual, etcd, "
-        "etcd-serializable, single, lmdb (default kvsvr,etcd)",
+        "etcd-serializable, etcd-http, single, lmdb (default kvsvr,etcd); etcd-http is "
+        "etcd through bench's Python HTTP driver (a lower bound)",
     )
     compare.add_argument(
         "--time-s",
@@ -165,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--sweep",
-        default="A",
-        help="workload of the open-loop latency-vs-load sweep, or 'none' (default A)",
+        default="W",
+        help="workload of the open-loop latency-vs-load sweep, or 'none' (default W: "
+        "the latency target is on W)",
     )
     compare.add_argument(
         "--sweep-fractions",
@@ -194,6 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
         "default); bulk: kvsvr rows written into LMDB before start, etcd "
         "128-put transactions (fast; kvsvr's first write of a key then "
         "runs full Paxos)",
+    )
+    compare.add_argument(
+        "--etcd-driver",
+        choices=("go", "python"),
+        default="go",
+        help="go: etcd and etcd-serializable run on etcd's Go client (bench/etcdload, "
+        "built on first use; default); python: on bench's Python HTTP driver (a lower bound)",
+    )
+    compare.add_argument(
+        "--etcd-conns",
+        type=_positive_int,
+        default=8,
+        help="gRPC connections of etcd's Go driver, spread over the members (default 8)",
+    )
+    compare.add_argument(
+        "--kvsvr-processes",
+        type=_positive_int,
+        default=1,
+        help="load processes driving kvsvr's client (default 1: one client for all "
+        "clients batches best; more processes measured slower on 2 cores)",
     )
     compare.add_argument(
         "--quick",
@@ -274,7 +299,7 @@ def _compare(args: argparse.Namespace) -> int:
         targets=parse_targets(args.targets),
         time_s=args.time_s,
         warmup_s=args.warmup_s,
-        clients=max(args.clients, args.processes),
+        clients=max(args.clients, args.processes, args.kvsvr_processes or 1),
         processes=args.processes,
         key_count=args.keys,
         value_sizes=args.value_bytes,
@@ -282,7 +307,7 @@ def _compare(args: argparse.Namespace) -> int:
         sweep_workload=sweep,
         sweep_fractions=args.sweep_fractions,
         sweep_time_s=args.sweep_time_s or max(1.0, args.time_s / 2),
-        open_clients=max(args.open_clients, args.processes),
+        open_clients=max(args.open_clients, args.processes, args.kvsvr_processes or 1),
         out_dir=args.out,
         work_dir=args.work_dir,
         etcd_binary=args.etcd_binary,
@@ -291,6 +316,9 @@ def _compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         keep_data=args.keep_data,
         profile_workloads=parse_workloads(args.profile) if args.profile else [],
+        etcd_driver=args.etcd_driver,
+        etcd_connections=args.etcd_conns,
+        kvsvr_processes=args.kvsvr_processes,
     )
     try:
         results = run_compare(options)

@@ -202,6 +202,18 @@ class TargetSpec:
     secret: str | None = None
     table: str = "default"
     read_consistency: str = "strong"
+    # Who drives it: "python" (this module's load processes; for etcd, its
+    # HTTP/JSON gateway) or "go" (etcd only: bench/etcdload on clientv3, the
+    # binary at `driver_binary`, `connections` gRPC connections; 0: its default).
+    driver: str = "python"
+    driver_binary: str = ""
+    connections: int = 0
+
+    def __post_init__(self) -> None:
+        if self.driver not in ("python", "go"):
+            raise ValueError(f"driver must be python or go, not {self.driver!r}")
+        if self.driver == "go" and (self.kind != "etcd" or not self.driver_binary):
+            raise ValueError("the go driver drives etcd, and needs its binary")
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,7 +659,12 @@ Progress = Callable[[int], None]  # operations completed so far (all processes)
 def run_phase(
     spec: RunSpec, *, probe: Probe | None = None, on_progress: Progress | None = None
 ) -> PhaseResult:
-    """Run `spec` in `spec.processes` fresh processes and merge what they measured."""
+    """Run `spec` in `spec.processes` fresh processes and merge what they measured
+    (for a target driven by Go, in the one Go driver process instead)."""
+    if spec.target.driver == "go":
+        from bench.etcd_go import run_go_phase
+
+        return run_go_phase(spec, spec.target.driver_binary, probe=probe, on_progress=on_progress)
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold trio
     messages = context.Queue()
     go = context.Event()
@@ -668,7 +685,7 @@ def run_phase(
         run_start = time.time() + START_DELAY_S
         start_at.value = run_start
         go.set()
-        return _collect(spec, processes, messages, run_start, probe, on_progress)
+        return collect_phase(spec, processes, messages, run_start, probe, on_progress)
     finally:
         started = [process for process in processes if process.pid is not None]
         for process in started:
@@ -701,7 +718,7 @@ def _check_alive(processes: list[Any], done: set[int]) -> None:
             raise DriverError(f"load process {index} exited with code {process.exitcode}")
 
 
-def _collect(
+def collect_phase(
     spec: RunSpec,
     processes: list[Any],
     messages: Any,

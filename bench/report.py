@@ -43,31 +43,40 @@ def render_table(header: Row, rows: Sequence[Row], *, markdown: bool = False) ->
 
 # --- compare --------------------------------------------------------------------------------
 
+LOWER_BOUND_MARK = " (lower bound)"
+
+
+def target_label(run: dict[str, Any]) -> str:
+    """A run's target as the tables name it: etcd driven by bench's Python HTTP
+    driver is marked, since that driver, not etcd, sets its rate."""
+    return run["target"] + (LOWER_BOUND_MARK if run.get("lower_bound") else "")
+
 
 def closed_rows(results: dict[str, Any]) -> tuple[list[str], list[Row]]:
     header = [
-        "workload", "keys", "value", "target", "ops/s", "p50 ms", "p90 ms", "p99 ms",
-        "p99.9 ms", "max ms", "errors", "server cores", "driver cores", "other cores",
-        "srv CPU-s/1k ops",
+        "workload", "keys", "value", "target", "driver", "ops/s", "p50 ms", "p90 ms",
+        "p99 ms", "p99.9 ms", "max ms", "errors", "server cores", "driver cores",
+        "other cores", "srv CPU-s/1k ops", "drv CPU-s/1k ops",
     ]  # fmt: skip
     rows: list[Row] = []
     for run in results["runs"]:
         latency = run["latency"].get("all", {})
         rows.append(
             [
-                run["workload"], run["distribution"], f"{run['value_bytes']} B", run["target"],
-                run["ops_per_s"], latency.get("p50_ms"), latency.get("p90_ms"),
+                run["workload"], run["distribution"], f"{run['value_bytes']} B", target_label(run),
+                run.get("driver"), run["ops_per_s"], latency.get("p50_ms"), latency.get("p90_ms"),
                 latency.get("p99_ms"), latency.get("p999_ms"), latency.get("max_ms"),
                 sum(run["errors"].values()), run.get("server_cores"), run.get("driver_cores"),
                 run.get("other_cores"), run.get("server_cpu_s_per_1000_ops"),
+                run.get("driver_cpu_s_per_1000_ops"),
             ]
         )  # fmt: skip
     if any(run["conflicts"] for run in results["runs"]):
         # cas workloads: operations that completed but lost their race.
-        header.insert(10, "cas conflicts")
+        header.insert(11, "cas conflicts")
         for row, run in zip(rows, results["runs"], strict=True):
             assert isinstance(row, list)
-            row.insert(10, run["conflicts"])
+            row.insert(11, run["conflicts"])
     return header, rows
 
 
@@ -76,7 +85,9 @@ def ratio_rows(results: dict[str, Any]) -> tuple[list[str], list[Row]]:
     rows: list[Row] = [
         [
             r["workload"], r["distribution"], f"{r['value_bytes']} B",
-            f"{r['numerator']} / {r['denominator']}", r["numerator_ops_per_s"],
+            f"{r['numerator']} / {r['denominator']}"
+            + (" (etcd lower bound: not a fair ratio)" if r.get("lower_bound") else ""),
+            r["numerator_ops_per_s"],
             r["denominator_ops_per_s"], f"{r['ratio']:.2f}x" if r["ratio"] else "-",
             r["numerator_p99_ms"], r["denominator_p99_ms"],
         ]
@@ -87,7 +98,7 @@ def ratio_rows(results: dict[str, Any]) -> tuple[list[str], list[Row]]:
 
 def sweep_rows(results: dict[str, Any]) -> tuple[list[str], list[Row]]:
     header = [
-        "load", "offered/s", "target", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms",
+        "load", "offered/s", "target", "driver", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms",
         "max ms", "service p99 ms", "unfinished", "errors",
     ]  # fmt: skip
     rows: list[Row] = []
@@ -95,7 +106,8 @@ def sweep_rows(results: dict[str, Any]) -> tuple[list[str], list[Row]]:
         latency = run["latency"].get("all", {})
         rows.append(
             [
-                f"{run['fraction']:.0%}", run["rate_per_s"], run["target"], run["ops_per_s"],
+                f"{run['fraction']:.0%}", run["rate_per_s"], target_label(run), run.get("driver"),
+                run["ops_per_s"],
                 latency.get("p50_ms"), latency.get("p99_ms"), latency.get("p999_ms"),
                 latency.get("max_ms"), run.get("service_time", {}).get("p99_ms"),
                 run["unfinished"], sum(run["errors"].values()),
@@ -107,7 +119,12 @@ def sweep_rows(results: dict[str, Any]) -> tuple[list[str], list[Row]]:
 def check_rows(results: dict[str, Any]) -> tuple[list[str], list[Row]]:
     header = ["target", "status", "value", "detail"]
     rows: list[Row] = [
-        [c["target"], c["status"].upper(), c.get("value"), c.get("detail", "")]
+        [
+            c["target"],
+            c["status"].upper() + (" (vs a lower bound)" if c.get("lower_bound") else ""),
+            c.get("value"),
+            c.get("detail", ""),
+        ]
         for c in results["checks"]
     ]
     return header, rows
@@ -146,23 +163,44 @@ def notes(results: dict[str, Any]) -> list[str]:
         f"{', '.join(f'{v:.1f}' for v in env['load_average_at_start'])} at start; "
         f"servers, load generator and anything else running share these cores.",
         f"kvsvr build: {_build.describe(env.get('kvsvr_compiled_modules') or [])}.",
-        f"Driver: {options['processes']} load processes (multiprocessing, one trio loop each); "
-        f"they used {min(driver, default=0):.2f}-{max(driver, default=0):.2f} cores "
-        "during measured windows.",
+        f"Drivers used {min(driver, default=0):.2f}-{max(driver, default=0):.2f} cores "
+        "during measured windows (per run in the tables: driver cores, drv CPU-s/1k ops).",
         f"Other load (not servers, not driver) during windows: "
         f"{min(other, default=0):.2f}-{max(other, default=0):.2f} cores "
         "(other users of the machine; high values make absolute numbers noisy, "
         "targets run back to back so ratios are less affected).",
         f"Data on {env['data_filesystem']} ({env['data_dir']}); kvsvr fsyncs every commit, "
         f"etcd {env.get('etcd_version') or '?'} with default durability (WAL fsync).",
-        "etcd is driven through its v3 HTTP/JSON gateway (no gRPC client without a new "
-        "dependency): JSON and an in-process gRPC hop cost etcd CPU a Go client would not.",
+        *driver_notes(results),
         f"Closed loop: {options['clients']} clients, {options['warmup_s']} s warm-up excluded, "
         f"{options['time_s']} s measured per target per workload. Open loop: latency from "
         "the scheduled start (queueing included); unfinished = scheduled but not done 2 s "
         "after the window (counted at their wait so far).",
     ]
     lines += [f"Skipped {s['target']}: {s['reason']}." for s in results.get("skipped", [])]
+    return lines
+
+
+def driver_notes(results: dict[str, Any]) -> list[str]:
+    """Which driver each target ran on (from the runs), and why a fallback happened."""
+    every = results["runs"] + results["sweep"]
+    seen: dict[str, str] = {}
+    for run in every:
+        if run.get("driver_detail"):
+            seen.setdefault(target_label(run), run["driver_detail"])
+    lines = [f"Driver of {name}: {detail}." for name, detail in seen.items()]
+    if any(run.get("lower_bound") for run in every):
+        lines.append(
+            "Figures marked (lower bound) are etcd driven by bench's Python driver through "
+            "its HTTP/JSON gateway: on this machine that driver, not etcd, sets etcd's rate, "
+            "so ratios against them overstate kvsvr and are not fair ratios."
+        )
+    drivers = results.get("drivers") or {}
+    if drivers.get("fallback"):
+        lines.append(
+            f"etcd's Go driver was not available for {', '.join(drivers['fallback'])}: "
+            f"{drivers.get('fallback_reason', '')}".rstrip()
+        )
     return lines
 
 
@@ -291,8 +329,10 @@ def throughput_chart(results: dict[str, Any], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     groups = list(dict.fromkeys((r["workload"], r["distribution"], r["value_bytes"]) for r in runs))
-    targets = list(dict.fromkeys(r["target"] for r in runs))
-    by_key = {(r["workload"], r["distribution"], r["value_bytes"], r["target"]): r for r in runs}
+    targets = list(dict.fromkeys(target_label(r) for r in runs))
+    by_key = {
+        (r["workload"], r["distribution"], r["value_bytes"], target_label(r)): r for r in runs
+    }
     width = 0.8 / len(targets)
     figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 2), 4.5))
     for offset, target in enumerate(targets):
@@ -319,8 +359,10 @@ def latency_vs_load_chart(results: dict[str, Any], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for number, target in enumerate(dict.fromkeys(r["target"] for r in sweep)):
-        points = sorted((r for r in sweep if r["target"] == target), key=lambda r: r["rate_per_s"])
+    for number, target in enumerate(dict.fromkeys(target_label(r) for r in sweep)):
+        points = sorted(
+            (r for r in sweep if target_label(r) == target), key=lambda r: r["rate_per_s"]
+        )
         offered = [r["rate_per_s"] for r in points]
         for quantile, style in (("p50_ms", "--"), ("p99_ms", "-")):
             axes.plot(

@@ -405,21 +405,37 @@ def _run(target: str, workload: str, ops_per_s: float, p99_ms: float, **extra: o
 def test_ratios_and_target_checks() -> None:
     runs = [
         _run("etcd", "W", 1000, 20),
-        _run("kvsvr", "W", 1600, 30),
+        _run("kvsvr", "W", 1200, 30),  # 1.2x: met at the 1.0x (the old 1.5x missed)
+        _run("etcd", "A", 1000, 20),
+        _run("kvsvr", "A", 990, 30),  # 0.99x: missed
         _run("etcd", "C", 2000, 10),
-        _run("kvsvr", "C", 3000, 5),
+        _run("kvsvr", "C", 3000, 5),  # 1.5x: C's bound is 2.0x
         _run("kvsvr-stale", "C", 9000, 2),
     ]
     rows = ratios(runs)
-    assert {(r["workload"], round(r["ratio"], 2)) for r in rows} == {("W", 1.6), ("C", 1.5)}
+    assert {(r["workload"], round(r["ratio"], 2)) for r in rows} == {
+        ("W", 1.2),
+        ("A", 0.99),
+        ("C", 1.5),
+    }
     sweep = [
-        _run("etcd", "A", 500, 8.0, mode="open", fraction=0.5, rate_per_s=500.0),
-        _run("kvsvr", "A", 500, 12.0, mode="open", fraction=0.5, rate_per_s=500.0),
+        _run("etcd", "W", 500, 8.0, mode="open", fraction=0.5, rate_per_s=500.0),
+        _run("kvsvr", "W", 500, 12.0, mode="open", fraction=0.5, rate_per_s=500.0),
     ]
     checks = {c["target"].split(":")[0]: c for c in target_checks(rows, sweep, 64)}
     assert checks["W"]["status"] == "met"
+    assert checks["A"]["status"] == "missed"
+    assert checks["B"]["status"] == "not measured"
     assert checks["C"]["status"] == "missed"
-    assert checks["p99 at 50% of etcd's max rate"]["status"] == "missed"
+    latency = checks["p99 at 50% of etcd's max W rate"]
+    assert latency["status"] == "missed" and latency["value"] == pytest.approx(1.5)
+    sweep[1]["latency"]["all"]["p99_ms"] = 7.9
+    checks = {c["target"].split(":")[0]: c for c in target_checks(rows, sweep, 64)}
+    assert checks["p99 at 50% of etcd's max W rate"]["status"] == "met"
+    # The latency target is on W: a sweep of another workload does not measure it.
+    other = [dict(run, workload="A") for run in sweep]
+    checks = {c["target"].split(":")[0]: c for c in target_checks(rows, other, 64)}
+    assert checks["p99 at 50% of etcd's max W rate"]["status"] == "not measured"
     assert target_checks([], [], 64)[0]["status"] == "not measured"
 
 
