@@ -94,7 +94,7 @@ BATCH_OPS_MAX = 4096
 # for an urgent write to share its fsync. Long next to the gap between puts on
 # a quietly used node, so that each put costs a replica one fsync, not two (at
 # 5 ms, one client's puts 20 ms apart cost every replica two transactions per
-# put and the three nodes 20-25% more CPU: bench/README.md, session 10); short
+# put and the three nodes 20-25% more CPU: measured in bench/RESULTS.md); short
 # next to what losing a learned commit in a crash costs, one recovery round.
 LAZY_COMMIT_DELAY_S = 0.05
 # At most this many key+value bytes per commit, for the same reason; at disk
