@@ -32,13 +32,16 @@ import trio
 
 import kvsvr
 from bench import common
-from kvsvr.apps._local import local_app_cluster
+from kvsvr.apps import app_tables
 from kvsvr.apps.moments import FANOUT_BATCH, Moments
+from kvsvr.config import TableConfig
+from kvsvr.local import temporary_cluster
 
 READ_AUTHORS = 10
 POSTS_PER_AUTHOR = 3
 PAGE_SIZE = 20
 CLIENT_TIMEOUT_S = 30.0
+APPS_SECRET = "bench-apps-secret"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +106,9 @@ async def _measure(
     }
 
 
-async def run(addresses: list[str], secret: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def run(
+    addresses: list[str], secret: str | None, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     async with kvsvr.connect(addresses, secret=secret, timeout_s=CLIENT_TIMEOUT_S) as client:
         moments = Moments(client)
         friends = [f"friend{i:04d}" for i in range(args.friends)]
@@ -134,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"starting a 3-node cluster; {args.friends} friends, batches of {FANOUT_BATCH}", flush=True
     )
-    with local_app_cluster() as (addresses, secret):
-        results = trio.run(run, addresses, secret, args)
+    tables = (TableConfig("default"), *app_tables())
+    with temporary_cluster(3, secret=APPS_SECRET, partitions=16, tables=tables) as cluster:
+        results = trio.run(run, cluster.addresses, cluster.secret, args)
     common.print_table(
         "Moments on a 3-node cluster (one client, one operation at a time)",
         ["operation", "runs", "p50 ms", "p99 ms", "mean ms", "max ms"],

@@ -92,12 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["hint_replay_rows_per_s"] = args.replay_rows_per_s
     with (
         common.terminate_on_sigterm(),
-        common.LocalCluster(
-            3,
-            3,
-            scratch_root=args.scratch,
-            keep=args.keep,
-            settings=settings,
+        common.bench_cluster(
+            3, 3, scratch_root=args.scratch, keep=args.keep, settings=settings
         ) as cluster,
         kvsvr.SyncClient(cluster.addresses, secret=cluster.secret, timeout_s=10.0) as client,
         common.LoadGenerator(
@@ -136,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         windows["catch_up"] = _window(load, 0.0, duration_s)
         watcher.join()
         drained_after_s = drained[0] if drained else math.nan
-        final = {node.id: client.status(node.id)["replication"] for node in cluster.nodes}
+        final = {node_id: client.status(node_id)["replication"] for node_id in cluster.ids}
     base = windows["baseline"]["ops_per_s"]
     ratio = windows["catch_up"]["ops_per_s"] / base if base else math.nan
     writes = windows["outage"]["ops"]

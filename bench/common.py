@@ -1,9 +1,8 @@
 """Shared machinery of `bench.single_node` and `bench.cluster`.
 
-- `LocalCluster`: real node processes (`python -m kvsvr node`) on free ports,
-  in a scratch directory, always stopped and removed on the way out; the
-  node processes also die with the benchmark (PR_SET_PDEATHSIG) if it is
-  killed outright.
+- `bench_cluster`: `kvsvr.local`'s node processes in a scratch directory,
+  always stopped and removed on the way out; the node processes also die
+  with the benchmark (PR_SET_PDEATHSIG) if it is killed outright.
 - `LoadGenerator`: the clients. The Python client costs about as much CPU per
   operation as the node, so on a small machine one client process would
   measure itself; the load runs in `processes` spawned worker processes, each
@@ -24,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import dataclasses
 import datetime
 import json
 import math
@@ -34,9 +31,9 @@ import multiprocessing.connection
 import os
 import platform
 import random
+import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,14 +43,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import trio
 
 import kvsvr
 from kvsvr import _build
-from kvsvr.config import local_cluster, render_config
+from kvsvr.local import LocalCluster, die_with_parent, temporary_cluster
 from kvsvr.node.server import tune_gc
 
 # --- limits and defaults --------------------------------------------------------
@@ -154,243 +150,54 @@ class RssSampler:
             self._stop.wait(RSS_SAMPLE_INTERVAL_S)
 
 
-# --- ports and node processes ------------------------------------------------------
+# --- the cluster -------------------------------------------------------------------
 
 
-def free_base_port(count: int, host: str = "127.0.0.1") -> int:
-    """A base port B with B+1..B+count all free now (what `local_cluster` uses)."""
-    rng = random.Random()
-    for _ in range(PORT_PROBE_ATTEMPTS):
-        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
-        if all(_port_is_free(host, base + offset) for offset in range(1, count + 1)):
-            return base
-    raise RuntimeError(f"found no {count} consecutive free ports in {PORT_RANGE}")
+@contextlib.contextmanager
+def bench_cluster(
+    node_count: int,
+    replication: int,
+    *,
+    scratch_root: Path,
+    keep: bool = False,
+    cprofile_dir: Path | None = None,
+    settings: dict[str, Any] | None = None,
+) -> Iterator[LocalCluster]:
+    """`node_count` nodes with `replication`, ready, in a fresh scratch
+    directory under `scratch_root` (on the disk being measured: not a tmpfs);
+    stopped (SIGTERM, then SIGKILL) on the way out and the directory deleted
+    unless `keep`. The nodes also die with the benchmark if it is killed
+    outright. With `cprofile_dir`, each node runs under cProfile, which
+    writes `<directory name>-<node>.prof` there when the node stops."""
+    if cprofile_dir is not None:
+        cprofile_dir.mkdir(parents=True, exist_ok=True)
+    run_name = f"kvsvr-{node_count}n-{secrets.token_hex(4)}"
+
+    def python_args(node_id: str) -> list[str]:
+        if cprofile_dir is None:
+            return []
+        return ["-m", "cProfile", "-o", str(cprofile_dir / f"{run_name}-{node_id}.prof")]
+
+    with temporary_cluster(
+        node_count,
+        secret=BENCH_SECRET,
+        partitions=64,
+        replication=replication,
+        settings=settings,
+        root=scratch_root,
+        prefix=f"{run_name}-",
+        keep=keep,
+        die_with_parent=True,
+        python_args=python_args,
+        stop_timeout_s=NODE_STOP_TIMEOUT_S,
+    ) as cluster:
+        yield cluster
 
 
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _port_answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the node gets SIGKILL when the benchmark process dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-@dataclass
-class NodeProcess:
-    id: str
-    host: str
-    port: int
-    log_path: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def _spawn(command: list[str], log_path: Path, mode: str) -> subprocess.Popen[bytes]:
-    with log_path.open(mode) as log:
-        return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-
-
-class LocalCluster:
-    """`node_count` node processes on 127.0.0.1 with `replication`, in a fresh
-    scratch directory under `scratch_root` (on the disk being measured: not a
-    tmpfs). `with LocalCluster(...) as cluster:` starts them and waits until
-    every one answers; leaving stops them (SIGTERM, then SIGKILL) and deletes
-    the directory unless `keep`."""
-
-    def __init__(
-        self,
-        node_count: int,
-        replication: int,
-        *,
-        scratch_root: Path,
-        secret: str = BENCH_SECRET,
-        keep: bool = False,
-        cprofile_dir: Path | None = None,
-        settings: dict[str, Any] | None = None,
-    ) -> None:
-        self.settings = settings or {}
-        self.commands: dict[str, list[str]] = {}
-        self.node_count = node_count
-        self.cprofile_dir = cprofile_dir
-        self.cprofile_paths: dict[str, Path] = {}
-        self.replication = replication
-        self.secret = secret
-        self.keep = keep
-        scratch_root.mkdir(parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix=f"kvsvr-{node_count}n-", dir=scratch_root))
-        self.nodes: list[NodeProcess] = []
-
-    @property
-    def addresses(self) -> list[str]:
-        return [node.address for node in self.nodes]
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return {node.id: node.pid for node in self.nodes}
-
-    def __enter__(self) -> LocalCluster:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _start(self) -> None:
-        base_port = free_base_port(self.node_count)
-        config = dataclasses.replace(
-            local_cluster(
-                self.node_count, base_port, secret=self.secret, replication=self.replication
-            ),
-            **self.settings,
-        )
-        config_path = self.directory / "cluster.toml"
-        config_path.write_text(
-            render_config(config, data_dir=str(self.directory / "data")), encoding="utf-8"
-        )
-        for node_config in config.nodes:
-            log_path = self.directory / f"{node_config.id}.log"
-            profiler_args: list[str] = []
-            if self.cprofile_dir is not None:
-                # cProfile writes its file when the node exits cleanly (SIGTERM).
-                self.cprofile_dir.mkdir(parents=True, exist_ok=True)
-                path = self.cprofile_dir / f"{self.directory.name}-{node_config.id}.prof"
-                self.cprofile_paths[node_config.id] = path
-                profiler_args = ["-m", "cProfile", "-o", str(path)]
-            command = [
-                sys.executable,
-                *profiler_args,
-                "-m",
-                "kvsvr",
-                "node",
-                "--config",
-                str(config_path),
-                "--id",
-                node_config.id,
-            ]
-            self.commands[node_config.id] = command
-            self.nodes.append(
-                NodeProcess(
-                    node_config.id,
-                    node_config.host,
-                    node_config.port,
-                    log_path,
-                    _spawn(command, log_path, "wb"),
-                )
-            )
-        deadline = time.monotonic() + NODE_START_TIMEOUT_S
-        waiting = list(self.nodes)
-        while waiting:
-            for node in list(waiting):
-                if node.process.poll() is not None:
-                    raise RuntimeError(
-                        f"node {node.id} exited with code {node.process.returncode} while "
-                        f"starting:\n{self.log_tail(node)}"
-                    )
-                if _port_answers(node.host, node.port):
-                    waiting.remove(node)
-            if waiting and time.monotonic() > deadline:
-                names = ", ".join(node.id for node in waiting)
-                raise RuntimeError(f"{names} did not listen within {NODE_START_TIMEOUT_S} s")
-            if waiting:
-                time.sleep(0.05)
-        self.wait_replicas_ready()
-
-    def wait_replicas_ready(self) -> None:
-        """Wait until every node's replica votes and sees its peers up (a node
-        starting empty asks its peers whether the cluster is new first)."""
-        with kvsvr.SyncClient(self.addresses, secret=self.secret, timeout_s=5.0) as client:
-            try:
-                client.wait_ready(timeout_s=NODE_START_TIMEOUT_S)
-            except kvsvr.KvsvrError as error:
-                tails = "\n".join(f"{node.id}:\n{self.log_tail(node)}" for node in self.nodes)
-                raise RuntimeError(f"{error}\n{tails}") from None
-
-    def node(self, node_id: str) -> NodeProcess:
-        return next(node for node in self.nodes if node.id == node_id)
-
-    def kill(self, node_id: str) -> None:
-        """SIGKILL one node (a crash)."""
-        process = self.node(node_id).process
-        process.kill()
-        process.wait()
-
-    def restart(self, node_id: str) -> None:
-        """Start a killed node again on its data; returns once its port answers."""
-        node = self.node(node_id)
-        assert node.process.poll() is not None, f"{node_id} is running"
-        node.process = _spawn(self.commands[node_id], node.log_path, "ab")
-        deadline = time.monotonic() + NODE_START_TIMEOUT_S
-        while not _port_answers(node.host, node.port):
-            if node.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{node_id} did not restart:\n{self.log_tail(node)}")
-            time.sleep(0.05)
-
-    def log_tail(self, node: NodeProcess, lines: int = 20) -> str:
-        try:
-            text = node.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        for node in self.nodes:
-            if node.process.poll() is not None:
-                raise RuntimeError(
-                    f"node {node.id} died (code {node.process.returncode}):\n{self.log_tail(node)}"
-                )
-
-    def stop(self) -> None:
-        """Stop every node (idempotent) and remove the scratch directory."""
-        for node in self.nodes:
-            if node.process.poll() is None:
-                node.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + NODE_STOP_TIMEOUT_S
-        for node in self.nodes:
-            try:
-                node.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
-        if not self.keep:
-            shutil.rmtree(self.directory, ignore_errors=True)
+def cprofile_paths(cluster: LocalCluster, cprofile_dir: Path) -> dict[str, Path]:
+    """The cProfile files `bench_cluster` had the nodes write."""
+    prefix = cluster.directory.name.rsplit("-", 1)[0]
+    return {node_id: cprofile_dir / f"{prefix}-{node_id}.prof" for node_id in cluster.ids}
 
 
 # --- the load generator ---------------------------------------------------------------
@@ -405,7 +212,7 @@ class WorkerSpec:
     first_client: int  # the global index of this worker's first client task
     clients: int  # client tasks over all workers
     addresses: list[str]
-    secret: str
+    secret: str | None
     keys_per_task: int
     value_bytes: int
     key_tag: str
@@ -472,7 +279,7 @@ class LoadGenerator:
         processes: int,
         keys_per_task: int,
         value_bytes: int,
-        secret: str = BENCH_SECRET,
+        secret: str | None = BENCH_SECRET,
     ) -> None:
         self.clients = clients
         self.task_counts = split_clients(clients, processes)
@@ -770,11 +577,11 @@ def snapshot(cluster: LocalCluster, load: LoadGenerator, status_client: Any) -> 
     machine CPU, now. The CPU figures are read first, together, so they
     cover the same instant; the status requests come after."""
     at = time.monotonic()
-    times = {node.id: cpu_times(node.pid) for node in cluster.nodes}
+    times = {node_id: cpu_times(pid) for node_id, pid in cluster.pids.items()}
     load_cpu = sum(cpu_seconds(pid) for pid in load.pids)
     own = time.process_time()
     busy, total = machine_cpu_times()
-    status = {node.id: status_client.status(node.id) for node in cluster.nodes}
+    status = {node_id: status_client.status(node_id) for node_id in cluster.ids}
     cpu = {node: user + system for node, (user, system) in times.items()}
     system_cpu = {node: system for node, (_, system) in times.items()}
     return NodeSnapshot(cpu, system_cpu, load_cpu, own, status, busy, total, at)
@@ -890,7 +697,7 @@ def run_measured_phase(
     # Counters read while no operation is in flight (before the phase and
     # after its last operation) count every operation whole; the window's
     # edges cut through operations in flight.
-    status_before_phase = {node.id: status_client.status(node.id) for node in cluster.nodes}
+    status_before_phase = {node_id: status_client.status(node_id) for node_id in cluster.ids}
     spec = load.start_phase(
         operation, warmup_s=warmup_s, duration_s=duration_s, ops=ops, rate_per_s=rate_per_s
     )
@@ -908,7 +715,7 @@ def run_measured_phase(
     else:
         results = load.finish_phase(spec)
         after = snapshot(cluster, load, status_client)
-    status_after_phase = {node.id: status_client.status(node.id) for node in cluster.nodes}
+    status_after_phase = {node_id: status_client.status(node_id) for node_id in cluster.ids}
     cluster.check_alive()
     summary = summarize_phase(operation, spec, results, before, after)
     summary["coordinator_whole_phase"] = {
@@ -949,7 +756,7 @@ def run_cluster_phases(
     duration_s, ops = phase_amount(args)
     phases: dict[str, Any] = {}
     cprofile_dir = args.out / f"{args.run_id}-profiles" if args.cprofile else None
-    with LocalCluster(
+    with bench_cluster(
         node_count,
         replication,
         scratch_root=args.scratch,
@@ -957,7 +764,7 @@ def run_cluster_phases(
         cprofile_dir=cprofile_dir,
         settings=settings,
     ) as cluster:
-        rss_at_start_kib = {node.id: status_kib(node.pid, "VmRSS") for node in cluster.nodes}
+        rss_at_start_kib = {node: status_kib(pid, "VmRSS") for node, pid in cluster.pids.items()}
         with (
             RssSampler(cluster.pids) as rss,
             kvsvr.SyncClient(
@@ -1001,11 +808,12 @@ def run_cluster_phases(
                     profile_dir=args.out / f"{args.run_id}-profiles" if args.profile else None,
                     profile_label=f"{label}-{operation}-paced",
                 )
-            hwm_kib = {node.id: status_kib(node.pid, "VmHWM") for node in cluster.nodes}
-            final_status = {node.id: status_client.status(node.id) for node in cluster.nodes}
+            hwm_kib = {node: status_kib(pid, "VmHWM") for node, pid in cluster.pids.items()}
+            final_status = {node_id: status_client.status(node_id) for node_id in cluster.ids}
         if args.keep:
             print(f"node data and logs kept in {cluster.directory}")
-    cprofiles = {node: summarize_cprofile(path) for node, path in cluster.cprofile_paths.items()}
+    profiled = cprofile_paths(cluster, cprofile_dir) if cprofile_dir is not None else {}
+    cprofiles = {node: summarize_cprofile(path) for node, path in profiled.items()}
     return {
         "nodes": node_count,
         "replication": replication,
@@ -1139,7 +947,7 @@ class Profiler:
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE,
-                        preexec_fn=_die_with_parent,
+                        preexec_fn=die_with_parent,
                     )
                 )
 

@@ -21,7 +21,8 @@ Ready means what `kvsvr status` shows as "ready": the node answers, its
 replica votes (a node that starts empty first asks its peers whether the
 cluster is new, or rebuilds what it lost) and it sees every running peer up.
 `start` waits only until the node answers (a replacement node answers while
-it rebuilds); `start_all` and `wait_ready` wait until ready.
+it rebuilds); `start_all`, `wait_ready` and `temporary_cluster` wait until
+ready.
 
 Leaving the `with` block stops every node that still runs (SIGTERM, SIGKILL
 past `stop_timeout_s`); nodes of a cluster not closed are killed when the
@@ -38,14 +39,17 @@ import ctypes
 import dataclasses
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -124,6 +128,12 @@ def free_base_port(count: int, rng: random.Random | None = None) -> int:
     raise LocalClusterError(f"no {count} consecutive free ports found in [{low}, {high}]")
 
 
+def free_ports(count: int, rng: random.Random | None = None) -> list[int]:
+    """`count` consecutive ports free on 127.0.0.1 now (`free_base_port`'s run)."""
+    base = free_base_port(count, rng)
+    return list(range(base + 1, base + 1 + count))
+
+
 # --- configs ------------------------------------------------------------------------
 
 
@@ -184,8 +194,9 @@ def node_argv(
     ]
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the node gets SIGKILL when the thread that started it ends."""
+def die_with_parent() -> None:
+    """A `preexec_fn` (Linux): the child gets SIGKILL when the thread that
+    started it ends, so a parent killed outright leaves no process behind."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -445,7 +456,7 @@ class LocalCluster:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 cwd=self.directory,
                 start_new_session=self._new_session,
-                preexec_fn=_die_with_parent if self._die_with_parent else None,
+                preexec_fn=die_with_parent if self._die_with_parent else None,
             )
         node.paused = False
         node.expected_exit = False
@@ -679,6 +690,45 @@ class LocalCluster:
 
     def _event(self, node_id: str, what: str, detail: str = "") -> None:
         self.events.append(NodeEvent(node_id, what, time.monotonic() - self._created_at, detail))
+
+
+@contextmanager
+def temporary_cluster(
+    nodes: int = 3,
+    *,
+    secret: str | None = None,
+    partitions: int = 64,
+    replication: int = 3,
+    tables: tuple[TableConfig, ...] = (TableConfig("default"),),
+    settings: dict[str, Any] | None = None,
+    root: Path | None = None,
+    prefix: str = "kvsvr-",
+    keep: bool = False,
+    **options: Any,
+) -> Iterator[LocalCluster]:
+    """A new cluster in a fresh directory under `root` (default: the system's
+    temporary folder), every node ready when yielded; on exit the nodes are
+    stopped and, unless `keep`, the directory removed. `options` as for
+    `LocalCluster`."""
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    try:
+        with LocalCluster.create(
+            directory,
+            nodes,
+            secret=secret,
+            partitions=partitions,
+            replication=replication,
+            tables=tables,
+            settings=settings,
+            **options,
+        ) as cluster:
+            cluster.start_all()
+            yield cluster
+    finally:
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @atexit.register
