@@ -273,6 +273,7 @@ class _Node:
     starts: int = 0
     paused: bool = False
     expected_exit: bool = False
+    exit_noted: bool = False
 
 
 class LocalCluster:
@@ -393,10 +394,6 @@ class LocalCluster:
         process = self._node(node_id).process
         return None if process is None else process.poll()
 
-    def exit_expected(self, node_id: str) -> bool:
-        """Whether the node's last exit was asked for (kill, stop), not a crash."""
-        return self._node(node_id).expected_exit
-
     def pid(self, node_id: str) -> int | None:
         process = self._node(node_id).process
         return process.pid if process is not None and process.poll() is None else None
@@ -435,6 +432,7 @@ class LocalCluster:
         node = self._node(node_id)
         if self.is_running(node_id):
             raise LocalClusterError(f"node {node_id} is already running")
+        self._note_exit(node)
         node.starts += 1
         argv = node_argv(
             config_path or self.config_path,
@@ -460,6 +458,7 @@ class LocalCluster:
             )
         node.paused = False
         node.expected_exit = False
+        node.exit_noted = False
         self._event(node_id, "start", f"pid {node.process.pid}")
         if wait:
             self.wait_answering(node_id)
@@ -505,9 +504,10 @@ class LocalCluster:
         process = self._process(node_id)
         self._node(node_id).expected_exit = True
         process.kill()  # SIGKILL ends a paused (SIGSTOPped) process too
-        process.wait()
         self._node(node_id).paused = False
         self._event(node_id, "kill")
+        process.wait()
+        self._note_exit(self._node(node_id))
 
     def stop(self, node_id: str, timeout_s: float | None = None) -> int:
         """SIGTERM the node and wait for it to exit; returns its exit code.
@@ -520,17 +520,19 @@ class LocalCluster:
         if node.paused:
             process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
             node.paused = False
+        self._event(node_id, "stop")
         timeout_s = self._stop_timeout_s if timeout_s is None else timeout_s
         try:
             code = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            self._event(node_id, "stop", "timed out; killed")
+            self._event(node_id, "kill", f"still running {timeout_s:g} s after SIGTERM")
+            self._note_exit(node)
             raise LocalClusterError(
                 f"node {node_id} did not stop within {timeout_s} s of SIGTERM; killed it"
             ) from None
-        self._event(node_id, "stop", f"exit {code}")
+        self._note_exit(node)
         return code
 
     def pause(self, node_id: str) -> None:
@@ -559,17 +561,18 @@ class LocalCluster:
             if node.paused:
                 self._process(node_id).send_signal(signal.SIGCONT)
                 node.paused = False
+            self._event(node_id, "stop")
         timeout_s = self._stop_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         for node_id in running:
             process = self._process(node_id, running=False)
             try:
-                code = process.wait(max(0.0, deadline - time.monotonic()))
-                self._event(node_id, "stop", f"exit {code}")
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-                self._event(node_id, "stop", "timed out; killed")
+                self._event(node_id, "kill", f"still running {timeout_s:g} s after SIGTERM")
+            self._note_exit(self._node(node_id))
 
     def close(self) -> None:
         """SIGKILL every node that still runs and reap them. Idempotent."""
@@ -583,7 +586,15 @@ class LocalCluster:
                     node.process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     pass
+                self._note_exit(node)
         _LIVE_CLUSTERS.discard(self)
+
+    def note_exits(self) -> None:
+        """Add an "exit" event for each node that exited since it was last
+        looked at, saying "(unexpected)" unless it was killed or stopped; the
+        control methods do this themselves, so call it to see crashes."""
+        for node in self._nodes.values():
+            self._note_exit(node)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -687,6 +698,15 @@ class LocalCluster:
                 f"node {node_id} exited with code {code} while starting; log tail:\n"
                 + self.log_tail(node_id)
             )
+
+    def _note_exit(self, node: _Node) -> None:
+        code = None if node.process is None else node.process.poll()
+        if code is None or node.exit_noted:
+            return
+        node.exit_noted = True
+        self._event(
+            node.id, "exit", f"code {code}" + ("" if node.expected_exit else " (unexpected)")
+        )
 
     def _event(self, node_id: str, what: str, detail: str = "") -> None:
         self.events.append(NodeEvent(node_id, what, time.monotonic() - self._created_at, detail))
