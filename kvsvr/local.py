@@ -74,6 +74,8 @@ READY_POLL_S: Final = 0.05
 STATUS_TIMEOUT_S: Final = 5.0
 # A node asked to stop (SIGTERM) commits what is staged and exits; past this it is killed.
 STOP_TIMEOUT_S: Final = 15.0
+# Between two looks at stopping nodes: a stop takes a fraction of a second.
+STOP_POLL_S: Final = 0.05
 # Node ports are taken below the kernel's ephemeral range, so that an outgoing
 # connection (of a client, or of another node) can never take a node's port as
 # its local port while that node is down between a kill and a restart.
@@ -488,6 +490,16 @@ class LocalCluster:
         and it sees every running peer up."""
         _blocking(lambda: self.await_ready(node_ids, timeout_s))
 
+    def not_ready(self, node_id: str) -> str | None:
+        """Why the node is not ready, asked once; None if it is ready."""
+        reason: list[str | None] = []
+
+        async def ask() -> None:
+            reason.append(await self._not_ready_because(node_id))
+
+        _blocking(ask)
+        return reason[0]
+
     def wait_exit(self, node_id: str, timeout_s: float = READY_TIMEOUT_S) -> int:
         """Wait for a node that should exit by itself; its exit code."""
         process = self._process(node_id, running=False)
@@ -550,9 +562,12 @@ class LocalCluster:
             self._event(node_id, "resume")
         node.paused = False
 
-    def stop_all(self, timeout_s: float | None = None) -> None:
+    def stop_all(
+        self, timeout_s: float | None = None, *, kill_now: Callable[[], bool] | None = None
+    ) -> list[str]:
         """Stop every running node at once: SIGTERM (paused ones resumed), then
-        SIGKILL those still running past `timeout_s`. Idempotent."""
+        SIGKILL those still running past `timeout_s` or once `kill_now()` says
+        so (a second Ctrl-C). Returns the ids of the nodes it had to kill."""
         running = [node_id for node_id in self.ids if self.is_running(node_id)]
         for node_id in running:
             node = self._node(node_id)
@@ -564,15 +579,18 @@ class LocalCluster:
             self._event(node_id, "stop")
         timeout_s = self._stop_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
+        while any(self.is_running(node_id) for node_id in running):
+            if time.monotonic() > deadline or (kill_now is not None and kill_now()):
+                break
+            time.sleep(STOP_POLL_S)
+        killed = [node_id for node_id in running if self.is_running(node_id)]
+        for node_id in killed:
+            self._process(node_id).kill()
+            self._event(node_id, "kill", f"still running {timeout_s:g} s after SIGTERM")
         for node_id in running:
-            process = self._process(node_id, running=False)
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                self._event(node_id, "kill", f"still running {timeout_s:g} s after SIGTERM")
+            self._process(node_id, running=False).wait()
             self._note_exit(self._node(node_id))
+        return killed
 
     def close(self) -> None:
         """SIGKILL every node that still runs and reap them. Idempotent."""
@@ -634,18 +652,12 @@ class LocalCluster:
     ) -> None:
         """`wait_ready` for trio code."""
         waiting = list(self.ids if node_ids is None else node_ids)
-        reason = "not asked yet"
+        reason: str | None = "not asked yet"
         with trio.move_on_after(timeout_s):
             while waiting:
-                node_id = waiting[0]
-                self._check_started(node_id)
-                try:
-                    status = await node_status(self.address(node_id), node_id, self.secret)
-                    running = [peer for peer in self.ids if self.is_running(peer)]
-                    reason = not_ready_because(status, running) or ""
-                except (KvsvrError, trio.TooSlowError, OSError) as error:
-                    reason = f"no answer: {error or type(error).__name__}"
-                if not reason:
+                self._check_started(waiting[0])
+                reason = await self._not_ready_because(waiting[0])
+                if reason is None:
                     waiting.pop(0)
                 else:
                     await trio.sleep(READY_POLL_S)
@@ -654,6 +666,14 @@ class LocalCluster:
                 f"node {waiting[0]} not ready within {timeout_s:g} s ({reason}); log tail:\n"
                 + self.log_tail(waiting[0])
             )
+
+    async def _not_ready_because(self, node_id: str) -> str | None:
+        try:
+            status = await node_status(self.address(node_id), node_id, self.secret)
+        except (KvsvrError, trio.TooSlowError, OSError) as error:
+            return f"no answer: {error or type(error).__name__}"
+        running = [peer for peer in self.ids if self.is_running(peer)]
+        return not_ready_because(status, running)
 
     async def astart(self, node_id: str, *, wait: bool = True) -> None:
         self.start(node_id, wait=False)
