@@ -31,7 +31,8 @@ from typing import Any
 import trio
 
 import kvsvr
-from bench import common
+from bench.output import print_table
+from bench.phases import percentile
 from kvsvr.apps import app_tables
 from kvsvr.apps.moments import FANOUT_BATCH, Moments
 from kvsvr.config import TableConfig
@@ -99,8 +100,8 @@ async def _measure(
     return {
         "operation": label,
         "runs": runs,
-        "p50_ms": common.percentile(ordered, 0.50),
-        "p99_ms": common.percentile(ordered, 0.99),
+        "p50_ms": percentile(ordered, 0.50),
+        "p99_ms": percentile(ordered, 0.99),
         "mean_ms": statistics.fmean(ordered),
         "max_ms": ordered[-1],
     }
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = (TableConfig("default"), *app_tables())
     with temporary_cluster(3, secret=APPS_SECRET, partitions=16, tables=tables) as cluster:
         results = trio.run(run, cluster.addresses, cluster.secret, args)
-    common.print_table(
+    print_table(
         "Moments on a 3-node cluster (one client, one operation at a time)",
         ["operation", "runs", "p50 ms", "p99 ms", "mean ms", "max ms"],
         [

@@ -37,7 +37,8 @@ from typing import Any
 import trio
 
 import kvsvr.client
-from bench.common import BENCH_SECRET, bench_cluster
+from bench.load import BENCH_SECRET
+from bench.phases import bench_cluster
 from kvsvr.node.server import tune_gc
 
 KINDS = ("stale", "strong", "put")

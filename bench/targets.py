@@ -30,6 +30,7 @@ from typing import Any, Final, Protocol
 import kvsvr
 from bench.driver import TargetSpec
 from bench.etcd import EtcdCluster, etcd_version, find_etcd
+from bench.proc import cpu_times, machine_cpu_times
 from kvsvr.config import ClusterConfig, TableConfig, load_config
 from kvsvr.local import CONFIG_FILE_NAME, LocalCluster, free_ports, local_config, write_config
 
@@ -319,33 +320,18 @@ def make_cluster(
 
 # --- CPU accounting ------------------------------------------------------------------------
 
-_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
 
-
-def process_cpu_s(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a live process, all its threads ((0, 0) if gone)."""
+def _live_cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, (0, 0) once it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as file:
-            text = file.read()
+        return cpu_times(pid)
     except OSError:
         return 0.0, 0.0
-    fields = text[text.rindex(")") + 2 :].split()
-    # After "pid (comm) ": state is field 0; utime and stime are fields 11 and 12.
-    return int(fields[11]) / _TICKS_PER_S, int(fields[12]) / _TICKS_PER_S
-
-
-def machine_cpu_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
-    with open("/proc/stat", encoding="ascii") as file:
-        values = [int(v) for v in file.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    total = sum(values[:8])  # guest time is already inside user
-    return (total - idle) / _TICKS_PER_S, total / _TICKS_PER_S
 
 
 def cpu_probe(pids: list[int]) -> dict[str, float]:
-    busy, total = machine_cpu_s()
-    times = [process_cpu_s(pid) for pid in pids]
+    busy, total = machine_cpu_times()
+    times = [_live_cpu_times(pid) for pid in pids]
     user_s = sum(user for user, _ in times)
     system_s = sum(system for _, system in times)
     return {
