@@ -36,7 +36,7 @@ from bench.phases import percentile
 from kvsvr.apps import app_tables
 from kvsvr.apps.moments import FANOUT_BATCH, Moments
 from kvsvr.config import TableConfig
-from kvsvr.local import temporary_cluster
+from kvsvr.local import local_config, temporary_cluster
 
 READ_AUTHORS = 10
 POSTS_PER_AUTHOR = 3
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         f"starting a 3-node cluster; {args.friends} friends, batches of {FANOUT_BATCH}", flush=True
     )
     tables = (TableConfig("default"), *app_tables())
-    with temporary_cluster(3, secret=APPS_SECRET, partitions=16, tables=tables) as cluster:
+    config = local_config(3, secret=APPS_SECRET, partitions=16, tables=tables)
+    with temporary_cluster(config, prefix="kvsvr-bench-apps-") as cluster:
         results = trio.run(run, cluster.addresses, cluster.secret, args)
     print_table(
         "Moments on a 3-node cluster (one client, one operation at a time)",

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import kvsvr
-from bench.load import LoadGenerator
+from bench.load import LoadGenerator, load_generator
 from bench.output import (
     add_load_options,
     environment,
@@ -106,14 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             3, 3, scratch_root=args.scratch, keep=args.keep, settings=settings
         ) as cluster,
         kvsvr.SyncClient(cluster.addresses, secret=cluster.secret, timeout_s=10.0) as client,
-        LoadGenerator(
-            cluster.addresses,
-            clients=args.clients,
-            processes=args.processes,
-            keys_per_task=args.keys_per_client,
-            value_bytes=args.value_bytes,
-            secret=cluster.secret,
-        ) as load,
+        load_generator(cluster.addresses, cluster.secret, args) as load,
     ):
         print(f"populating {args.clients * args.keys_per_client} keys ...", flush=True)
         load.populate()

@@ -10,6 +10,7 @@ a measured window."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import multiprocessing
@@ -230,6 +231,20 @@ class LoadGenerator:
                 process.join()
             connection.close()
         self._workers = []
+
+
+def load_generator(
+    addresses: list[str], secret: str | None, args: argparse.Namespace
+) -> LoadGenerator:
+    """The load generator that `bench.output.add_load_options`' options describe."""
+    return LoadGenerator(
+        addresses,
+        clients=args.clients,
+        processes=args.processes,
+        keys_per_task=args.keys_per_client,
+        value_bytes=args.value_bytes,
+        secret=secret,
+    )
 
 
 def _worker_main(spec: WorkerSpec, connection: multiprocessing.connection.Connection) -> None:

@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Any, Final
 
 import kvsvr
-from bench.load import BENCH_SECRET, CLIENT_TIMEOUT_S, LoadGenerator, PhaseSpec, WorkerResult
+from bench.load import (
+    BENCH_SECRET,
+    CLIENT_TIMEOUT_S,
+    LoadGenerator,
+    PhaseSpec,
+    WorkerResult,
+    load_generator,
+)
 from bench.node_profiles import Profiler, summarize_cprofile
 from bench.output import phase_amount
 from bench.proc import RssSampler, cpu_seconds, cpu_times, machine_cpu_times, status_kib
-from kvsvr.local import LocalCluster, temporary_cluster
+from kvsvr.local import LocalCluster, local_config, temporary_cluster
 
 # A node gets this long to stop after SIGTERM before it is killed.
 NODE_STOP_TIMEOUT_S: Final = 10.0
@@ -55,12 +62,11 @@ def bench_cluster(
             return []
         return ["-m", "cProfile", "-o", str(cprofile_dir / f"{run_name}-{node_id}.prof")]
 
+    config = local_config(
+        node_count, secret=BENCH_SECRET, replication=replication, settings=settings
+    )
     with temporary_cluster(
-        node_count,
-        secret=BENCH_SECRET,
-        partitions=64,
-        replication=replication,
-        settings=settings,
+        config,
         root=scratch_root,
         prefix=f"{run_name}-",
         keep=keep,
@@ -290,14 +296,7 @@ def run_cluster_phases(
             kvsvr.SyncClient(
                 cluster.addresses, secret=cluster.secret, timeout_s=CLIENT_TIMEOUT_S
             ) as status_client,
-            LoadGenerator(
-                cluster.addresses,
-                clients=args.clients,
-                processes=args.processes,
-                keys_per_task=args.keys_per_client,
-                value_bytes=args.value_bytes,
-                secret=cluster.secret,
-            ) as load,
+            load_generator(cluster.addresses, cluster.secret, args) as load,
         ):
             populate_s = load.populate()
             for operation in operations:

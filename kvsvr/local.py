@@ -1,7 +1,7 @@
 """Local clusters: `kvsvr node` processes on 127.0.0.1, for trying kvsvr out,
 demos, benchmarks, the fault harness and tests.
 
-    with LocalCluster.create(directory, nodes=3, secret="s") as cluster:
+    with LocalCluster.create(directory, local_config(3, secret="s")) as cluster:
         cluster.start_all()        # returns once every node is ready
         with kvsvr.SyncClient(cluster.addresses, secret=cluster.secret) as client:
             ...
@@ -52,7 +52,6 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import trio
@@ -317,30 +316,13 @@ class LocalCluster:
 
     @classmethod
     def create(
-        cls,
-        directory: Path,
-        nodes: int = 3,
-        *,
-        secret: str | None = None,
-        partitions: int = 64,
-        replication: int = 3,
-        tables: tuple[TableConfig, ...] = (TableConfig("default"),),
-        settings: dict[str, Any] | None = None,
-        data_dir: str = "data",
-        **options: Any,
+        cls, directory: Path, config: ClusterConfig, *, data_dir: str = "data", **options: Any
     ) -> LocalCluster:
-        """A new cluster's config written to `directory/cluster.toml` (on free
-        ports), and the cluster that runs it; `options` as for `LocalCluster`."""
-        config = local_config(
-            nodes,
-            secret=secret,
-            partitions=partitions,
-            replication=replication,
-            tables=tables,
-            settings=settings,
+        """`config` written to `directory/cluster.toml` (see `write_config`), and
+        the cluster that runs it; `options` as for `LocalCluster`."""
+        return cls(
+            write_config(config, Path(directory) / CONFIG_FILE_NAME, data_dir=data_dir), **options
         )
-        path = write_config(config, Path(directory) / CONFIG_FILE_NAME, data_dir=data_dir)
-        return cls(path, **options)
 
     # --- what there is ----------------------------------------------------------
 
@@ -617,12 +599,7 @@ class LocalCluster:
     def __enter__(self) -> LocalCluster:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         try:
             self.stop_all()
         finally:
@@ -734,36 +711,23 @@ class LocalCluster:
 
 @contextmanager
 def temporary_cluster(
-    nodes: int = 3,
+    config: ClusterConfig | None = None,
     *,
-    secret: str | None = None,
-    partitions: int = 64,
-    replication: int = 3,
-    tables: tuple[TableConfig, ...] = (TableConfig("default"),),
-    settings: dict[str, Any] | None = None,
     root: Path | None = None,
     prefix: str = "kvsvr-",
     keep: bool = False,
     **options: Any,
 ) -> Iterator[LocalCluster]:
-    """A new cluster in a fresh directory under `root` (default: the system's
-    temporary folder), every node ready when yielded; on exit the nodes are
-    stopped and, unless `keep`, the directory removed. `options` as for
-    `LocalCluster`."""
+    """A cluster running `config` (default: `local_config(3)`) in a fresh
+    directory under `root` (default: the system's temporary folder), every
+    node ready when yielded; on exit the nodes are stopped and, unless `keep`,
+    the directory removed. `options` as for `LocalCluster`."""
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     try:
-        with LocalCluster.create(
-            directory,
-            nodes,
-            secret=secret,
-            partitions=partitions,
-            replication=replication,
-            tables=tables,
-            settings=settings,
-            **options,
-        ) as cluster:
+        config = config if config is not None else local_config(3)
+        with LocalCluster.create(directory, config, **options) as cluster:
             cluster.start_all()
             yield cluster
     finally:

@@ -28,12 +28,10 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import kvsvr
 from kvsvr import net
-from kvsvr.config import TableConfig
 from kvsvr.keys import encode_key, split_user_key
 from kvsvr.local import LocalCluster as _LocalCluster
 from kvsvr.local import LocalClusterError as ClusterError
@@ -55,29 +53,16 @@ class LocalCluster(_LocalCluster):
         *,
         secret: str = DEFAULT_SECRET,
         partitions: int = 16,
-        replication: int = 3,
-        tables: tuple[TableConfig, ...] = (TableConfig("default"),),
-        settings: dict[str, Any] | None = None,
+        **config_options: Any,
     ) -> None:
-        """`settings`: other `[cluster]` fields (ClusterConfig's), e.g. hints_max."""
-        config = local_config(
-            nodes,
-            secret=secret,
-            partitions=partitions,
-            replication=replication,
-            tables=tables,
-            settings=settings,
-        )
+        """`config_options`: `kvsvr.local.local_config`'s (replication, tables,
+        settings: other `[cluster]` fields, e.g. hints_max)."""
+        config = local_config(nodes, secret=secret, partitions=partitions, **config_options)
         super().__init__(write_config(config, Path(directory) / "cluster.toml"))
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         try:
-            if exc_type is not None:
+            if exc_info[0] is not None:
                 print(self.describe(), file=sys.stderr, flush=True)
         finally:
             self.close()

@@ -20,7 +20,7 @@ from kvsvr.apps._tables import app_tables, tables_toml
 from kvsvr.client import Client
 from kvsvr.config import TableConfig
 from kvsvr.errors import KvsvrError
-from kvsvr.local import LocalClusterError, temporary_cluster
+from kvsvr.local import LocalClusterError, local_config, temporary_cluster
 
 LOCAL_SECRET: Final = "apps-demo-secret"
 
@@ -31,13 +31,9 @@ def local_app_cluster(
 ) -> Iterator[tuple[list[str], str]]:
     """Start a local cluster with the `default` table and every application
     table; yield (addresses, secret); stop it and delete its data on exit."""
-    with temporary_cluster(
-        nodes,
-        secret=secret,
-        partitions=16,
-        tables=(TableConfig("default"), *app_tables()),
-        prefix="kvsvr-apps-",
-    ) as cluster:
+    tables = (TableConfig("default"), *app_tables())
+    config = local_config(nodes, secret=secret, partitions=16, tables=tables)
+    with temporary_cluster(config, prefix="kvsvr-apps-") as cluster:
         yield cluster.addresses, secret
 
 
