@@ -300,7 +300,7 @@ def _stop_nodes(cluster: LocalCluster, stop: _StopRequest) -> None:
     if running:
         say(f"kvsvr up: stopping {len(running)} node(s)...")
     for node_id in cluster.stop_all(kill_now=lambda: stop.forced):
-        complain(f"node {node_id} did not stop within {NODE_STOP_TIMEOUT_S} s; killed it")
+        complain(f"node {node_id} did not stop within {NODE_STOP_TIMEOUT_S} s; killing it")
     cluster.close()
     for node_id in cluster.ids:
         _pid_path(cluster, node_id).unlink(missing_ok=True)
