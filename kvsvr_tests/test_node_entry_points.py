@@ -11,12 +11,14 @@ arguments) runs through every entry point on a real three-node cluster (one
 process, real LMDB, real TCP between the nodes), each on keys of its own,
 and the answers (reply, or error type and message) must be equal.
 
-Then random sequences of operations on one key run through each entry point
-and through a mix of them, and must answer alike step by step."""
+Then sequences of operations on one key, drawn by hypothesis, run through
+each entry point and through a mix of them, and must answer alike step by
+step."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvsvr.config import TableConfig, local_cluster
 from kvsvr.errors import KvsvrError
@@ -240,26 +244,26 @@ def test_every_entry_point_answers_every_operation_alike(tmp_path: Path) -> None
     trio.run(_with_cluster, tmp_path, test)
 
 
-def _random_steps(rng: random.Random, count: int) -> list[tuple[str, dict[str, Any]]]:
-    steps: list[tuple[str, dict[str, Any]]] = []
-    for n in range(count):
-        kind = rng.choice(["put", "put", "cas", "absent", "delete", "get", "stale", "scan"])
-        value = b"v%d" % n
-        if kind == "put":
-            steps.append(("put", {"key": "{p}k", "value": value}))
-        elif kind == "cas":
-            steps.append(("put", {"key": "{p}k", "value": value, "if_version": rng.randrange(6)}))
-        elif kind == "absent":
-            steps.append(("put", {"key": "{p}k", "value": value, "if_absent": True}))
-        elif kind == "delete":
-            steps.append(("put", {"key": "{p}k", "value": None}))
-        elif kind == "get":
-            steps.append(("get", {"key": "{p}k"}))
-        elif kind == "stale":
-            steps.append(("get", {"key": "{p}k", "consistency": "stale"}))
-        else:
-            steps.append(("scan", {"partition_key": "{p}"}))
-    return steps
+# One step of a random sequence on one key (and its partition, for scans).
+STEPS = st.one_of(
+    st.builds(lambda value: ("put", {"key": "{p}k", "value": value}), st.binary(max_size=8)),
+    st.builds(
+        lambda value, version: ("put", {"key": "{p}k", "value": value, "if_version": version}),
+        st.binary(max_size=8),
+        st.integers(0, 5),
+    ),
+    st.builds(
+        lambda value: ("put", {"key": "{p}k", "value": value, "if_absent": True}),
+        st.binary(max_size=8),
+    ),
+    st.just(("put", {"key": "{p}k", "value": None})),
+    st.just(("get", {"key": "{p}k"})),
+    st.just(("get", {"key": "{p}k", "consistency": "stale"})),
+    st.builds(
+        lambda version: ("get", {"key": "{p}k", "cached_version": version}), st.integers(1, 5)
+    ),
+    st.just(("scan", {"partition_key": "{p}"})),
+)
 
 
 async def via_any(node: Node, method: str, body: dict[str, Any], rng: random.Random) -> Answer:
@@ -267,19 +271,27 @@ async def via_any(node: Node, method: str, body: dict[str, Any], rng: random.Ran
 
 
 def test_random_sequences_answer_alike_through_every_entry_point(tmp_path: Path) -> None:
+    """Hypothesis draws sequences of operations on one key; each runs, on keys
+    of its own, through every entry point and through a random mix of them."""
+
     async def test(node: Node) -> None:
-        for seed in range(4):
-            steps = _random_steps(random.Random(seed), 25)
-            mixer = random.Random(1000 + seed)
-            runs: dict[str, EntryPoint] = {
-                **ENTRY_POINTS,
-                "mixed": partial(via_any, rng=mixer),
-            }
+        examples = itertools.count()
+
+        @settings(max_examples=30, deadline=None, database=None)
+        @given(st.lists(STEPS, min_size=1, max_size=12), st.randoms(use_true_random=False))
+        def sequences_answer_alike(
+            steps: list[tuple[str, dict[str, Any]]], mixer: random.Random
+        ) -> None:
+            name = f"random {next(examples)}"
+            runs: dict[str, EntryPoint] = {**ENTRY_POINTS, "mixed": partial(via_any, rng=mixer)}
             answers = {
-                tag: await _run_scenario(node, entry, f"random {seed}", steps, tag)
+                tag: trio.from_thread.run(_run_scenario, node, entry, name, steps, tag)
                 for tag, entry in runs.items()
             }
             for tag, got in answers.items():
-                assert got == answers["nowait"], (seed, tag)
+                assert got == answers["nowait"], tag
+
+        # Hypothesis runs its examples in a thread; each runs on this trio loop.
+        await trio.to_thread.run_sync(sequences_answer_alike)
 
     trio.run(_with_cluster, tmp_path, test)

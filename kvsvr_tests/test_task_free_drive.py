@@ -20,9 +20,9 @@ import trio.lowlevel
 import trio.testing
 
 from kvsvr.clock import ManualClock
-from kvsvr.errors import KvsvrError, Timeout
+from kvsvr.errors import KvsvrError, Timeout, Unavailable
 from kvsvr.keys import encode_key
-from kvsvr.node.engine import Drive
+from kvsvr.node.engine import Drive, StrongReads
 from kvsvr.node.rounds import (
     ROUND_TIMEOUT_S,
     ROUND_TIMER_TICK_S,
@@ -403,3 +403,71 @@ def test_a_leader_that_fails_fails_its_members_and_hands_the_key_over() -> None:
         assert d == [({"version": 2}, None)]
 
     _run(test, FakeWriteNode)
+
+
+# --------------------------------------------------------------- shared strong reads
+
+
+def _one_round_read(version: int) -> Generator[Round, Replies, Outcome]:
+    replies = yield _read_round()
+    return Outcome("ok", version=version) if replies else Outcome("unavailable")
+
+
+def test_reads_of_a_busy_key_share_the_next_round_and_each_ends_once() -> None:
+    async def test(node: FakeNode) -> None:
+        reads = StrongReads(node)  # type: ignore[arg-type]
+        slot = ("t", b"k")
+        first, done_first = _recorder()
+        second, done_second = _recorder()
+        third, done_third = _recorder()
+        late, done_late = _recorder()
+        reads.start(slot, lambda: _one_round_read(1), Deadline(4.0), done_first)
+        # The key's round runs: these wait for the next one, which starts when it ends.
+        reads.start(slot, lambda: _one_round_read(2), Deadline(4.0), done_second)
+        reads.start(slot, lambda: _one_round_read(3), Deadline(4.0), done_third)
+        reads.start(slot, lambda: _one_round_read(4), Deadline(0.5), done_late)
+        assert len(node.sent) == 3  # one round so far
+        await trio.sleep(0.5 + ROUND_TIMER_TICK_S + 0.001)
+        (answer,) = late
+        assert answer[0] is None and isinstance(answer[1], Timeout)
+        node.sent[0][1].add(1, _reply(1))
+        node.sent[1][1].add(2, _reply(1))
+        await trio.sleep(0.001)
+        assert first == [(Outcome("ok", version=1), None)]
+        assert len(node.sent) == 6 and second == third == []  # the next round, shared
+        node.sent[3][1].add(1, _reply(2))
+        node.sent[4][1].add(2, _reply(2))
+        await trio.sleep(0.001)
+        # The first waiter's operation ran for all of them.
+        assert second == third == [(Outcome("ok", version=2), None)]
+        assert len(late) == 1 and reads.shared.reads_shared == 3
+        assert slot not in reads.shared.running  # idle again
+
+    _run(test)
+
+
+def test_readers_of_a_shared_round_that_fails_hear_unavailable() -> None:
+    async def test(node: FakeNode) -> None:
+        reads = StrongReads(node)  # type: ignore[arg-type]
+        slot = ("t", b"k")
+        first, done_first = _recorder()
+        waiting, done_waiting = _recorder()
+        reads.start(slot, lambda: _one_round_read(1), Deadline(4.0), done_first)
+        reads.start(slot, _broken_read, Deadline(4.0), done_waiting)
+        node.sent[0][1].add(1, _reply(1))
+        node.sent[1][1].add(2, _reply(1))
+        await trio.sleep(0.001)
+        node.sent[3][1].add(1, _reply(1))
+        node.sent[4][1].add(2, _reply(1))
+        await trio.sleep(0.001)
+        assert first == [(Outcome("ok", version=1), None)]
+        (answer,) = waiting
+        assert answer[0] is None and isinstance(answer[1], Unavailable)
+        assert "did not finish" in str(answer[1])
+
+    _run(test)
+
+
+def _broken_read() -> Generator[Round, Replies, Outcome]:
+    yield _read_round()
+    raise ValueError("a bug")

@@ -390,10 +390,10 @@ async def _main(config: ClusterConfig, node_id: str, initial_state: str | None) 
 # dicts, trio's task and scope objects); they die by reference count (the
 # hot path makes no reference cycles: see `TurnWrite._end` in
 # `kvsvr.node.writes`; kvsvr_tests/test_gc_cycles.py checks it). At CPython's
-# default gen-0 threshold (700) the cyclic collector still ran every few
-# requests and walked the young objects each time, for nothing: about a
-# fifth of a node's CPU on durable puts (bench.single_node: 0.39-0.46 ->
-# 0.33-0.35 CPU-ms per put). A larger threshold keeps cycles collected, in
+# default gen-0 threshold (700) the cyclic collector runs every few requests
+# and walks the young objects each time, for nothing: about a fifth of a
+# node's CPU on durable puts (bench.single_node: 0.39-0.46 CPU-ms per put at
+# 700, 0.33-0.35 at this threshold). A larger threshold keeps cycles collected, in
 # rarer sweeps; not much larger, as a cycle made on an error path can hold
 # a value of up to 1 MiB until then (kvsvr_tests/test_cache_memory.py bounds
 # the node's RSS). Freezing moves what startup built out of later sweeps.
