@@ -51,8 +51,14 @@ COMPILED_MODULES = [
     "kvsvr/storage/codec.py",
     "kvsvr/storage/engine.py",
     "kvsvr/node/cache.py",
+    "kvsvr/node/client_api.py",
+    "kvsvr/node/engine.py",
+    "kvsvr/node/read_share.py",
+    "kvsvr/node/replica_side.py",
+    "kvsvr/node/rounds.py",
     "kvsvr/node/server.py",
     "kvsvr/node/write_queue.py",
+    "kvsvr/node/writes.py",
 ]
 MANIFEST = ROOT / "kvsvr" / "compiled-sources.json"
 

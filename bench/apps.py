@@ -31,14 +31,18 @@ from typing import Any
 import trio
 
 import kvsvr
-from bench import common
-from kvsvr.apps._local import local_app_cluster
+from bench.output import print_table
+from bench.phases import percentile
+from kvsvr.apps import app_tables
 from kvsvr.apps.moments import FANOUT_BATCH, Moments
+from kvsvr.config import TableConfig
+from kvsvr.local import local_config, temporary_cluster
 
 READ_AUTHORS = 10
 POSTS_PER_AUTHOR = 3
 PAGE_SIZE = 20
 CLIENT_TIMEOUT_S = 30.0
+APPS_SECRET = "bench-apps-secret"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,14 +100,16 @@ async def _measure(
     return {
         "operation": label,
         "runs": runs,
-        "p50_ms": common.percentile(ordered, 0.50),
-        "p99_ms": common.percentile(ordered, 0.99),
+        "p50_ms": percentile(ordered, 0.50),
+        "p99_ms": percentile(ordered, 0.99),
         "mean_ms": statistics.fmean(ordered),
         "max_ms": ordered[-1],
     }
 
 
-async def run(addresses: list[str], secret: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def run(
+    addresses: list[str], secret: str | None, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     async with kvsvr.connect(addresses, secret=secret, timeout_s=CLIENT_TIMEOUT_S) as client:
         moments = Moments(client)
         friends = [f"friend{i:04d}" for i in range(args.friends)]
@@ -134,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"starting a 3-node cluster; {args.friends} friends, batches of {FANOUT_BATCH}", flush=True
     )
-    with local_app_cluster() as (addresses, secret):
-        results = trio.run(run, addresses, secret, args)
-    common.print_table(
+    tables = (TableConfig("default"), *app_tables())
+    config = local_config(3, secret=APPS_SECRET, partitions=16, tables=tables)
+    with temporary_cluster(config, prefix="kvsvr-bench-apps-") as cluster:
+        results = trio.run(run, cluster.addresses, cluster.secret, args)
+    print_table(
         "Moments on a 3-node cluster (one client, one operation at a time)",
         ["operation", "runs", "p50 ms", "p99 ms", "mean ms", "max ms"],
         [

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,15 +39,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.driver import RunSpec, run_phase
-from bench.etcd import die_with_parent
-from bench.targets import (
-    MAP_SIZE_BYTES,
-    KvsvrCluster,
-    bulk_load_kvsvr,
-    cpu_probe,
-    free_port_run,
-)
+from bench.targets import KvsvrCluster, cpu_probe
 from bench.workloads import WORKLOADS
+from kvsvr.config import TableConfig
 
 # The issue's targets for the two ratios.
 CACHE_ON_OVER_OFF_TARGET: Final = 1.3
@@ -58,47 +51,14 @@ CACHE_BYTES_ON: Final = 64 << 20
 
 @dataclasses.dataclass
 class CachedKvsvrCluster(KvsvrCluster):
-    """`bench.targets.KvsvrCluster` with the node config's cache budget (and
-    LMDB map) chosen by the caller; started and stopped the same way."""
+    """`bench.targets.KvsvrCluster` with only the `default` table and the node
+    config's cache budget chosen by the caller; started and stopped the same way."""
 
     cache_bytes_max: int = CACHE_BYTES_ON
-    map_size_bytes: int = MAP_SIZE_BYTES
+    tables: tuple[TableConfig, ...] = (TableConfig("default"),)
 
-    def start(self) -> None:
-        from kvsvr.config import TableConfig, load_config, local_cluster, render_config
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.base_port = free_port_run(self.node_count)
-        config = local_cluster(
-            self.node_count,
-            self.base_port,
-            secret=self.secret,
-            partitions=self.partitions,
-            replication=self.replication,
-            tables=(TableConfig("default"),),
-        )
-        config = dataclasses.replace(
-            config, map_size_bytes=self.map_size_bytes, cache_bytes_max=self.cache_bytes_max
-        )
-        config_path = self.directory / "cluster.toml"
-        config_path.write_text(render_config(config, data_dir="."), encoding="utf-8")
-        config_path.chmod(0o600)
-        if self.preload is not None:
-            bulk_load_kvsvr(load_config(config_path), *self.preload)
-        for node in config.nodes:
-            with (self.directory / f"{node.id}.log").open("ab") as log:
-                self.processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "kvsvr", "node", "--config", str(config_path),
-                         "--id", node.id],
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        preexec_fn=die_with_parent,
-                    )
-                )  # fmt: skip
-        self._wait_ready()
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "cache_bytes_max": self.cache_bytes_max}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

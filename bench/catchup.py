@@ -31,7 +31,17 @@ import time
 from typing import Any
 
 import kvsvr
-from bench import common
+from bench.load import LoadGenerator, load_generator
+from bench.output import (
+    add_load_options,
+    environment,
+    name_run,
+    print_table,
+    target,
+    terminate_on_sigterm,
+    write_result,
+)
+from bench.phases import bench_cluster, percentile
 from kvsvr.config import ClusterConfig
 
 RATIO_TARGET = 0.70
@@ -42,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.catchup", description=__doc__.split("\n\n")[0]
     )
-    common.add_load_options(parser)
+    add_load_options(parser)
     parser.set_defaults(keys_per_client=300)
     parser.add_argument("--outage-s", type=float, default=30.0, help="seconds n3 is down (30)")
     parser.add_argument(
@@ -54,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _window(load: common.LoadGenerator, warmup_s: float, duration_s: float) -> dict[str, Any]:
+def _window(load: LoadGenerator, warmup_s: float, duration_s: float) -> dict[str, Any]:
     spec = load.start_phase("put", warmup_s=warmup_s, duration_s=duration_s, ops=None)
     results = load.finish_phase(spec)
     latencies = sorted(ms for r in results for ms in r.latencies_ms)
@@ -66,8 +76,8 @@ def _window(load: common.LoadGenerator, warmup_s: float, duration_s: float) -> d
     return {
         "ops": ops,
         "ops_per_s": ops / duration_s,
-        "p50_ms": common.percentile(latencies, 0.50) if latencies else math.nan,
-        "p99_ms": common.percentile(latencies, 0.99) if latencies else math.nan,
+        "p50_ms": percentile(latencies, 0.50) if latencies else math.nan,
+        "p99_ms": percentile(latencies, 0.99) if latencies else math.nan,
         "errors": errors,
     }
 
@@ -83,7 +93,7 @@ def _hints_for(client: kvsvr.SyncClient, holders: list[str], target: str) -> tup
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    common.name_run(args, "catchup")
+    name_run(args, "catchup")
     duration_s = args.time_s if args.time_s is not None else 10.0
     defaults = ClusterConfig(nodes=(), tables=())
     windows: dict[str, Any] = {}
@@ -91,23 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay_rows_per_s is not None:
         settings["hint_replay_rows_per_s"] = args.replay_rows_per_s
     with (
-        common.terminate_on_sigterm(),
-        common.LocalCluster(
-            3,
-            3,
-            scratch_root=args.scratch,
-            keep=args.keep,
-            settings=settings,
+        terminate_on_sigterm(),
+        bench_cluster(
+            3, 3, scratch_root=args.scratch, keep=args.keep, settings=settings
         ) as cluster,
         kvsvr.SyncClient(cluster.addresses, secret=cluster.secret, timeout_s=10.0) as client,
-        common.LoadGenerator(
-            cluster.addresses,
-            clients=args.clients,
-            processes=args.processes,
-            keys_per_task=args.keys_per_client,
-            value_bytes=args.value_bytes,
-            secret=cluster.secret,
-        ) as load,
+        load_generator(cluster.addresses, cluster.secret, args) as load,
     ):
         print(f"populating {args.clients * args.keys_per_client} keys ...", flush=True)
         load.populate()
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         windows["catch_up"] = _window(load, 0.0, duration_s)
         watcher.join()
         drained_after_s = drained[0] if drained else math.nan
-        final = {node.id: client.status(node.id)["replication"] for node in cluster.nodes}
+        final = {node_id: client.status(node_id)["replication"] for node_id in cluster.ids}
     base = windows["baseline"]["ops_per_s"]
     ratio = windows["catch_up"]["ops_per_s"] / base if base else math.nan
     writes = windows["outage"]["ops"]
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "catchup",
         "args": {k: str(v) for k, v in vars(args).items()},
-        "environment": common.environment(),
+        "environment": environment(),
         "windows": windows,
         "hints_after_outage": hints,
         "hint_bytes_after_outage": hint_bytes,
@@ -162,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             "fits": worst_hints <= defaults.hints_max and worst_bytes <= defaults.hint_bytes_max,
         },
         "targets": {
-            "catch_up_over_baseline": common.target(ratio, ">=", RATIO_TARGET),
+            "catch_up_over_baseline": target(ratio, ">=", RATIO_TARGET),
         },
         "final_replication_status": final,
     }
-    common.print_table(
+    print_table(
         "strong puts, 3 nodes",
         ["window", "ops/s", "p50 ms", "p99 ms", "errors"],
         [
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         f"hints, {worst_bytes / 2**20:.0f} MiB; bound {defaults.hints_max} hints, "
         f"{defaults.hint_bytes_max / 2**20:.0f} MiB per target: {fits}"
     )
-    path = common.write_result(args, result)
+    path = write_result(args, result)
     print(f"\nresult: {path}")
     return 0
 

@@ -39,7 +39,8 @@ from typing import Any
 import trio
 
 import kvsvr.client_async
-from bench.common import BENCH_SECRET, LocalCluster
+from bench.load import BENCH_SECRET
+from bench.phases import bench_cluster
 from kvsvr.node.server import tune_gc
 
 KINDS = ("stale", "strong", "put")
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.addresses:
             addresses, secret = args.addresses.split(","), args.secret
         else:
-            cluster = stack.enter_context(LocalCluster(1, 1, scratch_root=Path(args.scratch)))
+            cluster = stack.enter_context(bench_cluster(1, 1, scratch_root=Path(args.scratch)))
             addresses, secret = cluster.addresses, cluster.secret
         if profiler is not None:
             profiler.enable()

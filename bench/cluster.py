@@ -41,7 +41,22 @@ import math
 import sys
 from typing import Any
 
-from bench import common
+from bench.output import (
+    add_load_options,
+    check_scratch,
+    environment,
+    name_run,
+    print_batching,
+    print_cprofiles,
+    print_phases,
+    print_profiles,
+    print_setup,
+    print_table,
+    target,
+    terminate_on_sigterm,
+    write_result,
+)
+from bench.phases import check_fsync_setting, run_cluster_phases
 
 # Targets from the issue.
 PUT_RATIO_TARGET = 0.40
@@ -54,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.cluster", description=__doc__.split("\n\n")[0]
     )
-    common.add_load_options(parser)
+    add_load_options(parser)
     parser.add_argument(
         "--no-baseline",
         action="store_true",
@@ -108,59 +123,55 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--paced-fraction must be 0 to 10, not {args.paced_fraction}")
     if args.paced_rate is not None and not 0 < args.paced_rate <= 1_000_000:
         parser.error(f"--paced-rate must be above 0 and at most 1,000,000, not {args.paced_rate}")
-    common.name_run(args, "cluster")
+    name_run(args, "cluster")
     args.scratch.mkdir(parents=True, exist_ok=True)
-    warning = common.check_scratch(args.scratch)
+    warning = check_scratch(args.scratch)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     settings = {"unsafe_no_fsync": True} if args.unsafe_no_fsync else {}
-    with common.terminate_on_sigterm():
+    with terminate_on_sigterm():
         baseline = None
         if not args.no_baseline:
-            baseline = common.run_cluster_phases(args, 1, 1, ["put"], "baseline", settings=settings)
-            common.check_fsync_setting(baseline, fsync=not args.unsafe_no_fsync)
+            baseline = run_cluster_phases(args, 1, 1, ["put"], "baseline", settings=settings)
+            check_fsync_setting(baseline, fsync=not args.unsafe_no_fsync)
         rate = args.paced_rate
         if rate is None:
             rate = args.paced_fraction * baseline["phases"]["put"]["ops_per_s"] if baseline else 0.0
         paced = [("put", rate), ("cas", rate)] if rate > 0 else []
-        cluster = common.run_cluster_phases(
+        cluster = run_cluster_phases(
             args, 3, 3, ["put", "get", "cas"], "cluster", paced=paced, settings=settings
         )
-        common.check_fsync_setting(cluster, fsync=not args.unsafe_no_fsync)
+        check_fsync_setting(cluster, fsync=not args.unsafe_no_fsync)
     phases = cluster["phases"]
     single_put_rate = baseline["phases"]["put"]["ops_per_s"] if baseline else math.nan
     targets = {
-        "put_ratio_cluster_over_single": common.target(
+        "put_ratio_cluster_over_single": target(
             phases["put"]["ops_per_s"] / single_put_rate, ">=", PUT_RATIO_TARGET
         ),
         **{
-            f"{operation}_p99_ms": common.target(phases[operation]["p99_ms"], "<", P99_TARGET_MS)
+            f"{operation}_p99_ms": target(phases[operation]["p99_ms"], "<", P99_TARGET_MS)
             for operation in ("put", "get", "cas")
         },
         **{
-            f"{operation}_p99_ms_paced": common.target(
+            f"{operation}_p99_ms_paced": target(
                 phases[f"{operation}-paced"]["p99_ms"], "<", P99_TARGET_MS
             )
             for operation in ("put", "cas")
             if f"{operation}-paced" in phases
         },
-        "put_fast_path_fraction": common.target(
-            fast_path_fraction(phases["put"]), ">=", FAST_PATH_TARGET
-        ),
-        "cas_fast_path_fraction": common.target(
-            fast_path_fraction(phases["cas"]), ">=", FAST_PATH_TARGET
-        ),
+        "put_fast_path_fraction": target(fast_path_fraction(phases["put"]), ">=", FAST_PATH_TARGET),
+        "cas_fast_path_fraction": target(fast_path_fraction(phases["cas"]), ">=", FAST_PATH_TARGET),
     }
     result = {
         "benchmark": "cluster",
         "args": vars(args),
-        "environment": common.environment(),
+        "environment": environment(),
         "single_node_baseline": baseline,
         "cluster": cluster,
         "targets": targets,
     }
     print_report(args, baseline, cluster, targets)
-    path = common.write_result(args, result)
+    path = write_result(args, result)
     print(f"\nresult: {path}")
     return 0
 
@@ -171,7 +182,7 @@ def print_report(
     cluster: dict[str, Any],
     targets: dict[str, dict[str, Any]],
 ) -> None:
-    common.print_setup("kvsvr 3-node cluster (replication 3, one machine)", args, cluster)
+    print_setup("kvsvr 3-node cluster (replication 3, one machine)", args, cluster)
     if args.unsafe_no_fsync:
         print(
             "UNSAFE: every node ran with unsafe_no_fsync (commits skip fsync); these "
@@ -200,8 +211,8 @@ def print_report(
         phase = cluster["phases"].get(f"{operation}-paced")
         if phase is not None:
             names[f"{operation}-paced"] = f"{operation}, offered {phase['offered_per_s']:.0f}/s"
-    common.print_phases(cluster["phases"], names, extra)
-    common.print_batching(cluster["phases"])
+    print_phases(cluster["phases"], names, extra)
+    print_batching(cluster["phases"])
     rows = [
         [
             node,
@@ -210,7 +221,7 @@ def print_report(
         ]
         for node in cluster["rss_hwm_mb"]
     ]
-    common.print_table("node memory", ["node", "RSS at start MB", "RSS peak MB"], rows)
+    print_table("node memory", ["node", "RSS at start MB", "RSS peak MB"], rows)
     print("\ntargets")
     labels = {
         "put_ratio_cluster_over_single": "strong puts / 1-node puts",
@@ -231,8 +242,8 @@ def print_report(
         figure = targets[name]
         print(f"  {label}: {figure['value']:.3f} (target {figure['rule']}): {figure['verdict']}")
     # One node's put profile in print (the nodes look alike); all in the JSON.
-    common.print_profiles(cluster["phases"], "cluster", operations=["put"], nodes=["n1"])
-    common.print_cprofiles(cluster, "cluster")
+    print_profiles(cluster["phases"], "cluster", operations=["put"], nodes=["n1"])
+    print_cprofiles(cluster, "cluster")
 
 
 if __name__ == "__main__":

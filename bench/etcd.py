@@ -9,7 +9,6 @@ an in-process gRPC hop) that a Go client would not pay; the report says so.
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ from typing import Any, Final
 
 import h11
 import trio
+
+from kvsvr.local import die_with_parent
 
 # Bytes asked of the socket per read; a gateway reply for one 1 KiB value is ~1.6 KB.
 RECEIVE_BYTES: Final = 64 * 1024
@@ -58,15 +59,6 @@ class EtcdError(RuntimeError):
 
 
 # --- the cluster ---------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the server gets SIGKILL if the benchmark dies without stopping
-    it (SIGKILL of bench); a normal exit or Ctrl-C stops it in order first."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def find_etcd(binary: str = "etcd") -> str:

@@ -49,7 +49,7 @@ from bench.driver import (
     RunSpec,
     collect_phase,
 )
-from bench.etcd import die_with_parent
+from kvsvr.local import die_with_parent
 
 SOURCE: Final = Path(__file__).with_name("etcdload") / "main.go"
 # What the build needs, as Debian packages: Go 1.19 and etcd's Go sources with

@@ -34,8 +34,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import common
 from bench.lmdb_raw import raw_lmdb_put_rate
+from bench.output import (
+    add_load_options,
+    check_scratch,
+    environment,
+    name_run,
+    phase_amount,
+    print_batching,
+    print_cprofiles,
+    print_phases,
+    print_profiles,
+    print_setup,
+    target,
+    terminate_on_sigterm,
+    write_result,
+)
+from bench.phases import check_fsync_setting, run_cluster_phases
 
 # Targets from the issue.
 PUT_RATIO_TARGET = 4.0
@@ -51,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.single_node", description=__doc__.split("\n\n")[0]
     )
-    common.add_load_options(parser)
+    add_load_options(parser)
     parser.add_argument(
         "--lmdb-puts",
         type=int,
@@ -67,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def measure_raw_lmdb(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    duration_s, ops = common.phase_amount(args)
+    duration_s, ops = phase_amount(args)
     count = args.lmdb_puts or ops
     with tempfile.TemporaryDirectory(prefix="lmdb-raw-", dir=scratch) as directory:
         if not count:
@@ -79,32 +94,32 @@ def measure_raw_lmdb(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    common.name_run(args, "single_node")
+    name_run(args, "single_node")
     args.scratch.mkdir(parents=True, exist_ok=True)
-    warning = common.check_scratch(args.scratch)
+    warning = check_scratch(args.scratch)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    with common.terminate_on_sigterm():
+    with terminate_on_sigterm():
         raw = measure_raw_lmdb(args, args.scratch)
-        node = common.run_cluster_phases(args, 1, 1, ["put", "get"], "single")
-        common.check_fsync_setting(node, fsync=True)
+        node = run_cluster_phases(args, 1, 1, ["put", "get"], "single")
+        check_fsync_setting(node, fsync=True)
         ceiling = None
         if not args.no_ceiling:
-            ceiling = common.run_cluster_phases(
+            ceiling = run_cluster_phases(
                 args, 1, 1, ["put"], "ceiling", settings={"unsafe_no_fsync": True}
             )
-            common.check_fsync_setting(ceiling, fsync=False)
+            check_fsync_setting(ceiling, fsync=False)
     put = node["phases"]["put"]
     ratio = put["ops_per_s"] / raw["ops_per_s"] if raw["ops_per_s"] else math.nan
     rss_mb = max(*node["rss_peak_sampled_mb"].values(), *node["rss_hwm_mb"].values())
     targets = {
-        "put_ratio_node_over_raw": common.target(ratio, ">=", PUT_RATIO_TARGET),
-        "node_rss_mb": common.target(rss_mb, "<", NODE_RSS_TARGET_MB),
+        "put_ratio_node_over_raw": target(ratio, ">=", PUT_RATIO_TARGET),
+        "node_rss_mb": target(rss_mb, "<", NODE_RSS_TARGET_MB),
     }
     result = {
         "benchmark": "single_node",
         "args": vars(args),
-        "environment": common.environment(),
+        "environment": environment(),
         "raw_lmdb": raw,
         "node": node,
         "ceiling_no_fsync": ceiling,
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets,
     }
     print_report(args, raw, node, targets, ceiling)
-    path = common.write_result(args, result)
+    path = write_result(args, result)
     print(f"\nresult: {path}")
     return 0
 
@@ -131,7 +146,7 @@ def print_report(
     targets: dict[str, dict[str, Any]],
     ceiling: dict[str, Any] | None = None,
 ) -> None:
-    common.print_setup("kvsvr single node (replication 1)", args, node)
+    print_setup("kvsvr single node (replication 1)", args, node)
     raw_row: list[object] = [
         "raw LMDB put, 1 fsync/put",
         raw["ops"],
@@ -147,8 +162,8 @@ def print_report(
         "get": "get (strong)",
         "put-no-fsync": "(c) put, no fsync (UNSAFE)",
     }
-    common.print_phases(phases, names, [raw_row])
-    common.print_batching(phases)
+    print_phases(phases, names, [raw_row])
+    print_batching(phases)
     print()
     ratio = targets["put_ratio_node_over_raw"]
     print(
@@ -175,8 +190,8 @@ def print_report(
         f"node RSS peak {rss['value']:.1f} MB (at start {start_mb:.1f} MB; target "
         f"{rss['rule']}): {rss['verdict']}"
     )
-    common.print_profiles(node["phases"], "single node")
-    common.print_cprofiles(node, "single node")
+    print_profiles(node["phases"], "single node")
+    print_cprofiles(node, "single node")
 
 
 if __name__ == "__main__":

@@ -18,33 +18,25 @@ Target names:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Any, Final, Protocol
 
+import kvsvr
 from bench.driver import TargetSpec
+from bench.etcd import EtcdCluster, etcd_version, find_etcd
+from bench.proc import cpu_times, machine_cpu_times
+from kvsvr.config import ClusterConfig, TableConfig, load_config
+from kvsvr.local import CONFIG_FILE_NAME, LocalCluster, free_ports, local_config, write_config
 
-if TYPE_CHECKING:
-    from kvsvr.config import ClusterConfig
-from bench.etcd import EtcdCluster, die_with_parent, etcd_version, find_etcd
-
-# Time a kvsvr cluster gets to listen and accept a first write.
+# Time a kvsvr cluster gets to be ready (every node votes and sees its peers).
 KVSVR_START_TIMEOUT_S: Final = 60.0
 KVSVR_STOP_TIMEOUT_S: Final = 15.0
-POLL_S: Final = 0.1
-# Ports tried when looking for a free consecutive range for kvsvr nodes.
-PORT_RANGE: Final = (20_000, 60_000)
-PORT_ATTEMPTS_MAX: Final = 200
 # Partitions per kvsvr cluster: the node's default.
 PARTITIONS: Final = 64
 # LMDB map per kvsvr node: address space, not disk; room for 10^6 keys of 1 KiB
@@ -130,53 +122,6 @@ def parse_targets(text: str) -> list[TargetInfo]:
     return [TARGETS[name] for name in dict.fromkeys(names)]
 
 
-# --- ports -------------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports of 127.0.0.1 that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probe.bind(("127.0.0.1", 0))
-            sockets.append(probe)
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_run(count: int, seed: int | None = None) -> int:
-    """A base port B with B+1 .. B+count all free (kvsvr's local_cluster layout)."""
-    import random
-
-    rng = random.Random(seed)
-    for _ in range(PORT_ATTEMPTS_MAX):
-        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
-        if all(_port_free(base + offset) for offset in range(1, count + 1)):
-            return base
-    raise RuntimeError(f"found no {count} consecutive free ports on 127.0.0.1")
-
-
-def _port_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 # --- clusters ------------------------------------------------------------------------------
 
 
@@ -196,7 +141,8 @@ class Cluster(Protocol):
 @dataclass
 class KvsvrCluster:
     """kvsvr nodes as their users run them: `python -m kvsvr node`, one process
-    per node, fsync on (the only mode the node has), a cluster secret."""
+    per node, fsync on (the only mode the node has), a cluster secret; node i
+    keeps its data in `directory/ni` and its log in `directory/ni.log`."""
 
     node_count: int
     directory: Path
@@ -207,96 +153,56 @@ class KvsvrCluster:
     # (key_count, value_bytes, seed): rows written straight into every
     # replica's LMDB before the nodes start (see `bulk_load_kvsvr`).
     preload: tuple[int, int, int] | None = None
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    base_port: int = 0
+    tables: tuple[TableConfig, ...] = (
+        TableConfig("default"),
+        TableConfig(EVENTUAL_TABLE, consistency="eventual"),
+    )
+    map_size_bytes: int = MAP_SIZE_BYTES
+    cluster: LocalCluster | None = None
 
     @property
     def addresses(self) -> list[str]:
-        return [f"127.0.0.1:{self.base_port + i}" for i in range(1, self.node_count + 1)]
+        assert self.cluster is not None
+        return self.cluster.addresses
 
     @property
     def pids(self) -> list[int]:
-        return [process.pid for process in self.processes]
+        return list(self.cluster.pids.values()) if self.cluster is not None else []
+
+    def settings(self) -> dict[str, Any]:
+        """`ClusterConfig` fields set over `local_config`'s."""
+        return {"map_size_bytes": self.map_size_bytes}
 
     def start(self) -> None:
-        from kvsvr.config import TableConfig, load_config, local_cluster, render_config
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.base_port = free_port_run(self.node_count)
-        config = local_cluster(
+        config = local_config(
             self.node_count,
-            self.base_port,
             secret=self.secret,
             partitions=self.partitions,
             replication=self.replication,
-            tables=(TableConfig("default"), TableConfig(EVENTUAL_TABLE, consistency="eventual")),
+            tables=self.tables,
+            settings=self.settings(),
         )
-        config = dataclasses.replace(config, map_size_bytes=MAP_SIZE_BYTES)
-        config_path = self.directory / "cluster.toml"
-        config_path.write_text(render_config(config, data_dir="."), encoding="utf-8")
-        config_path.chmod(0o600)
+        path = write_config(config, self.directory / CONFIG_FILE_NAME, data_dir=".")
         if self.preload is not None:
-            bulk_load_kvsvr(load_config(config_path), *self.preload)
-        for node in config.nodes:
-            with (self.directory / f"{node.id}.log").open("ab") as log:
-                self.processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "kvsvr", "node", "--config", str(config_path),
-                         "--id", node.id],
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,  # Ctrl-C reaches bench, which stops it in order
-                        preexec_fn=die_with_parent,
-                    )
-                )  # fmt: skip
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + KVSVR_START_TIMEOUT_S
-        ports = [self.base_port + i for i in range(1, self.node_count + 1)]
-        while not all(_port_answers(port) for port in ports):
-            self._check_running()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kvsvr nodes did not listen in time; logs in {self.directory}")
-            time.sleep(POLL_S)
-        # Listening is not serving: wait until every replica votes and sees
-        # its peers, then for a write through a quorum on several partitions.
-        import kvsvr
-
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            self._check_running()
-            try:
-                with kvsvr.SyncClient(self.addresses, secret=self.secret, timeout_s=5) as client:
-                    client.wait_ready(timeout_s=max(1.0, deadline - time.monotonic()))
-                    for index in range(8):  # keys on several partitions, so every node answers
-                        client.put(f"bench-probe-{index}", b"ok")
-                return
-            except kvsvr.KvsvrError as exc:
-                last_error = exc
-                time.sleep(POLL_S)
-        raise RuntimeError(f"kvsvr cluster did not accept writes: {last_error}")
-
-    def _check_running(self) -> None:
-        for index, process in enumerate(self.processes, start=1):
-            code = process.poll()
-            if code is not None:
-                log = self.directory / f"n{index}.log"
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                raise RuntimeError(f"kvsvr node n{index} exited with code {code}:\n{tail}")
+            bulk_load_kvsvr(load_config(path), *self.preload)
+        self.cluster = LocalCluster(
+            path,
+            log_dir=self.directory,
+            new_session=True,  # Ctrl-C reaches bench, which stops it in order
+            die_with_parent=True,
+            stop_timeout_s=KVSVR_STOP_TIMEOUT_S,
+        )
+        self.cluster.start_all(KVSVR_START_TIMEOUT_S)
+        # Ready is not yet serving every partition at full speed: a write
+        # through a quorum on several partitions, so every node answers.
+        with kvsvr.SyncClient(self.addresses, secret=self.secret, timeout_s=5) as client:
+            for index in range(8):
+                client.put(f"bench-probe-{index}", b"ok")
 
     def stop(self) -> None:
-        running = [p for p in self.processes if p.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + KVSVR_STOP_TIMEOUT_S
-        for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if self.cluster is not None:
+            self.cluster.stop_all()
+            self.cluster.close()
 
     def spec(self, label: str, read_consistency: str, table: str = "default") -> TargetSpec:
         return TargetSpec(
@@ -330,9 +236,8 @@ class EtcdDeployment:
 
     def start(self) -> None:
         binary = find_etcd(self.binary)
-        self.cluster = EtcdCluster(
-            self.node_count, self.directory, free_ports(2 * self.node_count), binary
-        )
+        ports = free_ports(2 * self.node_count)
+        self.cluster = EtcdCluster(self.node_count, self.directory, ports, binary)
         self.cluster.start()
 
     def stop(self) -> None:
@@ -415,33 +320,18 @@ def make_cluster(
 
 # --- CPU accounting ------------------------------------------------------------------------
 
-_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
 
-
-def process_cpu_s(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a live process, all its threads ((0, 0) if gone)."""
+def _live_cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, (0, 0) once it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as file:
-            text = file.read()
+        return cpu_times(pid)
     except OSError:
         return 0.0, 0.0
-    fields = text[text.rindex(")") + 2 :].split()
-    # After "pid (comm) ": state is field 0; utime and stime are fields 11 and 12.
-    return int(fields[11]) / _TICKS_PER_S, int(fields[12]) / _TICKS_PER_S
-
-
-def machine_cpu_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
-    with open("/proc/stat", encoding="ascii") as file:
-        values = [int(v) for v in file.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    total = sum(values[:8])  # guest time is already inside user
-    return (total - idle) / _TICKS_PER_S, total / _TICKS_PER_S
 
 
 def cpu_probe(pids: list[int]) -> dict[str, float]:
-    busy, total = machine_cpu_s()
-    times = [process_cpu_s(pid) for pid in pids]
+    busy, total = machine_cpu_times()
+    times = [_live_cpu_times(pid) for pid in pids]
     user_s = sum(user for user, _ in times)
     system_s = sum(system for _, system in times)
     return {
@@ -483,7 +373,6 @@ def cpu_model() -> str:
 
 
 def environment(work_dir: Path, etcd_binary: str | None) -> dict[str, object]:
-    import kvsvr
     from kvsvr import _build
 
     etcd = None

@@ -7,6 +7,9 @@ async with kvsvr.connect(["127.0.0.1:7101"], secret="s") as client:
 
 with kvsvr.SyncClient(["127.0.0.1:7101"], secret="s") as client:
     print(client.get("greeting"))
+
+with kvsvr.temporary_cluster(3) as cluster:   # local node processes, ready
+    ...
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from kvsvr.errors import (
     Timeout,
     Unavailable,
 )
+from kvsvr.local import LocalCluster, temporary_cluster
 
 try:
     __version__: str = _metadata.version("kvsvr")
@@ -42,10 +46,12 @@ __all__ = [
     "InvalidRequest",
     "Item",
     "KvsvrError",
+    "LocalCluster",
     "SyncClient",
     "Timeout",
     "Unavailable",
     "__version__",
     "connect",
     "load_config",
+    "temporary_cluster",
 ]

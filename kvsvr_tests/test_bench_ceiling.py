@@ -10,7 +10,7 @@ import math
 import pytest
 
 from bench import cluster, single_node
-from bench.common import check_fsync_setting
+from bench.phases import check_fsync_setting
 
 
 def _run(*fsyncs: object) -> dict[str, object]:

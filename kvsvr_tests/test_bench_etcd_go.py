@@ -30,8 +30,9 @@ from bench.compare import (
 )
 from bench.driver import DriverError, Histogram, RunSpec, TargetSpec, _merge, run_phase
 from bench.report import check_rows, closed_rows, compare_text, ratio_rows, sweep_rows
-from bench.targets import TARGETS, TargetInfo, free_ports, parse_targets
+from bench.targets import TARGETS, TargetInfo, parse_targets
 from bench.workloads import WORKLOADS, parse_workloads
+from kvsvr.local import free_ports
 
 # A real run's stdout: etcdload -mode open -rate 40 -read 0.5 -cas 0.5 -keys 10
 # -clients 4 -conns 2 -warmup-s 0.1 -duration-s 0.2, against one etcd 3.4.23.

@@ -10,7 +10,7 @@ import time
 import pytest
 import trio
 
-from bench.common import PhaseSpec, _run_phase, paced_start
+from bench.load import PhaseSpec, _run_phase, paced_start
 
 
 def _phase(

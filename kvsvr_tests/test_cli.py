@@ -21,7 +21,8 @@ import trio
 import kvsvr
 from kvsvr import cli
 from kvsvr.apps import app_tables
-from kvsvr.config import ConfigError, load_config
+from kvsvr.cli import up as cli_up
+from kvsvr.config import ConfigError, load_config, local_cluster
 from kvsvr.errors import (
     AuthenticationFailed,
     Conflict,
@@ -31,6 +32,7 @@ from kvsvr.errors import (
     Timeout,
     Unavailable,
 )
+from kvsvr.local import LocalCluster, free_base_port, write_config
 from kvsvr_tests.test_client_fakes import SECRET, FakeCluster, fake_cluster_in_thread, unused_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -372,26 +374,24 @@ def test_up_refuses_ports_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_up_reports_nodes_that_die_and_stops_once_all_have(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    nodes = []
-    for index, code in ((1, 3), (2, 0)):
-        node = cli._LocalNode(
-            id=f"n{index}",
-            host="127.0.0.1",
-            port=7100 + index,
-            log_path=tmp_path / f"n{index}.log",
-            pid_path=tmp_path / f"n{index}.pid",
-        )
-        node.log_path.write_text(f"n{index} says goodbye\n")
-        node.process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
-        node.process.wait(timeout=COMMAND_TIMEOUT_S)
-        nodes.append(node)
-    assert cli._supervise(nodes, cli._StopRequest()) == cli.EXIT_ERROR
+    codes = {"n1": 3, "n2": 0}
+    # `python -c CODE` ends the interpreter's options: the nodes exit at once with these codes.
+    cluster = LocalCluster(
+        write_config(local_cluster(2, 7100), tmp_path / "cluster.toml"),
+        log_dir=tmp_path,
+        python_args=lambda node_id: ["-c", f"raise SystemExit({codes[node_id]})"],
+    )
+    for node_id in cluster.ids:
+        cluster.log_path(node_id).write_text(f"{node_id} says goodbye\n")
+        cluster.start(node_id, wait=False)
+        cluster.wait_exit(node_id, COMMAND_TIMEOUT_S)
+    assert cli_up._supervise(cluster, cli_up._StopRequest()) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "node n1 exited on its own with code 3" in err and "n1| n1 says goodbye" in err
     assert "node n2 exited on its own with code 0" in err
     assert "every node has exited" in err
     # A stop request wins over exits seen at the same time (a terminal's Ctrl-C).
-    assert cli._supervise(nodes, cli._StopRequest(requested=True)) == cli.EXIT_OK
+    assert cli_up._supervise(cluster, cli_up._StopRequest(requested=True)) == cli.EXIT_OK
 
 
 # --- key commands against fake nodes ------------------------------------------------------
@@ -501,25 +501,6 @@ E2E_SECRET = "end-to-end secret"
 STARTUP_TIMEOUT_S = 90.0  # `up` waits up to 60 s for its nodes; leave it room to say why
 COMMAND_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0  # `up` gives its nodes 10 s, then kills them
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_base_port(count: int) -> int:
-    """A base port such that base+1 .. base+count are free."""
-    for _ in range(100):
-        base = unused_port() - 1
-        if base + count < 65536 and all(_port_is_free(base + i) for i in range(1, count + 1)):
-            return base
-    raise AssertionError("no run of free ports found")
 
 
 def _environment() -> dict[str, str]:

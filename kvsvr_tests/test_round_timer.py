@@ -1,4 +1,4 @@
-"""The shared timer that ends a node's round waits (`kvsvr.node.server`):
+"""The shared timer that ends a node's round waits (`kvsvr.node.rounds`):
 a wait ends when its round settles or when its time is up, whichever comes
 first, exactly once; a cancelled wait leaves nothing behind; waits added
 earlier than the one the timer sleeps towards are not overslept."""
@@ -8,11 +8,11 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from kvsvr.node.server import ROUND_TIMER_TICK_S, _RoundCollector, _RoundTimer, _Wait
+from kvsvr.node.rounds import ROUND_TIMER_TICK_S, RoundCollector, RoundTimer, Wait
 
 
-async def _wait_until_ended(timer: _RoundTimer, deadline: float, ended: list[float]) -> None:
-    wait = _Wait(trio.lowlevel.current_task())
+async def _wait_until_ended(timer: RoundTimer, deadline: float, ended: list[float]) -> None:
+    wait = Wait(trio.lowlevel.current_task())
     timer.add(deadline, wait)
 
     def abort(_: object) -> trio.lowlevel.Abort:
@@ -25,7 +25,7 @@ async def _wait_until_ended(timer: _RoundTimer, deadline: float, ended: list[flo
 
 def test_waits_end_at_their_time_within_a_tick_even_when_added_out_of_order() -> None:
     async def main() -> None:
-        timer = _RoundTimer()
+        timer = RoundTimer()
         ended: dict[str, list[float]] = {"late": [], "early": [], "later": []}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(timer.run)
@@ -48,15 +48,15 @@ def test_waits_end_at_their_time_within_a_tick_even_when_added_out_of_order() ->
 
 def test_a_settled_round_ends_its_wait_once_and_the_timer_then_does_nothing() -> None:
     async def main() -> None:
-        timer = _RoundTimer()
-        collector = _RoundCollector(quorum=1)
+        timer = RoundTimer()
+        collector = RoundCollector(quorum=1)
         collector.expect(1)
         woke: list[float] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(timer.run)
 
             async def waiter() -> None:
-                wait = _Wait(trio.lowlevel.current_task())
+                wait = Wait(trio.lowlevel.current_task())
                 collector.wait = wait
                 timer.add(trio.current_time() + 0.1, wait)
                 await trio.lowlevel.wait_task_rescheduled(
@@ -78,7 +78,7 @@ def test_a_settled_round_ends_its_wait_once_and_the_timer_then_does_nothing() ->
 
 def test_a_cancelled_wait_is_not_woken_by_the_timer() -> None:
     async def main() -> None:
-        timer = _RoundTimer()
+        timer = RoundTimer()
         ended: list[float] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(timer.run)

@@ -1,12 +1,12 @@
-"""Operations driven without a task (`kvsvr.node.server._TaskFreeDrive`,
-and client writes queued per key, `_TaskFreeWrite`): the
+"""Operations driven without a task (`kvsvr.node.engine.Drive`, and client
+writes queued per key, `kvsvr.node.writes.TurnWrite`): the
 next step after a round runs once the round's collector settles or its time
 is up, never inside the callback that ended the wait; `done` is called
 exactly once, with the outcome, with `Timeout` past the operation's
 deadline, or with an internal error when a step raised.
 
-A fake node stands in for `Node`: it records the requests a round sends, so
-a test answers them (or not) itself."""
+A fake stands in for the node's `Rounds`: it records the requests a round
+sends, so a test answers them (or not) itself."""
 
 from __future__ import annotations
 
@@ -19,21 +19,20 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from kvsvr.errors import KvsvrError, Timeout
+from kvsvr.clock import ManualClock
+from kvsvr.errors import KvsvrError, Timeout, Unavailable
 from kvsvr.keys import encode_key
-from kvsvr.node.server import (
+from kvsvr.node.engine import Drive, StrongReads
+from kvsvr.node.rounds import (
     ROUND_TIMEOUT_S,
     ROUND_TIMER_TICK_S,
-    Node,
-    _Deadline,
-    _PutRequest,
-    _RoundCollector,
-    _RoundTimer,
-    _Soon,
-    _TaskFreeDrive,
-    _TaskFreeWrite,
+    Deadline,
+    RoundCollector,
+    RoundTimer,
+    Soon,
 )
-from kvsvr.node.write_queue import KeyWriteQueues
+from kvsvr.node.write_queue import KeyWriteQueues, Operation
+from kvsvr.node.writes import Writes
 from kvsvr.protocol.coordinator import Mutation, Outcome, Replies, Round
 from kvsvr.protocol.messages import Read, ReadReply
 from kvsvr_tests.build_mode import COMPILED
@@ -41,7 +40,7 @@ from kvsvr_tests.build_mode import COMPILED
 ME = 1
 
 
-# A FakeNode stands in for the Node these helpers are typed to take; compiled
+# A FakeNode stands in for the Rounds these helpers are typed to take; compiled
 # (`dev.py compile`), they check that type at the call and refuse it.
 pytestmark = pytest.mark.skipif(
     COMPILED, reason="drives the compiled helpers with a FakeNode; runs in the pure-Python suite"
@@ -49,17 +48,17 @@ pytestmark = pytest.mark.skipif(
 
 
 class FakeNode:
-    """What `_TaskFreeDrive` uses of a node. Peers 2 and 3 are asked only
+    """What `Drive` uses of the node's rounds. Peers 2 and 3 are asked only
     after the hedge delay when `thrifty`; the local replica (1) never answers
     by itself."""
 
     def __init__(self) -> None:
-        self.soon = _Soon()
-        self.round_timer = _RoundTimer()
+        self.soon = Soon()
+        self.round_timer = RoundTimer()
         self.round_time_s = 0.01
         self.rounds_thrifty = 0
         self.rounds_hedged = 0
-        self.sent: list[tuple[int, _RoundCollector]] = []
+        self.sent: list[tuple[int, RoundCollector]] = []
         self.oneway: list[int] = []
         self.thrifty = False
         self.slow: list[int] = []
@@ -67,19 +66,19 @@ class FakeNode:
     def send_oneway(self, target: int, message: object) -> None:
         self.oneway.append(target)
 
-    def _thrifty_split(self, current: Round) -> tuple[list[int], list[int]]:
+    def thrifty_split(self, current: Round) -> tuple[list[int], list[int]]:
         targets = list(current.requests)
         if not self.thrifty:
             return targets, []
         return targets[: current.quorum], targets[current.quorum :]
 
-    def _hedge_s(self) -> float:
+    def hedge_s(self) -> float:
         return 0.05
 
-    def _mark_slow(self, asked: list[int], collector: _RoundCollector) -> None:
+    def mark_slow(self, asked: list[int], collector: RoundCollector) -> None:
         self.slow.extend(t for t in asked if t not in collector.replies)
 
-    def _send_for_round(self, target: int, message: object, collector: _RoundCollector) -> None:
+    def send_for_round(self, target: int, message: object, collector: RoundCollector) -> None:
         self.sent.append((target, collector))
 
 
@@ -126,7 +125,7 @@ def test_rounds_advance_when_their_quorum_answers_and_not_inside_the_answer() ->
     async def test(node: FakeNode) -> None:
         seen: list[Replies] = []
         calls, done = _recorder()
-        _TaskFreeDrive(node, _two_rounds(seen), _Deadline(4.0), done).start()  # type: ignore[arg-type]
+        Drive(node, _two_rounds(seen), Deadline(4.0), done).start()  # type: ignore[arg-type]
         assert [t for t, _ in node.sent] == [1, 2, 3]
         collector = node.sent[0][1]
         collector.add(1, _reply(1))
@@ -153,7 +152,7 @@ def test_a_round_nobody_answers_ends_by_its_own_timeout_then_the_next_round_runs
         seen: list[Replies] = []
         calls, done = _recorder()
         start = trio.current_time()
-        _TaskFreeDrive(node, _two_rounds(seen), _Deadline(10.0), done).start()  # type: ignore[arg-type]
+        Drive(node, _two_rounds(seen), Deadline(10.0), done).start()  # type: ignore[arg-type]
         await trio.sleep(ROUND_TIMEOUT_S - 0.01)
         assert seen == []
         await trio.sleep(0.01 + ROUND_TIMER_TICK_S + 0.001)
@@ -172,7 +171,7 @@ def test_past_its_deadline_an_operation_ends_once_with_timeout() -> None:
     async def test(node: FakeNode) -> None:
         calls, done = _recorder()
         start = trio.current_time()
-        drive = _TaskFreeDrive(node, _two_rounds([]), _Deadline(0.3), done)  # type: ignore[arg-type]
+        drive = Drive(node, _two_rounds([]), Deadline(0.3), done)  # type: ignore[arg-type]
         drive.start()
         await trio.sleep(2 * ROUND_TIMEOUT_S)
         (call,) = calls
@@ -195,7 +194,7 @@ def test_a_step_that_raises_answers_an_internal_error_once() -> None:
 
     async def test(node: FakeNode) -> None:
         calls, done = _recorder()
-        _TaskFreeDrive(node, broken(), _Deadline(4.0), done).start()  # type: ignore[arg-type]
+        Drive(node, broken(), Deadline(4.0), done).start()  # type: ignore[arg-type]
         collector = node.sent[0][1]
         collector.add(1, _reply(1))
         collector.add(2, _reply(1))
@@ -212,7 +211,7 @@ def test_a_hedged_round_asks_the_others_after_the_hedge_delay() -> None:
         node.thrifty = True
         seen: list[Replies] = []
         _calls, done = _recorder()
-        _TaskFreeDrive(node, _two_rounds(seen), _Deadline(4.0), done).start()  # type: ignore[arg-type]
+        Drive(node, _two_rounds(seen), Deadline(4.0), done).start()  # type: ignore[arg-type]
         assert [t for t, _ in node.sent] == [1, 2]
         node.sent[0][1].add(1, _reply(1))  # peer 2 stays silent
         await trio.sleep(0.05 + ROUND_TIMER_TICK_S + 0.001)
@@ -234,7 +233,7 @@ def test_a_delayed_round_waits_its_delay() -> None:
 
     async def test(node: FakeNode) -> None:
         calls, done = _recorder()
-        _TaskFreeDrive(node, backoff(), _Deadline(4.0), done).start()  # type: ignore[arg-type]
+        Drive(node, backoff(), Deadline(4.0), done).start()  # type: ignore[arg-type]
         assert node.sent == []
         await trio.sleep(0.19)
         assert node.sent == []
@@ -251,35 +250,39 @@ def test_a_delayed_round_waits_its_delay() -> None:
 
 
 class FakeWriteNode(FakeNode):
-    """What `_TaskFreeWrite` uses besides: a key's write queue, a cache and
-    the reply. A write asks replica 1 in rounds until it answers; then it
-    takes the next versions of the key."""
+    """The node's `Writes` on a FakeNode's rounds: a key's write queue and
+    the group bookkeeping are the real ones; a write asks replica 1 in rounds
+    until it answers, then takes the next versions of the key."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.write_queues = KeyWriteQueues()
-        self.cache = _NoCache()
         self.version = 0
         self.values: list[bytes | None] = []
+        self.writes = FakeWrites(self)
+        self.write_queues: KeyWriteQueues = self.writes.queues
 
-    def _write_operation(
-        self, table: str, key: bytes, replicas: list[int], mutation: Mutation, now: int
-    ) -> Generator[Round, Replies, Outcome]:
+
+class FakeWrites(Writes):
+    def __init__(self, node: FakeWriteNode) -> None:
+        super().__init__(
+            node,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            _NoCache(),  # type: ignore[arg-type]
+            ManualClock(),
+            lambda table, partition_key: [1],
+            lambda table, key, replicas: -1,
+        )
+        self.node = node
+
+    def operation(
+        self, table: str, key: bytes, replicas: list[int], mutation: Mutation, now_ms: int
+    ) -> Operation:
+        node = self.node
         while not (yield Round({1: Read(table, key, -1)}, quorum=1)):
             pass  # no answer in the round's time: ask again (until the deadline)
-        self.version += mutation.versions
-        self.values.append(mutation.value)
-        return Outcome("ok", version=self.version)
-
-    def _put_reply(self, put: _PutRequest, outcome: Outcome) -> dict[str, Any]:
-        return {"version": outcome.version}
-
-    def replicas_of(self, table: str, partition_key: bytes) -> list[int]:
-        return [1]
-
-    # The node's own group bookkeeping (folding, answering the members).
-    _group_operation = Node._group_operation
-    _answer_folded = Node._answer_folded
+        node.version += mutation.versions
+        node.values.append(mutation.value)
+        return Outcome("ok", version=node.version)
 
 
 class _NoCache:
@@ -287,10 +290,22 @@ class _NoCache:
         pass
 
 
-def _put(value: bytes, *, if_version: int | None = None) -> _PutRequest:
-    return _PutRequest(
-        "t", encode_key(b"k"), [1], value, None, 0, Mutation(value, None, if_version=if_version)
-    )
+class _Put:
+    """A client put of key b"k": started with `start`, answered through `respond`
+    with the version as a put's reply carries it."""
+
+    def __init__(self, value: bytes, *, if_version: int | None = None) -> None:
+        self.mutation = Mutation(value, None, if_version=if_version)
+
+    def start(self, node: FakeWriteNode, deadline: Deadline, respond: Any) -> None:
+        def done(outcome: Outcome | None, error: KvsvrError | None) -> None:
+            respond(None if outcome is None else {"version": outcome.version}, error)
+
+        node.writes.start("t", encode_key(b"k"), [1], self.mutation, 0, deadline, done)
+
+
+def _put(value: bytes, *, if_version: int | None = None) -> _Put:
+    return _Put(value, if_version=if_version)
 
 
 def _answers() -> tuple[list[tuple[object, KvsvrError | None]], Any]:
@@ -312,12 +327,12 @@ def test_writes_queued_behind_one_key_lead_in_turn_and_blind_ones_fold() -> None
         b, respond_b = _answers()
         c, respond_c = _answers()
         d, respond_d = _answers()
-        _TaskFreeWrite(node, _put(b"a"), _Deadline(4.0), respond_a).start()  # type: ignore[arg-type]
+        _put(b"a").start(node, Deadline(4.0), respond_a)
         # Queued behind it: two blind puts, then a conditional one (never folded).
-        _TaskFreeWrite(node, _put(b"b"), _Deadline(4.0), respond_b).start()  # type: ignore[arg-type]
-        _TaskFreeWrite(node, _put(b"c"), _Deadline(4.0), respond_c).start()  # type: ignore[arg-type]
+        _put(b"b").start(node, Deadline(4.0), respond_b)
+        _put(b"c").start(node, Deadline(4.0), respond_c)
         cas = _put(b"d", if_version=3)
-        _TaskFreeWrite(node, cas, _Deadline(4.0), respond_d).start()  # type: ignore[arg-type]
+        cas.start(node, Deadline(4.0), respond_d)
         assert len(node.sent) == 1  # one write at a time per key
         _answer_round(node, 0)
         await trio.sleep(0.001)
@@ -341,10 +356,10 @@ def test_a_queued_write_past_its_deadline_answers_timeout_and_is_skipped() -> No
         a, respond_a = _answers()
         b, respond_b = _answers()
         c, respond_c = _answers()
-        _TaskFreeWrite(node, _put(b"a"), _Deadline(4.0), respond_a).start()  # type: ignore[arg-type]
+        _put(b"a").start(node, Deadline(4.0), respond_a)
         cas = _put(b"b", if_version=1)  # not folded with c: leads alone
-        _TaskFreeWrite(node, cas, _Deadline(0.5), respond_b).start()  # type: ignore[arg-type]
-        _TaskFreeWrite(node, _put(b"c"), _Deadline(4.0), respond_c).start()  # type: ignore[arg-type]
+        cas.start(node, Deadline(0.5), respond_b)
+        _put(b"c").start(node, Deadline(4.0), respond_c)
         await trio.sleep(0.5 + ROUND_TIMER_TICK_S + 0.001)
         (answer,) = b
         assert answer[0] is None and isinstance(answer[1], Timeout)
@@ -367,9 +382,9 @@ def test_a_leader_that_fails_fails_its_members_and_hands_the_key_over() -> None:
         b, respond_b = _answers()
         c, respond_c = _answers()
         d, respond_d = _answers()
-        _TaskFreeWrite(node, _put(b"a"), _Deadline(4.0), respond_a).start()  # type: ignore[arg-type]
-        _TaskFreeWrite(node, _put(b"b"), _Deadline(1.5), respond_b).start()  # type: ignore[arg-type]
-        _TaskFreeWrite(node, _put(b"c"), _Deadline(4.0), respond_c).start()  # type: ignore[arg-type]
+        _put(b"a").start(node, Deadline(4.0), respond_a)
+        _put(b"b").start(node, Deadline(1.5), respond_b)
+        _put(b"c").start(node, Deadline(4.0), respond_c)
         _answer_round(node, 0)
         await trio.sleep(0.001)
         assert a == [({"version": 1}, None)]
@@ -382,9 +397,77 @@ def test_a_leader_that_fails_fails_its_members_and_hands_the_key_over() -> None:
         assert "outcome unknown" in str(answer_c[1])
         assert len(node.write_queues) == 0
         # The key takes writes again.
-        _TaskFreeWrite(node, _put(b"d"), _Deadline(4.0), respond_d).start()  # type: ignore[arg-type]
+        _put(b"d").start(node, Deadline(4.0), respond_d)
         _answer_round(node, len(node.sent) - 1)
         await trio.sleep(0.001)
         assert d == [({"version": 2}, None)]
 
     _run(test, FakeWriteNode)
+
+
+# --------------------------------------------------------------- shared strong reads
+
+
+def _one_round_read(version: int) -> Generator[Round, Replies, Outcome]:
+    replies = yield _read_round()
+    return Outcome("ok", version=version) if replies else Outcome("unavailable")
+
+
+def test_reads_of_a_busy_key_share_the_next_round_and_each_ends_once() -> None:
+    async def test(node: FakeNode) -> None:
+        reads = StrongReads(node)  # type: ignore[arg-type]
+        slot = ("t", b"k")
+        first, done_first = _recorder()
+        second, done_second = _recorder()
+        third, done_third = _recorder()
+        late, done_late = _recorder()
+        reads.start(slot, lambda: _one_round_read(1), Deadline(4.0), done_first)
+        # The key's round runs: these wait for the next one, which starts when it ends.
+        reads.start(slot, lambda: _one_round_read(2), Deadline(4.0), done_second)
+        reads.start(slot, lambda: _one_round_read(3), Deadline(4.0), done_third)
+        reads.start(slot, lambda: _one_round_read(4), Deadline(0.5), done_late)
+        assert len(node.sent) == 3  # one round so far
+        await trio.sleep(0.5 + ROUND_TIMER_TICK_S + 0.001)
+        (answer,) = late
+        assert answer[0] is None and isinstance(answer[1], Timeout)
+        node.sent[0][1].add(1, _reply(1))
+        node.sent[1][1].add(2, _reply(1))
+        await trio.sleep(0.001)
+        assert first == [(Outcome("ok", version=1), None)]
+        assert len(node.sent) == 6 and second == third == []  # the next round, shared
+        node.sent[3][1].add(1, _reply(2))
+        node.sent[4][1].add(2, _reply(2))
+        await trio.sleep(0.001)
+        # The first waiter's operation ran for all of them.
+        assert second == third == [(Outcome("ok", version=2), None)]
+        assert len(late) == 1 and reads.shared.reads_shared == 3
+        assert slot not in reads.shared.running  # idle again
+
+    _run(test)
+
+
+def test_readers_of_a_shared_round_that_fails_hear_unavailable() -> None:
+    async def test(node: FakeNode) -> None:
+        reads = StrongReads(node)  # type: ignore[arg-type]
+        slot = ("t", b"k")
+        first, done_first = _recorder()
+        waiting, done_waiting = _recorder()
+        reads.start(slot, lambda: _one_round_read(1), Deadline(4.0), done_first)
+        reads.start(slot, _broken_read, Deadline(4.0), done_waiting)
+        node.sent[0][1].add(1, _reply(1))
+        node.sent[1][1].add(2, _reply(1))
+        await trio.sleep(0.001)
+        node.sent[3][1].add(1, _reply(1))
+        node.sent[4][1].add(2, _reply(1))
+        await trio.sleep(0.001)
+        assert first == [(Outcome("ok", version=1), None)]
+        (answer,) = waiting
+        assert answer[0] is None and isinstance(answer[1], Unavailable)
+        assert "did not finish" in str(answer[1])
+
+    _run(test)
+
+
+def _broken_read() -> Generator[Round, Replies, Outcome]:
+    yield _read_round()
+    raise ValueError("a bug")

@@ -17,7 +17,6 @@ from jepsen_like.harness.cluster import (
     ClusterError,
     NodeEvent,
     open_cluster,
-    pick_free_ports,
 )
 from jepsen_like.harness.corrupt import Corruption, corrupt_file, find_rows
 from jepsen_like.harness.history import History, checker_ops, read_history
@@ -139,7 +138,6 @@ __all__ = [
     "make_nemesis",
     "make_workload",
     "open_cluster",
-    "pick_free_ports",
     "reachable",
     "read_history",
     "run",

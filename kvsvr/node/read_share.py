@@ -7,16 +7,14 @@ after it was invoked, so it sees every write completed before it started:
 linearizable, as if it had run its own round then. A hot key then costs one
 read round per round trip instead of one per reader.
 
-Only the bookkeeping lives here; the node runs the rounds (the first reader
-of an idle key inline, later groups in a task of the node's nursery, so that
-no reader's cancellation takes the others down).
+Only the bookkeeping lives here; the node's engine runs the rounds
+(`kvsvr.node.engine.StrongReads`), none of them in a reader's task, so that
+no reader's cancellation or timeout takes the others down.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import trio
 
 from kvsvr.node.write_queue import Operation, Slot
 from kvsvr.protocol.coordinator import Outcome
@@ -25,12 +23,12 @@ from kvsvr.protocol.coordinator import Outcome
 class SharedRead:
     """A read round that several readers of one key wait for."""
 
-    __slots__ = ("done", "make", "outcome", "readers")
+    __slots__ = ("make", "readers", "waiters")
 
     def __init__(self, make: Callable[[], Operation]) -> None:
         self.make = make  # the first reader's operation; any reader's would do
-        self.done = trio.Event()
-        self.outcome: Outcome | None = None  # None once done: the round failed
+        # Each reader's answer: the round's outcome, or None if it failed.
+        self.waiters: list[Callable[[Outcome | None], None]] = []
         self.readers = 1
 
 

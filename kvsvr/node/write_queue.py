@@ -25,8 +25,6 @@ from collections import deque
 from collections.abc import Callable, Generator
 from typing import TypeAlias
 
-import trio
-
 from kvsvr.protocol.coordinator import Mutation, Outcome, Replies, Round
 
 # Blind writes of one key folded into one proposal, at most. Bounds the work
@@ -50,22 +48,20 @@ class QueuedWrite:
         "mutation",
         "on_wake",
         "outcome",
-        "wake",
     )
 
     def __init__(
         self,
         make: Callable[[], Operation],
         mutation: Mutation | None,
-        on_wake: Callable[[], None] | None = None,
+        on_wake: Callable[[], None],
     ) -> None:
         self.make = make  # runs it alone
         # A blind write (no condition) that may be folded with its neighbours.
         self.mutation = mutation if mutation is not None and _foldable(mutation) else None
-        # How its waiter learns that it leads or was answered (see `notify`):
-        # a callback for a write waiting without a task, else an Event.
+        # How its waiter learns that it leads or was answered (see `notify`);
+        # called inside the hand-over or the answer of another write.
         self.on_wake = on_wake
-        self.wake: trio.Event | None = None if on_wake is not None else trio.Event()
         self.group: list[QueuedWrite] | None = None  # set on the leader of a group
         self.outcome: Outcome | None = None  # set on a member its leader answered
         self.failure: str | None = None  # set on a member whose leader failed
@@ -73,11 +69,7 @@ class QueuedWrite:
 
     def notify(self) -> None:
         """Wake its waiter: it leads `group`, or `outcome`/`failure` is set."""
-        if self.on_wake is not None:
-            self.on_wake()
-        else:
-            assert self.wake is not None
-            self.wake.set()
+        self.on_wake()
 
 
 def _foldable(mutation: Mutation) -> bool:
