@@ -396,10 +396,10 @@ def test_reports_must_be_maps() -> None:
         api.report_from_wire([], Method.RECOVER)
 
 
-# --- the node's hand parsing, which `from_wire` replaces, as a reference ---------------
-# Copied from `Node._parse_get`, `_parse_put`, `client_scan`, `_timeout`,
-# `_table_and_key` and `_client_cached_version` as they parsed client requests
-# (less the checks that need the node: is the table known, is it eventual).
+# --- a reference: the node's checks written out by hand, field by field -------------
+# What a node accepts of a get, put or scan body, spelled out as plain code
+# (less the checks that need the node: is the table known, is it eventual);
+# `from_wire` must decide every body as this does.
 
 
 def reference_table_and_key(body: dict[str, Any]) -> tuple[str, bytes]:
