@@ -47,6 +47,7 @@ COMPILED_MODULES = [
     "kvsvr/protocol/messages.py",
     "kvsvr/protocol/placement.py",
     "kvsvr/protocol/replica.py",
+    "kvsvr/protocol/rounds.py",
     "kvsvr/protocol/state.py",
     "kvsvr/storage/codec.py",
     "kvsvr/storage/engine.py",
