@@ -43,6 +43,8 @@ COMPILED_MODULES = [
     "kvsvr/net/connection.py",
     "kvsvr/net/framing.py",
     "kvsvr/net/messages.py",
+    "kvsvr/net/serving.py",
+    "kvsvr/net/stream.py",
     "kvsvr/protocol/coordinator.py",
     "kvsvr/protocol/messages.py",
     "kvsvr/protocol/placement.py",

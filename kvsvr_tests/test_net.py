@@ -24,7 +24,8 @@ from kvsvr.errors import (
     KvsvrError,
     Unavailable,
 )
-from kvsvr.net import auth, connection, framing, messages
+from kvsvr.net import auth, connection, framing, messages, serving
+from kvsvr.net import stream as stream_module
 from kvsvr.net.auth import ClientHandshake, HandshakeState, ServerHandshake
 from kvsvr.net.connection import ReplyCallback, RpcConnection, connect, serve
 from kvsvr.net.framing import (
@@ -710,7 +711,7 @@ async def test_queued_messages_are_coalesced_into_few_sends() -> None:
 
 @pure_python_only
 async def test_oneway_is_dropped_when_the_queue_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(connection, "OUTGOING_FRAMES_MAX", 4)
+    monkeypatch.setattr(stream_module, "OUTGOING_FRAMES_MAX", 4)
     handler = RecordingHandler()
     handler.oneways_expected = 4
     async with trio.open_nursery() as nursery:
@@ -729,7 +730,7 @@ async def test_oneway_is_dropped_when_the_queue_is_full(monkeypatch: pytest.Monk
 async def test_server_bounds_requests_in_flight_per_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(connection, "SERVER_REQUESTS_IN_FLIGHT_MAX", 3)
+    monkeypatch.setattr(serving, "SERVER_REQUESTS_IN_FLIGHT_MAX", 3)
     handler = RecordingHandler()
     handler.running_wanted = 3
     results: list[object] = []
@@ -935,7 +936,7 @@ async def test_cancelling_the_owner_closes_the_connection() -> None:
 async def test_a_silent_client_is_dropped_after_the_handshake_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(connection, "HANDSHAKE_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(serving, "HANDSHAKE_TIMEOUT_S", 0.1)
     handler = RecordingHandler()
     async with trio.open_nursery() as nursery:
         port = await start_server(nursery, handler)
@@ -948,7 +949,7 @@ async def test_a_silent_client_is_dropped_after_the_handshake_timeout(
 
 @pure_python_only
 async def test_connections_past_the_limit_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(connection, "SERVER_CONNECTIONS_MAX", 1)
+    monkeypatch.setattr(serving, "SERVER_CONNECTIONS_MAX", 1)
     handler = RecordingHandler()
     async with trio.open_nursery() as nursery:
         port = await start_server(nursery, handler)
