@@ -37,7 +37,7 @@ from typing import Any
 from bench import common
 from bench.lmdb_raw import raw_lmdb_put_rate
 
-# Targets from the issue.
+# The targets these figures are judged against.
 PUT_RATIO_TARGET = 4.0
 NODE_RSS_TARGET_MB = 150.0
 # Raw LMDB puts when no count is given: enough for --time-s seconds at the

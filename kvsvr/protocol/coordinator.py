@@ -83,8 +83,8 @@ BACKOFF_MAX_S = 0.2
 # bounded in bytes so that a node writing millions of distinct keys does not
 # grow without end (a forgotten lease only costs one extra round trip). An
 # entry is the key, its slot in an OrderedDict and one packed int: about
-# LEASE_ENTRY_BYTES + len(key), so 16 MiB remember ~80,000 short keys. (It
-# was 200,000 entries of ~450 B each: up to 90 MiB, uncounted by any limit.)
+# LEASE_ENTRY_BYTES + len(key), so 16 MiB remember ~80,000 short keys. A
+# bound in bytes, not entries, counts long keys at their size.
 LEASES_BYTES_MAX = 16 << 20
 LEASE_ENTRY_BYTES = 160
 _U64 = (1 << 64) - 1
@@ -346,7 +346,7 @@ def _write(
         # now: another coordinator may have written since. Only an accept that
         # a majority takes proves the lease current, so a condition that fails
         # against it proves nothing; phase 1 asks a majority (see
-        # docs/DESIGN.md, "Write path", step 3).
+        # docs/DESIGN.md, "Coordinators", the fast path).
         lease = None
     if lease is not None:
         attempted = lease.version + mutation.versions
