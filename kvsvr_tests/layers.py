@@ -65,6 +65,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_leases.py": UNIT,
     "test_lifecycle.py": UNIT,
     "test_module_sizes.py": UNIT,
+    "test_node_entry_points.py": PROCESS,
     "test_near_cache.py": PROCESS,
     "test_net.py": UNIT,
     "test_node_identity.py": PROCESS,
