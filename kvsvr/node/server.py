@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from kvsvr import _build
+from kvsvr.clock import SYSTEM_CLOCK
 from kvsvr.config import ClusterConfig, ConfigError, NodeConfig, load_config, new_cluster_id
 from kvsvr.errors import (
     Conflict,
@@ -41,7 +42,7 @@ from kvsvr.net import RpcConnection, connect, serve
 from kvsvr.node import replication
 from kvsvr.node.cache import RowCache
 from kvsvr.node.read_share import SharedRead, SharedReads
-from kvsvr.node.replication import Replication
+from kvsvr.node.replication import Collaborators, Replication
 from kvsvr.node.write_queue import (
     KeyWriteQueues,
     Operation,
@@ -811,7 +812,22 @@ class Node:
         self.repairs_failed = 0
         assert self.me.index <= NODE_INDEX_MAX, "eventual-table stamps hold 6 bits of node index"
         self.hlc = HybridClock(self.me.index)
-        self.replication = Replication(self)
+        self.replication = Replication(
+            Collaborators(
+                config=config,
+                me=self.me,
+                initial_state=self.initial_state,
+                storage=storage,
+                peers=self.peers,
+                tables=self.tables,
+                replica_sets=self.replica_sets,
+                hlc=self.hlc,
+                clock=SYSTEM_CLOCK,
+                read_row=self.read_row_for_peer,
+                schedule_repair=self.schedule_repair,
+                settle=self.settle_key,
+            )
+        )
         self.round_timer = _RoundTimer()
         self.soon = _Soon()
 
@@ -824,6 +840,11 @@ class Node:
                 continue
             host, port = self.me.peer_addresses.get(peer.id, (peer.host, peer.port))
             self.peers[peer.index] = PeerLink(peer, host, port, self.config.secret, nursery)
+
+    async def settle_key(self, table: str, key: bytes) -> None:
+        """A strong read of `key` (for catch-up): settles a proposal in flight
+        on a majority and repairs this replica."""
+        await self.client_get({"table": table, "key": key})
 
     # ------------------------------------------------------------ replica side
 
