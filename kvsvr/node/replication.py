@@ -32,7 +32,7 @@ the node itself) and answers the catch-up RPC methods.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -55,7 +55,6 @@ from kvsvr.protocol.catchup_messages import (
     request_from_wire,
 )
 from kvsvr.protocol.lifecycle import NEEDS_OPERATOR, ReplicaState, StartDecision
-from kvsvr.protocol.state import Row
 
 __all__ = [
     "APPLY",
@@ -76,6 +75,9 @@ class Replication:
         # asks liveness whether a peer is up: the callback binds them.
         self.liveness = Liveness(context, self.readiness, self._peer_up)
         self.handoff = HintedHandoff(context, self.readiness, self.liveness.is_up)
+        # The write path's hooks: keep hints for replicas that are down.
+        self.hint_after_write = self.handoff.after_write
+        self.hint = self.handoff.hint
         self.anti_entropy = AntiEntropy(context, self.liveness.is_up)
         self.startup = Startup(context, self.readiness, self.liveness)
 
@@ -109,21 +111,6 @@ class Replication:
         return await self.startup.recover(accept_data_loss)
 
     # ------------------------------------------------------------ write hooks
-
-    def hint_after_write(
-        self,
-        table: str,
-        key: bytes,
-        replicas: Iterable[int],
-        version: int,
-        value: bytes | None,
-        expires_at_ms: int | None,
-    ) -> None:
-        """A write of `version` was chosen: keep a hint for each replica that is down."""
-        self.handoff.after_write(table, key, replicas, version, value, expires_at_ms)
-
-    def hint(self, target: int, table: str, key: bytes, row: Row) -> None:
-        self.handoff.hint(target, table, key, row)
 
     async def apply(
         self, table: str, items: Sequence[tuple[bytes, bytes]], *, eventual: bool

@@ -21,6 +21,7 @@ they keep is decided here, from rows and the time passed in:
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from hashlib import blake2b
 from typing import Final
 
@@ -88,16 +89,7 @@ def purge_row(row: Row, eventual: bool, now: int) -> Row | bool | None:
         return None
     if row.value is None:
         return False
-    return Row(
-        version=row.version,
-        value=None,
-        expires_at_ms=None,
-        promised=row.promised,
-        accepted=row.accepted,
-        hlc=row.hlc,
-        op_id=row.op_id,
-        recent_ops=row.recent_ops,
-    )
+    return replace(row, value=None, expires_at_ms=None)
 
 
 def tombstone_purgeable(version: int, other: Row) -> bool:

@@ -64,9 +64,10 @@ def _request(body: object, method: str, fields: str, count: int) -> list[Any]:
     return body
 
 
-def _row_pairs_in(
-    raw: object, error: type[Exception], what: str
-) -> tuple[tuple[bytes, bytes], ...]:
+def _pairs_in(
+    raw: object, second: type, error: type[Exception], what: str
+) -> tuple[tuple[bytes, Any], ...]:
+    """A list of [key bytes, `second`] pairs (bools are not ints here)."""
     if not isinstance(raw, list):
         raise error(what)
     pairs = []
@@ -75,7 +76,8 @@ def _row_pairs_in(
             not isinstance(item, list)
             or len(item) != 2
             or not isinstance(item[0], bytes)
-            or not isinstance(item[1], bytes)
+            or not isinstance(item[1], second)
+            or isinstance(item[1], bool)
         ):
             raise error(what)
         pairs.append((item[0], item[1]))
@@ -108,7 +110,7 @@ class ApplyRows:
             raise InvalidRequest("expected [table, [[key, row], ...]]")
         if len(fields[1]) > ROWS_PER_REQUEST_MAX:
             raise InvalidRequest(f"at most {ROWS_PER_REQUEST_MAX} rows per request")
-        rows = _row_pairs_in(fields[1], InvalidRequest, "rows travel as [key, row bytes]")
+        rows = _pairs_in(fields[1], bytes, InvalidRequest, "rows travel as [key, row bytes]")
         return ApplyRows(fields[0], rows)
 
 
@@ -266,18 +268,9 @@ class KeysReply:
     @staticmethod
     def from_wire(body: object) -> KeysReply:
         what = "ae_keys answers [[[key, version], ...], more]"
-        if not isinstance(body, list) or len(body) != 2 or not isinstance(body[0], list):
+        if not isinstance(body, list) or len(body) != 2:
             raise FrameError(what)
-        pairs = []
-        for item in body[0]:
-            if (
-                not isinstance(item, list)
-                or len(item) != 2
-                or not isinstance(item[0], bytes)
-                or not _is_int(item[1])
-            ):
-                raise FrameError(what)
-            pairs.append((item[0], item[1]))
+        pairs = _pairs_in(body[0], int, FrameError, what)
         return KeysReply(tuple(pairs), _more_in(body[1], what))
 
 
@@ -317,7 +310,7 @@ class PageReply:
         what = "ae_page answers [[[key, row], ...], more]"
         if not isinstance(body, list) or len(body) != 2:
             raise FrameError(what)
-        return PageReply(_row_pairs_in(body[0], FrameError, what), _more_in(body[1], what))
+        return PageReply(_pairs_in(body[0], bytes, FrameError, what), _more_in(body[1], what))
 
 
 _REQUESTS: dict[str, Callable[[object], TableRequest]] = {
