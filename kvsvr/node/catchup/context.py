@@ -27,7 +27,7 @@ from kvsvr.storage import Storage, decode_row
 RPC_TIMEOUT_S: Final = 10.0
 SCAN_PAGE_ROWS: Final = 1000  # rows per step of a local scan (then other tasks run)
 # ... and at most about this many bytes: a page is held in memory whole, and
-# 1000 rows of 64 KiB values would be 64 MiB (issue #7 bounds a node's RSS).
+# 1000 rows of 64 KiB values would be 64 MiB, and a node's RSS is bounded.
 SCAN_PAGE_BYTES: Final = 4 << 20
 # Rows per second a digest or key scan reads: about a tenth of a core for
 # decoding and hashing, so 1,000,000 rows take 20 s per pass.

@@ -335,9 +335,10 @@ class Startup:
         self, table: str, peer: int, start: bytes, pages: dict[int, PageReply]
     ) -> None:
         # A task of a nursery: an error escaping it would reach the rebuild as
-        # an exception group, past its retry (a peer still rebuilding itself
-        # answers Unavailable: two replicas wiped at once killed the node).
-        # A missing page makes the caller's round fail, and the rebuild retry.
+        # an exception group, past its retry, and stop the node (a peer still
+        # rebuilding itself answers Unavailable, as when two replicas were
+        # wiped at once). A missing page makes the caller's round fail, and
+        # the rebuild retry.
         request = PageRequest(table, self.me, start, REBUILD_PAGE_ROWS)
         try:
             with trio.fail_after(RPC_TIMEOUT_S):
