@@ -39,6 +39,8 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_cache.py": UNIT,
     "test_cache_memory.py": PROCESS,
     "test_catch_up.py": PROCESS,
+    "test_catchup_node.py": UNIT,
+    "test_catchup_protocol.py": UNIT,
     "test_checker_cli.py": PROCESS,
     "test_checker_conflict.py": UNIT,
     "test_checker_corpus.py": SIMULATION,
