@@ -3,6 +3,7 @@
 
     python3 dev.py up [kvsvr up options]   # a local 3-node cluster, in the foreground
     python3 dev.py test [pytest options]   # the whole test suite
+    python3 dev.py test --layer unit       # one layer: unit, sim(ulation) or process
     python3 dev.py compile                 # optional: build the hot modules with mypyc
     python3 dev.py uncompile               # back to pure Python
 
@@ -44,13 +45,19 @@ COMPILED_MODULES = [
     "kvsvr/net/connection.py",
     "kvsvr/net/framing.py",
     "kvsvr/net/messages.py",
+    "kvsvr/net/serving.py",
+    "kvsvr/net/stream.py",
     "kvsvr/protocol/coordinator.py",
     "kvsvr/protocol/messages.py",
     "kvsvr/protocol/placement.py",
     "kvsvr/protocol/replica.py",
+    "kvsvr/protocol/rounds.py",
     "kvsvr/protocol/state.py",
     "kvsvr/storage/codec.py",
+    "kvsvr/storage/commit.py",
+    "kvsvr/storage/decoded_rows.py",
     "kvsvr/storage/engine.py",
+    "kvsvr/storage/environment.py",
     "kvsvr/node/cache.py",
     "kvsvr/node/client_api.py",
     "kvsvr/node/engine.py",
@@ -62,6 +69,14 @@ COMPILED_MODULES = [
     "kvsvr/node/writes.py",
 ]
 MANIFEST = ROOT / "kvsvr" / "compiled-sources.json"
+
+# `test --layer NAME`: the pytest marker of each layer (kvsvr_tests/layers.py).
+TEST_LAYERS = {
+    "unit": "unit",
+    "sim": "simulation",
+    "simulation": "simulation",
+    "process": "process",
+}
 
 
 def _pyproject_hash() -> str:
@@ -144,6 +159,29 @@ def compile_modules() -> int:
     return 0
 
 
+def pytest_arguments(arguments: list[str]) -> list[str] | None:
+    """pytest's arguments for `dev.py test ARGUMENTS`: `--layer NAME` (or
+    `--layer=NAME`) becomes `-m NAME`; None if the layer is unknown."""
+    result: list[str] = []
+    layers: list[str] = []
+    rest = iter(arguments)
+    for argument in rest:
+        if argument == "--layer":
+            layers.append(next(rest, ""))
+        elif argument.startswith("--layer="):
+            layers.append(argument.removeprefix("--layer="))
+        else:
+            result.append(argument)
+    for layer in layers:
+        if layer not in TEST_LAYERS:
+            known = ", ".join(TEST_LAYERS)
+            print(f"unknown test layer {layer!r}; one of: {known}", file=sys.stderr)
+            return None
+    if layers:
+        result = ["-m", " or ".join(TEST_LAYERS[layer] for layer in layers), *result]
+    return result
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("up", "test", "setup", "compile", "uncompile"):
         print(__doc__)
@@ -159,7 +197,10 @@ def main(argv: list[str]) -> int:
     if command == "up":
         arguments = [str(PYTHON), "-m", "kvsvr", "up", *rest]
     else:
-        arguments = [str(PYTHON), "-m", "pytest", *rest]
+        pytest_args = pytest_arguments(rest)
+        if pytest_args is None:
+            return 2
+        arguments = [str(PYTHON), "-m", "pytest", *pytest_args]
     os.chdir(ROOT)
     try:
         return subprocess.call(arguments)

@@ -17,7 +17,7 @@ Three closed-loop phases, one after the other, all with the same driver
                        client's session version)
 
 It prints ops/s, p50 and p99 (ms), the servers' CPU per 1000 operations and
-each node's cache figures, then the ratios the issue asks for: strong cache
+each node's cache figures, then the two target ratios: strong cache
 on / off (target >= 1.3x) and stale / strong without cache (target >= 3x),
 and the same two ratios of server CPU per operation (what the ratios would
 be if the load generator did not share the machine's cores with the nodes).
@@ -43,7 +43,7 @@ from bench.targets import KvsvrCluster, cpu_probe
 from bench.workloads import WORKLOADS
 from kvsvr.config import TableConfig
 
-# The issue's targets for the two ratios.
+# The targets for the two ratios.
 CACHE_ON_OVER_OFF_TARGET: Final = 1.3
 STALE_OVER_STRONG_TARGET: Final = 3.0
 CACHE_BYTES_ON: Final = 64 << 20
@@ -71,7 +71,7 @@ class Options:
     value_bytes: int = 1024
     distribution: str = "zipfian"
     seed: int = 1
-    workload: str = "B"  # the issue's 95% read mix; "C" reads only
+    workload: str = "B"  # YCSB B's 95% read mix; "C" reads only
     # Each round runs the three phases once, in a rotated order; the ratios
     # come from the medians, so one phase hit by a noisy neighbour sways less.
     rounds: int = 1
@@ -137,7 +137,7 @@ STALE_ON: Final = "stale, cache on"
 
 
 def ratios(phases: list[dict[str, Any]]) -> dict[str, float]:
-    """The issue's two ratios, from each phase's median ops/s over its runs;
+    """The two target ratios, from each phase's median ops/s over its runs;
     and the same two of the servers' CPU per operation (cheaper = higher)."""
 
     def median(label: str, figure: str) -> float:
@@ -241,7 +241,7 @@ def report(results: dict[str, Any]) -> list[str]:
         f"(target >= {CACHE_ON_OVER_OFF_TARGET}x: {_met(on_off, CACHE_ON_OVER_OFF_TARGET)})",
         f"stale (cache on) / strong (cache off): {stale:.2f}x "
         f"(target >= {STALE_OVER_STRONG_TARGET}x: {_met(stale, STALE_OVER_STRONG_TARGET)})",
-        "servers' CPU per operation, strong cache off over each (not the issue's measure: "
+        "servers' CPU per operation, strong cache off over each (not the targets' measure: "
         "throughput with the load generator on the same cores is): "
         f"strong cache on {results['ratios']['cpu_strong_cache_on_over_off']:.2f}x, "
         f"stale {results['ratios']['cpu_stale_over_strong_cache_off']:.2f}x",
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workload",
         choices=("B", "C"),
         default=defaults.workload,
-        help="B: the issue's 95%% read / 5%% update (default); C: reads only",
+        help="B: YCSB B, 95%% read / 5%% update (default); C: reads only",
     )
     parser.add_argument(
         "--rounds",

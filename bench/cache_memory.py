@@ -7,7 +7,7 @@ One node (replication 1: the node is every key's coordinator and replica, so
 every byte written and read passes through its process and its row cache).
 Distinct values of 1 KiB..64 KiB (seeded sizes and contents) are written
 once each, then each is read once with a strong read, while a thread samples
-the node's /proc/PID/status every `SAMPLE_INTERVAL_S`. The issue's bound is
+the node's /proc/PID/status every `SAMPLE_INTERVAL_S`. The bound is
 RSS <= cache_bytes_max + 100 MiB, checked on the peak sampled VmRSS.
 
 VmRSS is RssAnon (the process's own memory: Python objects, the row cache,
@@ -37,7 +37,7 @@ import trio
 
 from bench.cache import CachedKvsvrCluster
 
-# The node's own headroom the issue allows above its cache budget.
+# The memory a node may use above its cache budget.
 HEADROOM_BYTES: Final = 100 << 20
 VALUE_BYTES_MIN: Final = 1 << 10
 VALUE_BYTES_MAX: Final = 64 << 10
@@ -81,7 +81,7 @@ class MemoryResult:
 
     @property
     def within_bound(self) -> bool:
-        """The issue's bound, literally: the peak sampled VmRSS (LMDB's mapped
+        """The bound, literally: the peak sampled VmRSS (LMDB's mapped
         file pages included) stayed within cache_bytes_max + 100 MiB."""
         return self.peak.vm_rss_kib <= self.bound_kib
 

@@ -14,7 +14,7 @@ In one run, on the same disk and with the same load generator:
     its partition's preferred coordinator, as `kvsvr.connect` does.
 
 (c) on the same 3-node cluster, paced puts and paced compare-and-sets: the
-    64 clients offer together `--paced-fraction` (default 0.4, the issue's
+    64 clients offer together `--paced-fraction` (default 0.4, the target
     ratio) of the 1-node put rate of (a), on a fixed schedule, and latency
     is measured from each operation's scheduled start. This is p99 "at that
     load" read as "at the rate the throughput target asks for"; the closed
@@ -58,7 +58,7 @@ from bench.output import (
 )
 from bench.phases import check_fsync_setting, run_cluster_phases
 
-# Targets from the issue.
+# The targets these figures are judged against.
 PUT_RATIO_TARGET = 0.40
 P99_TARGET_MS = 25.0
 FAST_PATH_TARGET = 0.95
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=PUT_RATIO_TARGET,
         help=(
             "paced put and cas phases at this fraction of the 1-node put rate "
-            f"(default {PUT_RATIO_TARGET}, the issue's ratio); 0 skips them"
+            f"(default {PUT_RATIO_TARGET}, the target ratio); 0 skips them"
         ),
     )
     parser.add_argument(

@@ -54,7 +54,7 @@ RATIO_PAIRS: Final = (
     ("kvsvr-stale", "etcd-serializable"),
     ("kvsvr", "etcd-http"),
 )
-# The issue's targets: (workload, ratio at least) on closed-loop throughput,
+# The targets: (workload, ratio at least) on closed-loop throughput,
 # kvsvr over etcd (etcd on its Go client).
 THROUGHPUT_TARGETS: Final = (("W", 1.0), ("A", 1.0), ("B", 1.0), ("C", 2.0))
 # At this fraction of etcd's maximum rate on this workload (open loop, both at
@@ -370,7 +370,7 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def target_checks(
     ratio_rows: list[dict[str, Any]], sweep: list[dict[str, Any]], clients: int
 ) -> list[dict[str, Any]]:
-    """The issue's targets, each met / missed / not measured, with the numbers.
+    """The targets (`THROUGHPUT_TARGETS`), each met / missed / not measured, with the numbers.
     Against etcd on the Python driver (a fallback), a check says so."""
     checks: list[dict[str, Any]] = []
     for workload, bound in THROUGHPUT_TARGETS:

@@ -113,15 +113,21 @@ class Profiler:
 # to the first bucket (in this order) with a matching frame anywhere in its
 # stack, so e.g. row decoding inside a replica handler counts as "row read".
 PROFILE_BUCKETS: Final = (
-    ("send replies/requests (send_all)", ("_send_queued_frames",)),
+    ("send replies/requests (send_all)", ("send_queued_frames",)),
     ("receive + frame decode + dispatch", ("_receive_requests", "RpcConnection._receive_loop")),
     ("row read + decode (Storage.read_row)", ("Storage.read_row",)),
     ("row encode + stage (Storage.stage)", ("Storage.stage",)),
-    ("group-commit writer, trio side", ("Storage.run", "Storage._commit", "Storage._finish")),
+    (
+        "group-commit writer, trio side",
+        ("Storage.run", "Storage._commit", "Storage._finish", "CommitThread."),
+    ),
     ("Paxos logic (kvsvr/protocol)", ("(kvsvr/protocol/",)),
     ("peer RPC (PeerLink, to/from_wire)", ("PeerLink.", "kvsvr/protocol/messages.py")),
-    ("quorum round (tasks, nursery, events)", ("Node.quorum_round",)),
-    ("coordinate (key lock, fail_after)", ("Node.coordinate",)),
+    ("engine: rounds, timers, collectors (kvsvr/node/rounds.py)", ("(kvsvr/node/rounds.py",)),
+    (
+        "engine: drives and write turns (node/engine.py, writes.py)",
+        ("(kvsvr/node/engine.py", "(kvsvr/node/writes.py"),
+    ),
     ("client request handling (Node.client_*)", ("(kvsvr/node/",)),
     ("RPC server (_answer: reply encode, queue)", ("(kvsvr/net/",)),
     ("waiting in epoll", ("EpollIOManager.get_events",)),

@@ -52,7 +52,7 @@ from bench.output import (
 )
 from bench.phases import check_fsync_setting, run_cluster_phases
 
-# Targets from the issue.
+# The targets these figures are judged against.
 PUT_RATIO_TARGET = 4.0
 NODE_RSS_TARGET_MB = 150.0
 # Raw LMDB puts when no count is given: enough for --time-s seconds at the

@@ -1,4 +1,4 @@
-"""bench.cache's report: the figures and whether the issue's ratios were met
+"""bench.cache's report: the figures and whether the target ratios were met
 (the benchmark itself runs real clusters and is not part of the tests)."""
 
 from __future__ import annotations

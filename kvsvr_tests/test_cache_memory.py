@@ -1,5 +1,5 @@
 """A node's RSS stays within its cache budget + 100 MiB while far more distinct
-data than that goes through it (issue #7's bound, literally on VmRSS, scaled
+data than that goes through it (the node's memory bound, literally on VmRSS, scaled
 down for CI: 256 MiB through a 16 MiB cache; `python -m bench.cache_memory`
 runs the full 1 GiB through 64 MiB)."""
 

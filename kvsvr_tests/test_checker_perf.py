@@ -1,4 +1,4 @@
-"""The issue's size bound: 20,000 operations, 200 keys, 20 processes, < 30 s."""
+"""The checker's size bound: 20,000 operations, 200 keys, 20 processes, < 30 s."""
 
 from __future__ import annotations
 

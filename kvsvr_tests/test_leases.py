@@ -1,5 +1,5 @@
 """The coordinator's lease table: compact, least recently put first, bounded
-in bytes (it used to hold up to 200,000 entries of ~450 B each)."""
+in bytes."""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from kvsvr.protocol.lifecycle import (
     Hello,
     HelloReply,
     Identity,
+    ReplicaState,
     decide_new,
     decide_start,
     plan_rebuild,
@@ -385,3 +386,11 @@ def test_two_wiped_of_three_need_an_operator_and_recover() -> None:
         node.accept_loss = True
     model.settle(2)
     assert [node.state for node in model.nodes] == [READY] * 3
+
+
+def test_a_hello_with_an_unknown_replica_state_is_a_frame_error() -> None:
+    with pytest.raises(FrameError):
+        Hello.from_wire([CLUSTER, "n2", "dozing"])
+    with pytest.raises(FrameError):
+        HelloReply.from_wire([CLUSTER, "dozing", True])
+    assert HelloReply.from_wire([CLUSTER, "ready", True]).state is ReplicaState.READY

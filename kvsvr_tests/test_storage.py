@@ -34,6 +34,7 @@ from kvsvr.storage import (
     engine,
 )
 from kvsvr.storage.codec import ROW_FORMAT_VERSION, ROW_INT_MAX
+from kvsvr.storage.commit import Op
 from kvsvr.storage.engine import MAP_SIZE_BYTES_MIN, prefix_end
 from kvsvr_tests.build_mode import COMPILED, pure_python_only
 
@@ -379,7 +380,7 @@ def gate_commits(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> threading
     permits = threading.Semaphore(0)
     commit = storage._commit_in_thread
 
-    def gated(ops: list[engine._Op]) -> None:
+    def gated(ops: list[Op]) -> None:
         assert permits.acquire(timeout=10), "test never released the commit"
         commit(ops)
 
@@ -830,7 +831,7 @@ async def test_failure_fails_every_queued_batch(
     storage = Storage.open(tmp_path / "db", tables=TABLES)
     permits = gate_commits(storage, monkeypatch)
 
-    def failing(ops: list[engine._Op]) -> None:
+    def failing(ops: list[Op]) -> None:
         raise OSError(5, "Input/output error")
 
     outcomes: list[str] = []
@@ -881,7 +882,7 @@ async def test_decoded_rows_follow_every_write_eviction_and_a_failure(
             await storage.write([("users", keys[0], None)])
             assert storage.read_row("users", keys[0]) is None
 
-            def failing(ops: list[engine._Op]) -> None:
+            def failing(ops: list[Op]) -> None:
                 raise OSError(5, "Input/output error")
 
             monkeypatch.setattr(storage, "_commit_in_thread", failing)
@@ -914,7 +915,7 @@ async def test_when_durable_calls_back_after_the_fsync_or_with_the_failure(
             storage.when_durable(ticket, lambda failure: heard.append(("again", failure)))
             assert heard[-1] == ("again", None), "at once when already durable"
 
-            def failing(ops: list[engine._Op]) -> None:
+            def failing(ops: list[Op]) -> None:
                 raise OSError(5, "Input/output error")
 
             monkeypatch.setattr(storage, "_commit_in_thread", failing)

@@ -40,7 +40,7 @@ ERROR_MESSAGE_CHARS_MAX: Final = 4096
 
 # Envelopes are values, never changed once built; not `frozen` only for the
 # cost of a frozen __init__ (about 5x a plain one), paid per frame.
-# `unsafe_hash` keeps them hashable as before.
+# `unsafe_hash` keeps them hashable.
 @dataclass(slots=True, unsafe_hash=True)
 class Request:
     request_id: int

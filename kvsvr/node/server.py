@@ -54,7 +54,7 @@ from kvsvr.node.client_api import ClientApi, GetQuery
 from kvsvr.node.engine import Respond, until_answered
 from kvsvr.node.repair import ROW_METHOD, Repairs
 from kvsvr.node.replica_side import ReplicaSide
-from kvsvr.node.replication import Replication
+from kvsvr.node.replication import Collaborators, Replication
 from kvsvr.node.rounds import PAXOS_METHOD, PAXOS_ONEWAY_METHOD, PeerLink, Rounds
 from kvsvr.node.writes import Writes
 from kvsvr.protocol import lifecycle
@@ -133,7 +133,22 @@ class Node:
             self.hlc,
             clock,
         )
-        self.replication = Replication(self)
+        self.replication = Replication(
+            Collaborators(
+                config=config,
+                me=self.me,
+                initial_state=self.initial_state,
+                storage=storage,
+                peers=self.peers,
+                tables=self.tables,
+                replica_sets=self.replica_sets,
+                hlc=self.hlc,
+                clock=clock,
+                read_row=self.read_row_for_peer,
+                schedule_repair=self.schedule_repair,
+                settle=self.strong_read,
+            )
+        )
         self.replica_side.gate = self.replication
         self.api.replication = self.replication
         # The client requests every entry point starts on the engine.

@@ -5,7 +5,9 @@ replicas, how many positive replies it needs, one-way messages to fire, and a
 delay to wait first) and receives back the replies that came in, as a dict
 from replica to reply. It returns an `Outcome`. It never touches a socket, a
 clock or a disk: the node drives it over TCP and LMDB, the tests and the
-simulator drive it in memory. The driver's duties, all of them:
+simulator drive it in memory. The values it exchanges with its driver, and the
+pure reading of one round's replies, are in `kvsvr.protocol.rounds`; this
+module is the state machine. The driver's duties, all of them:
 
 - wait `delay_s`, then send every one-way message, and the requests: all of
   them, or first only to enough replicas to make the quorum and to the others
@@ -25,8 +27,7 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from collections.abc import Generator
-from dataclasses import dataclass, field
-from typing import TypeAlias
+from dataclasses import dataclass
 
 from kvsvr.protocol.messages import (
     Accept,
@@ -36,13 +37,29 @@ from kvsvr.protocol.messages import (
     Promise,
     Read,
     ReadReply,
-    Reply,
     Request,
     ScanEntry,
     ScanReply,
     ScanRequest,
 )
-from kvsvr.protocol.state import Accepted, Ballot
+from kvsvr.protocol.rounds import CachedValue as CachedValue
+from kvsvr.protocol.rounds import (
+    Chosen,
+    chosen_on_its_base,
+    commit_messages,
+    fetch_value,
+    highest_proposal,
+    is_present,
+    latest_chosen,
+    majority,
+)
+from kvsvr.protocol.rounds import Mutation as Mutation
+from kvsvr.protocol.rounds import NodeId as NodeId
+from kvsvr.protocol.rounds import Outcome as Outcome
+from kvsvr.protocol.rounds import Replies as Replies
+from kvsvr.protocol.rounds import Round as Round
+from kvsvr.protocol.rounds import is_positive as is_positive
+from kvsvr.protocol.state import Ballot
 
 # Rounds one operation may try before giving up with Unavailable. Each failed
 # round means a duel with another coordinator or a missing majority; beyond a
@@ -66,85 +83,11 @@ BACKOFF_MAX_S = 0.2
 # bounded in bytes so that a node writing millions of distinct keys does not
 # grow without end (a forgotten lease only costs one extra round trip). An
 # entry is the key, its slot in an OrderedDict and one packed int: about
-# LEASE_ENTRY_BYTES + len(key), so 16 MiB remember ~80,000 short keys. (It
-# was 200,000 entries of ~450 B each: up to 90 MiB, uncounted by any limit.)
+# LEASE_ENTRY_BYTES + len(key), so 16 MiB remember ~80,000 short keys. A
+# bound in bytes, not entries, counts long keys at their size.
 LEASES_BYTES_MAX = 16 << 20
 LEASE_ENTRY_BYTES = 160
 _U64 = (1 << 64) - 1
-
-NodeId: TypeAlias = int
-# (version, value, expires_at_ms) of a chosen version the caller has cached.
-CachedValue: TypeAlias = tuple[int, bytes | None, int | None]
-
-
-def is_positive(reply: Reply) -> bool:
-    """Whether a reply counts toward a round's quorum."""
-    if isinstance(reply, Promise | AcceptReply):
-        return reply.ok
-    return True
-
-
-# Rounds, outcomes and mutations are values, never changed once built; not
-# `frozen` only for the cost of a frozen __init__ (about 5x a plain one) on
-# every operation. `unsafe_hash` keeps them hashable as before.
-@dataclass(slots=True, unsafe_hash=True)
-class Round:
-    requests: dict[NodeId, Request]
-    quorum: int
-    oneway: list[tuple[NodeId, Request]] = field(default_factory=list)
-    delay_s: float = 0.0
-
-
-Replies: TypeAlias = dict[NodeId, Reply]
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class Outcome:
-    """What an operation ended with.
-
-    status: "ok"; "conflict" (a condition failed, nothing written);
-    "unavailable" (no majority in time: the outcome is unknown).
-    For reads `value` is None when the key is absent.
-    """
-
-    status: str
-    version: int = 0
-    value: bytes | None = None
-    expires_at_ms: int | None = None
-    detail: str = ""
-    entries: tuple[ScanEntry, ...] = ()
-    cache_hit: bool = False  # a read whose value came from the caller's cache
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class Mutation:
-    """A write: the new value (None deletes) and its conditions."""
-
-    value: bytes | None
-    expires_at_ms: int | None = None
-    if_version: int | None = None
-    if_absent: bool = False
-    # How many versions the write takes: the node folds k queued blind puts of
-    # one key into one proposal at chosen + k, answering the i-th put with
-    # chosen + i (see docs/DESIGN.md, "Write batching"). Conditional writes
-    # take exactly one.
-    versions: int = 1
-
-    def __post_init__(self) -> None:
-        assert self.versions >= 1, "a write takes at least one version"
-        assert self.versions == 1 or (self.if_version is None and not self.if_absent), (
-            "only blind writes are folded together"
-        )
-
-    def allows(self, version: int, present: bool | None) -> bool:
-        """Whether the conditions hold; `present` None means not known, which
-        only `if_absent` needs (the caller fetches the value first)."""
-        if self.if_version is not None and self.if_version != version:
-            return False
-        if self.if_absent:
-            assert present is not None, "if_absent needs to know whether the key is present"
-            return not present
-        return True
 
 
 @dataclass(slots=True)
@@ -190,10 +133,6 @@ class CoordinatorStats:
     unavailable: int = 0
     duels: int = 0
     read_waits: int = 0  # reads that found their own proposal in flight and read again
-
-
-def _present(value: bytes | None, expires_at_ms: int | None, now_ms: int) -> bool:
-    return value is not None and (expires_at_ms is None or expires_at_ms > now_ms)
 
 
 class Coordinator:
@@ -323,118 +262,6 @@ class Coordinator:
         return _scan(self, table, prefix, start, end, limit, replicas, now_ms)
 
 
-def majority(replicas: list[NodeId]) -> int:
-    return len(replicas) // 2 + 1
-
-
-def _commit_messages(
-    table: str,
-    key: bytes,
-    replicas: list[NodeId],
-    acceptors: set[NodeId],
-    version: int,
-    ballot: Ballot,
-    value: bytes | None,
-    expires_at_ms: int | None,
-    op_id: int,
-) -> list[tuple[NodeId, Request]]:
-    """Commit to every replica: by reference to those that accepted, with the
-    value to the others (they may have missed the accept)."""
-    messages: list[tuple[NodeId, Request]] = []
-    for node in replicas:
-        has_value = node not in acceptors
-        messages.append(
-            (
-                node,
-                Commit(
-                    table,
-                    key,
-                    version,
-                    ballot,
-                    has_value,
-                    value if has_value else None,
-                    expires_at_ms if has_value else None,
-                    op_id,
-                ),
-            )
-        )
-    return messages
-
-
-@dataclass(slots=True)
-class _Chosen:
-    """The latest chosen value a phase 1 or a read round found."""
-
-    version: int
-    value: bytes | None
-    expires_at_ms: int | None
-    value_known: bool
-    op_id: int = 0
-    # version -> op id of chosen versions the replies remembered (the latest too).
-    ops: dict[int, int] = field(default_factory=dict)
-
-
-def _latest_chosen(replies: Replies) -> _Chosen:
-    version = max(
-        (r.version for r in replies.values() if isinstance(r, Promise | ReadReply)), default=0
-    )
-    ops: dict[int, int] = {}
-    for reply in replies.values():
-        if isinstance(reply, Promise):
-            ops.update(reply.recent_ops)
-        if isinstance(reply, Promise | ReadReply) and reply.version > 0:
-            ops[reply.version] = reply.op_id
-    op_id = ops.get(version, 0)
-    for reply in replies.values():
-        if isinstance(reply, Promise | ReadReply) and reply.version == version and reply.has_value:
-            return _Chosen(version, reply.value, reply.expires_at_ms, True, op_id, ops)
-    return _Chosen(version, None, None, version == 0, op_id, ops)
-
-
-def _fetch_value(
-    table: str, key: bytes, chosen: _Chosen, replies: Replies
-) -> Generator[Round, Replies, _Chosen | None]:
-    """Ask the replicas that hold the latest version for its value (they left it
-    out because they thought we had it)."""
-    holders = [
-        node
-        for node, reply in replies.items()
-        if isinstance(reply, Promise | ReadReply) and reply.version == chosen.version
-    ]
-    fetched = yield Round({node: Read(table, key, -1) for node in holders}, quorum=1)
-    for reply in fetched.values():
-        if isinstance(reply, ReadReply) and reply.version >= chosen.version and reply.has_value:
-            return _Chosen(reply.version, reply.value, reply.expires_at_ms, True, reply.op_id)
-    return None
-
-
-def _highest_proposal(promises: list[Promise], above: int) -> Accepted | None:
-    """The proposal phase 1 must finish first: the highest version in flight
-    above the latest chosen one, and for that version the highest ballot."""
-    best: Accepted | None = None
-    for promise in promises:
-        accepted = promise.accepted
-        if accepted is None or accepted.version <= above:
-            continue
-        if best is None or (accepted.version, accepted.ballot) > (best.version, best.ballot):
-            best = accepted
-    return best
-
-
-def _chosen_on_its_base(ops: dict[int, int], version: int, mutation: Mutation) -> bool:
-    """Whether a write chosen at `version` was chosen on top of the version
-    it was proposed on (`version - mutation.versions`), as far as the replicas'
-    remembered ops (`ops`: version -> op id) show: no other operation chosen
-    in between, and the memory reaching back to that base. Always true for a
-    write of one version; False when it cannot be told."""
-    if mutation.versions == 1:
-        return True
-    base = version - mutation.versions
-    if any(base < v < version for v in ops):
-        return False
-    return base == 0 or any(v <= base for v in ops)
-
-
 def _unknown(
     coordinator: Coordinator, pending_oneway: list[tuple[NodeId, Request]], detail: str
 ) -> Generator[Round, Replies, Outcome]:
@@ -519,7 +346,7 @@ def _write(
         # now: another coordinator may have written since. Only an accept that
         # a majority takes proves the lease current, so a condition that fails
         # against it proves nothing; phase 1 asks a majority (see
-        # docs/DESIGN.md, "Write path", step 3).
+        # docs/DESIGN.md, "Coordinators", the fast path).
         lease = None
     if lease is not None:
         attempted = lease.version + mutation.versions
@@ -573,8 +400,8 @@ def _write(
             delay_s = coordinator.backoff_s(attempt)
             continue
 
-        chosen = _latest_chosen(dict(promised))
-        in_flight = _highest_proposal(list(promised.values()), chosen.version)
+        chosen = latest_chosen(dict(promised))
+        in_flight = highest_proposal(list(promised.values()), chosen.version)
         if in_flight is not None:
             # Recovery: a proposal may have been chosen that we have not seen
             # committed. Finish it under our ballot before anything else.
@@ -596,7 +423,7 @@ def _write(
                 stats.duels += 1
                 delay_s = coordinator.backoff_s(attempt)
                 continue
-            pending_oneway = _commit_messages(
+            pending_oneway = commit_messages(
                 table,
                 key,
                 replicas,
@@ -607,7 +434,7 @@ def _write(
                 in_flight.expires_at_ms,
                 in_flight.op_id,
             )
-            chosen = _Chosen(
+            chosen = Chosen(
                 in_flight.version,
                 in_flight.value,
                 in_flight.expires_at_ms,
@@ -618,7 +445,7 @@ def _write(
 
         if attempted is not None and chosen.version >= attempted:
             winner = chosen.ops.get(attempted)
-            if winner == op_id and not _chosen_on_its_base(chosen.ops, attempted, mutation):
+            if winner == op_id and not chosen_on_its_base(chosen.ops, attempted, mutation):
                 # Ours was chosen, but a recovery chose it on top of another
                 # operation's version: a folded group's members cannot be
                 # given versions of their own. Applied, but say so as unknown.
@@ -666,14 +493,14 @@ def _write(
 
         if not chosen.value_known and mutation.if_absent:
             # Only `if_absent` needs the value itself; `if_version` needs the version.
-            fetched = yield from _fetch_value(table, key, chosen, replies)
+            fetched = yield from fetch_value(table, key, chosen, replies)
             if fetched is None or fetched.version != chosen.version:
                 delay_s = coordinator.backoff_s(attempt)
                 continue
             chosen = fetched
 
         present = (
-            _present(chosen.value, chosen.expires_at_ms, now_ms) if chosen.value_known else None
+            is_present(chosen.value, chosen.expires_at_ms, now_ms) if chosen.value_known else None
         )
         if not mutation.allows(chosen.version, present):
             coordinator.put_lease(table, key, Lease(ballot, chosen.version, present))
@@ -723,7 +550,7 @@ def _finish_write(
     op_id: int,
 ) -> Generator[Round, Replies, Outcome]:
     coordinator.put_lease(table, key, Lease(ballot, version, mutation.value is not None))
-    commits = _commit_messages(
+    commits = commit_messages(
         table,
         key,
         replicas,
@@ -771,7 +598,7 @@ def _read(
         if len(replies) < quorum:
             delay_s = coordinator.backoff_s(attempt - waits)
             continue
-        chosen = _latest_chosen(replies)
+        chosen = latest_chosen(replies)
         in_flight = [
             r
             for r in replies.values()
@@ -800,10 +627,10 @@ def _read(
             chosen = outcome
         elif not chosen.value_known and cached is not None and cached[0] == chosen.version:
             # The latest chosen version is the one cached: no value moved.
-            chosen = _Chosen(chosen.version, cached[1], cached[2], True, chosen.op_id, chosen.ops)
+            chosen = Chosen(chosen.version, cached[1], cached[2], True, chosen.op_id, chosen.ops)
             cache_hit = True
         elif not chosen.value_known:
-            fetched = yield from _fetch_value(table, key, chosen, replies)
+            fetched = yield from fetch_value(table, key, chosen, replies)
             if fetched is None:
                 delay_s = coordinator.backoff_s(attempt - waits)
                 continue
@@ -827,7 +654,7 @@ def _read(
         ]
         if repairs:
             yield Round({}, quorum=0, oneway=repairs)
-        present = _present(chosen.value, chosen.expires_at_ms, now_ms)
+        present = is_present(chosen.value, chosen.expires_at_ms, now_ms)
         return Outcome(
             "ok",
             version=chosen.version,
@@ -841,7 +668,7 @@ def _read(
 
 def _recover(
     coordinator: Coordinator, table: str, key: bytes, replicas: list[NodeId]
-) -> Generator[Round, Replies, _Chosen | None]:
+) -> Generator[Round, Replies, Chosen | None]:
     """Phase 1 plus, if a proposal is in flight, phase 2 for it. Returns the
     latest chosen value afterwards, or None if this attempt lost a duel."""
     coordinator.stats.recoveries += 1
@@ -855,8 +682,8 @@ def _recover(
             coordinator.observe(reply.promised)
     if len(promises) < quorum:
         return None
-    chosen = _latest_chosen({n: r for n, r in replies.items() if isinstance(r, Promise) and r.ok})
-    in_flight = _highest_proposal(promises, chosen.version)
+    chosen = latest_chosen({n: r for n, r in replies.items() if isinstance(r, Promise) and r.ok})
+    in_flight = highest_proposal(promises, chosen.version)
     if in_flight is None:
         return chosen if chosen.value_known else None
     acceptors = yield from _accept_round(
@@ -873,7 +700,7 @@ def _recover(
     )
     if acceptors is None:
         return None
-    commits = _commit_messages(
+    commits = commit_messages(
         table,
         key,
         replicas,
@@ -886,7 +713,7 @@ def _recover(
     )
     coordinator.put_lease(table, key, Lease(ballot, in_flight.version, in_flight.value is not None))
     yield Round({}, quorum=0, oneway=commits)
-    return _Chosen(
+    return Chosen(
         in_flight.version, in_flight.value, in_flight.expires_at_ms, True, in_flight.op_id
     )
 
@@ -954,6 +781,6 @@ def _scan(
     entries = tuple(
         latest[key]
         for key in sorted(latest)
-        if _present(latest[key].value, latest[key].expires_at_ms, now_ms)
+        if is_present(latest[key].value, latest[key].expires_at_ms, now_ms)
     )[:limit]
     return Outcome("ok", entries=entries)

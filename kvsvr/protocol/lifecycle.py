@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Final, Literal
 
 import msgpack
@@ -58,13 +59,23 @@ NEW: Final = "new"
 EXISTING: Final = "existing"
 INITIAL_STATES: Final = (NEW, EXISTING)
 
-# A node's replica state, as its status and its hellos report it.
-STARTING: Final = "starting"  # the process is up; nothing decided yet
-WAITING_FOR_PEERS: Final = "waiting_for_peers"  # empty, "new": asking whether it founds
-REBUILDING: Final = "rebuilding"  # a replacement copying its rows; it does not vote
-NEEDS_OPERATOR: Final = "needs_operator"  # too few replicas kept their data
-READY: Final = "ready"  # it votes
-STATES: Final = (STARTING, WAITING_FOR_PEERS, REBUILDING, NEEDS_OPERATOR, READY)
+
+class ReplicaState(StrEnum):
+    """A node's replica state, as its status and its hellos report it."""
+
+    STARTING = "starting"  # the process is up; nothing decided yet
+    WAITING_FOR_PEERS = "waiting_for_peers"  # empty, "new": asking whether it founds
+    REBUILDING = "rebuilding"  # a replacement copying its rows; it does not vote
+    NEEDS_OPERATOR = "needs_operator"  # too few replicas kept their data
+    READY = "ready"  # it votes
+
+
+STARTING: Final = ReplicaState.STARTING
+WAITING_FOR_PEERS: Final = ReplicaState.WAITING_FOR_PEERS
+REBUILDING: Final = ReplicaState.REBUILDING
+NEEDS_OPERATOR: Final = ReplicaState.NEEDS_OPERATOR
+READY: Final = ReplicaState.READY
+STATES: Final = tuple(ReplicaState)
 # States of a node that lost its data: never a rebuild source.
 LOST_DATA_STATES: Final = frozenset({REBUILDING, NEEDS_OPERATOR})
 
@@ -159,7 +170,7 @@ class Hello:
 
     cluster_id: str
     node_id: str
-    state: str
+    state: ReplicaState
 
     def to_wire(self) -> list[Any]:
         return [self.cluster_id, self.node_id, self.state]
@@ -173,7 +184,7 @@ class Hello:
             or len(body[0]) > CLUSTER_ID_CHARS_MAX
         ):
             raise FrameError("a hello is [cluster id, node id, state]")
-        return Hello(body[0], body[1], body[2])
+        return Hello(body[0], body[1], _state_in(body[2]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +193,7 @@ class HelloReply:
     sender ready (voting) before."""
 
     cluster_id: str
-    state: str
+    state: ReplicaState
     knows_you: bool
 
     def to_wire(self) -> list[Any]:
@@ -198,7 +209,14 @@ class HelloReply:
             or not isinstance(body[2], bool)
         ):
             raise FrameError("a hello reply is [cluster id, state, knows you]")
-        return HelloReply(body[0], body[1], body[2])
+        return HelloReply(body[0], _state_in(body[1]), body[2])
+
+
+def _state_in(raw: str) -> ReplicaState:
+    try:
+        return ReplicaState(raw)
+    except ValueError:
+        raise FrameError(f"unknown replica state {raw!r}") from None
 
 
 New = Literal["found", "replacement", "wait", "refuse"]

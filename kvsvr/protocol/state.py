@@ -24,7 +24,7 @@ ZERO_BALLOT: Ballot = (0, 0)
 # Rows are values, never changed after they are built (the replica makes a
 # new one per transition); not `frozen` only because a frozen __init__ costs
 # about 5x a plain one, and every row change builds one. `unsafe_hash`
-# keeps them hashable as before.
+# keeps them hashable.
 @dataclass(slots=True, unsafe_hash=True)
 class Accepted:
     """A proposal this replica accepted and has not yet learned as chosen."""

@@ -1,7 +1,7 @@
 """The node's LMDB store: tables of rows, `meta`, `hints`, one group-commit writer.
 
 Threading model. Everything here runs on the trio thread except the body of a
-commit, which runs on the store's one commit thread (`_CommitThread`): one LMDB write
+commit, which runs on the store's one commit thread (`CommitThread`): one LMDB write
 transaction, one fsync, never an await inside it. Reads run inline on the trio
 thread (an LMDB read is about a microsecond). `stage*` and every other method
 must be called from the trio thread only (they touch the overlay and the
@@ -40,52 +40,37 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
-import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import NoReturn
 
 import lmdb
 import trio
 
-from kvsvr.errors import CorruptRow, InvalidRequest, KvsvrError, Unavailable
+from kvsvr.errors import InvalidRequest, KvsvrError, Unavailable
 from kvsvr.protocol.state import Row
-from kvsvr.storage.codec import crc_ok, decode_row, encode_row
+from kvsvr.storage.codec import crc_ok, encode_row
+from kvsvr.storage.commit import CommitThread, Op, commit_ops
+from kvsvr.storage.decoded_rows import DECODED_ROW_OVERHEAD_BYTES as DECODED_ROW_OVERHEAD_BYTES
+from kvsvr.storage.decoded_rows import DecodedRows
+from kvsvr.storage.environment import DEFAULT_MAP_SIZE_BYTES as DEFAULT_MAP_SIZE_BYTES
+from kvsvr.storage.environment import HINTS_DB as HINTS_DB
+from kvsvr.storage.environment import MAP_SIZE_BYTES_MIN as MAP_SIZE_BYTES_MIN
+from kvsvr.storage.environment import META_DB as META_DB
+from kvsvr.storage.environment import (
+    check_range,
+    decode_table_row,
+    raw_db,
+    table_db_names,
+)
+from kvsvr.storage.environment import open_environment as open_environment
+from kvsvr.storage.environment import prefix_end as prefix_end
 
 _log = logging.getLogger("kvsvr.storage")
 
 # --- Limits and LMDB settings ----------------------------------------------
-
-# Address space reserved for the data file; LMDB never grows past it (a full
-# map fails the commit; see the module docstring). 1 GiB is a test/dev default;
-# production nodes pass their disk budget.
-DEFAULT_MAP_SIZE_BYTES = 1 << 30
-# LMDB rounds the map to pages; below a few MiB the b-tree cannot even hold the
-# sub-database records plus one batch.
-MAP_SIZE_BYTES_MIN = 1 << 20
-
-# LMDB keeps named databases in a fixed array sized at open and searches it on
-# every open_db; tables are declared in the cluster config and are few.
-MAX_DBS = 64
-# Two of the named databases are ours: `meta` and `hints`.
-TABLE_COUNT_MAX = MAX_DBS - 2
-# Table names live inside LMDB's key of the sub-database record (`t:` + name)
-# and in every error message; a short bound keeps both readable.
-TABLE_NAME_BYTES_MAX = 64
-
-# Reader slots in the lock file. Reads run on the trio thread one at a time
-# and the writer thread takes none, so a node needs one or two; LMDB's default
-# of 126 leaves room for tools (mdb_stat, backups) opening the same files.
-MAX_READERS = 126
-# py-lmdb keeps this many finished read transactions to reuse: inline reads on
-# one thread need only one, and reuse avoids a reader-slot lock per read.
-MAX_SPARE_TXNS = 1
-
-# Files and directory are private to the node's user: they hold user data.
-FILE_MODE = 0o700
 
 # At most this many ops per commit: bounds the dirty pages LMDB holds in
 # memory and the fsync latency every waiter of one batch pays.
@@ -110,28 +95,14 @@ RECORD_BYTES_MAX = BATCH_BYTES_MAX
 STAGED_OPS_MAX = 16 * BATCH_OPS_MAX
 STAGED_BYTES_MAX = 256 << 20
 
-# Decoded rows kept for reads (see `_DecodedRows`): a put touches its row on
+# Decoded rows kept for reads (see `DecodedRows`): a put touches its row on
 # the coordinator's replica up to three times within milliseconds, and a hot
 # key is touched by every operation. 8 MiB holds ~15,000 rows of 100 B values
 # (seconds of writes at full load) and eight of the largest. It is memory
-# outside the node's row cache (`cache_bytes_max`, which is what caches reads):
-# at 32 MiB it took a third of the issue's 100 MiB headroom, and the CI test of
-# that bound (16 MiB cache, 1-64 KiB values) peaked 5-10% either side of it.
+# outside the node's row cache (`cache_bytes_max`, which is what caches reads),
+# counted against the 100 MiB a node may use beyond that cache
+# (test_cache_memory.py): 32 MiB would take a third of it.
 DECODED_ROWS_BYTES_MAX = 8 << 20
-# What a cached row costs beyond its encoded bytes (the Row, its tuples, the
-# dict entry), so that tiny rows are not undercounted.
-DECODED_ROW_OVERHEAD_BYTES = 400
-
-# A scan returns at most this many rows: a scan result travels in one frame
-# and is built in memory on the trio thread.
-SCAN_ROWS_MAX = 10_000
-
-# Named sub-databases.
-TABLE_DB_PREFIX: Final = b"t:"
-META_DB: Final = b"meta"
-HINTS_DB: Final = b"hints"
-RAW_DBS: Final = frozenset({META_DB, HINTS_DB})
-
 
 # --- Errors -------------------------------------------------------------------
 
@@ -173,69 +144,9 @@ class StorageStats:
     max_batch_ops: int = 0
 
 
-@dataclass(slots=True)
-class _Op:
-    db_name: bytes
-    key: bytes
-    data: bytes | None  # None: delete the key
-    seq: int  # staging order; tells a later write to the same key from this one
-    row: Row | None = None  # the decoded row `data` encodes (table writes)
-
-    @property
-    def size_bytes(self) -> int:
-        return len(self.key) + (0 if self.data is None else len(self.data))
-
-
-class _DecodedRows:
-    """Rows as `read_row` returns them, by (database, key), least recently used
-    first; bounded by `DECODED_ROWS_BYTES_MAX`. Saves the LMDB read and the
-    decode (crc32c, msgpack, field checks) of rows touched again soon.
-
-    Coherent because it is write-through: every `stage` of a table row puts
-    the new row (or drops the key), so it always holds what the overlay or
-    LMDB would return; a fail-stop clears it with the overlay (it may hold
-    writes that never reached the disk). Nothing but this `Storage` writes
-    the file while it is open (a second writer would break the overlay too)."""
-
-    def __init__(self, bytes_max: int) -> None:
-        self._rows: OrderedDict[tuple[bytes, bytes], tuple[Row, int]] = OrderedDict()
-        self._bytes = 0
-        self._bytes_max = bytes_max
-
-    def get(self, db_name: bytes, key: bytes) -> Row | None:
-        entry = self._rows.get((db_name, key))
-        if entry is None:
-            return None
-        self._rows.move_to_end((db_name, key))
-        return entry[0]
-
-    def put(self, db_name: bytes, key: bytes, row: Row, data_bytes: int) -> None:
-        slot = (db_name, key)
-        size = len(key) + data_bytes + DECODED_ROW_OVERHEAD_BYTES
-        old = self._rows.pop(slot, None)
-        if old is not None:
-            self._bytes -= old[1]
-        if size > self._bytes_max:
-            return
-        self._rows[slot] = (row, size)
-        self._bytes += size
-        while self._bytes > self._bytes_max:
-            _, (_, evicted) = self._rows.popitem(last=False)
-            self._bytes -= evicted
-
-    def drop(self, db_name: bytes, key: bytes) -> None:
-        old = self._rows.pop((db_name, key), None)
-        if old is not None:
-            self._bytes -= old[1]
-
-    def clear(self) -> None:
-        self._rows.clear()
-        self._bytes = 0
-
-
 @dataclass(slots=True, eq=False)
 class _Batch:
-    ops: list[_Op] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
     size_bytes: int = 0
     # Someone waits on this batch: commit it as soon as the writer is free.
     # A batch of only lazy writes waits up to LAZY_COMMIT_DELAY_S for company.
@@ -274,59 +185,6 @@ class CommitTicket:
         return self._batch.done.is_set() and self._batch.error is None
 
 
-class _CommitThread:
-    """One long-lived thread that runs the commits, one at a time.
-
-    `trio.to_thread.run_sync` per batch costs a capacity-limiter round and a
-    thread-cache hand-off on top of the unavoidable wake-ups (about twice the
-    trio-thread CPU per batch on this machine); this thread is fed by a queue
-    and posts each result back with `TrioToken.run_sync_soon`. Started on the
-    first commit, stopped when the environment closes."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._worker_thread: threading.Thread | None = None
-
-    async def run(self, function: Callable[[], None]) -> None:
-        """Run `function` on the thread; return (or raise) what it did. Waits
-        uncancellably: callers shield it anyway (a commit, once begun, ends)."""
-        if self._worker_thread is None:
-            self._worker_thread = threading.Thread(
-                target=self._serve, name="kvsvr-lmdb-commit", daemon=True
-            )
-            self._worker_thread.start()
-        token = trio.lowlevel.current_trio_token()
-        task = trio.lowlevel.current_task()
-        result: list[BaseException | None] = []
-
-        def job() -> None:
-            try:
-                function()
-                result.append(None)
-            except BaseException as error:  # handed to the trio side, raised there
-                result.append(error)
-            try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task)
-            except trio.RunFinishedError:
-                pass  # nobody waits any more
-
-        self._jobs.put(job)
-        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
-        (error,) = result
-        if error is not None:
-            raise error
-
-    def stop(self) -> None:
-        if self._worker_thread is not None:
-            self._jobs.put(None)
-            self._worker_thread.join()
-            self._worker_thread = None
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
-
-
 # LMDB environments must never cross a fork (their locks and mmap belong to
 # the process that opened them). Cheaper than os.getpid() on every call.
 _process_generation = 0
@@ -360,8 +218,8 @@ class Storage:
         self._key_bytes_max = env.max_key_size()
         self._generation = _process_generation
         # Staged, uncommitted writes by database and key: the latest one wins.
-        self._overlay: dict[bytes, dict[bytes, _Op]] = {name: {} for name in dbs}
-        self._decoded = _DecodedRows(DECODED_ROWS_BYTES_MAX)
+        self._overlay: dict[bytes, dict[bytes, Op]] = {name: {} for name in dbs}
+        self._decoded = DecodedRows(DECODED_ROWS_BYTES_MAX)
         self._sealed: deque[_Batch] = deque()  # full batches, oldest first
         self._gathering = _Batch()  # the batch new writes join
         self._staged_ops = 0  # in every uncommitted batch, including the one committing
@@ -376,7 +234,7 @@ class Storage:
         self._closed = False
         self._failure: StorageFailed | None = None
         self._stats = StorageStats()
-        self._commit_thread = _CommitThread()
+        self._commit_thread = CommitThread()
         # Called after every `_read_hook_every_bytes` of rows read from the map
         # (see `set_read_hook`); None: no hook.
         self._read_hook: Callable[[], object] | None = None
@@ -397,7 +255,7 @@ class Storage:
         that uses the store, after any fork. `fsync=False` (the config's
         `unsafe_no_fsync`, for benchmarks) commits without flushing to disk:
         a commit then survives a crash of the process but not of the machine."""
-        table_dbs = _table_db_names(tables)
+        table_dbs = table_db_names(tables)
         if type(map_size_bytes) is not int or map_size_bytes < MAP_SIZE_BYTES_MIN:
             raise InvalidRequest(f"map_size_bytes must be an int >= {MAP_SIZE_BYTES_MIN}")
         env = open_environment(path, map_size_bytes=map_size_bytes, fsync=fsync)
@@ -423,7 +281,7 @@ class Storage:
         data = self._read(db_name, key)
         if data is None:
             return None
-        row = _decode(table, key, data)
+        row = decode_table_row(table, key, data)
         self._decoded.put(db_name, key, row, len(data))
         return row
 
@@ -434,7 +292,7 @@ class Storage:
         at most `limit`; staged writes and deletes are merged in. A corrupt row
         in the range raises `CorruptRow`: a scan never skips data silently."""
         found = self._scan(self._table_db(table), start, end, limit)
-        return [(key, _decode(table, key, data)) for key, data in found]
+        return [(key, decode_table_row(table, key, data)) for key, data in found]
 
     def scan_table_raw(
         self, table: str, start: bytes, end: bytes | None, limit: int, *, bytes_max: int = 0
@@ -455,13 +313,13 @@ class Storage:
 
     def read_raw(self, db_name: bytes, key: bytes) -> bytes | None:
         """A value of `meta` or `hints` (staged writes included)."""
-        return self._read(_raw_db(db_name), key)
+        return self._read(raw_db(db_name), key)
 
     def scan_raw(
         self, db_name: bytes, start: bytes, end: bytes | None, limit: int
     ) -> list[tuple[bytes, bytes]]:
         """Like `scan`, over `meta` or `hints`, returning the stored bytes."""
-        return self._scan(_raw_db(db_name), start, end, limit)
+        return self._scan(raw_db(db_name), start, end, limit)
 
     # --- Writes ----------------------------------------------------------------
 
@@ -484,7 +342,7 @@ class Storage:
         self, db_name: bytes, key: bytes, value: bytes | None, *, lazy: bool = False
     ) -> CommitTicket:
         """Like `stage`, for raw bytes in `meta` or `hints`."""
-        return self._stage_one(self._prepare_raw(_raw_db(db_name), key, value), lazy)
+        return self._stage_one(self._prepare_raw(raw_db(db_name), key, value), lazy)
 
     async def wait_durable(self, ticket: CommitTicket) -> None:
         """Return once the ticket's write is committed and fsynced; raise
@@ -662,7 +520,7 @@ class Storage:
         """Merge LMDB's range with the overlay's, overlay first on equal keys.
         `bytes_max` > 0 also ends the page at that many bytes (see `scan_table_raw`)."""
         self._check_readable()
-        _check_range(start, end, limit)
+        check_range(start, end, limit)
         # The overlay is bounded by STAGED_OPS_MAX; a linear filter is cheap
         # next to building the rows.
         staged = sorted(
@@ -704,7 +562,7 @@ class Storage:
 
     # --- Internals: staging ------------------------------------------------------
 
-    def _prepare(self, table: str, key: bytes, row: Row | None) -> _Op:
+    def _prepare(self, table: str, key: bytes, row: Row | None) -> Op:
         db_name = self._table_db(table)
         if row is not None and not isinstance(row, Row):
             raise InvalidRequest(f"a row must be a Row or None, not {type(row).__name__}")
@@ -716,18 +574,18 @@ class Storage:
         op.row = row
         return op
 
-    def _prepare_raw(self, db_name: bytes, key: bytes, data: bytes | None) -> _Op:
+    def _prepare_raw(self, db_name: bytes, key: bytes, data: bytes | None) -> Op:
         self._check_key(key)
         if data is not None and type(data) is not bytes:
             raise InvalidRequest(f"a stored value must be bytes or None, not {type(data).__name__}")
-        op = _Op(db_name=db_name, key=key, data=data, seq=0)
+        op = Op(db_name=db_name, key=key, data=data, seq=0)
         if op.size_bytes > RECORD_BYTES_MAX:
             raise InvalidRequest(
                 f"record is {op.size_bytes} bytes; the limit is {RECORD_BYTES_MAX}"
             )
         return op
 
-    def _stage_all(self, ops: list[_Op], *, lazy: bool = False) -> CommitTicket:
+    def _stage_all(self, ops: list[Op], *, lazy: bool = False) -> CommitTicket:
         """Stage `ops` into one batch (so they commit atomically), or none of them."""
         assert ops
         self._check_writable()
@@ -742,7 +600,7 @@ class Storage:
             self._place(batch, op)
         return self._staged(batch, len(ops), size_bytes, lazy)
 
-    def _stage_one(self, op: _Op, lazy: bool) -> CommitTicket:
+    def _stage_one(self, op: Op, lazy: bool) -> CommitTicket:
         """`_stage_all([op])` without the list work: a Paxos step stages one
         row, several times per operation. One record always fits in an empty
         batch (`_prepare_raw` bounds it by RECORD_BYTES_MAX)."""
@@ -770,7 +628,7 @@ class Storage:
         assert batch.fits(op_count, size_bytes)
         return batch
 
-    def _place(self, batch: _Batch, op: _Op) -> None:
+    def _place(self, batch: _Batch, op: Op) -> None:
         """Add `op` to `batch` and make it what reads see."""
         self._seq += 1
         op.seq = self._seq
@@ -831,37 +689,9 @@ class Storage:
             self._fail(batch, error)
         self._finish(batch)
 
-    def _commit_in_thread(self, ops: list[_Op]) -> None:
-        """One write transaction, committed (and fsynced) or aborted as a whole.
-        Runs in a worker thread: touches only `ops`, `_env` and `_dbs`.
-
-        Puts go in runs through `Cursor.putmulti`: one call per run, not one
-        per row. (py-lmdb 3 lets the GIL go around every row in both, but a
-        row's put is shorter than the trio thread's wake-up, so taking it
-        back mostly succeeds at once: with another thread busy in Python, a
-        commit of 1 or 50 rows took ~5.7 ms, one switch interval plus the
-        fsync, either way; 0.5 ms with nothing else running.)
-        The ops keep their order: a run ends at a delete or at a change of
-        database."""
-        dbs = self._dbs
-        with self._env.begin(write=True) as txn:
-            run: list[tuple[bytes, bytes]] = []
-            run_db = b""
-            for op in ops:
-                if op.data is not None and (op.db_name == run_db or not run):
-                    run.append((op.key, op.data))
-                    run_db = op.db_name
-                    continue
-                if run:
-                    txn.cursor(db=dbs[run_db]).putmulti(run)
-                    run = []
-                if op.data is None:
-                    txn.delete(op.key, db=dbs[op.db_name])
-                else:
-                    run.append((op.key, op.data))
-                    run_db = op.db_name
-            if run:
-                txn.cursor(db=dbs[run_db]).putmulti(run)
+    def _commit_in_thread(self, ops: list[Op]) -> None:
+        """One write transaction for `ops` (see `commit_ops`); runs on the commit thread."""
+        commit_ops(self._env, self._dbs, ops)
 
     def _finish(self, batch: _Batch) -> None:
         """Trio thread, right after the commit: retire the batch's overlay
@@ -944,85 +774,3 @@ class Storage:
             raise _failed_again(self._failure)
         if self._closing:
             raise StorageClosed("the store is closing; no new writes")
-
-
-# --- Helpers -------------------------------------------------------------------
-
-
-def prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest key greater than every key starting with `prefix`, or None
-    if there is none (empty prefix, or only 0xff bytes)."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return None
-    return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
-def open_environment(
-    path: str | Path, *, map_size_bytes: int, fsync: bool = True
-) -> lmdb.Environment:
-    """The LMDB environment at directory `path` with kvsvr's settings, every
-    durability flag explicit. Shared with the raw-LMDB benchmark so both
-    measure the same thing. `fsync=False` only for benchmarks (see
-    `Storage.open`)."""
-    return lmdb.open(
-        str(path),
-        map_size=map_size_bytes,
-        subdir=True,
-        readonly=False,
-        create=True,
-        mode=FILE_MODE,
-        # Durability: fsync data and meta page on every commit (unless the
-        # benchmark-only `fsync=False`), through
-        # write(2) rather than a writable map (a stray pointer cannot
-        # scribble on the file, and a torn page cannot reach the meta).
-        sync=fsync,
-        metasync=fsync,
-        map_async=False,
-        writemap=False,
-        # Random point reads: kernel readahead would only evict useful pages.
-        readahead=False,
-        # Zero malloc'd pages before they are written, so freed memory
-        # (other users' data) never lands in the file.
-        meminit=True,
-        lock=True,
-        max_dbs=MAX_DBS,
-        max_readers=MAX_READERS,
-        max_spare_txns=MAX_SPARE_TXNS,
-    )
-
-
-def _table_db_names(tables: Iterable[str]) -> dict[str, bytes]:
-    table_dbs: dict[str, bytes] = {}
-    for table in tables:
-        if type(table) is not str or not table:
-            raise InvalidRequest(f"a table name must be a non-empty str, not {table!r}")
-        encoded = table.encode("utf-8")
-        if len(encoded) > TABLE_NAME_BYTES_MAX:
-            raise InvalidRequest(f"table name {table!r} is over {TABLE_NAME_BYTES_MAX} bytes")
-        if table in table_dbs:
-            raise InvalidRequest(f"table {table!r} declared twice")
-        table_dbs[table] = TABLE_DB_PREFIX + encoded
-    if len(table_dbs) > TABLE_COUNT_MAX:
-        raise InvalidRequest(f"{len(table_dbs)} tables; the limit is {TABLE_COUNT_MAX}")
-    return table_dbs
-
-
-def _raw_db(db_name: bytes) -> bytes:
-    if db_name not in RAW_DBS:
-        raise InvalidRequest(f"unknown raw database {db_name!r}; expected one of {sorted(RAW_DBS)}")
-    return db_name
-
-
-def _check_range(start: bytes, end: bytes | None, limit: int) -> None:
-    if type(start) is not bytes or (end is not None and type(end) is not bytes):
-        raise InvalidRequest("scan bounds must be bytes")
-    if type(limit) is not int or not 0 <= limit <= SCAN_ROWS_MAX:
-        raise InvalidRequest(f"scan limit must be an int in [0, {SCAN_ROWS_MAX}], not {limit!r}")
-
-
-def _decode(table: str, key: bytes, data: bytes) -> Row:
-    try:
-        return decode_row(data)
-    except CorruptRow as error:
-        raise CorruptRow(f"table {table!r} key {key!r}: {error}") from error

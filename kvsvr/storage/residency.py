@@ -5,8 +5,8 @@ opened with `writemap=False`, see `engine.open_environment`). Every page a
 read or a commit touches through that map stays mapped into the process and
 counts in its VmRSS (as RssFile), so reading 1 GiB of distinct values through
 a node grows its VmRSS by 1 GiB although the node holds none of it: the pages
-are the kernel's page cache. Issue #7 bounds VmRSS literally (cache budget +
-100 MiB), so a node task (`ResidencyGuard.run`) checks RssFile every
+are the kernel's page cache. A node's memory bound is on VmRSS itself (cache
+budget + 100 MiB), so a node task (`ResidencyGuard.run`) checks RssFile every
 `RESIDENCY_CHECK_S`, and also after every `READ_CHECK_BYTES` of rows read
 through the store (a hook in `Storage`, so a burst such as an anti-entropy
 scan, which maps tens of MiB between two timer ticks, is trimmed as it
@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 RESIDENCY_CHECK_S: Final = 0.1
 # Above this RssFile the guard trims the data file's mapping. RssFile also
 # counts the interpreter's and extensions' mapped code (~12 MiB in a node),
-# which no trim lowers. Issue #7 allows cache_bytes_max + 100 MiB of VmRSS,
+# which no trim lowers. A node may hold cache_bytes_max + 100 MiB of VmRSS,
 # and a node's own memory (RssAnon) takes up to ~62 MiB above its cache
 # budget (bench.cache_memory, 1 GiB through 64 MiB: 112-127 MiB, run to run).
 # At 32 MiB plus one 8 MiB read check, RssFile peaked at ~40 MiB and VmRSS at
