@@ -41,6 +41,7 @@ STAMP = VENV / ".kvsvr-installed"
 # spends its Python time (wire envelopes, Paxos, row codec, storage, the
 # node's request handling).
 COMPILED_MODULES = [
+    "kvsvr/api.py",
     "kvsvr/net/connection.py",
     "kvsvr/net/framing.py",
     "kvsvr/net/messages.py",

@@ -13,10 +13,12 @@ shared with the nodes and is noisy, so CPU time, not wall time, is the figure
 (and the minimum is shown too). CPU per op still depends on the nodes' speed:
 the slower they answer, the fewer replies each receive and wake-up carries.
 
-`--compare-file` loads another copy of `kvsvr/client.py` (say, the one on main:
-`git show main:kvsvr/client.py > /tmp/client_base.py`) as a second module and
-runs both against the same cluster, interleaved per repetition, so the two
-are measured back to back under the same conditions.
+`--compare-file` loads another copy of the module that defines `connect`,
+`kvsvr/client_async.py` (say, the one on main:
+`git show main:kvsvr/client_async.py > /tmp/client_base.py`), as a second
+module and runs both against the same cluster, interleaved per repetition, so
+the two are measured back to back under the same conditions. The copy shares
+the rest of the client (`kvsvr.api`, routing, caches) with the current one.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 
 import trio
 
-import kvsvr.client
+import kvsvr.client_async
 from bench.load import BENCH_SECRET
 from bench.phases import bench_cluster
 from kvsvr.node.server import tune_gc
@@ -45,7 +47,7 @@ KINDS = ("stale", "strong", "put")
 
 
 def load_client_module(path: str) -> ModuleType:
-    """A copy of kvsvr/client.py loaded as a module of its own."""
+    """A copy of kvsvr/client_async.py loaded as a module of its own."""
     spec = importlib.util.spec_from_file_location("kvsvr_client_compare", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -92,7 +94,7 @@ async def measure(
 
 
 def run(addresses: list[str], secret: str, args: argparse.Namespace) -> dict[str, Any]:
-    modules: dict[str, ModuleType] = {"current": kvsvr.client}
+    modules: dict[str, ModuleType] = {"current": kvsvr.client_async}
     if args.compare_file:
         modules = {"compare": load_client_module(args.compare_file), **modules}
     kinds = [kind for kind in KINDS if kind in args.kinds.split(",")]

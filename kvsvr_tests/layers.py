@@ -27,6 +27,7 @@ PROCESS: Final = "process"
 LAYERS: Final = (UNIT, SIMULATION, PROCESS)
 
 FILE_LAYERS: Final[dict[str, str]] = {
+    "test_api_messages.py": UNIT,
     "test_apps_chat.py": PROCESS,
     "test_apps_moments.py": PROCESS,
     "test_bench_cache.py": UNIT,

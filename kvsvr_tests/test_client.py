@@ -12,6 +12,7 @@ import trio
 
 import kvsvr
 import kvsvr.net
+from kvsvr.api import GetReply
 from kvsvr.client import (
     NODE_DOWN_S,
     SCAN_LIMIT_MAX,
@@ -21,11 +22,10 @@ from kvsvr.client import (
     NodeInfo,
     PartitionMap,
     SessionVersions,
-    _get_reply,
-    _item,
     parse_address,
     route,
 )
+from kvsvr.client_async import _item
 from kvsvr.errors import (
     AuthenticationFailed,
     Conflict,
@@ -196,12 +196,13 @@ def test_items_made_on_the_hot_path_are_plain_items() -> None:
 )
 def test_malformed_get_replies_are_refused(reply: object, message: str) -> None:
     with pytest.raises(KvsvrError, match=message):
-        _get_reply(reply)
+        GetReply.from_wire(reply)
 
 
 def test_well_formed_get_replies() -> None:
-    assert _get_reply({"version": 0}) == (0, None)
-    assert _get_reply({"version": 7, "value": b"v", "expires_at_ms": 5}) == (7, b"v")
+    assert GetReply.from_wire({"version": 0}) == GetReply(0, None)
+    reply = GetReply.from_wire({"version": 7, "value": b"v", "expires_at_ms": 5})
+    assert (reply.version, reply.value) == (7, b"v")
 
 
 def test_parse_address() -> None:

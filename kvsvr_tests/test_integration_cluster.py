@@ -25,8 +25,8 @@ import pytest
 import trio
 
 import kvsvr
+from kvsvr.api import OPERATION_TIMEOUT_S
 from kvsvr.client import Client
-from kvsvr.node.server import OPERATION_TIMEOUT_S
 from kvsvr_tests.cluster_util import LocalCluster, NodeConnection, node_connection
 
 pytestmark = pytest.mark.slow

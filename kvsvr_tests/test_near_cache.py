@@ -10,7 +10,9 @@ import pytest
 import trio
 
 import kvsvr
-from kvsvr.client import NEAR_CACHE_ENTRY_OVERHEAD_BYTES, NearCache, NearEntry, _near_reply
+from kvsvr.api import GetReply
+from kvsvr.client import NEAR_CACHE_ENTRY_OVERHEAD_BYTES, NearCache, NearEntry
+from kvsvr.client_cache import near_reply
 from kvsvr.errors import InvalidRequest, KvsvrError
 from kvsvr.keys import encode_key
 from kvsvr_tests.cluster_util import LocalCluster, node_connection
@@ -42,10 +44,18 @@ def test_near_cache_is_lru_by_bytes_and_never_goes_back() -> None:
 
 def test_an_unchanged_reply_must_name_the_cached_version() -> None:
     near = NearEntry(4, b"cached", None)
-    assert _near_reply({"version": 4, "unchanged": True}, near) == (4, b"cached", None)
-    assert _near_reply({"version": 5, "value": b"new"}, near) == (5, b"new", None)
+    assert near_reply(GetReply.from_wire({"version": 4, "unchanged": True}), near) == (
+        4,
+        b"cached",
+        None,
+    )
+    assert near_reply(GetReply.from_wire({"version": 5, "value": b"new"}), near) == (
+        5,
+        b"new",
+        None,
+    )
     with pytest.raises(KvsvrError, match="unchanged"):
-        _near_reply({"version": 5, "unchanged": True}, near)
+        near_reply(GetReply.from_wire({"version": 5, "unchanged": True}), near)
 
 
 def test_near_cache_budget_is_checked() -> None:

@@ -29,10 +29,10 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvsvr.api import VALUE_BYTES_MAX
 from kvsvr.config import TableConfig, local_cluster
 from kvsvr.errors import KvsvrError
 from kvsvr.keys import encode_key
-from kvsvr.node.client_api import VALUE_BYTES_MAX
 from kvsvr.node.server import Node, serve_node
 from kvsvr_tests.cluster_util import free_base_port
 

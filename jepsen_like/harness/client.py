@@ -19,7 +19,16 @@ from typing import Any, Final
 import trio
 
 from kvsvr import net
-from kvsvr.errors import FrameError, Timeout, Unavailable
+from kvsvr.api import (
+    DEFAULT_TABLE,
+    GetReply,
+    GetRequest,
+    Method,
+    PutReply,
+    PutRequest,
+    read_consistency,
+)
+from kvsvr.errors import FrameError, InvalidRequest, Timeout, Unavailable
 from kvsvr.keys import encode_key
 
 # The node gives up on an operation after this and answers Timeout. Longer
@@ -37,7 +46,7 @@ CONNECT_TIMEOUT_S: Final = 1.0
 # and the socket is closed anyway.
 CLOSE_TIMEOUT_S: Final = 2.0
 
-TABLE: Final = "default"
+TABLE: Final = DEFAULT_TABLE
 
 
 class NotSent(Unavailable):
@@ -73,57 +82,44 @@ class NodeClient:
         """A read (strong: linearizable; stale: the node's cache or replica, no
         quorum, never below `min_version`; local: this node's replica only, no
         quorum): (value or None if absent, version)."""
-        body: dict[str, Any] = {
-            "table": TABLE,
-            "key": encode_key(key.encode()),
-            "consistency": consistency,
-            "timeout_s": self.operation_timeout_s,
-        }
-        if min_version:
-            body["min_version"] = min_version
-        reply = await self._request("get", body)
-        value = reply.get("value")
-        version = reply.get("version")
-        if (value is not None and not isinstance(value, bytes)) or not isinstance(version, int):
-            raise FrameError(f"malformed get reply {reply!r:.200}")
-        return value, version
+        read = read_consistency(consistency)
+        if read is None:
+            raise InvalidRequest(f"no read consistency {consistency!r}")
+        request = GetRequest(
+            TABLE,
+            encode_key(key.encode()),
+            read,
+            min_version=min_version,
+            timeout_s=self.operation_timeout_s,
+        )
+        reply = GetReply.from_wire(await self._request(Method.GET, request.to_wire()))
+        return reply.value, reply.version
 
     async def get_if_changed(self, key: str, cached_version: int) -> tuple[bytes | None, int, bool]:
         """A strong read for a client holding the key's value at `cached_version`
         (kvsvr's near cache): (value, version, unchanged). When the quorum chose
         exactly that version the node answers "unchanged" and sends no value."""
-        body = {
-            "table": TABLE,
-            "key": encode_key(key.encode()),
-            "consistency": "strong",
-            "cached_version": cached_version,
-            "timeout_s": self.operation_timeout_s,
-        }
-        reply = await self._request("get", body)
-        value = reply.get("value")
-        version = reply.get("version")
-        unchanged = reply.get("unchanged") is True
-        if (value is not None and not isinstance(value, bytes)) or not isinstance(version, int):
-            raise FrameError(f"malformed get reply {reply!r:.200}")
-        if unchanged and version != cached_version:
-            raise FrameError(f"unchanged at version {version}, asked with {cached_version}")
-        return value, version, unchanged
+        request = GetRequest(
+            TABLE,
+            encode_key(key.encode()),
+            cached_version=cached_version,
+            timeout_s=self.operation_timeout_s,
+        )
+        reply = GetReply.from_wire(await self._request(Method.GET, request.to_wire()))
+        if reply.unchanged and reply.version != cached_version:
+            raise FrameError(f"unchanged at version {reply.version}, asked with {cached_version}")
+        return reply.value, reply.version, reply.unchanged
 
     async def put(self, key: str, value: bytes | None, if_version: int | None = None) -> int:
         """Write `value` (None deletes), if the version is `if_version`; the new version."""
-        body = {
-            "table": TABLE,
-            "key": encode_key(key.encode()),
-            "value": value,
-            "if_version": if_version,
-            "if_absent": False,
-            "timeout_s": self.operation_timeout_s,
-        }
-        reply = await self._request("put", body)
-        version = reply.get("version")
-        if not isinstance(version, int):
-            raise FrameError(f"malformed put reply {reply!r:.200}")
-        return version
+        request = PutRequest(
+            TABLE,
+            encode_key(key.encode()),
+            value,
+            if_version=if_version,
+            timeout_s=self.operation_timeout_s,
+        )
+        return PutReply.from_wire(await self._request(Method.PUT, request.to_wire())).version
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None

@@ -1,11 +1,13 @@
 """The client API of a node: get, put and scan, parsed and answered.
 
 Each method has one parse function here (`parse_get`, `parse_put`,
-`parse_scan`) that validates a request body, and one implementation that
+`parse_scan`): the request's own `from_wire` (`kvsvr.api`, shared with the
+client) checks the body, and the parse function adds what needs the node
+(the table exists, its replicas, its TTL). Each has one implementation that
 answers it through a `Respond` callback, whichever way the request came in
-(see `kvsvr.node.engine`). Strong operations run on the engine without a
-task; an eventual table's get and put talk to the replicas in a task of the
-node's nursery.
+(see `kvsvr.node.engine`); replies are `kvsvr.api`'s too. Strong operations
+run on the engine without a task; an eventual table's get and put talk to
+the replicas in a task of the node's nursery.
 """
 
 from __future__ import annotations
@@ -18,21 +20,25 @@ from typing import Any
 
 import trio
 
+from kvsvr.api import (
+    OPERATION_TIMEOUT_S,
+    GetReply,
+    GetRequest,
+    PutReply,
+    PutRequest,
+    ReadConsistency,
+    ScanReply,
+    ScanRequest,
+    TableConsistency,
+)
 from kvsvr.clock import Clock
 from kvsvr.config import NodeConfig, TableConfig
 from kvsvr.errors import Conflict, FrameError, InvalidRequest, KvsvrError, Unavailable
 from kvsvr.keys import decode_key, partition_prefix
 from kvsvr.node import replication
 from kvsvr.node.cache import RowCache
-from kvsvr.node.engine import (
-    OPERATION_TIMEOUT_MAX_S,
-    OPERATION_TIMEOUT_S,
-    Drive,
-    OperationDone,
-    Respond,
-    StrongReads,
-)
-from kvsvr.node.replica_side import SCAN_LIMIT_MAX, ReplicaSide
+from kvsvr.node.engine import Drive, OperationDone, Respond, StrongReads
+from kvsvr.node.replica_side import ReplicaSide
 from kvsvr.node.replication import Replication
 from kvsvr.node.rounds import ROUND_TIMEOUT_S, Deadline, Rounds
 from kvsvr.node.write_queue import Operation
@@ -44,20 +50,15 @@ from kvsvr.storage import decode_row, encode_row
 
 log = logging.getLogger("kvsvr.node")
 
-# Largest value a client may store; frames are bounded at 16 MiB.
-VALUE_BYTES_MAX = 1 << 20
-SCAN_LIMIT_DEFAULT = 1000
-CONSISTENCIES = ("strong", "stale", "local")
-
 
 @dataclass(slots=True)
-class GetRequest:
-    """A client get, validated."""
+class GetQuery:
+    """A client get, validated, with what the node adds."""
 
     table: str
     key: bytes
     replicas: list[int]
-    consistency: str
+    consistency: ReadConsistency
     min_version: int
     max_age_s: float | None
     timeout_s: float
@@ -65,8 +66,8 @@ class GetRequest:
 
 
 @dataclass(slots=True)
-class PutRequest:
-    """A client put, validated."""
+class PutQuery:
+    """A client put, validated, with what the node adds."""
 
     table: str
     key: bytes
@@ -80,7 +81,7 @@ class PutRequest:
 
 @dataclass(slots=True)
 class ScanQuery:
-    """A client scan of one partition, validated."""
+    """A client scan of one partition, validated, with what the node adds."""
 
     table: str
     prefix: bytes
@@ -91,46 +92,9 @@ class ScanQuery:
     timeout_s: float
 
 
-def _body_map(method: str, body: object) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"{method}: the body must be a map")
-    return body
-
-
-def _timeout(body: dict[str, Any]) -> float:
-    timeout = body.get("timeout_s", OPERATION_TIMEOUT_S)
-    if not isinstance(timeout, int | float) or not 0 < timeout <= OPERATION_TIMEOUT_MAX_S:
-        raise InvalidRequest(f"timeout_s must be in (0, {OPERATION_TIMEOUT_MAX_S}]")
-    return float(timeout)
-
-
-def _table(body: dict[str, Any], tables: dict[str, TableConfig]) -> str:
-    table = body.get("table", "default")
-    if not isinstance(table, str):
-        raise InvalidRequest("table must be a str")
-    if table not in tables:
-        raise InvalidRequest(f"unknown table {table!r}")
-    return table
-
-
-def _key(body: dict[str, Any]) -> tuple[bytes, bytes]:
-    key = body.get("key")
-    if not isinstance(key, bytes):
-        raise InvalidRequest("key must be bytes (an encoded key)")
-    partition_key, _ = decode_key(key)
-    if not partition_key:
-        raise InvalidRequest("the partition key must not be empty")
-    return key, partition_key
-
-
-def _cached_version(body: dict[str, Any]) -> int | None:
-    """The version a strong get's client holds in its near cache (optional)."""
-    version = body.get("cached_version")
-    if version is None:
-        return None
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise InvalidRequest("cached_version must be an int >= 1 or None")
-    return version
+def _timeout_s(asked_s: float | None) -> float:
+    """The time a request asked for, or the node's default."""
+    return OPERATION_TIMEOUT_S if asked_s is None else asked_s
 
 
 def raise_for(outcome: Outcome) -> None:
@@ -173,88 +137,68 @@ class ClientApi:
         self.nursery: trio.Nursery | None = None
 
     def _eventual(self, table: str) -> bool:
-        return self.tables[table].consistency == "eventual"
+        return self.tables[table].consistency == TableConsistency.EVENTUAL
 
     def _local_version(self, table: str, key: bytes, replicas: list[int]) -> int:
         return self.replica_side.local_version(self.me.index, table, key, replicas)
 
     # ------------------------------------------------------------ parsing
 
-    def parse_get(self, body: object) -> GetRequest:
-        request = _body_map("get", body)
-        table = _table(request, self.tables)
-        key, partition_key = _key(request)
-        consistency = request.get("consistency", "strong")
-        if consistency not in CONSISTENCIES:
-            raise InvalidRequest("consistency must be 'strong', 'stale' or 'local'")
-        min_version = request.get("min_version") or 0
-        if not isinstance(min_version, int):
-            raise InvalidRequest("min_version must be an int")
-        max_age_s = request.get("max_age_s")
-        if max_age_s is not None and (
-            not isinstance(max_age_s, int | float) or isinstance(max_age_s, bool) or max_age_s < 0
-        ):
-            raise InvalidRequest("max_age_s must be a number >= 0 or None")
-        replicas = self.replicas_of(table, partition_key)
-        return GetRequest(
+    def _known_table(self, table: str) -> str:
+        if table not in self.tables:
+            raise InvalidRequest(f"unknown table {table!r}")
+        return table
+
+    def parse_get(self, body: object) -> GetQuery:
+        request = GetRequest.from_wire(body)
+        table = self._known_table(request.table)
+        return GetQuery(
             table,
-            key,
-            replicas,
-            consistency,
-            min_version,
-            max_age_s,
-            _timeout(request),
-            _cached_version(request),
+            request.key,
+            self.replicas_of(table, request.partition_key()),
+            request.consistency,
+            request.min_version,
+            request.max_age_s,
+            _timeout_s(request.timeout_s),
+            request.cached_version,
         )
 
-    def parse_put(self, body: object) -> PutRequest:
-        request = _body_map("put", body)
-        table = _table(request, self.tables)
-        key, partition_key = _key(request)
-        value = request.get("value")
-        if value is not None and not isinstance(value, bytes):
-            raise InvalidRequest("value must be bytes (or None to delete)")
-        if value is not None and len(value) > VALUE_BYTES_MAX:
-            raise InvalidRequest(f"value is {len(value)} bytes; the limit is {VALUE_BYTES_MAX}")
-        if_version = request.get("if_version")
-        if if_version is not None and (not isinstance(if_version, int) or if_version < 0):
-            raise InvalidRequest("if_version must be an int >= 0")
-        if_absent = request.get("if_absent", False)
-        if not isinstance(if_absent, bool):
-            raise InvalidRequest("if_absent must be a bool")
+    def parse_put(self, body: object) -> PutQuery:
+        request = PutRequest.from_wire(body)
+        table = self._known_table(request.table)
+        value, if_version, if_absent = request.value, request.if_version, request.if_absent
         ttl_s = self.tables[table].ttl_s
         now_ms = self.clock.wall_ms()
         expires = now_ms + int(ttl_s * 1000) if ttl_s > 0 and value is not None else None
-        replicas = self.replicas_of(table, partition_key)
+        replicas = self.replicas_of(table, request.partition_key())
         if self._eventual(table) and (if_version is not None or if_absent):
             raise InvalidRequest(
                 f"table {table!r} is eventual: conditional writes need a strong table"
             )
         mutation = Mutation(value, expires, if_version, if_absent)
-        return PutRequest(table, key, replicas, value, expires, now_ms, mutation, _timeout(request))
+        return PutQuery(
+            table,
+            request.key,
+            replicas,
+            value,
+            expires,
+            now_ms,
+            mutation,
+            _timeout_s(request.timeout_s),
+        )
 
     def parse_scan(self, body: object) -> ScanQuery:
-        request = _body_map("scan", body)
-        table = _table(request, self.tables)
-        partition_key = request.get("partition_key")
-        if not isinstance(partition_key, bytes) or not partition_key:
-            raise InvalidRequest("partition_key must be non-empty bytes")
-        start = request.get("start") or b""
-        end = request.get("end") or b""
-        if not isinstance(start, bytes) or not isinstance(end, bytes):
-            raise InvalidRequest("start and end must be bytes")
-        limit = request.get("limit", SCAN_LIMIT_DEFAULT)
-        if not isinstance(limit, int) or not 1 <= limit <= SCAN_LIMIT_MAX:
-            raise InvalidRequest(f"limit must be between 1 and {SCAN_LIMIT_MAX}")
-        replicas = self.replicas_of(table, partition_key)
+        request = ScanRequest.from_wire(body)
+        table = self._known_table(request.table)
+        partition_key = request.partition_key
         return ScanQuery(
             table,
             partition_prefix(partition_key),
-            start,
-            end,
-            limit,
-            replicas,
-            _timeout(request),
+            request.start or b"",
+            request.end or b"",
+            request.limit,
+            self.replicas_of(table, partition_key),
+            _timeout_s(request.timeout_s),
         )
 
     # ------------------------------------------------------------ get
@@ -267,7 +211,7 @@ class ClientApi:
             return
         self.read(request, respond)
 
-    def read(self, get: GetRequest, respond: Respond) -> None:
+    def read(self, get: GetQuery, respond: Respond) -> None:
         """Answer a parsed get: an eventual table's from one replica, a local or
         stale read without a round when it can, else a strong read round
         (shared with the other strong reads of the key: `StrongReads`)."""
@@ -294,23 +238,23 @@ class ClientApi:
 
         self.strong_reads.start((table, key), make, Deadline(get.timeout_s), done)
 
-    def _get_without_quorum(self, get: GetRequest) -> dict[str, Any] | None:
+    def _get_without_quorum(self, get: GetQuery) -> dict[str, Any] | None:
         """The answer of a strong table's local or stale read, when it needs
         no quorum round; None when it does (strong, or a stale read the cache
         and this replica cannot honour: counted as a fallback)."""
-        if get.consistency == "local":
+        if get.consistency is ReadConsistency.LOCAL:
             if self.me.index not in get.replicas:
                 raise InvalidRequest(f"node {self.me.id} holds no replica of this key")
             row = self.replica_side.read_row(get.table, get.key)
             return self._answer(row.version, row.value, row.expires_at_ms)
-        if get.consistency == "stale":
+        if get.consistency is ReadConsistency.STALE:
             answer = self._stale_answer(get)
             if answer is not None:
                 return answer
             self.cache.stats.fallbacks += 1
         return None
 
-    def _stale_answer(self, get: GetRequest) -> dict[str, Any] | None:
+    def _stale_answer(self, get: GetQuery) -> dict[str, Any] | None:
         """A stale read without a quorum round: the cache (within `max_age_s`),
         else this node's replica (no age bound given), never older than the
         version the client's session already saw. None: a strong read is needed."""
@@ -357,17 +301,13 @@ class ClientApi:
                 self.clock.monotonic(),
             )
         if client_version is None:
-            return {"version": outcome.version, "value": outcome.value}
+            return GetReply(outcome.version, outcome.value).to_wire()
         # A client near cache holds `client_version`: the quorum decided, and if
         # it chose exactly that version (value present) the value need not travel.
         if outcome.version == client_version and outcome.value is not None:
             self.cache.stats.unchanged += 1
-            return {"version": outcome.version, "unchanged": True}
-        return {
-            "version": outcome.version,
-            "value": outcome.value,
-            "expires_at_ms": outcome.expires_at_ms,
-        }
+            return GetReply(outcome.version, None, unchanged=True).to_wire()
+        return GetReply(outcome.version, outcome.value, outcome.expires_at_ms).to_wire()
 
     def _answer(
         self, version: int, value: bytes | None, expires_at_ms: int | None
@@ -375,7 +315,7 @@ class ClientApi:
         present = value is not None and (
             expires_at_ms is None or expires_at_ms > self.clock.wall_ms()
         )
-        return {"version": version, "value": value if present else None}
+        return GetReply(version, value if present else None).to_wire()
 
     # ------------------------------------------------------------ put
 
@@ -401,7 +341,7 @@ class ClientApi:
             done,
         )
 
-    def _put_reply(self, put: PutRequest, outcome: Outcome) -> dict[str, Any]:
+    def _put_reply(self, put: PutQuery, outcome: Outcome) -> dict[str, Any]:
         raise_for(outcome)
         self.cache.put(
             put.table,
@@ -415,7 +355,7 @@ class ClientApi:
         self.replication.hint_after_write(
             put.table, put.key, put.replicas, outcome.version, put.value, put.expires_at_ms
         )
-        return {"version": outcome.version}
+        return PutReply(outcome.version).to_wire()
 
     # ------------------------------------------------------------ scan
 
@@ -450,14 +390,14 @@ class ClientApi:
         assert self.nursery is not None
         self.nursery.start_soon(_answer_task, respond, answer)
 
-    async def _eventual_get(self, get: GetRequest) -> dict[str, Any]:
+    async def _eventual_get(self, get: GetQuery) -> dict[str, Any]:
         """An eventual table is read from one replica: this node's when it holds
         one, else the first that answers. Every consistency reads the same way."""
         table, key, replicas = get.table, get.key, get.replicas
         if self.me.index in replicas:
             row = self.replica_side.read_row(table, key)
             return self._answer(row.version, row.value, row.expires_at_ms)
-        if get.consistency == "local":
+        if get.consistency is ReadConsistency.LOCAL:
             raise InvalidRequest(f"node {self.me.id} holds no replica of this key")
         last_error: KvsvrError = Unavailable("no replica answered")
         for target in replicas:
@@ -475,7 +415,7 @@ class ClientApi:
             return self._answer(row.version, row.value, row.expires_at_ms)
         raise Unavailable(f"no replica of the key answered: {last_error}")
 
-    async def _eventual_put(self, put: PutRequest) -> dict[str, Any]:
+    async def _eventual_put(self, put: PutQuery) -> dict[str, Any]:
         """Stamp the write, send it to every replica, answer after `write_quorum`
         acknowledged. The others keep receiving it in the background; one that
         fails gets a hint."""
@@ -514,7 +454,7 @@ class ClientApi:
             raise Unavailable(
                 f"{acked} of the {need} replicas needed acknowledged; the write may still land"
             )
-        return {"version": row.version}
+        return PutReply(row.version).to_wire()
 
 
 def _answering(respond: Respond, reply_of: Callable[[Outcome], object]) -> OperationDone:
@@ -537,11 +477,12 @@ def _answering(respond: Respond, reply_of: Callable[[Outcome], object]) -> Opera
 
 def _scan_reply(outcome: Outcome) -> dict[str, Any]:
     raise_for(outcome)
-    items = []
+    rows: list[tuple[bytes, bytes, int]] = []
     for entry in outcome.entries:
         _, sort_key = decode_key(entry.key)
-        items.append([sort_key, entry.value, entry.version])
-    return {"items": items}
+        assert entry.value is not None, "a scan returns live rows only"
+        rows.append((sort_key, entry.value, entry.version))
+    return ScanReply(tuple(rows)).to_wire()
 
 
 async def _answer_task(respond: Respond, answer: Coroutine[Any, Any, dict[str, Any]]) -> None:

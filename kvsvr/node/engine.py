@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from kvsvr.api import OPERATION_TIMEOUT_S
 from kvsvr.errors import KvsvrError, Timeout, Unavailable
 from kvsvr.node.read_share import SharedRead, SharedReads
 from kvsvr.node.rounds import (
@@ -35,11 +36,6 @@ from kvsvr.node.write_queue import Operation, Slot
 from kvsvr.protocol.coordinator import Outcome, Replies, Round
 
 log = logging.getLogger("kvsvr.node")
-
-# A client operation that has not finished in this time answers Timeout
-# (outcome unknown). Below the client's default of 5 s so the client hears why.
-OPERATION_TIMEOUT_S = 4.0
-OPERATION_TIMEOUT_MAX_S = 60.0
 
 # Answers a client request: (reply, None) or (None, error), exactly once.
 Respond = Callable[[object, KvsvrError | None], None]

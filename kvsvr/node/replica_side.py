@@ -14,6 +14,7 @@ from typing import Protocol
 
 import trio
 
+from kvsvr.api import SCAN_LIMIT_MAX
 from kvsvr.config import TableConfig
 from kvsvr.errors import CorruptRow, InvalidRequest, KvsvrError, Unavailable
 from kvsvr.node.rounds import ReplicaAnswer
@@ -24,9 +25,6 @@ from kvsvr.storage import Storage, encode_row
 from kvsvr.storage.engine import CommitTicket, prefix_end
 
 log = logging.getLogger("kvsvr.node")
-
-# Rows a scan returns at most, per request (replica side) and per client scan.
-SCAN_LIMIT_MAX = 10_000
 
 
 class VoteGate(Protocol):

@@ -33,6 +33,16 @@ from typing import Any
 import trio
 
 from kvsvr import _build
+from kvsvr.api import (
+    OPERATION_TIMEOUT_S,
+    Method,
+    NodeInfo,
+    PartitionMap,
+    ReadConsistency,
+    RecoverRequest,
+    TableConsistency,
+    TableInfo,
+)
 from kvsvr.clock import SYSTEM_CLOCK, Clock
 from kvsvr.config import ClusterConfig, ConfigError, load_config, new_cluster_id
 from kvsvr.errors import FrameError, InvalidRequest, KvsvrError
@@ -40,8 +50,8 @@ from kvsvr.keys import decode_key
 from kvsvr.net import serve
 from kvsvr.node import replication
 from kvsvr.node.cache import RowCache
-from kvsvr.node.client_api import ClientApi, GetRequest
-from kvsvr.node.engine import OPERATION_TIMEOUT_S, Respond, until_answered
+from kvsvr.node.client_api import ClientApi, GetQuery
+from kvsvr.node.engine import Respond, until_answered
 from kvsvr.node.repair import ROW_METHOD, Repairs
 from kvsvr.node.replica_side import ReplicaSide
 from kvsvr.node.replication import Collaborators, Replication
@@ -143,9 +153,9 @@ class Node:
         self.api.replication = self.replication
         # The client requests every entry point starts on the engine.
         self._client_methods: dict[str, Callable[[object, Respond], None]] = {
-            "get": self.api.get,
-            "put": self.api.put,
-            "scan": self.api.scan,
+            Method.GET: self.api.get,
+            Method.PUT: self.api.put,
+            Method.SCAN: self.api.scan,
         }
 
     def link_peers(self, nursery: trio.Nursery) -> None:
@@ -181,7 +191,9 @@ class Node:
         replicas it reaches): the chosen version and value."""
         partition_key, _ = decode_key(key)
         replicas = self.replicas_of(table, partition_key)
-        get = GetRequest(table, key, replicas, "strong", 0, None, OPERATION_TIMEOUT_S, None)
+        get = GetQuery(
+            table, key, replicas, ReadConsistency.STRONG, 0, None, OPERATION_TIMEOUT_S, None
+        )
         reply = await until_answered(partial(self.api.read, get))
         return reply["version"], reply["value"]
 
@@ -200,19 +212,16 @@ class Node:
         return reply
 
     def client_map(self) -> dict[str, Any]:
-        return {
-            "partitions": self.config.partitions,
-            "replication": self.config.replication,
-            "nodes": [
-                {"id": n.id, "index": n.index, "host": n.host, "port": n.port, "zone": n.zone}
-                for n in self.config.nodes
-            ],
-            "replica_sets": self.replica_sets,
-            "tables": [
-                {"name": t.name, "consistency": t.consistency, "ttl_s": t.ttl_s}
+        return PartitionMap(
+            self.config.partitions,
+            self.config.replication,
+            tuple(NodeInfo(n.id, n.index, n.host, n.port, n.zone) for n in self.config.nodes),
+            tuple(tuple(replicas) for replicas in self.replica_sets),
+            tuple(
+                TableInfo(t.name, TableConsistency(t.consistency), t.ttl_s)
                 for t in self.config.tables
-            ],
-        }
+            ),
+        ).to_wire()
 
     def client_status(self) -> dict[str, Any]:
         held = sum(1 for s in self.replica_sets if self.me.index in s)
@@ -269,14 +278,13 @@ class Node:
             return self.serve_row(body)
         if method in replication.METHODS:
             return await self.replication.handle(method, body)
-        if method == "map":
+        if method == Method.MAP:
             return self.client_map()
-        if method == "status":
+        if method == Method.STATUS:
             return self.client_status()
-        if method == "recover":
-            if not isinstance(body, dict):
-                raise InvalidRequest("recover: the body must be a map")
-            return await self.replication.recover(body.get("accept_data_loss") is True)
+        if method == Method.RECOVER:
+            request = RecoverRequest.from_wire(body)
+            return await self.replication.recover(request.accept_data_loss)
         start = self._client_methods.get(method)
         if start is not None:
             return await until_answered(partial(start, body))
