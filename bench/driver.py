@@ -755,6 +755,11 @@ def collect_phase(
             results[index] = payload
         elif kind == "error":
             raise DriverError(f"load process {index} failed:\n{payload}")
+    if spec.mode != "load" and probe is not None and "end" not in probes:
+        # The drivers stop at the window's end, so the last result can arrive
+        # before this loop's end probe came due: take it now, a moment late
+        # (the probe records its own wall time).
+        probes["end"] = probe()
     return _merge(spec, list(results.values()), probes)
 
 

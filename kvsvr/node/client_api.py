@@ -33,9 +33,8 @@ from kvsvr.api import (
 )
 from kvsvr.clock import Clock
 from kvsvr.config import NodeConfig, TableConfig
-from kvsvr.errors import Conflict, FrameError, InvalidRequest, KvsvrError, Unavailable
+from kvsvr.errors import Conflict, InvalidRequest, KvsvrError, Unavailable
 from kvsvr.keys import decode_key, partition_prefix
-from kvsvr.node import replication
 from kvsvr.node.cache import RowCache
 from kvsvr.node.engine import Drive, OperationDone, Respond, StrongReads
 from kvsvr.node.replica_side import ReplicaSide
@@ -43,6 +42,7 @@ from kvsvr.node.replication import Replication
 from kvsvr.node.rounds import ROUND_TIMEOUT_S, Deadline, Rounds
 from kvsvr.node.write_queue import Operation
 from kvsvr.node.writes import Writes
+from kvsvr.protocol.catchup_messages import APPLY, ROWS, ApplyRows, RowsReply, RowsRequest
 from kvsvr.protocol.coordinator import Coordinator, Mutation, Outcome
 from kvsvr.protocol.eventual import HybridClock, eventual_row
 from kvsvr.protocol.state import EMPTY_ROW
@@ -403,15 +403,16 @@ class ClientApi:
         for target in replicas:
             try:
                 with trio.fail_after(ROUND_TIMEOUT_S):
-                    rows = await self.rounds.peers[target].call(replication.ROWS, [table, [key]])
+                    body = await self.rounds.peers[target].call(
+                        ROWS, RowsRequest(table, (key,)).to_wire()
+                    )
             except trio.TooSlowError:
                 continue
             except KvsvrError as error:
                 last_error = error
                 continue
-            if not isinstance(rows, list) or len(rows) != 1:
-                raise FrameError("ae_rows answers one row per key")
-            row = EMPTY_ROW if rows[0] is None else decode_row(rows[0])
+            (raw,) = RowsReply.from_wire(body, 1).rows
+            row = EMPTY_ROW if raw is None else decode_row(raw)
             return self._answer(row.version, row.value, row.expires_at_ms)
         raise Unavailable(f"no replica of the key answered: {last_error}")
 
@@ -437,7 +438,7 @@ class ClientApi:
                 else:
                     with trio.fail_after(OPERATION_TIMEOUT_S):
                         await self.rounds.peers[target].call(
-                            replication.APPLY, [table, [[key, raw]]]
+                            APPLY, ApplyRows(table, ((key, raw),)).to_wire()
                         )
                 acked += 1
             except (KvsvrError, trio.TooSlowError):
