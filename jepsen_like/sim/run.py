@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jepsen_like.sim.world import NetworkFaults, World
-from kvsvr.protocol.coordinator import Mutation, Outcome
+from kvsvr.protocol.coordinator import Mutation, Outcome, Status
 
 # Final reads after healing: each is retried until one succeeds, at most this often.
 FINAL_READ_ATTEMPTS = 20
@@ -123,7 +123,7 @@ class _Client:
         self.run.world.at(self.run.rng.uniform(0, 0.002), self.next_op)
 
     def _done_read(self, key: bytes, outcome: Outcome | None) -> None:
-        if outcome is None or outcome.status != "ok":
+        if outcome is None or outcome.status != Status.OK:
             self._complete("fail", "read", key, None)  # a read that failed changed nothing
             return
         value = _decode(outcome.value)
@@ -131,7 +131,7 @@ class _Client:
         self._complete("ok", "read", key, value, version=outcome.version)
 
     def _done_write(self, key: bytes, value: int, outcome: Outcome | None) -> None:
-        if outcome is None or outcome.status != "ok":
+        if outcome is None or outcome.status != Status.OK:
             self._complete("info", "write", key, value)
             return
         self.seen[key] = (value, outcome.version)
@@ -140,9 +140,9 @@ class _Client:
     def _done_cas(
         self, key: bytes, expected: int | None, new: int, outcome: Outcome | None
     ) -> None:
-        if outcome is None or outcome.status == "unavailable":
+        if outcome is None or outcome.status == Status.UNAVAILABLE:
             self._complete("info", "cas", key, [expected, new])
-        elif outcome.status == "conflict":
+        elif outcome.status == Status.CONFLICT:
             # A Conflict is a claim about the key (the checker holds it to it):
             # the condition was false, at the version reported.
             self._complete(
@@ -261,7 +261,7 @@ def simulate(
             world.read(run.preferred_node(key), key, result.append)
             world.run_until_idle()
             outcome = result[0] if result else None
-            if outcome is not None and outcome.status == "ok":
+            if outcome is not None and outcome.status == Status.OK:
                 run.record(process, "ok", "read", key, _decode(outcome.value))
                 break
             run.record(process, "fail", "read", key, None)

@@ -43,7 +43,7 @@ from kvsvr.node.rounds import ROUND_TIMEOUT_S, Deadline, Rounds
 from kvsvr.node.write_queue import Operation
 from kvsvr.node.writes import Writes
 from kvsvr.protocol.catchup_messages import APPLY, ROWS, ApplyRows, RowsReply, RowsRequest
-from kvsvr.protocol.coordinator import Coordinator, Mutation, Outcome
+from kvsvr.protocol.coordinator import Coordinator, Mutation, Outcome, Status
 from kvsvr.protocol.eventual import HybridClock, eventual_row
 from kvsvr.protocol.state import EMPTY_ROW
 from kvsvr.storage import decode_row, encode_row
@@ -99,9 +99,9 @@ def _timeout_s(asked_s: float | None) -> float:
 
 def raise_for(outcome: Outcome) -> None:
     """An outcome that is not ok, as the error the client gets."""
-    if outcome.status == "ok":
+    if outcome.status == Status.OK:
         return
-    if outcome.status == "conflict":
+    if outcome.status == Status.CONFLICT:
         raise Conflict.of_version(outcome.version)
     raise Unavailable(outcome.detail or "no majority of replicas answered; outcome unknown")
 

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Generator
 from typing import TypeAlias
 
-from kvsvr.protocol.coordinator import Mutation, Outcome, Replies, Round
+from kvsvr.protocol.coordinator import Mutation, Outcome, Replies, Round, Status
 
 # Blind writes of one key folded into one proposal, at most. Bounds the work
 # one leader does for others and the versions one proposal skips; 64 is the
@@ -146,11 +146,11 @@ def answer_group(group: list[QueuedWrite], outcome: Outcome) -> None:
     """Give every member but the leader its answer and wake it. On success the
     members take the group's versions in queue order, ending at
     `outcome.version`; any other outcome is every member's."""
-    if outcome.status == "ok":
+    if outcome.status == Status.OK:
         version = outcome.version
         for member in reversed(group):
             assert member.mutation is not None
-            member.outcome = Outcome("ok", version=version)
+            member.outcome = Outcome(Status.OK, version=version)
             version -= member.mutation.versions
     else:
         for member in group:

@@ -26,7 +26,7 @@ from kvsvr.node.write_queue import (
     fail_group,
     folded_mutation,
 )
-from kvsvr.protocol.coordinator import Coordinator, Mutation, Outcome
+from kvsvr.protocol.coordinator import Coordinator, Mutation, Outcome, Status
 
 
 class Writes:
@@ -97,7 +97,7 @@ class Writes:
     ) -> Outcome:
         """A folded group's write ended with `outcome`: answer its members;
         the leader's own outcome."""
-        if outcome.status == "ok":
+        if outcome.status == Status.OK:
             # The group's value, before the members' own (older) versions reach the cache.
             table, key = slot
             self.cache.put(

@@ -58,6 +58,7 @@ from kvsvr.protocol.rounds import NodeId as NodeId
 from kvsvr.protocol.rounds import Outcome as Outcome
 from kvsvr.protocol.rounds import Replies as Replies
 from kvsvr.protocol.rounds import Round as Round
+from kvsvr.protocol.rounds import Status as Status
 from kvsvr.protocol.rounds import is_positive as is_positive
 from kvsvr.protocol.state import Ballot
 
@@ -270,7 +271,7 @@ def _unknown(
     if pending_oneway:
         yield Round({}, quorum=0, oneway=pending_oneway)
     coordinator.stats.unavailable += 1
-    return Outcome("unavailable", detail=detail)
+    return Outcome(Status.UNAVAILABLE, detail=detail)
 
 
 def _accept_round(
@@ -463,7 +464,7 @@ def _write(
                         table, key, Lease(ballot, attempted, mutation.value is not None)
                     )
                 yield Round({}, quorum=0, oneway=pending_oneway)
-                return Outcome("ok", version=attempted)
+                return Outcome(Status.OK, version=attempted)
             if winner is None:
                 # Versions were chosen on top of ours and no replica remembers
                 # which operation won it: ours may have. Never guess.
@@ -507,7 +508,7 @@ def _write(
             if pending_oneway:
                 yield Round({}, quorum=0, oneway=pending_oneway)
             stats.conflicts += 1
-            return Outcome("conflict", version=chosen.version, detail="condition failed")
+            return Outcome(Status.CONFLICT, version=chosen.version, detail="condition failed")
 
         attempted = chosen.version + mutation.versions
         acceptors = yield from _accept_round(
@@ -562,7 +563,7 @@ def _finish_write(
         op_id,
     )
     yield Round({}, quorum=0, oneway=commits)
-    return Outcome("ok", version=version)
+    return Outcome(Status.OK, version=version)
 
 
 def _read(
@@ -656,14 +657,14 @@ def _read(
             yield Round({}, quorum=0, oneway=repairs)
         present = is_present(chosen.value, chosen.expires_at_ms, now_ms)
         return Outcome(
-            "ok",
+            Status.OK,
             version=chosen.version,
             value=chosen.value if present else None,
             expires_at_ms=chosen.expires_at_ms if present else None,
             cache_hit=cache_hit,
         )
     stats.unavailable += 1
-    return Outcome("unavailable", detail="no majority of replicas answered in time")
+    return Outcome(Status.UNAVAILABLE, detail="no majority of replicas answered in time")
 
 
 def _recover(
@@ -743,7 +744,7 @@ def _scan(
             break
     else:
         coordinator.stats.unavailable += 1
-        return Outcome("unavailable", detail="no majority of replicas answered in time")
+        return Outcome(Status.UNAVAILABLE, detail="no majority of replicas answered in time")
 
     scan_replies = [r for r in replies.values() if isinstance(r, ScanReply)]
     # Keys past the last key of a replica that stopped at its limit may be
@@ -773,7 +774,7 @@ def _scan(
         ):
             continue
         outcome = yield from _read(coordinator, table, key, replicas, now_ms, -1)
-        if outcome.status != "ok":
+        if outcome.status != Status.OK:
             return outcome
         latest[key] = ScanEntry(key, outcome.version, outcome.value, outcome.expires_at_ms, 0)
     # A key seen on only part of the quorum with a lower version everywhere else
@@ -783,4 +784,4 @@ def _scan(
         for key in sorted(latest)
         if is_present(latest[key].value, latest[key].expires_at_ms, now_ms)
     )[:limit]
-    return Outcome("ok", entries=entries)
+    return Outcome(Status.OK, entries=entries)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TypeAlias
 
 from kvsvr.protocol.messages import (
@@ -53,16 +54,20 @@ class Round:
 Replies: TypeAlias = dict[NodeId, Reply]
 
 
+class Status(StrEnum):
+    """How an operation ended."""
+
+    OK = "ok"
+    CONFLICT = "conflict"  # a condition failed; nothing written
+    UNAVAILABLE = "unavailable"  # no majority in time: the outcome is unknown
+
+
 @dataclass(slots=True, unsafe_hash=True)
 class Outcome:
-    """What an operation ended with.
+    """What an operation ended with. For reads `value` is None when the key
+    is absent."""
 
-    status: "ok"; "conflict" (a condition failed, nothing written);
-    "unavailable" (no majority in time: the outcome is unknown).
-    For reads `value` is None when the key is absent.
-    """
-
-    status: str
+    status: Status
     version: int = 0
     value: bytes | None = None
     expires_at_ms: int | None = None
