@@ -27,7 +27,7 @@ def test_node_rss_stays_within_cache_budget_plus_headroom() -> None:
     # The guard did the work: it trimmed the map, more than once.
     assert result.memory["trims"] > 1, report(result)
     bound_kib = (CACHE_BYTES_MAX + HEADROOM_BYTES) >> 10
-    # The bound on VmRSS (peak of samples every 50 ms), LMDB's mapped
+    # The cache's memory bound on VmRSS (peak of samples every 50 ms), LMDB's mapped
     # file pages included; RssAnon (the node's own memory) is below it too.
     assert result.peak.vm_rss_kib <= bound_kib, report(result)
     assert result.peak.rss_anon_kib <= bound_kib, report(result)

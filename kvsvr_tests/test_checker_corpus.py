@@ -18,7 +18,7 @@ from jepsen_like.checker import LINEARIZABLE, check, read_history
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "checker-corpus"
 
-#: The issue's bound for the whole corpus on the 2-core machine.
+#: The time bound for checking the whole corpus on a 2-core machine.
 CORPUS_BUDGET_S = 60.0
 
 

@@ -5,8 +5,8 @@ fast path's lease), then the client writes it several times through the
 key's preferred coordinator, which takes the promise over. A cas sent to
 the first node with the version just read must be written, and a cas with
 an older version must report the version that is current, never the one
-the node last wrote itself (issue 22: the node answered Conflict from its
-stale lease, with a "current version" older than the one just read).
+the node last wrote itself (a Conflict answered from the coordinator's
+lease would name a "current version" older than the one just read).
 """
 
 from __future__ import annotations

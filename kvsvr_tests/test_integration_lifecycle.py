@@ -20,7 +20,7 @@ from kvsvr_tests.cluster_util import LocalCluster, node_connection
 
 pytestmark = pytest.mark.slow
 
-# The acceptance of issue #23: a fresh cluster written to at once is ready
+# A fresh cluster written to at once is ready
 # within READY_WITHIN_S, every time, over BOOTSTRAP_RUNS fresh clusters.
 BOOTSTRAP_RUNS = int(os.environ.get("KVSVR_BOOTSTRAP_RUNS", "20"))
 READY_WITHIN_S = 30.0

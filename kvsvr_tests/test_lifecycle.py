@@ -112,7 +112,7 @@ def test_founding_needs_every_peer_or_a_majority_and_the_wait() -> None:
 
 
 def test_rows_a_failed_write_left_on_a_peer_do_not_count() -> None:
-    """The wedge of issue #23: a peer that founded and took a (failed) write
+    """A wedge seen once: a peer that founded and took a (failed) write
     is ready and holds rows; that says nothing about this node."""
     replies = {"n2": _reply(state=READY), "n3": _reply(state=WAITING_FOR_PEERS)}
     assert decide_new(replies, ["n2", "n3"], CLUSTER, 0.0).kind == "found"

@@ -216,8 +216,8 @@ def test_conditions() -> None:
 
 
 def test_a_stale_lease_never_answers_conflict() -> None:
-    """Regression (issue 22; simulator seeds 3, 6, 11, ... under the models that
-    check a Conflict's claim): A chose version 1 and keeps its promise; B
+    """Regression (found by the simulator once its models checked a Conflict's
+    claim): A chose version 1 and keeps its promise; B
     writes version 2 through phase 1. A's lease now says 1, but a cas by A
     with if_version=2 holds for the whole call and must be written, and a cas
     with if_version=1 must report 2, the current version, not A's 1."""
