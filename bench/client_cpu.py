@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-bytes", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--compare-file", help="another client.py to measure alongside")
+    parser.add_argument("--compare-file", help="another kvsvr/client_async.py to measure alongside")
     parser.add_argument("--scratch", default=tempfile.gettempdir())
     parser.add_argument("--no-tune-gc", action="store_true")
     parser.add_argument("--cprofile", help="write a cProfile (CPU-time clock) of the runs here")
