@@ -6,6 +6,7 @@
   no TCP, no long search: the layer to run after every change.
 - `simulation`: the deterministic simulator and the linearizability
   checker's searches (many seeds, generated histories, the shared corpus),
+  and the long property searches (fast parsers against their checks),
   still in this process or its worker pool.
 - `process`: starts node processes or other programs, or opens TCP
   connections (real nodes, fake nodes on real sockets, proxies).
@@ -94,6 +95,12 @@ TEST_LAYERS: Final[dict[str, str]] = {
     "test_cache.py::test_a_cache_hit_skips_the_coordinators_own_version_read": PROCESS,
     # Hypothesis-chosen fault schedules run through the simulator.
     "test_protocol.py::test_fault_schedules_stay_linearizable": SIMULATION,
+    # Long hypothesis searches: a fast parser against its field-by-field
+    # checks over thousands of inputs (most of the unit layer's time).
+    "test_net.py::test_fast_envelope_parse_agrees_with_the_checks": SIMULATION,
+    "test_net.py::test_decoder_yields_frames_or_frame_error_only": SIMULATION,
+    "test_storage.py::test_codec_fast_decode_agrees_with_the_field_by_field_checks": SIMULATION,
+    "test_protocol.py::test_fast_parse_agrees_with_the_field_by_field_checks": SIMULATION,
 }
 
 
