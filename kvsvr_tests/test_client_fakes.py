@@ -9,7 +9,6 @@ and can be told to hang, or to drop every connection, on a method.
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -20,19 +19,13 @@ import trio
 
 from kvsvr.errors import Conflict, InvalidRequest
 from kvsvr.keys import decode_key, encode_key, partition_prefix, to_bytes
+from kvsvr.local import free_ports
 from kvsvr.net import serve
 from kvsvr.protocol.placement import NodePlace, replica_sets
 
 SECRET = b"fake cluster secret"
 PARTITIONS = 8
 TABLES = ("default", "events")
-
-
-def unused_port() -> int:
-    """A port nothing listens on (connecting to it is refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -189,7 +182,7 @@ async def fake_cluster(
     """Nodes 1..node_count; those in `dead` are in the map but never listen."""
     store = FakeStore()
     nodes = [FakeNode(f"n{index}", index, store) for index in range(1, node_count + 1)]
-    cluster = FakeCluster(nodes, {index: unused_port() for index in dead}, secret)
+    cluster = FakeCluster(nodes, dict(zip(dead, free_ports(len(dead)), strict=True)), secret)
     async with trio.open_nursery() as nursery:
         for node in nodes:
             if node.index not in dead:
