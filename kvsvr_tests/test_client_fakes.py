@@ -28,6 +28,11 @@ PARTITIONS = 8
 TABLES = ("default", "events")
 
 
+def unused_port() -> int:
+    """A port nothing listens on (connecting to it is refused)."""
+    return free_ports(1)[0]
+
+
 @dataclass
 class FakeStore:
     """What the whole fake cluster holds: (table, encoded key) -> (version, value)."""
