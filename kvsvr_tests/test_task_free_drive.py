@@ -33,7 +33,7 @@ from kvsvr.node.rounds import (
 )
 from kvsvr.node.write_queue import KeyWriteQueues, Operation
 from kvsvr.node.writes import Writes
-from kvsvr.protocol.coordinator import Mutation, Outcome, Replies, Round
+from kvsvr.protocol.coordinator import Mutation, Outcome, Replies, Round, Status
 from kvsvr.protocol.messages import Read, ReadReply
 from kvsvr_tests.build_mode import COMPILED
 
@@ -96,7 +96,7 @@ def _two_rounds(seen: list[Replies]) -> Generator[Round, Replies, Outcome]:
     seen.append(replies)
     replies = yield _read_round()
     seen.append(replies)
-    return Outcome("ok", version=len(seen))
+    return Outcome(Status.OK, version=len(seen))
 
 
 def _run(test: Any, make_node: Any = None) -> None:
@@ -142,7 +142,7 @@ def test_rounds_advance_when_their_quorum_answers_and_not_inside_the_answer() ->
         second.add(3, _reply(3))
         second.add(1, _reply(1))
         await trio.sleep(0.001)
-        assert calls == [(Outcome("ok", version=2), None)]
+        assert calls == [(Outcome(Status.OK, version=2), None)]
 
     _run(test)
 
@@ -161,7 +161,7 @@ def test_a_round_nobody_answers_ends_by_its_own_timeout_then_the_next_round_runs
         node.sent[3][1].add(1, _reply(1))
         node.sent[4][1].add(2, _reply(1))
         await trio.sleep(0.001)
-        assert calls == [(Outcome("ok", version=2), None)]
+        assert calls == [(Outcome(Status.OK, version=2), None)]
         assert trio.current_time() - start < ROUND_TIMEOUT_S + 0.1
 
     _run(test)
@@ -229,7 +229,7 @@ def test_a_delayed_round_waits_its_delay() -> None:
     def backoff() -> Generator[Round, Replies, Outcome]:
         message = Read("t", b"k", -1)
         yield Round({1: message}, quorum=1, delay_s=0.2)
-        return Outcome("ok", version=7)
+        return Outcome(Status.OK, version=7)
 
     async def test(node: FakeNode) -> None:
         calls, done = _recorder()
@@ -241,7 +241,7 @@ def test_a_delayed_round_waits_its_delay() -> None:
         assert [t for t, _ in node.sent] == [1]
         node.sent[0][1].add(1, _reply(7))
         await trio.sleep(0.001)
-        assert calls == [(Outcome("ok", version=7), None)]
+        assert calls == [(Outcome(Status.OK, version=7), None)]
 
     _run(test)
 
@@ -282,7 +282,7 @@ class FakeWrites(Writes):
             pass  # no answer in the round's time: ask again (until the deadline)
         node.version += mutation.versions
         node.values.append(mutation.value)
-        return Outcome("ok", version=node.version)
+        return Outcome(Status.OK, version=node.version)
 
 
 class _NoCache:
@@ -410,7 +410,7 @@ def test_a_leader_that_fails_fails_its_members_and_hands_the_key_over() -> None:
 
 def _one_round_read(version: int) -> Generator[Round, Replies, Outcome]:
     replies = yield _read_round()
-    return Outcome("ok", version=version) if replies else Outcome("unavailable")
+    return Outcome(Status.OK, version=version) if replies else Outcome(Status.UNAVAILABLE)
 
 
 def test_reads_of_a_busy_key_share_the_next_round_and_each_ends_once() -> None:
@@ -433,13 +433,13 @@ def test_reads_of_a_busy_key_share_the_next_round_and_each_ends_once() -> None:
         node.sent[0][1].add(1, _reply(1))
         node.sent[1][1].add(2, _reply(1))
         await trio.sleep(0.001)
-        assert first == [(Outcome("ok", version=1), None)]
+        assert first == [(Outcome(Status.OK, version=1), None)]
         assert len(node.sent) == 6 and second == third == []  # the next round, shared
         node.sent[3][1].add(1, _reply(2))
         node.sent[4][1].add(2, _reply(2))
         await trio.sleep(0.001)
         # The first waiter's operation ran for all of them.
-        assert second == third == [(Outcome("ok", version=2), None)]
+        assert second == third == [(Outcome(Status.OK, version=2), None)]
         assert len(late) == 1 and reads.shared.reads_shared == 3
         assert slot not in reads.shared.running  # idle again
 
@@ -460,7 +460,7 @@ def test_readers_of_a_shared_round_that_fails_hear_unavailable() -> None:
         node.sent[3][1].add(1, _reply(1))
         node.sent[4][1].add(2, _reply(1))
         await trio.sleep(0.001)
-        assert first == [(Outcome("ok", version=1), None)]
+        assert first == [(Outcome(Status.OK, version=1), None)]
         (answer,) = waiting
         assert answer[0] is None and isinstance(answer[1], Unavailable)
         assert "did not finish" in str(answer[1])

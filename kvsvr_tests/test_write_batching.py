@@ -26,7 +26,7 @@ from kvsvr.node.write_queue import (
     fail_group,
     folded_mutation,
 )
-from kvsvr.protocol.coordinator import Mutation, Outcome
+from kvsvr.protocol.coordinator import Mutation, Outcome, Status
 from kvsvr_tests.cluster_util import LocalCluster
 
 SLOT = ("default", b"\x00\x01k")
@@ -63,9 +63,9 @@ def test_groups_take_queued_blind_writes_in_order_and_stop_at_a_condition() -> N
     folded = folded_mutation([blind[0], blind[2]])
     assert (folded.value, folded.versions) == (b"b2", 2)
 
-    answer_group([blind[0], blind[2]], Outcome("ok", version=12))
-    assert blind[0].outcome == Outcome("ok", version=11)
-    assert blind[2].outcome == Outcome("ok", version=12) and _woken(blind[2])
+    answer_group([blind[0], blind[2]], Outcome(Status.OK, version=12))
+    assert blind[0].outcome == Outcome(Status.OK, version=11)
+    assert blind[2].outcome == Outcome(Status.OK, version=12) and _woken(blind[2])
 
     queues.hand_over(SLOT)
     assert cas.group == [cas], "a conditional write goes alone"
@@ -87,7 +87,7 @@ def test_a_group_is_bounded_and_a_failed_leader_fails_its_members() -> None:
     assert group is not None and len(group) == WRITE_BATCH_MAX
     fail_group(group, "cancelled")
     assert all(m.failure == "cancelled" and _woken(m) for m in group[1:])
-    answer_group(group, Outcome("unavailable", detail="no majority"))
+    answer_group(group, Outcome(Status.UNAVAILABLE, detail="no majority"))
     assert all(m.outcome is not None and m.outcome.status == "unavailable" for m in group)
 
 
