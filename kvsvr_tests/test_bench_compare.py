@@ -9,6 +9,7 @@ import math
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -439,9 +440,12 @@ def test_ratios_and_target_checks() -> None:
     assert target_checks([], [], 64)[0]["status"] == "not measured"
 
 
-def test_compare_text_renders_every_section() -> None:
-    runs = [_run("etcd", "W", 1000, 20), _run("kvsvr", "W", 800, 30)]
-    results = {
+def compare_results(
+    runs: list[dict[str, Any]], sweep: list[dict[str, Any]] | None = None, **fields: Any
+) -> dict[str, Any]:
+    """What `bench compare` writes to compare.json, for these runs and sweep
+    on a made-up 2-core machine; `fields` add or replace top-level entries."""
+    results: dict[str, Any] = {
         "environment": {
             "cpu_count": 2,
             "cpu_model": "test cpu",
@@ -452,13 +456,22 @@ def test_compare_text_renders_every_section() -> None:
         },
         "options": {"processes": 2, "clients": 64, "warmup_s": 3, "time_s": 20},
         "runs": runs,
-        "sweep": [],
+        "sweep": sweep or [],
         "loads": [],
         "ceilings": [],
-        "skipped": [{"target": "kvsvr-eventual", "reason": "not implemented"}],
+        "skipped": [],
+        **fields,
     }
     results["ratios"] = ratios(runs)
-    results["checks"] = target_checks(results["ratios"], [], 64)
+    results["checks"] = target_checks(results["ratios"], results["sweep"], 64)
+    return results
+
+
+def test_compare_text_renders_every_section() -> None:
+    runs = [_run("etcd", "W", 1000, 20), _run("kvsvr", "W", 800, 30)]
+    results = compare_results(
+        runs, skipped=[{"target": "kvsvr-eventual", "reason": "not implemented"}]
+    )
     text = compare_text(results)
     assert "0.80x" in text and "MISSED" in text and "2 cores" in text
     assert "kvsvr-eventual" in text

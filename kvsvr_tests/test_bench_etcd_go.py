@@ -23,16 +23,15 @@ from bench.compare import (
     CompareOptions,
     driver_record,
     processes_for,
-    ratios,
     resolve_drivers,
     summarize,
-    target_checks,
 )
 from bench.driver import DriverError, Histogram, RunSpec, TargetSpec, _merge, run_phase
 from bench.report import check_rows, closed_rows, compare_text, ratio_rows, sweep_rows
 from bench.targets import TARGETS, TargetInfo, parse_targets
 from bench.workloads import WORKLOADS, parse_workloads
 from kvsvr.local import free_ports
+from kvsvr_tests.test_bench_compare import compare_results
 
 # A real run's stdout: etcdload -mode open -rate 40 -read 0.5 -cas 0.5 -keys 10
 # -clients 4 -conns 2 -warmup-s 0.1 -duration-s 0.2, against one etcd 3.4.23.
@@ -363,27 +362,12 @@ def _run(target: TargetInfo, workload: str, ops: float, p99: float, **extra: Any
 
 
 def _results(runs: list[dict], sweep: list[dict], drivers: dict | None = None) -> dict:
-    results: dict[str, Any] = {
-        "environment": {
-            "cpu_count": 2,
-            "cpu_model": "test cpu",
-            "load_average_at_start": (0.1, 0.2, 0.3),
-            "data_filesystem": "ext4",
-            "data_dir": "/tmp/x",
-            "etcd_version": "3.4.23",
-        },
-        "options": {"processes": 2, "clients": 64, "warmup_s": 3, "time_s": 20},
-        "runs": runs,
-        "sweep": sweep,
-        "sweep_reference": {"target": "etcd", "workload": "W", "max_ops_per_s": 1000},
-        "loads": [],
-        "ceilings": [],
-        "skipped": [],
-        "drivers": drivers or {},
-    }
-    results["ratios"] = ratios(runs)
-    results["checks"] = target_checks(results["ratios"], sweep, 64)
-    return results
+    return compare_results(
+        runs,
+        sweep,
+        sweep_reference={"target": "etcd", "workload": "W", "max_ops_per_s": 1000},
+        drivers=drivers or {},
+    )
 
 
 def test_report_labels_the_python_driver_as_a_lower_bound_everywhere() -> None:
