@@ -1,0 +1,188 @@
+"""Read-lease bookkeeping (kvsvr/protocol/read_lease.py): grants, holds, and
+the clock-rate assumption they rest on."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvsvr.protocol.read_lease import (
+    GRANTS_MAX,
+    HOLDERS_PER_KEY_MAX,
+    Grants,
+    Holds,
+    LeaseTiming,
+)
+
+TIMING = LeaseTiming(lease_s=2.0, clock_drift_max=0.01)
+OPEN = 100.0  # a moment after every test's restart quiet period
+
+
+def open_grants(timing: LeaseTiming = TIMING) -> Grants:
+    grants = Grants(timing, started_at=OPEN - timing.hold_s)
+    assert grants.accepts_open(OPEN)
+    return grants
+
+
+def test_a_restarted_replica_accepts_nothing_for_one_hold_period() -> None:
+    grants = Grants(TIMING, started_at=10.0)
+    assert not grants.accepts_open(10.0)
+    assert grants.wait_s("t", b"k", 1, 10.0) == pytest.approx(TIMING.hold_s)
+    assert grants.wait_s("t", b"k", 1, 10.0 + TIMING.hold_s) == 0.0
+
+
+def test_a_grant_blocks_other_coordinators_until_it_lapses() -> None:
+    grants = open_grants()
+    assert grants.grant("t", b"k", holder=1, now=OPEN)
+    assert grants.wait_s("t", b"k", coordinator=1, now=OPEN + 0.5) == 0.0
+    assert grants.wait_s("t", b"k", coordinator=2, now=OPEN + 0.5) == pytest.approx(
+        TIMING.hold_s - 0.5
+    )
+    assert grants.wait_s("t", b"other", coordinator=2, now=OPEN + 0.5) == 0.0
+    assert grants.wait_s("t2", b"k", coordinator=2, now=OPEN + 0.5) == 0.0
+    assert grants.wait_s("t", b"k", coordinator=2, now=OPEN + TIMING.hold_s) == 0.0
+
+
+def test_two_holders_block_each_other() -> None:
+    grants = open_grants()
+    assert grants.grant("t", b"k", holder=1, now=OPEN)
+    assert grants.grant("t", b"k", holder=2, now=OPEN + 1)
+    assert grants.wait_s("t", b"k", coordinator=1, now=OPEN + 1.5) == pytest.approx(
+        TIMING.hold_s - 0.5
+    )
+    assert grants.wait_s("t", b"k", coordinator=2, now=OPEN + 1.5) == pytest.approx(
+        TIMING.hold_s - 1.5
+    )
+
+
+def test_a_key_whose_writes_waited_is_not_leased_for_a_while() -> None:
+    grants = open_grants()
+    assert grants.grant("t", b"k", holder=1, now=OPEN)
+    assert grants.wait_s("t", b"k", coordinator=2, now=OPEN + 0.1) > 0
+    later = OPEN + TIMING.hold_s + 0.1
+    assert not grants.grant("t", b"k", holder=1, now=later)
+    assert grants.grant("t", b"other", holder=1, now=later)
+    assert grants.grant("t", b"k", holder=1, now=OPEN + 0.1 + TIMING.contended_s)
+
+
+def test_grants_are_bounded_and_lapsed_ones_make_room() -> None:
+    grants = open_grants()
+    for i in range(GRANTS_MAX):
+        assert grants.grant("t", i.to_bytes(4, "big"), holder=1, now=OPEN)
+    assert not grants.grant("t", b"one too many", holder=1, now=OPEN)
+    assert grants.count(OPEN) == GRANTS_MAX
+    after = OPEN + TIMING.hold_s
+    assert grants.grant("t", b"one too many", holder=1, now=after)
+    assert grants.count(after) == 1
+
+
+def test_holders_per_key_are_bounded() -> None:
+    grants = open_grants()
+    for holder in range(1, HOLDERS_PER_KEY_MAX + 1):
+        assert grants.grant("t", b"k", holder=holder, now=OPEN)
+    assert not grants.grant("t", b"k", holder=HOLDERS_PER_KEY_MAX + 1, now=OPEN)
+    assert grants.grant("t", b"k", holder=1, now=OPEN + 0.1), "a renewal is not a new holder"
+
+
+def test_a_hold_counts_from_when_the_read_was_sent() -> None:
+    holds = Holds(TIMING)
+    holds.took("t", b"k", sent_at=10.0, now=10.3)
+    assert holds.reads_locally("t", b"k", 11.9)
+    assert not holds.reads_locally("t", b"k", 12.0)
+    assert holds.count(12.0) == 0
+    holds.took("t", b"late", sent_at=10.0, now=12.5)
+    assert not holds.reads_locally("t", b"late", 12.5), "a reply later than the lease holds nothing"
+
+
+def test_no_local_read_while_our_own_write_is_in_flight() -> None:
+    holds = Holds(TIMING)
+    holds.took("t", b"k", sent_at=10.0, now=10.0)
+    holds.write_started("t", b"k")
+    holds.write_started("t", b"k")
+    assert not holds.reads_locally("t", b"k", 10.5)
+    holds.write_finished("t", b"k", outcome_known=True)
+    assert not holds.reads_locally("t", b"k", 10.5), "one write is still in flight"
+    holds.write_finished("t", b"k", outcome_known=True)
+    assert holds.reads_locally("t", b"k", 10.5)
+
+
+def test_a_write_of_unknown_outcome_ends_the_lease() -> None:
+    holds = Holds(TIMING)
+    holds.took("t", b"k", sent_at=10.0, now=10.0)
+    holds.write_started("t", b"k")
+    holds.write_finished("t", b"k", outcome_known=False)
+    assert not holds.reads_locally("t", b"k", 10.5)
+
+
+def test_finishing_a_write_that_never_started_is_a_bug() -> None:
+    with pytest.raises(AssertionError):
+        Holds(TIMING).write_finished("t", b"k", outcome_known=True)
+
+
+def test_timing_limits() -> None:
+    with pytest.raises(AssertionError):
+        LeaseTiming(lease_s=0, clock_drift_max=0.01)
+    with pytest.raises(AssertionError):
+        LeaseTiming(lease_s=1, clock_drift_max=0.9)
+
+
+# ------------------------------------------------ the clock-rate assumption
+
+
+def _last_local_read_is_covered(
+    timing: LeaseTiming, holder_rate: float, replica_rate: float, sent_real: float, delay: float
+) -> bool:
+    """Drive a holder and a granting replica whose clocks run at the given
+    rates (clock = offset + rate * real time) and report whether, at the
+    last real moment the holder still reads locally, the replica still
+    refuses another coordinator's Accept."""
+    holder_offset, replica_offset = 1000.0, 5000.0
+
+    def holder_clock(real: float) -> float:
+        return holder_offset + holder_rate * real
+
+    def replica_clock(real: float) -> float:
+        return replica_offset + replica_rate * real
+
+    grants = Grants(timing, started_at=replica_clock(0.0) - timing.hold_s)
+    holds = Holds(timing)
+    received_real = sent_real + delay
+    assert grants.grant("t", b"k", holder=1, now=replica_clock(received_real))
+    holds.took("t", b"k", sent_at=holder_clock(sent_real), now=holder_clock(received_real))
+    # The holder reads locally while holder_clock(t) < holder_clock(sent) + lease_s.
+    last_local_real = sent_real + timing.lease_s / holder_rate - 1e-9
+    if not holds.reads_locally("t", b"k", holder_clock(last_local_real)):
+        return True  # the lease was already over when the reply came back
+    return grants.wait_s("t", b"k", coordinator=2, now=replica_clock(last_local_real)) > 0
+
+
+rates_within = st.floats(min_value=1 - TIMING.clock_drift_max, max_value=1 + TIMING.clock_drift_max)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    holder_rate=rates_within,
+    replica_rate=rates_within,
+    sent_real=st.floats(min_value=0, max_value=1e4),
+    delay=st.floats(min_value=0, max_value=5.0),
+)
+def test_within_the_drift_bound_the_replica_outlasts_the_lease(
+    holder_rate: float, replica_rate: float, sent_real: float, delay: float
+) -> None:
+    assert _last_local_read_is_covered(TIMING, holder_rate, replica_rate, sent_real, delay)
+
+
+def test_at_the_worst_rates_in_the_bound_the_replica_still_outlasts_the_lease() -> None:
+    rho = TIMING.clock_drift_max
+    assert _last_local_read_is_covered(TIMING, 1 - rho, 1 + rho, 10.0, 0.0)
+
+
+def test_a_replica_clock_five_times_fast_breaks_the_lease() -> None:
+    """The assumption is real: far outside it, another coordinator's Accept
+    gets through while the holder still reads locally (a stale read)."""
+    assert not _last_local_read_is_covered(TIMING, 1.0, 5.0, 10.0, 0.0)
+
+
+def test_a_holder_clock_five_times_slow_breaks_the_lease() -> None:
+    assert not _last_local_read_is_covered(TIMING, 0.2, 1.0, 10.0, 0.0)
