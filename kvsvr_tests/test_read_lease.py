@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvsvr.protocol import replica
+from kvsvr.protocol.messages import Accept, AcceptReply, Read
 from kvsvr.protocol.read_lease import (
     GRANTS_MAX,
     HOLDERS_PER_KEY_MAX,
@@ -14,6 +16,7 @@ from kvsvr.protocol.read_lease import (
     Holds,
     LeaseTiming,
 )
+from kvsvr.protocol.state import Accepted, Row
 
 TIMING = LeaseTiming(lease_s=2.0, clock_drift_max=0.01)
 OPEN = 100.0  # a moment after every test's restart quiet period
@@ -186,3 +189,34 @@ def test_a_replica_clock_five_times_fast_breaks_the_lease() -> None:
 
 def test_a_holder_clock_five_times_slow_breaks_the_lease() -> None:
     assert not _last_local_read_is_covered(TIMING, 0.2, 1.0, 10.0, 0.0)
+
+
+# ------------------------------------------------ the replica state machine
+
+
+def test_an_accept_held_back_by_a_lease_is_refused_with_the_wait() -> None:
+    row = Row(version=3, value=b"v", promised=(5, 1))
+    accept = Accept("t", b"k", (6, 2), 4, b"new", None, 9)
+    changed, reply = replica.on_accept(row, accept, wait_s=1.25)
+    assert changed is None
+    assert reply == AcceptReply(ok=False, promised=(5, 1), version=3, wait_s=1.25)
+    changed, reply = replica.on_accept(row, accept)
+    assert reply.ok and reply.wait_s == 0.0 and changed is not None
+
+
+def test_a_held_back_accept_still_learns_the_commit_it_carries() -> None:
+    proposal = Accepted((5, 1), 4, b"w", None, 7)
+    row = Row(version=3, value=b"v", promised=(5, 1), accepted=proposal)
+    accept = Accept("t", b"k", (5, 1), 5, b"x", None, 8, 4, (5, 1))
+    changed, reply = replica.on_accept(row, accept, wait_s=0.5)
+    assert not reply.ok and reply.wait_s == 0.5
+    assert changed is not None and changed.version == 4 and changed.value == b"w"
+    assert changed.accepted is None, "the new proposal was not accepted"
+
+
+def test_a_read_reply_says_whether_its_lease_was_granted() -> None:
+    row = Row(version=2, value=b"v")
+    assert not replica.on_read(row, Read("t", b"k", -1)).lease
+    assert replica.on_read(row, Read("t", b"k", -1, lease_for=3), lease=True).lease
+    with pytest.raises(AssertionError):
+        replica.on_read(row, Read("t", b"k", -1), lease=True)
