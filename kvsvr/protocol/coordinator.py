@@ -25,7 +25,6 @@ chosen still holds a majority's promise and skips phase 1 (the fast path).
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -61,6 +60,10 @@ from kvsvr.protocol.rounds import Round as Round
 from kvsvr.protocol.rounds import Status as Status
 from kvsvr.protocol.rounds import is_positive as is_positive
 from kvsvr.protocol.state import Ballot
+from kvsvr.protocol.write_leases import LEASE_ENTRY_BYTES as LEASE_ENTRY_BYTES
+from kvsvr.protocol.write_leases import LEASES_BYTES_MAX as LEASES_BYTES_MAX
+from kvsvr.protocol.write_leases import Lease as Lease
+from kvsvr.protocol.write_leases import WriteLeases
 
 # Rounds one operation may try before giving up with Unavailable. Each failed
 # round means a duel with another coordinator or a missing majority; beyond a
@@ -80,47 +83,6 @@ READ_WAITS_MAX = 3
 # randomised so that duelling coordinators fall out of step.
 BACKOFF_BASE_S = 0.002
 BACKOFF_MAX_S = 0.2
-# Keys for which a coordinator remembers that it holds the promise (fast path),
-# bounded in bytes so that a node writing millions of distinct keys does not
-# grow without end (a forgotten lease only costs one extra round trip). An
-# entry is the key, its slot in an OrderedDict and one packed int: about
-# LEASE_ENTRY_BYTES + len(key), so 16 MiB remember ~80,000 short keys. A
-# bound in bytes, not entries, counts long keys at their size.
-LEASES_BYTES_MAX = 16 << 20
-LEASE_ENTRY_BYTES = 160
-_U64 = (1 << 64) - 1
-
-
-@dataclass(slots=True)
-class Lease:
-    """This coordinator's last proposal on a key was chosen under `ballot`."""
-
-    ballot: Ballot
-    version: int
-    present: bool | None  # None: not known (then if_absent takes the full path)
-
-
-_PRESENT_CODES: dict[bool | None, int] = {None: 0, False: 1, True: 2}
-_PRESENT_OF_CODE: tuple[bool | None, ...] = (None, False, True)
-
-
-def _pack_lease(lease: Lease) -> int | None:
-    """A lease as one int (version, ballot round, ballot node, presence in
-    64-bit fields): a quarter of the memory of the objects, for many keys. None
-    if a field does not fit (a ballot past 2**64 - 1, as only a peer that sent
-    one could make us reach): that key then goes without a lease."""
-    round_, node = lease.ballot
-    if not (0 <= lease.version <= _U64 and 0 <= round_ <= _U64 and 0 <= node <= _U64):
-        return None
-    return lease.version | round_ << 64 | node << 128 | _PRESENT_CODES[lease.present] << 192
-
-
-def _unpack_lease(packed: int) -> Lease:
-    return Lease(
-        ((packed >> 64) & _U64, (packed >> 128) & _U64),
-        packed & _U64,
-        _PRESENT_OF_CODE[packed >> 192],
-    )
 
 
 @dataclass(slots=True)
@@ -136,17 +98,16 @@ class CoordinatorStats:
     read_waits: int = 0  # reads that found their own proposal in flight and read again
 
 
-class Coordinator:
-    """One node's coordinator state, shared by all the operations it runs."""
+class Coordinator(WriteLeases):
+    """One node's coordinator state, shared by all the operations it runs
+    (the promises it holds, `WriteLeases`, included)."""
 
     def __init__(self, node_id: NodeId, rng: random.Random) -> None:
         assert node_id > 0, "node ids start at 1 so that ballot (0, 0) is below all"
+        super().__init__()
         self.node_id = node_id
         self.rng = rng
         self.round_seen = 0
-        # table -> key -> packed Lease (see `_pack_lease`), least recently put first.
-        self._leases: dict[str, OrderedDict[bytes, int]] = {}
-        self.lease_bytes = 0
         self.stats = CoordinatorStats()
         self._op_counter = 0
 
@@ -163,53 +124,6 @@ class Coordinator:
 
     def observe(self, ballot: Ballot) -> None:
         self.round_seen = max(self.round_seen, ballot[0])
-
-    def has_lease(self, table: str, key: bytes) -> bool:
-        leases = self._leases.get(table)
-        return leases is not None and key in leases
-
-    def lease_count(self) -> int:
-        return sum(len(leases) for leases in self._leases.values())
-
-    def take_lease(self, table: str, key: bytes) -> Lease | None:
-        leases = self._leases.get(table)
-        if leases is None:
-            return None
-        packed = leases.pop(key, None)
-        if packed is None:
-            return None
-        self.lease_bytes -= LEASE_ENTRY_BYTES + len(key)
-        return _unpack_lease(packed)
-
-    def drop_lease(self, table: str, key: bytes) -> None:
-        self.take_lease(table, key)
-
-    def put_lease(self, table: str, key: bytes, lease: Lease) -> None:
-        leases = self._leases.get(table)
-        if leases is None:
-            leases = self._leases[table] = OrderedDict()
-        packed = _pack_lease(lease)
-        if leases.pop(key, None) is None:
-            if packed is None:
-                return
-            self.lease_bytes += LEASE_ENTRY_BYTES + len(key)
-        elif packed is None:
-            self.lease_bytes -= LEASE_ENTRY_BYTES + len(key)
-            return
-        leases[key] = packed
-        while self.lease_bytes > LEASES_BYTES_MAX:
-            # The oldest of this table first; another table's when this one
-            # holds nothing else (a table's dict only grows by one per put).
-            victim = leases if len(leases) > 1 else self._largest_other(table)
-            old_key, _ = victim.popitem(last=False)
-            self.lease_bytes -= LEASE_ENTRY_BYTES + len(old_key)
-        assert self.lease_bytes >= 0
-
-    def _largest_other(self, table: str) -> OrderedDict[bytes, int]:
-        return max(
-            (leases for name, leases in self._leases.items() if name != table),
-            key=len,
-        )
 
     def known_for(self, node: NodeId, known_version: int) -> int:
         """The version to tell `node` we already hold. Our own replica sends its
