@@ -3,12 +3,15 @@ the clock-rate assumption they rest on."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvsvr.protocol import replica
-from kvsvr.protocol.messages import Accept, AcceptReply, Read
+from kvsvr.protocol.coordinator import Coordinator, Mutation, Outcome, Status
+from kvsvr.protocol.messages import Accept, AcceptReply, Prepare, Promise, Read, ReadReply
 from kvsvr.protocol.read_lease import (
     GRANTS_MAX,
     HOLDERS_PER_KEY_MAX,
@@ -220,3 +223,92 @@ def test_a_read_reply_says_whether_its_lease_was_granted() -> None:
     assert replica.on_read(row, Read("t", b"k", -1, lease_for=3), lease=True).lease
     with pytest.raises(AssertionError):
         replica.on_read(row, Read("t", b"k", -1), lease=True)
+
+
+# ------------------------------------------------ the coordinator
+
+
+def _reply(version: int, lease: bool, accepted_version: int = 0) -> ReadReply:
+    return ReadReply(
+        version,
+        True,
+        b"v%d" % version,
+        None,
+        None if accepted_version == 0 else (9, 3),
+        accepted_version,
+        (1, 1),
+        0,
+        lease,
+    )
+
+
+def _read_once(replies: dict[int, ReadReply]) -> tuple[Read, Outcome]:
+    coordinator = Coordinator(1, random.Random(0))
+    operation = coordinator.read("t", b"k", [1, 2, 3], now_ms=0, lease=True)
+    first = next(operation)
+    request = first.requests[1]
+    assert isinstance(request, Read)
+    try:
+        operation.send(dict(replies))
+        while True:
+            operation.send({})
+    except StopIteration as stop:
+        outcome = stop.value
+    assert isinstance(outcome, Outcome)
+    return request, outcome
+
+
+def test_a_read_with_grants_from_a_majority_holds_a_lease() -> None:
+    request, outcome = _read_once({1: _reply(4, True), 2: _reply(4, True)})
+    assert request.lease_for == 1, "the read asks for the lease for its own node"
+    assert outcome.status == Status.OK and outcome.version == 4 and outcome.leased
+
+
+def test_one_grant_short_of_a_majority_holds_none() -> None:
+    _, outcome = _read_once({1: _reply(4, True), 2: _reply(4, False)})
+    assert outcome.status == Status.OK and not outcome.leased
+
+
+def test_a_grant_from_a_replica_behind_still_counts() -> None:
+    _, outcome = _read_once({1: _reply(4, True), 2: _reply(3, True)})
+    assert outcome.version == 4 and outcome.leased
+
+
+def test_a_read_without_lease_asks_for_none() -> None:
+    coordinator = Coordinator(1, random.Random(0))
+    first = next(coordinator.read("t", b"k", [1, 2, 3], now_ms=0))
+    assert all(isinstance(r, Read) and r.lease_for == 0 for r in first.requests.values())
+
+
+def test_a_read_that_recovers_a_proposal_takes_no_lease() -> None:
+    coordinator = Coordinator(1, random.Random(0))
+    operation = coordinator.read("t", b"k", [1, 2, 3], now_ms=0, lease=True)
+    next(operation)
+    step = operation.send({1: _reply(4, True, accepted_version=5), 2: _reply(4, True)})
+    assert all(isinstance(r, Prepare) for r in step.requests.values()), "recovery's phase 1"
+    proposal = Accepted((9, 3), 5, b"new", None, 77)
+    promise = Promise(True, step.requests[1].ballot, 4, True, b"v4", None, proposal, 0)
+    step = operation.send({1: promise, 2: promise})
+    assert all(isinstance(r, Accept) for r in step.requests.values())
+    ok = AcceptReply(True, step.requests[1].ballot, 4)
+    try:
+        operation.send({1: ok, 2: ok})
+        while True:
+            operation.send({})
+    except StopIteration as stop:
+        outcome = stop.value
+    assert outcome.status == Status.OK and outcome.version == 5 and not outcome.leased
+
+
+def test_a_write_held_back_by_a_lease_waits_it_out_instead_of_duelling() -> None:
+    coordinator = Coordinator(1, random.Random(0))
+    operation = coordinator.write("t", b"k", [1, 2, 3], Mutation(b"x"), now_ms=0)
+    prepare_round = next(operation)
+    ballot = prepare_round.requests[1].ballot
+    promise = Promise(True, ballot, 4, False, None, None, None, 0)
+    accept_round = operation.send({1: promise, 2: promise})
+    held = AcceptReply(False, (1, 1), 4, wait_s=1.5)
+    next_round = operation.send({1: AcceptReply(True, ballot, 4), 2: held, 3: held})
+    assert next_round.delay_s >= 1.5, "the next attempt waits for the lease to lapse"
+    assert coordinator.stats.lease_waits == 1 and coordinator.stats.duels == 0
+    assert all(isinstance(r, Accept) for r in accept_round.requests.values())

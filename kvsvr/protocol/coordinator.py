@@ -96,6 +96,8 @@ class CoordinatorStats:
     unavailable: int = 0
     duels: int = 0
     read_waits: int = 0  # reads that found their own proposal in flight and read again
+    lease_waits: int = 0  # accept rounds held back by another node's read lease
+    leases_taken: int = 0  # strong reads that took a read lease
 
 
 class Coordinator(WriteLeases):
@@ -157,11 +159,15 @@ class Coordinator(WriteLeases):
         now_ms: int,
         known_version: int = -1,
         cached: CachedValue | None = None,
+        lease: bool = False,
     ) -> Generator[Round, Replies, Outcome]:
         """A linearizable read of one key. With `cached` (a version and its value
         the caller holds), no replica sends that version's value, and the cached
-        value answers only if a majority's latest chosen version is exactly it."""
-        return _read(self, table, key, replicas, now_ms, known_version, cached)
+        value answers only if a majority's latest chosen version is exactly it.
+        With `lease`, the read asks its replicas for a read lease on the key;
+        `Outcome.leased` says whether it holds one (counted from before the
+        read's first round left, by the caller's clock)."""
+        return _read(self, table, key, replicas, now_ms, known_version, cached, lease)
 
     def scan(
         self,
@@ -199,8 +205,10 @@ def _accept_round(
     op_id: int,
     commit: tuple[int, Ballot] | None,
     oneway: list[tuple[NodeId, Request]],
-) -> Generator[Round, Replies, set[NodeId] | None]:
-    """Phase 2. Returns the acceptors when a majority accepted, else None."""
+) -> Generator[Round, Replies, tuple[set[NodeId] | None, float]]:
+    """Phase 2. Returns the acceptors when a majority accepted, else None;
+    and how long to wait before trying again when replicas held the accept
+    back for a read lease (0.0 otherwise)."""
     commit_version, commit_ballot = commit if commit is not None else (0, (0, 0))
     message = Accept(
         table,
@@ -217,12 +225,16 @@ def _accept_round(
         {node: message for node in replicas}, quorum=majority(replicas), oneway=oneway
     )
     acceptors = {n for n, r in replies.items() if isinstance(r, AcceptReply) and r.ok}
+    wait_s = 0.0
     for reply in replies.values():
         if isinstance(reply, AcceptReply) and not reply.ok:
             coordinator.observe(reply.promised)
+            wait_s = max(wait_s, reply.wait_s)
     if len(acceptors) >= majority(replicas):
-        return acceptors
-    return None
+        return acceptors, 0.0
+    if wait_s > 0:
+        coordinator.stats.lease_waits += 1
+    return None, wait_s
 
 
 def _write(
@@ -265,7 +277,7 @@ def _write(
         lease = None
     if lease is not None:
         attempted = lease.version + mutation.versions
-        acceptors = yield from _accept_round(
+        acceptors, delay_s = yield from _accept_round(
             coordinator,
             table,
             key,
@@ -322,7 +334,7 @@ def _write(
             # committed. Finish it under our ballot before anything else.
             stats.recoveries += 1
             proposal = Mutation(in_flight.value, in_flight.expires_at_ms)
-            acceptors = yield from _accept_round(
+            acceptors, wait_s = yield from _accept_round(
                 coordinator,
                 table,
                 key,
@@ -335,8 +347,9 @@ def _write(
                 [],
             )
             if acceptors is None:
-                stats.duels += 1
-                delay_s = coordinator.backoff_s(attempt)
+                if wait_s == 0:
+                    stats.duels += 1
+                delay_s = max(coordinator.backoff_s(attempt), wait_s)
                 continue
             pending_oneway = commit_messages(
                 table,
@@ -425,7 +438,7 @@ def _write(
             return Outcome(Status.CONFLICT, version=chosen.version, detail="condition failed")
 
         attempted = chosen.version + mutation.versions
-        acceptors = yield from _accept_round(
+        acceptors, wait_s = yield from _accept_round(
             coordinator,
             table,
             key,
@@ -439,8 +452,9 @@ def _write(
         )
         pending_oneway = []
         if acceptors is None:
-            stats.duels += 1
-            delay_s = coordinator.backoff_s(attempt)
+            if wait_s == 0:
+                stats.duels += 1
+            delay_s = max(coordinator.backoff_s(attempt), wait_s)
             continue
         return (
             yield from _finish_write(
@@ -488,9 +502,11 @@ def _read(
     now_ms: int,
     known_version: int,
     cached: CachedValue | None = None,
+    lease: bool = False,
 ) -> Generator[Round, Replies, Outcome]:
     stats = coordinator.stats
     stats.reads += 1
+    lease_for = coordinator.node_id if lease else 0
     cache_hit = False
     quorum = majority(replicas)
     delay_s = 0.0
@@ -504,6 +520,7 @@ def _read(
                     table,
                     key,
                     cached[0] if cached is not None else coordinator.known_for(node, known_version),
+                    lease_for,
                 )
                 for node in replicas
             },
@@ -535,9 +552,9 @@ def _read(
             # A proposal above the latest chosen version may or may not be
             # chosen: settle it with a full Paxos round, then read again.
             coordinator.drop_lease(table, key)
-            outcome = yield from _recover(coordinator, table, key, replicas)
+            outcome, wait_s = yield from _recover(coordinator, table, key, replicas)
             if outcome is None:
-                delay_s = coordinator.backoff_s(attempt - waits)
+                delay_s = max(coordinator.backoff_s(attempt - waits), wait_s)
                 continue
             chosen = outcome
         elif not chosen.value_known and cached is not None and cached[0] == chosen.version:
@@ -570,12 +587,31 @@ def _read(
         if repairs:
             yield Round({}, quorum=0, oneway=repairs)
         present = is_present(chosen.value, chosen.expires_at_ms, now_ms)
+        # A read lease holds with grants from a majority none of which holds
+        # a proposal above the version read: any other proposal then needs
+        # an accept from a granting replica, which it refuses until the
+        # lease lapses. A read that recovered a proposal takes no lease.
+        leased = (
+            lease
+            and not in_flight
+            and sum(
+                1
+                for reply in replies.values()
+                if isinstance(reply, ReadReply)
+                and reply.lease
+                and reply.accepted_version <= chosen.version
+            )
+            >= quorum
+        )
+        if leased:
+            stats.leases_taken += 1
         return Outcome(
             Status.OK,
             version=chosen.version,
             value=chosen.value if present else None,
             expires_at_ms=chosen.expires_at_ms if present else None,
             cache_hit=cache_hit,
+            leased=leased,
         )
     stats.unavailable += 1
     return Outcome(Status.UNAVAILABLE, detail="no majority of replicas answered in time")
@@ -583,9 +619,10 @@ def _read(
 
 def _recover(
     coordinator: Coordinator, table: str, key: bytes, replicas: list[NodeId]
-) -> Generator[Round, Replies, Chosen | None]:
+) -> Generator[Round, Replies, tuple[Chosen | None, float]]:
     """Phase 1 plus, if a proposal is in flight, phase 2 for it. Returns the
-    latest chosen value afterwards, or None if this attempt lost a duel."""
+    latest chosen value afterwards, or None if this attempt lost a duel; and
+    how long a read lease held its accept back (0.0 if none did)."""
     coordinator.stats.recoveries += 1
     quorum = majority(replicas)
     ballot = coordinator.next_ballot()
@@ -596,12 +633,12 @@ def _recover(
         if isinstance(reply, Promise) and not reply.ok:
             coordinator.observe(reply.promised)
     if len(promises) < quorum:
-        return None
+        return None, 0.0
     chosen = latest_chosen({n: r for n, r in replies.items() if isinstance(r, Promise) and r.ok})
     in_flight = highest_proposal(promises, chosen.version)
     if in_flight is None:
-        return chosen if chosen.value_known else None
-    acceptors = yield from _accept_round(
+        return (chosen if chosen.value_known else None), 0.0
+    acceptors, wait_s = yield from _accept_round(
         coordinator,
         table,
         key,
@@ -614,7 +651,7 @@ def _recover(
         [],
     )
     if acceptors is None:
-        return None
+        return None, wait_s
     commits = commit_messages(
         table,
         key,
@@ -628,8 +665,9 @@ def _recover(
     )
     coordinator.put_lease(table, key, Lease(ballot, in_flight.version, in_flight.value is not None))
     yield Round({}, quorum=0, oneway=commits)
-    return Chosen(
-        in_flight.version, in_flight.value, in_flight.expires_at_ms, True, in_flight.op_id
+    return (
+        Chosen(in_flight.version, in_flight.value, in_flight.expires_at_ms, True, in_flight.op_id),
+        0.0,
     )
 
 
