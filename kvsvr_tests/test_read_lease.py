@@ -93,17 +93,17 @@ def test_holders_per_key_are_bounded() -> None:
 
 def test_a_hold_counts_from_when_the_read_was_sent() -> None:
     holds = Holds(TIMING)
-    holds.took("t", b"k", sent_at=10.0, now=10.3)
+    holds.took("t", b"k", sent_at=10.0, now=10.3, started=holds.read_started("t", b"k"))
     assert holds.reads_locally("t", b"k", 11.9)
     assert not holds.reads_locally("t", b"k", 12.0)
     assert holds.count(12.0) == 0
-    holds.took("t", b"late", sent_at=10.0, now=12.5)
+    holds.took("t", b"late", sent_at=10.0, now=12.5, started=holds.read_started("t", b"late"))
     assert not holds.reads_locally("t", b"late", 12.5), "a reply later than the lease holds nothing"
 
 
 def test_no_local_read_while_our_own_write_is_in_flight() -> None:
     holds = Holds(TIMING)
-    holds.took("t", b"k", sent_at=10.0, now=10.0)
+    holds.took("t", b"k", sent_at=10.0, now=10.0, started=holds.read_started("t", b"k"))
     holds.write_started("t", b"k")
     holds.write_started("t", b"k")
     assert not holds.reads_locally("t", b"k", 10.5)
@@ -115,7 +115,7 @@ def test_no_local_read_while_our_own_write_is_in_flight() -> None:
 
 def test_a_write_of_unknown_outcome_ends_the_lease() -> None:
     holds = Holds(TIMING)
-    holds.took("t", b"k", sent_at=10.0, now=10.0)
+    holds.took("t", b"k", sent_at=10.0, now=10.0, started=holds.read_started("t", b"k"))
     holds.write_started("t", b"k")
     holds.write_finished("t", b"k", outcome_known=False)
     assert not holds.reads_locally("t", b"k", 10.5)
@@ -155,7 +155,13 @@ def _last_local_read_is_covered(
     holds = Holds(timing)
     received_real = sent_real + delay
     assert grants.grant("t", b"k", holder=1, now=replica_clock(received_real))
-    holds.took("t", b"k", sent_at=holder_clock(sent_real), now=holder_clock(received_real))
+    holds.took(
+        "t",
+        b"k",
+        holder_clock(sent_real),
+        holder_clock(received_real),
+        holds.read_started("t", b"k"),
+    )
     # The holder reads locally while holder_clock(t) < holder_clock(sent) + lease_s.
     last_local_real = sent_real + timing.lease_s / holder_rate - 1e-9
     if not holds.reads_locally("t", b"k", holder_clock(last_local_real)):
@@ -312,3 +318,20 @@ def test_a_write_held_back_by_a_lease_waits_it_out_instead_of_duelling() -> None
     assert next_round.delay_s >= 1.5, "the next attempt waits for the lease to lapse"
     assert coordinator.stats.lease_waits == 1 and coordinator.stats.duels == 0
     assert all(isinstance(r, Accept) for r in accept_round.requests.values())
+
+
+def test_a_read_overlapping_our_own_write_takes_no_lease() -> None:
+    """The write may have chosen a later version than the read returned."""
+    holds = Holds(TIMING)
+    holds.write_started("t", b"k")
+    during = holds.read_started("t", b"k")
+    holds.write_finished("t", b"k", outcome_known=True)
+    assert not holds.took("t", b"k", 10.0, 10.1, during), "a write was in flight as it started"
+    before = holds.read_started("t", b"k")
+    holds.write_started("t", b"k")
+    holds.write_finished("t", b"k", outcome_known=True)
+    assert not holds.took("t", b"k", 10.0, 10.1, before), "a write ran while it ran"
+    clean = holds.read_started("t", b"k")
+    holds.write_started("t", b"other")
+    assert holds.took("t", b"k", 10.0, 10.1, clean), "a write to another key is no matter"
+    assert holds.reads_locally("t", b"k", 10.2)

@@ -175,25 +175,42 @@ class Holds:
         # Writes of this coordinator in flight, per key (a count: writes to
         # one key may overlap while they queue).
         self._writing: dict[Key, int] = {}
+        # Every start and end of a write of ours bumps `_write_events`; each
+        # key remembers the count at its last one (bounded: a key forgotten
+        # counts as written at `_forgotten_at`, which errs towards no lease).
+        self._write_events = 0
+        self._last_write: OrderedDict[Key, int] = OrderedDict()
+        self._forgotten_at = 0
 
-    def took(self, table: str, key: bytes, sent_at: float, now: float) -> None:
-        """A read sent at `sent_at` came back with grants from a majority and
-        no proposal above the version it returned: hold the key until
-        `sent_at + lease_s`. Called only when no write of ours is in flight
-        on the key since before `sent_at` (the caller checks `writing`)."""
+    def read_started(self, table: str, key: bytes) -> int:
+        """Call as a read that asks for a lease starts; pass what it returns
+        to `took`. A read's value may be held only if no write of ours to
+        the key was in flight at any moment of the read: one that ended
+        during it may have chosen a later version than the read returns."""
+        return -1 if (table, key) in self._writing else self._write_events
+
+    def took(self, table: str, key: bytes, sent_at: float, now: float, started: int) -> bool:
+        """A read sent at `sent_at` (which `read_started` numbered `started`)
+        came back with grants from a majority and no proposal above the
+        version it returned: hold the key until `sent_at + lease_s`, unless a
+        write of ours overlapped the read. True when the key is held."""
         assert sent_at <= now, "a reply cannot come back before its request left"
         entry: Key = (table, key)
+        if started < 0 or self._last_write.get(entry, self._forgotten_at) > started:
+            return False
+        assert entry not in self._writing, "a write that started meanwhile is an event"
         until = sent_at + self.timing.lease_s
         if until <= now:
-            return
+            return False
         self._expire(now)
         if entry in self._holds:
             self._holds[entry] = max(self._holds[entry], until)
             self._holds.move_to_end(entry)
-            return
+            return True
         if len(self._holds) >= HOLDS_MAX:
-            return
+            return False
         self._holds[entry] = until
+        return True
 
     def reads_locally(self, table: str, key: bytes, now: float) -> bool:
         """May a strong read of the key be answered from this node's own
@@ -211,6 +228,7 @@ class Holds:
         """Call before the write's first Accept leaves."""
         entry: Key = (table, key)
         self._writing[entry] = self._writing.get(entry, 0) + 1
+        self._write_event(entry)
 
     def write_finished(self, table: str, key: bytes, outcome_known: bool) -> None:
         """Call once the write's outcome is known and the local copy holds
@@ -223,8 +241,17 @@ class Holds:
             del self._writing[entry]
         else:
             self._writing[entry] = count - 1
+        self._write_event(entry)
         if not outcome_known:
             self._holds.pop(entry, None)
+
+    def _write_event(self, entry: Key) -> None:
+        self._write_events += 1
+        last = self._last_write
+        last.pop(entry, None)
+        last[entry] = self._write_events
+        if len(last) > HOLDS_MAX:
+            _, self._forgotten_at = last.popitem(last=False)
 
     def writing(self, table: str, key: bytes) -> bool:
         return (table, key) in self._writing
