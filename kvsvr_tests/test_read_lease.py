@@ -335,3 +335,15 @@ def test_a_read_overlapping_our_own_write_takes_no_lease() -> None:
     holds.write_started("t", b"other")
     assert holds.took("t", b"k", 10.0, 10.1, clean), "a write to another key is no matter"
     assert holds.reads_locally("t", b"k", 10.2)
+
+
+def test_any_accept_we_send_ends_the_lease() -> None:
+    """A read's recovery of another coordinator's proposal gets a version
+    chosen as surely as a write (the simulator found seed 300017)."""
+    holds = Holds(TIMING)
+    started = holds.read_started("t", b"k")
+    assert holds.took("t", b"k", 10.0, 10.0, started)
+    running = holds.read_started("t", b"k")
+    holds.accept_sent("t", b"k")
+    assert not holds.reads_locally("t", b"k", 10.1)
+    assert not holds.took("t", b"k", 10.0, 10.2, running), "a read that ran across it takes none"

@@ -323,6 +323,12 @@ class World:
     def _send_round(self, op: _RunningOp, round_number: int) -> None:
         if op.finished or op.round_number != round_number or op.current is None:
             return
+        holds = self.nodes[op.node_id].holds
+        if holds is not None:
+            for message in op.current.requests.values():
+                if isinstance(message, Accept):
+                    holds.accept_sent(message.table, message.key)
+                    break  # one key per round
         for dst, message in op.current.requests.items():
             self._send(op.node_id, dst, ("request", op.node_id, op.op_token, round_number, message))
         worst_rtt_s = 2 * self.faults.delay_max_s

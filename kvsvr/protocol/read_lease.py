@@ -253,6 +253,15 @@ class Holds:
         if len(last) > HOLDS_MAX:
             _, self._forgotten_at = last.popitem(last=False)
 
+    def accept_sent(self, table: str, key: bytes) -> None:
+        """Call whenever this coordinator sends an Accept of the key: a write,
+        or a read's or another write's recovery of a proposal in flight. Any
+        of them may get a new version chosen, which the held copy does not
+        have: the lease ends, and a read running meanwhile takes none."""
+        entry: Key = (table, key)
+        self._holds.pop(entry, None)
+        self._write_event(entry)
+
     def writing(self, table: str, key: bytes) -> bool:
         return (table, key) in self._writing
 
