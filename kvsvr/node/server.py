@@ -72,6 +72,7 @@ from kvsvr.protocol.messages import (
     to_wire,
 )
 from kvsvr.protocol.placement import partition_of
+from kvsvr.protocol.read_lease import Grants, Holds
 from kvsvr.protocol.state import Row
 from kvsvr.storage import Storage
 from kvsvr.storage.residency import ResidencyGuard
@@ -151,11 +152,46 @@ class Node:
         )
         self.replica_side.gate = self.replication
         self.api.replication = self.replication
+        self._start_read_leases()
         # The client requests every entry point starts on the engine.
         self._client_methods: dict[str, Callable[[object, Respond], None]] = {
             Method.GET: self.api.get,
             Method.PUT: self.api.put,
             Method.SCAN: self.api.scan,
+        }
+
+    def _start_read_leases(self) -> None:
+        """Read leases (`kvsvr.protocol.read_lease`): the grants this replica
+        makes, the leases this coordinator holds. A replica accepts nothing
+        for one hold period after it starts, or after its rows are rebuilt,
+        since it may have forgotten grants it made before; a node with an
+        empty data directory founding a new cluster made none."""
+        timing = self.config.lease_timing
+        if timing is None:
+            return
+        clock = self.clock
+        grants = Grants(timing, started_at=clock.monotonic())
+        if self.replication.start.kind == "ask_peers":
+            grants.open_accepts()
+        self.replication.readiness.on_rebuilt = lambda: grants.restart(clock.monotonic())
+        self.replica_side.grants = grants
+        self.replica_side.clock = clock
+        self.rounds.holds = Holds(timing)
+
+    def lease_status(self) -> dict[str, Any]:
+        grants, holds = self.replica_side.grants, self.rounds.holds
+        now = self.clock.monotonic()
+        stats = self.coordinator.stats
+        return {
+            "enabled": holds is not None,
+            "lease_s": self.config.lease_s,
+            "clock_drift_max": self.config.clock_drift_max,
+            "held": 0 if holds is None else holds.count(now),
+            "granted": 0 if grants is None else grants.count(now),
+            "accepts_open": grants is None or grants.accepts_open(now),
+            "taken": stats.leases_taken,
+            "local_reads": self.api.leased_reads,
+            "write_waits": stats.lease_waits,
         }
 
     def link_peers(self, nursery: trio.Nursery) -> None:
@@ -253,6 +289,7 @@ class Node:
                 "groups_folded": self.writes.queues.groups_folded,
                 "writes_folded": self.writes.queues.writes_folded,
             },
+            "read_leases": self.lease_status(),
             "cache": {
                 **asdict(self.cache.stats),
                 "hit_ratio": round(self.cache.hit_ratio(), 4),

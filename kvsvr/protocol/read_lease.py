@@ -100,6 +100,18 @@ class Grants:
         self._grants: OrderedDict[Key, dict[int, float]] = OrderedDict()
         self._contended: OrderedDict[Key, float] = OrderedDict()
 
+    def open_accepts(self) -> None:
+        """This replica never granted a lease before it started (it founds a
+        new cluster with an empty data directory): no quiet period."""
+        self.accepts_open_at = float("-inf")
+
+    def restart(self, now: float) -> None:
+        """Forget every grant and accept nothing for one hold period from
+        `now`: this replica's rows were rebuilt, and the node index it votes
+        with may have granted leases in an earlier life that still hold."""
+        self._grants.clear()
+        self.accepts_open_at = now + self.timing.hold_s
+
     def accepts_open(self, now: float) -> bool:
         return now >= self.accepts_open_at
 
