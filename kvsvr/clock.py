@@ -101,3 +101,8 @@ class RateClock:
 
 
 SYSTEM_CLOCK: Clock = SystemClock()
+
+# The request that sets a node's clock rate, `{"rate": r}`: served only by a
+# node started with `kvsvr node --test-clock-control` (the fault harness's
+# `clock` nemesis), which runs on a `RateClock`.
+TEST_CLOCK_RATE_METHOD = "test_clock_rate"

@@ -15,6 +15,7 @@ from kvsvr.protocol.messages import Accept, AcceptReply, Prepare, Promise, Read,
 from kvsvr.protocol.read_lease import (
     GRANTS_MAX,
     HOLDERS_PER_KEY_MAX,
+    WRITERS_MAX,
     Grants,
     Holds,
     LeaseTiming,
@@ -70,6 +71,45 @@ def test_a_key_whose_writes_waited_is_not_leased_for_a_while() -> None:
     assert not grants.grant("t", b"k", holder=1, now=later)
     assert grants.grant("t", b"other", holder=1, now=later)
     assert grants.grant("t", b"k", holder=1, now=OPEN + 0.1 + TIMING.contended_s)
+
+
+def test_a_key_is_leased_only_to_the_coordinator_that_writes_it() -> None:
+    grants = open_grants()
+    assert grants.wait_s("t", b"k", coordinator=1, now=OPEN) == 0
+    assert not grants.grant("t", b"k", holder=2, now=OPEN + 0.1)
+    assert grants.grant("t", b"k", holder=1, now=OPEN + 0.1)
+    # Its writes never wait for its own lease.
+    assert grants.wait_s("t", b"k", coordinator=1, now=OPEN + 0.2) == 0
+    # Once nobody wrote it for `contended_s`, anyone may lease it.
+    quiet = OPEN + 0.2 + TIMING.contended_s
+    assert grants.grant("t", b"k", holder=2, now=quiet)
+
+
+def test_a_key_written_through_several_coordinators_is_not_leased() -> None:
+    grants = open_grants()
+    assert grants.wait_s("t", b"k", coordinator=1, now=OPEN) == 0
+    assert grants.wait_s("t", b"k", coordinator=2, now=OPEN + 0.1) == 0
+    for holder in (1, 2, 3):
+        assert not grants.grant("t", b"k", holder=holder, now=OPEN + 0.2)
+    # ... while the writes go on (each write extends it).
+    assert grants.wait_s("t", b"k", coordinator=1, now=OPEN + TIMING.contended_s) == 0
+    assert not grants.grant("t", b"k", holder=1, now=OPEN + TIMING.contended_s + 0.1)
+
+
+def test_a_restart_quiet_period_marks_no_writer() -> None:
+    grants = Grants(TIMING, started_at=0.0)
+    assert grants.wait_s("t", b"k", coordinator=2, now=0.1) > 0
+    assert grants.grant("t", b"k", holder=1, now=OPEN)
+
+
+def test_recent_writers_are_bounded() -> None:
+    grants = open_grants()
+    for i in range(WRITERS_MAX + 10):
+        grants.wait_s("t", i.to_bytes(4, "big"), coordinator=1, now=OPEN)
+    assert len(grants._writers) == WRITERS_MAX
+    # The oldest were forgotten: their keys may be leased to anyone.
+    assert grants.grant("t", (0).to_bytes(4, "big"), holder=2, now=OPEN)
+    assert not grants.grant("t", (WRITERS_MAX + 9).to_bytes(4, "big"), holder=2, now=OPEN)
 
 
 def test_grants_are_bounded_and_lapsed_ones_make_room() -> None:

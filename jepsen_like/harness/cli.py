@@ -98,6 +98,26 @@ def parser() -> argparse.ArgumentParser:
         + "; or 'none' (default kill,pause,partition,corrupt)",
     )
     runner.add_argument(
+        "--clock-rate",
+        type=_positive,
+        metavar="R",
+        help="the clock nemesis runs clocks at this rate (e.g. 0.2: 5x slow, far outside "
+        "the assumed bound, to show the checker finds the stale reads it allows); "
+        "default: 1 +/- the cluster's clock_drift_max",
+    )
+    runner.add_argument(
+        "--lease-s",
+        type=_positive,
+        metavar="S",
+        help="the cluster's read-lease length (default: the config's default)",
+    )
+    runner.add_argument(
+        "--no-read-leases",
+        dest="read_leases",
+        action="store_false",
+        help="run the cluster with read leases off",
+    )
+    runner.add_argument(
         "--workload",
         choices=WORKLOADS,
         default="register",
@@ -199,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         node_count=args.nodes,
         time_s=args.time_s,
         nemeses=args.nemesis,
+        clock_rate=args.clock_rate,
+        lease_s=args.lease_s,
+        read_leases=args.read_leases,
         workload=args.workload,
         stale_reads=args.stale_reads,
         near_cache=args.near_cache,

@@ -150,6 +150,11 @@ class RunConfig:
     node_count: int = 3
     time_s: float = 60.0
     nemeses: tuple[str, ...] = ("kill", "pause", "partition", "corrupt")
+    # The `clock` nemesis's rate (None: 1 +/- the cluster's clock_drift_max).
+    clock_rate: float | None = None
+    # Read leases: on or off, and their length (None: the config's default).
+    read_leases: bool = True
+    lease_s: float | None = None
     workload: str = "register"
     # The share of the register workload's reads sent as stale reads (0: all
     # strong). They are checked for per-process monotonicity, not linearizability.
@@ -677,12 +682,24 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
     try:
         async with trio.open_nursery() as guard:
             guard.start_soon(_cancel_on_sigterm, guard.cancel_scope)
+            settings: dict[str, Any] = {"read_leases": config.read_leases}
+            if config.lease_s is not None:
+                settings["lease_s"] = config.lease_s
             async with open_cluster(
-                out / "cluster", config.node_count, rng=random.Random(f"{config.seed}-network")
+                out / "cluster",
+                config.node_count,
+                rng=random.Random(f"{config.seed}-network"),
+                settings=settings,
             ) as cluster:
                 nemesis_rng = random.Random(f"{config.seed}-nemesis-choices")
                 nemeses = [
-                    make_nemesis(name, cluster, nemesis_rng, keys=workload.active_keys)
+                    make_nemesis(
+                        name,
+                        cluster,
+                        nemesis_rng,
+                        keys=workload.active_keys,
+                        clock_rate=config.clock_rate,
+                    )
                     for name in config.nemeses
                 ]
                 outcome = await drive(

@@ -30,9 +30,14 @@ costs a quorum round per read and nothing else):
   write of this coordinator in flight.
 
 A key whose writes keep waiting for leases should not be leased: the
-writers pay up to `lease_s` each time. `Grants` remembers, for a while, the
-keys on which it refused an Accept because of a lease (contended keys) and
-grants no lease on them until that passes.
+writers pay up to `lease_s` each time. So `Grants` remembers, for
+`contended_s` after each Accept of a key, which coordinator wrote it, and
+grants a lease only to that coordinator: a key written through one node
+(kvsvr's client sends every request for a key to its preferred
+coordinator) is leased by that node and its writes never wait, while a key
+written through several nodes at once, or one on which an Accept had to
+wait (contended), is not leased by anyone until `contended_s` passes with
+no such write.
 """
 
 from __future__ import annotations
@@ -46,10 +51,16 @@ from typing import Final
 # the last `lease_s`.
 GRANTS_MAX: Final = 100_000
 HOLDS_MAX: Final = 100_000
-CONTENDED_MAX: Final = 10_000
+# Recent writers remembered, ~150 B each: ~15 MiB at most. A key forgotten
+# may be leased to a node that is not its writer, which costs that writer one
+# wait, never safety.
+WRITERS_MAX: Final = 100_000
+# `_writers`' entry for a key written by several coordinators (or contended).
+SEVERAL: Final = -1
 # Holders of one key at once: at most one per node of its replica set.
 HOLDERS_PER_KEY_MAX: Final = 16
-# How many lease periods a contended key goes without leases.
+# How many lease periods a write's writer is remembered (and a contended key
+# goes without leases).
 CONTENDED_PERIODS: Final = 10
 
 LEASE_S_MAX: Final = 60.0
@@ -98,7 +109,9 @@ class Grants:
         # Insertion (= grant) order: the front lapses first, since every
         # grant lasts the same `hold_s` (a renewal moves the key to the back).
         self._grants: OrderedDict[Key, dict[int, float]] = OrderedDict()
-        self._contended: OrderedDict[Key, float] = OrderedDict()
+        # Key -> (the coordinator that last wrote it, or SEVERAL; until when
+        # that is remembered). Oldest first: every entry lasts `contended_s`.
+        self._writers: OrderedDict[Key, tuple[int, float]] = OrderedDict()
 
     def open_accepts(self) -> None:
         """This replica never granted a lease before it started (it founds a
@@ -117,14 +130,13 @@ class Grants:
 
     def grant(self, table: str, key: bytes, holder: int, now: float) -> bool:
         """Grant `holder` a lease on the key, from `now` (when the read
-        arrived). False when refused: the key is contended, or a table is full."""
+        arrived). False when refused: the key was written lately by another
+        coordinator or is contended, or a table is full."""
         self._expire(now)
         entry: Key = (table, key)
-        contended_until = self._contended.get(entry)
-        if contended_until is not None:
-            if now < contended_until:
-                return False
-            del self._contended[entry]
+        writer = self._writers.get(entry)
+        if writer is not None and writer[0] != holder and now < writer[1]:
+            return False
         holders = self._grants.get(entry)
         if holders is None:
             if len(self._grants) >= GRANTS_MAX:
@@ -141,26 +153,29 @@ class Grants:
     def wait_s(self, table: str, key: bytes, coordinator: int, now: float) -> float:
         """How long an Accept of the key from `coordinator` must wait: 0 when
         it may go ahead now. Covers the restart quiet period and the leases
-        other nodes hold. A positive answer marks the key contended."""
+        other nodes hold. Remembers the key's writer; a positive answer
+        marks the key contended."""
+        entry: Key = (table, key)
         wait = max(0.0, self.accepts_open_at - now)
-        holders = self._grants.get((table, key))
+        holders = self._grants.get(entry)
         if holders:
             for holder, until in holders.items():
                 if holder != coordinator and until > now:
                     wait = max(wait, until - now)
-            if wait > 0 and self.accepts_open(now):
-                self._mark_contended((table, key), now)
+        if wait > 0 and not self.accepts_open(now):
+            return wait  # the restart's quiet period says nothing of the key
+        writers = self._writers
+        previous = writers.pop(entry, None)
+        if wait > 0 or (previous is not None and previous[0] != coordinator and now < previous[1]):
+            coordinator = SEVERAL
+        if len(writers) >= WRITERS_MAX:
+            writers.popitem(last=False)
+        writers[entry] = (coordinator, now + self.timing.contended_s)
         return wait
 
     def count(self, now: float) -> int:
         self._expire(now)
         return len(self._grants)
-
-    def _mark_contended(self, entry: Key, now: float) -> None:
-        self._contended.pop(entry, None)
-        if len(self._contended) >= CONTENDED_MAX:
-            self._contended.popitem(last=False)
-        self._contended[entry] = now + self.timing.contended_s
 
     def _expire(self, now: float) -> None:
         grants = self._grants
@@ -169,12 +184,12 @@ class Grants:
             if max(holders.values()) > now:
                 break
             del grants[entry]
-        contended = self._contended
-        while contended:
-            entry, until = next(iter(contended.items()))
+        writers = self._writers
+        while writers:
+            entry, (_, until) = next(iter(writers.items()))
             if until > now:
                 break
-            del contended[entry]
+            del writers[entry]
 
 
 class Holds:
