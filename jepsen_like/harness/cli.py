@@ -140,6 +140,23 @@ def parser() -> argparse.ArgumentParser:
         "when its quorum chose that version",
     )
     runner.add_argument(
+        "--key-affinity",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="register workload: the share of a client's operations on the keys homed at "
+        "its node, as kvsvr's client sends a key's requests to its preferred coordinator "
+        "(read leases need it: a node leases only keys it alone writes); the rest go to "
+        "any key, e.g. 0.9 (default 0: every key alike)",
+    )
+    runner.add_argument(
+        "--reads",
+        type=_fraction,
+        metavar="F",
+        help="register workload: the share of reads; the rest are writes and "
+        "compare-and-sets, half each (default 0.4)",
+    )
+    runner.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -225,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workload=args.workload,
         stale_reads=args.stale_reads,
         near_cache=args.near_cache,
+        key_affinity=args.key_affinity,
+        read_fraction=args.reads,
         seed=args.seed,
         clients_per_node=args.clients_per_node,
         key_count=args.keys,

@@ -162,6 +162,11 @@ class RunConfig:
     # Register strong reads send the version of the value the client holds;
     # the node may answer "unchanged" (kvsvr's client near cache).
     near_cache: bool = False
+    # Register workload: the share of a client's operations on the keys homed
+    # at its node (as kvsvr's client routes them); read leases need it.
+    key_affinity: float = 0.0
+    # Register workload: the share of reads (None: the workload's 0.4).
+    read_fraction: float | None = None
     seed: int = 0
     clients_per_node: int = 3
     key_count: int = 4
@@ -673,6 +678,9 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
             keys_rng,
             stale_reads=config.stale_reads,
             near_cache=config.near_cache,
+            key_affinity=config.key_affinity,
+            read_fraction=config.read_fraction,
+            node_ids=[f"n{i}" for i in range(1, config.node_count + 1)],
         )
     history = History(out / "history.jsonl")
     timing = Timing(config.time_s, config.warmup_s, config.tail_s)
