@@ -75,6 +75,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_net.py": UNIT,
     "test_node_identity.py": PROCESS,
     "test_read_lease.py": UNIT,
+    "test_read_leases_process.py": PROCESS,
     "test_protocol.py": UNIT,
     "test_repair.py": PROCESS,
     "test_replication_units.py": UNIT,
