@@ -27,9 +27,26 @@ OPEN = 100.0  # a moment after every test's restart quiet period
 
 
 def open_grants(timing: LeaseTiming = TIMING) -> Grants:
-    grants = Grants(timing, started_at=OPEN - timing.hold_s)
+    grants = Grants(timing, started_at=OPEN - timing.contended_s)
     assert grants.accepts_open(OPEN)
     return grants
+
+
+def test_a_started_replica_leases_only_keys_whose_writer_it_saw_for_contended_s() -> None:
+    # A fresh cluster: the first write of a key read through another node
+    # must not wait out a lease that node took before anyone wrote the key.
+    grants = Grants(TIMING, started_at=10.0)
+    grants.open_accepts()
+    assert not grants.grant("t", b"never-written", holder=1, now=10.5)
+    assert grants.wait_s("t", b"never-written", 2, 10.5) == 0.0
+    assert grants.wait_s("t", b"mine", 1, 10.5) == 0.0
+    assert grants.grant("t", b"mine", holder=1, now=10.6)
+    assert not grants.grant("t", b"mine", holder=2, now=10.6)
+    later = 10.0 + TIMING.contended_s
+    assert grants.grant("t", b"never-written-either", holder=2, now=later)
+    # A rebuild starts the window again.
+    grants.restart(later)
+    assert not grants.grant("t", b"another", holder=2, now=later + TIMING.hold_s)
 
 
 def test_a_restarted_replica_accepts_nothing_for_one_hold_period() -> None:
@@ -191,7 +208,7 @@ def _last_local_read_is_covered(
     def replica_clock(real: float) -> float:
         return replica_offset + replica_rate * real
 
-    grants = Grants(timing, started_at=replica_clock(0.0) - timing.hold_s)
+    grants = Grants(timing, started_at=replica_clock(0.0) - timing.contended_s)
     holds = Holds(timing)
     received_real = sent_real + delay
     assert grants.grant("t", b"k", holder=1, now=replica_clock(received_real))

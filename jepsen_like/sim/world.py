@@ -107,6 +107,11 @@ class World:
             node.clock_rate = (clock_rates or {}).get(node.node_id, 1.0)
             node.clock_offset = 1000.0 * node.node_id
             self._start_leases(node)
+            if node.grants is not None:
+                # A cluster that has run for longer than `contended_s`: leases
+                # on keys nobody wrote lately from the start (a restart opens
+                # the start-up window again, as on a real node).
+                node.grants.writers_seen()
         self.replicas = sorted(self.nodes)
         self.blocked: set[tuple[int, int]] = set()  # directed links that drop everything
         self._events: list[tuple[float, int, Callable[[], None]]] = []

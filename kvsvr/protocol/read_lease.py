@@ -37,7 +37,9 @@ grants a lease only to that coordinator: a key written through one node
 coordinator) is leased by that node and its writes never wait, while a key
 written through several nodes at once, or one on which an Accept had to
 wait (contended), is not leased by anyone until `contended_s` passes with
-no such write.
+no such write. For `contended_s` after a replica starts (or is rebuilt) it
+has not seen every key's writer yet, so until then a key with no writer
+remembered is not leased either.
 """
 
 from __future__ import annotations
@@ -112,11 +114,24 @@ class Grants:
         # Key -> (the coordinator that last wrote it, or SEVERAL; until when
         # that is remembered). Oldest first: every entry lasts `contended_s`.
         self._writers: OrderedDict[Key, tuple[int, float]] = OrderedDict()
+        # Until this moment the replica has not watched its keys' writers for
+        # a whole `contended_s`: a key with no writer remembered may have one
+        # it never saw, so only a key's remembered writer gets its lease.
+        # (Granting anyone a never-seen key made every first write of a fresh
+        # cluster through another node wait out a lease.)
+        self.writers_known_at = started_at + timing.contended_s
 
     def open_accepts(self) -> None:
         """This replica never granted a lease before it started (it founds a
         new cluster with an empty data directory): no quiet period."""
         self.accepts_open_at = float("-inf")
+
+    def writers_seen(self) -> None:
+        """Treat every key with no writer remembered as written by nobody
+        lately (no start-up window). Safety does not depend on the window,
+        which only spares writers a wait: the simulator's nodes start as a
+        cluster that has run for a while."""
+        self.writers_known_at = float("-inf")
 
     def restart(self, now: float) -> None:
         """Forget every grant and accept nothing for one hold period from
@@ -124,6 +139,7 @@ class Grants:
         with may have granted leases in an earlier life that still hold."""
         self._grants.clear()
         self.accepts_open_at = now + self.timing.hold_s
+        self.writers_known_at = now + self.timing.contended_s
 
     def accepts_open(self, now: float) -> bool:
         return now >= self.accepts_open_at
@@ -135,7 +151,10 @@ class Grants:
         self._expire(now)
         entry: Key = (table, key)
         writer = self._writers.get(entry)
-        if writer is not None and writer[0] != holder and now < writer[1]:
+        if writer is None:
+            if now < self.writers_known_at:
+                return False
+        elif writer[0] != holder and now < writer[1]:
             return False
         holders = self._grants.get(entry)
         if holders is None:
