@@ -118,18 +118,21 @@ def read_records(chunks: Iterator[bytes], where: str) -> Iterator[Record]:
     )
     index = 0
     fed_bytes = 0
+    # Where the last whole record ended (`tell()` also counts a partial one).
+    records_end = 0
     for chunk in chunks:
         fed_bytes += len(chunk)
         try:
             unpacker.feed(chunk)
             for fields in unpacker:
+                records_end = unpacker.tell()
                 yield _record(fields, f"{where} record {index}")
                 index += 1
         except BadBackup:
             raise
         except Exception as error:  # msgpack raises many types; all mean "damaged"
             raise BadBackup(f"{where} record {index}: not valid msgpack ({error!r})") from None
-    if unpacker.tell() != fed_bytes:
+    if records_end != fed_bytes:
         raise BadBackup(f"{where}: ends inside record {index} (truncated?)")
 
 
