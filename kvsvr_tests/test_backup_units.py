@@ -119,7 +119,9 @@ PARTITIONS = 4
 
 
 def record(index: int) -> Record:
-    return Record("default", encode_key(f"key{index}".encode()), index + 1, b"v%d" % index, None, 0, 0)
+    return Record(
+        "default", encode_key(f"key{index}".encode()), index + 1, b"v%d" % index, None, 0, 0
+    )
 
 
 def write_backup(directory: Path, records: list[Record]) -> Manifest:
@@ -335,7 +337,7 @@ def test_a_node_sends_at_the_rate_asked(tmp_path: Path) -> None:
 
     async def timed() -> float:
         started = trio.current_time()
-        reply, data = await pull(side, rate)
+        _, data = await pull(side, rate)
         return (trio.current_time() - started) / (len(data) / rate)
 
     try:
@@ -381,3 +383,14 @@ def test_copy_reader_lists_tables(tmp_path: Path) -> None:
         assert reader.tables == {"alpha"} and list(reader.rows("missing")) == []
     finally:
         reader.close()
+
+
+def test_backup_refuses_a_non_empty_out_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    # Refused before any node is asked: no cluster listens on port 9.
+    assert main(["backup", "--cluster", "127.0.0.1:9", "--out", str(tmp_path / "out")]) == 5
+    assert "not an empty directory" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

@@ -89,6 +89,10 @@ class BackupFailed(Exception):
     was left in the output directory."""
 
 
+class BackupRefused(Exception):
+    """The output directory is not new or empty; nothing was done."""
+
+
 @dataclass
 class BackupResult:
     manifest: Manifest
@@ -120,7 +124,7 @@ async def take_backup(
 
 def _prepare_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BackupFailed(f"{out} exists and is not an empty directory")
+        raise BackupRefused(f"{out} exists and is not an empty directory")
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
@@ -139,9 +143,10 @@ async def _take(
     rate_bytes_per_s: int,
     progress: Progress,
 ) -> BackupResult:
-    started_at_ms = int(time.time() * 1000)
     async with connect(list(addresses), secret=secret) as client:
         layout = await client.partition_map(refresh=True)
+        # The backup's start: every node's copy is made after it.
+        started_at_ms = int(time.time() * 1000)
         copies, cluster_id, lost = await _pull_copies(
             layout, secret, out / COPIES_DIR_NAME, rate_bytes_per_s, progress
         )

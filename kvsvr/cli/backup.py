@@ -26,7 +26,7 @@ from kvsvr.backup.messages import (
     RATE_BYTES_PER_S_MIN,
 )
 from kvsvr.backup.restore import RestoreRefused, restore_backup
-from kvsvr.backup.take import BackupFailed, take_backup
+from kvsvr.backup.take import BackupFailed, BackupRefused, take_backup
 from kvsvr.backup.verify import read_manifest, verify_backup
 from kvsvr.cli.common import (
     EXIT_ERROR,
@@ -122,6 +122,9 @@ def run_backup(args: argparse.Namespace) -> int:
                 addresses, secret, Path(args.out), rate_bytes_per_s=rate, progress=say
             )
         )
+    except BackupRefused as exc:
+        complain(f"backup refused: {exc}")
+        return EXIT_ERROR
     except BackupFailed as exc:
         complain(f"backup failed: {exc}")
         return EXIT_UNAVAILABLE
