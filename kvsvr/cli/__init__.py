@@ -43,7 +43,8 @@ another cluster (or its directory to another node), and says so.
 
 The commands live by concern: `kvsvr.cli.main` (the parser and entry point),
 `keys` (get, put, cas, del, scan), `status` (status, recover), `up` and
-`node`, `backup` (backup, verify-backup, restore); `common` holds the exit codes and argument types they share.
+`node`, `backup` (backup, verify-backup, restore); `common` holds the exit
+codes and argument types they share.
 """
 
 from kvsvr.cli.common import (
