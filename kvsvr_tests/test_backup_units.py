@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from kvsvr.api import NodeInfo, PartitionMap, TableConsistency, TableInfo
 from kvsvr.backup.format import (
     MANIFEST_NAME,
     BadBackup,
@@ -36,7 +37,7 @@ from kvsvr.backup.messages import (
     EndRequest,
 )
 from kvsvr.backup.restore import RestoreRefused, restore_backup
-from kvsvr.backup.take import _PartitionFiles
+from kvsvr.backup.take import _merge, _PartitionFiles
 from kvsvr.backup.verify import verify_backup
 from kvsvr.cli import main
 from kvsvr.errors import InvalidRequest, KvsvrError, Unavailable
@@ -47,7 +48,7 @@ from kvsvr.protocol.lifecycle import Identity
 from kvsvr.protocol.placement import partition_of
 from kvsvr.protocol.state import Accepted, Row
 from kvsvr.storage import Storage
-from kvsvr.storage.snapshot import CopyReader
+from kvsvr.storage.snapshot import CopyReader, fill_environment
 
 # --- merge rules ------------------------------------------------------------------------
 
@@ -394,3 +395,40 @@ def test_backup_refuses_a_non_empty_out_directory(
     assert main(["backup", "--cluster", "127.0.0.1:9", "--out", str(tmp_path / "out")]) == 5
     assert "not an empty directory" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_merging_copies_reads_every_replicas_row(tmp_path: Path) -> None:
+    """Three copies disagreeing on each key: the merge must see all three."""
+    a, b, c = (encode_key(name) for name in (b"a", b"b", b"c"))
+    proposal = Accepted((2, 1), 2, b"new", None, 5)
+    planted = {
+        "n1": [(a, Row(version=3, value=b"3")), (b, Row(version=1, value=b"1", accepted=proposal))],
+        "n2": [(a, Row(version=5, value=b"5")), (b, Row(version=1, value=b"1", accepted=proposal))],
+        "n3": [(a, Row(version=4, value=b"4")), (b, Row(version=1, value=b"1")), (c, Row(1, b"c"))],
+    }
+    for node_id, rows in planted.items():
+        fill_environment(
+            tmp_path / node_id,
+            tables=["default"],
+            rows=[("default", key, row) for key, row in rows],
+            meta=[],
+            map_size_bytes=1 << 24,
+        )
+    layout = PartitionMap(
+        PARTITIONS,
+        3,
+        tuple(NodeInfo(f"n{i}", i, "127.0.0.1", 9, f"z{i}") for i in (1, 2, 3)),
+        ((1, 2, 3),) * PARTITIONS,
+        (TableInfo("default", TableConsistency.STRONG, 0),),
+    )
+    (tmp_path / "out").mkdir()
+    files = _PartitionFiles(tmp_path / "out", PARTITIONS)
+    copies = {node_id: tmp_path / node_id for node_id in planted}
+    assert trio.run(_merge, layout, copies, files, None) == 0  # nothing read through a cluster
+    files.finish()
+    kept = {
+        record.key: (record.version, record.value)
+        for path in sorted((tmp_path / "out" / "data").iterdir())
+        for record in read_records(iter([path.read_bytes()]), path.name)
+    }
+    assert kept == {a: (5, b"5"), b: (2, b"new"), c: (1, b"c")}

@@ -314,10 +314,7 @@ def _keys(
 ) -> Iterator[tuple[int, bytes, list[Copy]]]:
     """(partition, key, the copies of its replica set's rows) for every key of
     `table` in any copy, in key order."""
-    streams = [
-        ((key, index, data) for key, data in reader.rows(table))
-        for index, reader in readers.items()
-    ]
+    streams = [_tagged(index, reader.rows(table)) for index, reader in readers.items()]
     current: bytes | None = None
     found: dict[int, bytes] = {}
     for key, index, data in heapq.merge(*streams):
@@ -328,6 +325,11 @@ def _keys(
         found[index] = data
     if current is not None:
         yield _decoded(table, current, found, layout, readers)
+
+
+def _tagged(index: int, rows: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, int, bytes]]:
+    for key, data in rows:
+        yield key, index, data
 
 
 def _decoded(
