@@ -118,8 +118,8 @@ def test_a_write_only_a_majority_accepted_is_in_the_backup(tmp_path: Path) -> No
     """The state an acknowledged write leaves when its commit has reached no
     replica yet: a majority holds it accepted above the chosen version. Rows
     are planted in the nodes' LMDB before they start."""
-    majority = Row(version=1, value=b"old", accepted=Accepted((5, 1), 2, b"acked", None, 9))
-    minority = Row(version=1, value=b"old", accepted=Accepted((6, 1), 2, b"maybe", None, 10))
+    majority = Row(1, b"old", promised=(5, 3), accepted=Accepted((5, 3), 2, b"acked", None, 9))
+    minority = Row(1, b"old", promised=(6, 3), accepted=Accepted((6, 3), 2, b"maybe", None, 10))
     plain = Row(version=1, value=b"old")
     planted = {"n1": [majority, minority], "n2": [majority, plain], "n3": [plain, plain]}
     with LocalCluster.create(tmp_path / "cluster", local_config(3, secret=SECRET)) as cluster:
