@@ -56,8 +56,10 @@ def settle_strong(
     if any(copy == CORRUPT for copy in copies):
         return Settle.AMBIGUOUS
     rows = [copy for copy in copies if isinstance(copy, Row)]
-    chosen = max(rows, key=lambda row: row.version, default=None)
+    chosen = max(rows, key=_version, default=None)
     chosen_version = chosen.version if chosen is not None else 0
+    if all(row.accepted is None for row in rows):  # the common case: nothing in flight
+        return _chosen_record(table, key, chosen)
     in_flight: Counter[tuple[int, Ballot]] = Counter()
     proposals: dict[tuple[int, Ballot], Row] = {}
     for row in rows:
@@ -79,6 +81,10 @@ def settle_strong(
     return Record(
         table, key, accepted.version, accepted.value, accepted.expires_at_ms, 0, accepted.op_id
     )
+
+
+def _version(row: Row) -> int:
+    return row.version
 
 
 def settle_eventual(table: str, key: bytes, copies: Sequence[Copy]) -> Record | Settle:

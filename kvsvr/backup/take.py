@@ -341,6 +341,8 @@ def _decoded(
 ) -> tuple[int, bytes, list[Copy]]:
     partition = partition_of(table, decode_key(key)[0], layout.partitions)
     copies: list[Copy] = []
+    # Replicas usually hold the same bytes for a key: each is decoded once.
+    decoded: dict[bytes, Copy] = {}
     for index in layout.replica_sets[partition]:
         if index not in readers:
             continue  # no copy of this replica
@@ -348,10 +350,14 @@ def _decoded(
         if data is None:
             copies.append(None)
             continue
-        try:
-            copies.append(decode_row(data))
-        except CorruptRow:
-            copies.append(CORRUPT)
+        copy = decoded.get(data)
+        if copy is None:
+            try:
+                copy = decode_row(data)
+            except CorruptRow:
+                copy = CORRUPT
+            decoded[data] = copy
+        copies.append(copy)
     return partition, key, copies
 
 
