@@ -2,6 +2,15 @@
 read transaction, served to the client in bounded, crc32c-checked chunks at
 a limited rate, one backup at a time (see `kvsvr.backup.messages`).
 
+Only a node that votes gives a copy: a replica still rebuilding, waiting for
+its peers or for an operator holds a partial state that is no acceptor's
+memory, and the backup's argument (docs/DESIGN.md) counts each copy as one.
+Its refusal (`Unavailable`) leaves it out, as an unreachable node is.
+
+What a node holds for backups is bounded: one session (one copy on disk) at
+a time, and one chunk (at most `CHUNK_BYTES_MAX`) read into memory at a
+time, however many chunk requests arrive at once.
+
 The copy is written to `COPY_DIR_NAME` inside the node's data directory
 (LMDB keeps only `data.mdb` and `lock.mdb` there) and removed when the
 client ends the session, when a later backup replaces an abandoned one, or
@@ -59,7 +68,8 @@ class _Session:
 
 class BackupSide:
     """`copy_committed(directory) -> data file` makes the copy (blocking: run
-    on a worker thread); `work_dir` is the node's data directory."""
+    on a worker thread); `work_dir` is the node's data directory; `votes()`
+    says whether this replica votes (a backup is refused while it does not)."""
 
     def __init__(
         self,
@@ -67,8 +77,12 @@ class BackupSide:
         work_dir: Path,
         cluster_id: str,
         node_id: str,
+        votes: Callable[[], bool] = lambda: True,
     ) -> None:
         self._copy_committed = copy_committed
+        self._votes = votes
+        # Held while a chunk is read and its send time reserved.
+        self._chunk_lock = trio.Lock()
         self._copy_dir = work_dir / COPY_DIR_NAME
         self._cluster_id = cluster_id
         self._node_id = node_id
@@ -87,12 +101,22 @@ class BackupSide:
         raise InvalidRequest(f"unknown backup method {method!r}")
 
     async def _begin(self, request: BeginRequest) -> BeginReply:
+        if not self._votes():
+            raise Unavailable(
+                f"node {self._node_id} does not vote yet (rebuilding or waiting); "
+                "its copy would not be a replica's whole state"
+            )
         now = trio.current_time()
         running = self._session
-        if running is not None and now - running.last_used < SESSION_IDLE_S:
+        # A copy still being made is never replaced, however long it takes.
+        if running is not None and (not running.ready or now - running.last_used < SESSION_IDLE_S):
+            doing = (
+                "making its copy"
+                if not running.ready
+                else f"last active {now - running.last_used:.0f} s ago"
+            )
             raise Unavailable(
-                f"a backup of node {self._node_id} is already running "
-                f"(last active {now - running.last_used:.0f} s ago); one at a time"
+                f"a backup of node {self._node_id} is already running ({doing}); one at a time"
             )
         session = _Session(
             session=self._sessions.getrandbits(48),
@@ -134,20 +158,27 @@ class BackupSide:
                 f"offset {request.offset} is past the copy's end ({session.size_bytes} bytes)"
             )
         session.last_used = trio.current_time()
-        await trio.sleep_until(session.send_at)
-        data = await trio.to_thread.run_sync(
-            _read_at, session.path, request.offset, session.chunk_bytes
-        )
-        now = trio.current_time()
-        session.send_at = max(now, session.send_at) + len(data) / session.rate_bytes_per_s
-        session.last_used = now
+        async with self._chunk_lock:
+            await trio.sleep_until(session.send_at)
+            if self._session is not session:
+                raise InvalidRequest(f"backup session {request.session} ended")
+            data = await trio.to_thread.run_sync(
+                _read_at, session.path, request.offset, session.chunk_bytes
+            )
+            now = trio.current_time()
+            session.send_at = max(now, session.send_at) + len(data) / session.rate_bytes_per_s
+            session.last_used = now
         return ChunkReply(data)
 
     async def _end(self, request: EndRequest) -> None:
         self._current(request.session)
-        self._session = None
+        async with self._chunk_lock:  # no chunk is being read from the copy
+            self._current(request.session)
+            # Removed while the session still refuses other backups, so the
+            # removal never meets the next backup's copy.
+            await trio.to_thread.run_sync(_remove_tree, self._copy_dir)
+            self._session = None
         self.backups_served += 1
-        await trio.to_thread.run_sync(_remove_tree, self._copy_dir)
 
 
 def _remove_tree(directory: Path) -> None:

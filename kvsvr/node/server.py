@@ -153,7 +153,11 @@ class Node:
         )
         self.replica_side.gate = self.replication
         self.backup = BackupSide(
-            storage.copy_committed, config.node_data_dir(node_id), config.cluster_id or "", node_id
+            storage.copy_committed,
+            config.node_data_dir(node_id),
+            config.cluster_id or "",
+            node_id,
+            votes=lambda: self.replication.ready,
         )
         self.api.replication = self.replication
         # The client requests every entry point starts on the engine.
