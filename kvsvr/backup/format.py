@@ -25,6 +25,7 @@ from typing import Any, Final
 
 import msgpack
 
+from kvsvr.api import TableConsistency
 from kvsvr.keys import KEY_BYTES_MAX
 from kvsvr.protocol.placement import PARTITIONS_MAX
 
@@ -35,6 +36,7 @@ FORMAT_VERSION: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
 DATA_DIR_NAME: Final = "data"
 RECORD_FIELD_COUNT: Final = 7
+CONSISTENCIES: Final = tuple(c.value for c in TableConsistency)
 
 # A manifest lists at most PARTITIONS_MAX partitions and a few hundred bytes
 # each; anything far larger is not one of ours and is refused before parsing.
@@ -198,6 +200,13 @@ def _entries(body: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return items
 
 
+def _ttl(table: dict[str, Any]) -> float:
+    ttl_s = table.get("ttl_s", 0)
+    if type(ttl_s) not in (int, float) or not 0 <= ttl_s < float("inf"):
+        raise BadBackup(f"manifest table: field 'ttl_s' is not a number >= 0 (got {ttl_s!r})")
+    return float(ttl_s)
+
+
 def parse_manifest(text: bytes) -> Manifest:
     """The manifest in `text`, every field checked; BadBackup otherwise."""
     if len(text) > MANIFEST_BYTES_MAX:
@@ -220,10 +229,16 @@ def parse_manifest(text: bytes) -> Manifest:
         TableEntry(
             _field(t, "name", str, "manifest table"),
             _field(t, "consistency", str, "manifest table"),
-            float(t.get("ttl_s", 0) or 0),
+            _ttl(t),
         )
         for t in _entries(body, "tables")
     )
+    for table in tables:
+        if table.consistency not in CONSISTENCIES:
+            raise BadBackup(
+                f"manifest: table {table.name!r} has consistency {table.consistency!r}, "
+                f"not one of {', '.join(CONSISTENCIES)}"
+            )
     nodes = tuple(
         NodeEntry(
             _field(n, "id", str, "manifest node"),
@@ -253,13 +268,19 @@ def parse_manifest(text: bytes) -> Manifest:
         type(s) is list and all(type(i) is int for i in s) for s in replica_sets
     ):
         raise BadBackup("manifest: replica_sets must list node indexes for every partition")
+    replication = _field(body, "replication", int)
+    if not 1 <= replication <= len(nodes):
+        raise BadBackup(
+            f"manifest: replication {replication} with {len(nodes)} nodes "
+            "(expected 1 to the node count)"
+        )
     copies_from = _field(body, "copies_from", list)
     return Manifest(
         cluster_id=_field(body, "cluster_id", str),
         started_at_ms=_field(body, "started_at_ms", int),
         finished_at_ms=_field(body, "finished_at_ms", int),
         partitions=partitions,
-        replication=_field(body, "replication", int),
+        replication=replication,
         nodes=nodes,
         replica_sets=tuple(tuple(s) for s in replica_sets),
         tables=tables,

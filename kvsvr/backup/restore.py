@@ -14,18 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Iterator
+import tomllib
 from pathlib import Path
 from typing import Final
 
 from kvsvr.backup.format import Manifest
 from kvsvr.backup.verify import partition_records, verify_backup
-from kvsvr.config import ClusterConfig, TableConfig, local_cluster, render_config
+from kvsvr.config import (
+    ClusterConfig,
+    ConfigError,
+    TableConfig,
+    local_cluster,
+    parse_config,
+    render_config,
+)
 from kvsvr.local import CONFIG_FILE_NAME
 from kvsvr.node.catchup.rebuild import IDENTITY_KEY
 from kvsvr.protocol.lifecycle import Identity
 from kvsvr.protocol.state import Row
-from kvsvr.storage.snapshot import fill_environment
+from kvsvr.storage import encode_row
+from kvsvr.storage.snapshot import Filler
 
 # A restored node's map holds its share of the backup with room to grow:
 # LMDB needs the map reserved up front (see `kvsvr.storage.environment`).
@@ -40,7 +48,9 @@ def plan_restore(
     manifest: Manifest, *, nodes: int, base_port: int, secret: str | None
 ) -> ClusterConfig:
     """The new cluster's config: the backup's layout on `nodes` local nodes,
-    with a new cluster id."""
+    with a new cluster id (replication at most `nodes`). `RestoreRefused` if
+    the result is not a config a node accepts (checked by parsing the text
+    `restore` writes, as `kvsvr node` will)."""
     config = local_cluster(
         nodes,
         base_port,
@@ -52,7 +62,14 @@ def plan_restore(
     data_bytes = sum(entry.bytes for entry in manifest.files)
     share = data_bytes * config.replication // max(1, nodes)
     map_size = max(config.map_size_bytes, _round_up_mib(share * MAP_GROWTH_FACTOR))
-    return dataclasses.replace(config, map_size_bytes=map_size, data_dir=Path("."))
+    config = dataclasses.replace(config, map_size_bytes=map_size, data_dir=Path("."))
+    try:
+        parse_config(tomllib.loads(render_config(config, data_dir=".")))
+    except (ConfigError, tomllib.TOMLDecodeError) as error:
+        raise RestoreRefused(
+            f"the backup's layout makes no valid cluster config: {error}"
+        ) from None
+    return config
 
 
 def _round_up_mib(size: int) -> int:
@@ -90,39 +107,43 @@ def restore_backup(
 def _write_cluster(
     source: Path, new_dir: Path, manifest: Manifest, config: ClusterConfig
 ) -> dict[str, int]:
+    """Fill every node's environment in one pass over the backup: each
+    partition's file is read once and each row encoded once, then added to
+    every node that replicates the partition."""
     assert config.cluster_id is not None
     replica_sets = config.replica_sets()
     tables = [t.name for t in config.tables]
-    written: dict[str, int] = {}
-    for node in config.nodes:
-        held = [p for p, replicas in enumerate(replica_sets) if node.index in replicas]
-        identity = Identity(config.cluster_id, node.id).to_bytes()
-        written[node.id] = fill_environment(
-            new_dir / node.id,
-            tables=tables,
-            rows=_rows(source, manifest, held),
-            meta=[(IDENTITY_KEY, identity)],
-            map_size_bytes=config.map_size_bytes,
-        )
+    manifest_tables = {table.name for table in manifest.tables}
+    fillers: dict[int, Filler] = {}
+    try:
+        for node in config.nodes:
+            identity = Identity(config.cluster_id, node.id).to_bytes()
+            fillers[node.index] = Filler(
+                new_dir / node.id,
+                tables=tables,
+                meta=[(IDENTITY_KEY, identity)],
+                map_size_bytes=config.map_size_bytes,
+            )
+        for entry in manifest.files:
+            holders = [fillers[index] for index in replica_sets[entry.partition]]
+            for record in partition_records(source, manifest, entry, manifest_tables):
+                stored = encode_row(
+                    Row(
+                        version=record.version,
+                        value=record.value,
+                        expires_at_ms=record.expires_at_ms,
+                        hlc=record.hlc,
+                        op_id=record.op_id,
+                    )
+                )
+                for filler in holders:
+                    filler.add(record.table, record.key, stored)
+        written = {node.id: fillers.pop(node.index).close() for node in config.nodes}
+    finally:
+        for filler in fillers.values():  # those not closed above: a failure
+            filler.close(commit=False)
     config_path = new_dir / CONFIG_FILE_NAME
     config_path.write_text(render_config(config, data_dir="."), encoding="utf-8")
     if config.secret is not None:
         config_path.chmod(0o600)
     return written
-
-
-def _rows(
-    source: Path, manifest: Manifest, partitions: list[int]
-) -> Iterator[tuple[str, bytes, Row]]:
-    tables = {table.name for table in manifest.tables}
-    for partition in partitions:
-        entry = manifest.files[partition]
-        for record in partition_records(source, manifest, entry, tables):
-            row = Row(
-                version=record.version,
-                value=record.value,
-                expires_at_ms=record.expires_at_ms,
-                hlc=record.hlc,
-                op_id=record.op_id,
-            )
-            yield record.table, record.key, row

@@ -73,7 +73,11 @@ def add_backup_commands(
         help=f"each node sends its copy at most this fast, MiB/s "
         f"(default {RATE_BYTES_PER_S_DEFAULT // MIB})",
     )
-    parser.add_argument("--rate-kib-s", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rate-kib-s",
+        type=int_in(RATE_BYTES_PER_S_MIN // 1024, RATE_BYTES_PER_S_MAX // 1024),
+        help=argparse.SUPPRESS,
+    )
 
     parser = command(
         commands,
@@ -114,7 +118,7 @@ def add_backup_commands(
 def run_backup(args: argparse.Namespace) -> int:
     rate = args.rate_mib_s * MIB
     if args.rate_kib_s is not None:  # tests: a slow backup to interrupt
-        rate = max(RATE_BYTES_PER_S_MIN, args.rate_kib_s * 1024)
+        rate = args.rate_kib_s * 1024
     try:
         addresses, secret = _cluster_target(args)
         result = trio.run(
@@ -168,6 +172,11 @@ def run_restore(args: argparse.Namespace) -> int:
     source = Path(args.source)
     try:
         nodes = args.nodes or len(read_manifest(source).nodes)
+        if nodes > UP_NODES_MAX:
+            raise RestoreRefused(
+                f"the backed-up cluster had {nodes} nodes and restore makes at most "
+                f"{UP_NODES_MAX} local ones: pass --nodes"
+            )
         config, written = restore_backup(
             source, Path(args.dir), nodes=nodes, base_port=args.base_port, secret=args.secret
         )
@@ -181,6 +190,9 @@ def run_restore(args: argparse.Namespace) -> int:
         complain(f"restore failed: {exc}")
         return EXIT_ERROR
     rows = ", ".join(f"{node} {count}" for node, count in written.items())
-    say(f"restored into {args.dir} as cluster {config.cluster_id} (rows per node: {rows})")
+    say(
+        f"restored into {args.dir} as cluster {config.cluster_id}, replication "
+        f"{config.replication} (rows per node: {rows})"
+    )
     say(f"start it with: kvsvr up --dir {args.dir} --nodes {nodes} --base-port {args.base_port}")
     return EXIT_OK

@@ -32,8 +32,11 @@ DATA_FILE_NAME: Final = "data.mdb"
 
 # Rows written per transaction when filling a new environment: large enough
 # that commits (each an fsync) are few, small enough that a transaction's
-# dirty pages stay a few tens of MiB.
+# dirty pages stay a few tens of MiB. A batch also ends once its rows reach
+# `FILL_BATCH_BYTES_MAX` (values may be up to 1 MiB each); restore fills up
+# to 16 nodes' environments at once, so at most 16 such batches are held.
 FILL_BATCH_ROWS: Final = 20_000
+FILL_BATCH_BYTES_MAX: Final = 16 * 1024 * 1024
 
 
 def copy_environment(env: lmdb.Environment, directory: Path) -> Path:
@@ -87,6 +90,64 @@ class CopyReader:
         self._env.close()
 
 
+class Filler:
+    """Creates the environment at `directory` (as a node opens it) holding
+    the `meta` records, then the rows `add`ed to it, committed a batch at a
+    time with an fsync, as the node commits. `close` commits the rest."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        tables: Iterable[str],
+        meta: Iterable[tuple[bytes, bytes]],
+        map_size_bytes: int,
+    ) -> None:
+        self._table_dbs = table_db_names(tables)
+        self._env = open_environment(directory, map_size_bytes=map_size_bytes)
+        try:
+            with self._env.begin(write=True) as txn:
+                self._dbs = {
+                    name: self._env.open_db(name, txn=txn, create=True)
+                    for name in [*self._table_dbs.values(), META_DB, HINTS_DB]
+                }
+                for key, value in meta:
+                    txn.put(key, value, db=self._dbs[META_DB])
+        except BaseException:
+            self._env.close()
+            raise
+        self._batch: list[tuple[bytes, bytes, bytes]] = []  # (db name, key, stored row)
+        self._batch_bytes = 0
+        self.written = 0
+
+    def add(self, table: str, key: bytes, stored: bytes) -> None:
+        """Add `table`'s row `key`, already encoded (`codec.encode_row`)."""
+        self._batch.append((self._table_dbs[table], key, stored))
+        self._batch_bytes += len(key) + len(stored)
+        if len(self._batch) >= FILL_BATCH_ROWS or self._batch_bytes >= FILL_BATCH_BYTES_MAX:
+            self._commit()
+
+    def _commit(self) -> None:
+        if not self._batch:
+            return
+        with self._env.begin(write=True) as txn:
+            for db, key, stored in self._batch:
+                txn.put(key, stored, db=self._dbs[db])
+        self.written += len(self._batch)
+        self._batch = []
+        self._batch_bytes = 0
+
+    def close(self, *, commit: bool = True) -> int:
+        """Commit what is left (unless `commit` is false) and close; returns
+        the rows written."""
+        try:
+            if commit:
+                self._commit()
+        finally:
+            self._env.close()
+        return self.written
+
+
 def fill_environment(
     directory: Path,
     *,
@@ -95,41 +156,13 @@ def fill_environment(
     meta: Iterable[tuple[bytes, bytes]],
     map_size_bytes: int,
 ) -> int:
-    """Create the environment at `directory` (as a node opens it) holding
-    `rows` (table, key, row) and the `meta` records; returns the row count.
-    Each batch is committed with an fsync, as the node commits."""
-    table_dbs = table_db_names(tables)
-    env = open_environment(directory, map_size_bytes=map_size_bytes)
-    written = 0
+    """Create the environment at `directory` holding `rows` (table, key, row)
+    and the `meta` records (a `Filler` fed every row); returns the row count."""
+    filler = Filler(directory, tables=tables, meta=meta, map_size_bytes=map_size_bytes)
     try:
-        with env.begin(write=True) as txn:
-            dbs = {
-                name: env.open_db(name, txn=txn, create=True)
-                for name in [*table_dbs.values(), META_DB, HINTS_DB]
-            }
-            for key, value in meta:
-                txn.put(key, value, db=dbs[META_DB])
-        batch: list[tuple[str, bytes, Row]] = []
-        for item in rows:
-            batch.append(item)
-            if len(batch) >= FILL_BATCH_ROWS:
-                written += _fill_batch(env, dbs, table_dbs, batch)
-                batch = []
-        written += _fill_batch(env, dbs, table_dbs, batch)
-    finally:
-        env.close()
-    return written
-
-
-def _fill_batch(
-    env: lmdb.Environment,
-    dbs: dict[bytes, lmdb._Database],
-    table_dbs: dict[str, bytes],
-    batch: list[tuple[str, bytes, Row]],
-) -> int:
-    if not batch:
-        return 0
-    with env.begin(write=True) as txn:
-        for table, key, row in batch:
-            txn.put(key, encode_row(row), db=dbs[table_dbs[table]])
-    return len(batch)
+        for table, key, row in rows:
+            filler.add(table, key, encode_row(row))
+    except BaseException:
+        filler.close(commit=False)
+        raise
+    return filler.close()
