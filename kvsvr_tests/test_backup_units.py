@@ -6,7 +6,12 @@ backup side (copies, chunks, one backup at a time, the rate limit)."""
 from __future__ import annotations
 
 import json
+import re
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import crc32c
 import lmdb
@@ -42,7 +47,8 @@ from kvsvr.backup.verify import verify_backup
 from kvsvr.cli import main
 from kvsvr.errors import InvalidRequest, KvsvrError, Unavailable
 from kvsvr.keys import encode_key
-from kvsvr.node.backup_side import BackupSide
+from kvsvr.node import backup_side
+from kvsvr.node.backup_side import SESSION_IDLE_S, BackupSide
 from kvsvr.node.catchup.rebuild import IDENTITY_KEY
 from kvsvr.protocol.lifecycle import Identity
 from kvsvr.protocol.placement import partition_of
@@ -432,3 +438,199 @@ def test_merging_copies_reads_every_replicas_row(tmp_path: Path) -> None:
         for record in read_records(iter([path.read_bytes()]), path.name)
     }
     assert kept == {a: (5, b"5"), b: (2, b"new"), c: (1, b"c")}
+
+
+# --- bad input: manifests, layouts, arguments -------------------------------------------
+
+
+def edit_manifest(backup: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    body = json.loads((backup / MANIFEST_NAME).read_text())
+    edit(body)
+    (backup / MANIFEST_NAME).write_text(json.dumps(body))
+
+
+@pytest.mark.parametrize(
+    ("edit", "complaint"),
+    [
+        (lambda b: b["tables"][0].update(consistency="bogus"), "consistency 'bogus'"),
+        (lambda b: b["tables"][0].update(ttl_s="soon"), "'ttl_s' is not a number"),
+        (lambda b: b.update(replication=4), "replication 4 with 3 nodes"),
+        (lambda b: b.update(nodes=[]), "replication 3 with 0 nodes"),
+        (lambda b: b.update(partitions=3), "not a power of two"),
+        (lambda b: b.update(cluster_id=7), "'cluster_id' missing or not a str"),
+        (lambda b: b["files"].pop(), "one file for each of partitions"),
+    ],
+)
+def test_a_manifest_that_makes_no_sense_is_refused(
+    backup: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    edit: Callable[[dict[str, Any]], None],
+    complaint: str,
+) -> None:
+    edit_manifest(backup, edit)
+    with pytest.raises(BadBackup, match=re.escape(complaint)):
+        verify_backup(backup)
+    new = tmp_path / "new"
+    assert main(["restore", "--from", str(backup), "--dir", str(new), "--nodes", "3"]) == 5
+    assert complaint in capsys.readouterr().err
+    assert not new.exists()
+
+
+def test_a_layout_no_node_would_accept_is_refused_before_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every file checks out, but a table name the config refuses (over 64
+    # bytes) would make a cluster.toml no node starts from.
+    write_backup(tmp_path / "b", [record(i) for i in range(10)])
+    edit_manifest(
+        tmp_path / "b",
+        lambda b: b["tables"].append({"name": "t" * 65, "consistency": "strong", "ttl_s": 0}),
+    )
+    verify_backup(tmp_path / "b")
+    with pytest.raises(RestoreRefused, match="bad table name"):
+        restore_backup(tmp_path / "b", tmp_path / "new", nodes=3, base_port=7100, secret=None)
+    assert not (tmp_path / "new").exists()
+    assert main(["restore", "--from", str(tmp_path / "b"), "--dir", str(tmp_path / "new")]) == 5
+    assert "no valid cluster config" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_restore_refuses_more_local_nodes_than_up_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_backup(tmp_path / "b", [record(1)])
+    edit_manifest(
+        tmp_path / "b",
+        lambda b: b.update(
+            nodes=[
+                {"id": f"n{i}", "index": i, "address": f"10.0.0.{i}:7100", "zone": "z"}
+                for i in range(1, 41)
+            ]
+        ),
+    )
+    assert main(["restore", "--from", str(tmp_path / "b"), "--dir", str(tmp_path / "new")]) == 5
+    assert "had 40 nodes" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["backup", "--cluster", "127.0.0.1:9"], "--out"),
+        (["backup", "--cluster", "127.0.0.1:9", "--out", "X", "--rate-mib-s", "0"], "must be"),
+        (["backup", "--cluster", "127.0.0.1:9", "--out", "X", "--rate-mib-s", "x"], "integer"),
+        (["backup", "--cluster", "127.0.0.1:9", "--out", "X", "--rate-kib-s", "-5"], "must be"),
+        (["verify-backup"], "DIR"),
+        (["restore", "--from", "B"], "--dir"),
+        (["restore", "--dir", "N"], "--from"),
+        (["restore", "--from", "B", "--dir", "N", "--nodes", "0"], "must be from 1"),
+        (["restore", "--from", "B", "--dir", "N", "--nodes", "17"], "must be from 1"),
+        (["restore", "--from", "B", "--dir", "N", "--base-port", "70000"], "must be from 1"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_that_change_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    complaint: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert complaint in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_backup_of_a_missing_directory_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify-backup", str(tmp_path / "nowhere")]) == 5
+    assert "is not a directory" in capsys.readouterr().err
+
+
+# --- a node's backup side protects itself -----------------------------------------------
+
+
+def test_a_node_that_does_not_vote_gives_no_copy(tmp_path: Path) -> None:
+    storage = node_store(tmp_path / "node", 10)
+    side = BackupSide(storage.copy_committed, tmp_path / "node", "cid", "n1", votes=lambda: False)
+
+    async def run() -> None:
+        with pytest.raises(Unavailable, match="does not vote"):
+            await side.handle(BEGIN_METHOD, BeginRequest(1 << 20).to_wire())
+
+    try:
+        trio.run(run)
+    finally:
+        storage.close()
+    assert not (tmp_path / "node" / "backup-copy").exists()
+
+
+def test_a_copy_still_being_made_is_never_replaced(tmp_path: Path) -> None:
+    """However long a copy takes, a second backup is refused meanwhile (it
+    would remove the copy under the first)."""
+    storage = node_store(tmp_path / "node", 10)
+    release = threading.Event()
+    calls: list[Path] = []
+
+    def slow_copy(directory: Path) -> Path:
+        calls.append(directory)
+        if len(calls) == 1:
+            release.wait(timeout=60)
+        return storage.copy_committed(directory)
+
+    side = BackupSide(slow_copy, tmp_path / "node", "cid", "n1")
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side.handle, BEGIN_METHOD, BeginRequest(1 << 20).to_wire())
+            await trio.sleep(SESSION_IDLE_S * 3)  # the mock clock jumps while the copy blocks
+            try:
+                with pytest.raises(Unavailable, match="making its copy"):
+                    await side.handle(BEGIN_METHOD, BeginRequest(1 << 20).to_wire())
+            finally:
+                release.set()
+
+    try:
+        trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        storage.close()
+    assert len(calls) == 1
+
+
+def test_a_node_reads_one_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many chunk requests at once (a client pipelining them) hold one chunk
+    in memory at a time, and together still keep to the rate."""
+    storage = node_store(tmp_path / "node", 3000)
+    side = BackupSide(storage.copy_committed, tmp_path / "node", "cid", "n1")
+    reading = [0, 0]  # now, most at once
+
+    def counted_read(path: Path, offset: int, size: int) -> bytes:
+        reading[0] += 1
+        reading[1] = max(reading)
+        time.sleep(0.02)
+        reading[0] -= 1
+        return real_read(path, offset, size)
+
+    real_read = backup_side._read_at
+    monkeypatch.setattr(backup_side, "_read_at", counted_read)
+    rate = 16 * 1024
+    requests = 8
+
+    async def run() -> float:
+        begun = BeginReply.from_wire(await side.handle(BEGIN_METHOD, BeginRequest(rate).to_wire()))
+        assert begun.size_bytes >= requests * rate
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for index in range(requests):
+                body = ChunkRequest(begun.session, index * rate).to_wire()
+                nursery.start_soon(side.handle, CHUNK_METHOD, body)
+        return trio.current_time() - started
+
+    try:
+        elapsed = trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        storage.close()
+    assert reading[1] == 1
+    # Eight chunks of a second's worth each: the last may go at 7 s.
+    assert elapsed >= requests - 1.5
