@@ -1,8 +1,8 @@
 """Backup and restore against real node processes: a backup taken during a
 write load and restored into a new cluster holds every write acknowledged
 before it started (at its version or a later one); a node lost mid-backup is
-left out when the other replicas' copies suffice; too few copies is a clear
-error."""
+left out when the other replicas' copies suffice; too few copies, or only a
+node that does not vote yet, is a clear error."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import trio
 
 import kvsvr
 from kvsvr.backup.restore import restore_backup
-from kvsvr.backup.take import take_backup
+from kvsvr.backup.take import BackupFailed, take_backup
 from kvsvr.backup.verify import verify_backup
 from kvsvr.errors import Unavailable
 from kvsvr.keys import encode_key
@@ -204,3 +204,21 @@ def test_too_few_copies_is_a_clear_error(cluster: LocalCluster, tmp_path: Path) 
     assert done.returncode == 4, done.stderr
     assert "a backup needs a majority" in done.stderr and "n2" in done.stderr
     assert list(out.iterdir()) == []
+
+
+def test_a_node_that_does_not_vote_gives_no_copy(tmp_path: Path) -> None:
+    """A founding node alone (its peers down) waits for them and does not
+    vote: its copy would be no replica's whole state, so it refuses and the
+    backup, with no other copy, fails naming why."""
+    with LocalCluster.create(tmp_path / "cluster", local_config(3, secret=SECRET)) as cluster:
+        cluster.start("n1")
+        assert cluster.not_ready("n1") is not None
+        with pytest.raises(BackupFailed, match="n1: node n1 does not vote yet"):
+            trio.run(
+                lambda: take_backup(
+                    cluster.addresses, SECRET, tmp_path / "backup", rate_bytes_per_s=1 << 26
+                )
+            )
+        assert cluster.not_ready("n1") is not None
+        assert not (cluster.data_dir("n1") / "backup-copy").exists()
+    assert list((tmp_path / "backup").iterdir()) == []
