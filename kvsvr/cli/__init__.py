@@ -9,6 +9,9 @@
     kvsvr scan   PARTITION_KEY [--start S] [--end E] [--limit N]
     kvsvr status [--node ID|HOST:PORT] [--json]
     kvsvr recover --accept-data-loss
+    kvsvr backup --out DIR [--rate-mib-s R]
+    kvsvr verify-backup DIR
+    kvsvr restore --from DIR --dir NEWDIR [--nodes N] [--base-port P] [--secret S]
 
 The key commands say which cluster with `--cluster HOST:PORT[,HOST:PORT...]`
 or `--config FILE` (its nodes and secret), else the `KVSVR_CLUSTER`
@@ -40,7 +43,8 @@ another cluster (or its directory to another node), and says so.
 
 The commands live by concern: `kvsvr.cli.main` (the parser and entry point),
 `keys` (get, put, cas, del, scan), `status` (status, recover), `up` and
-`node`; `common` holds the exit codes and argument types they share.
+`node`, `backup` (backup, verify-backup, restore); `common` holds the exit
+codes and argument types they share.
 """
 
 from kvsvr.cli.common import (

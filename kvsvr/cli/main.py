@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeAlias, cast
 
+from kvsvr.cli.backup import add_backup_commands
 from kvsvr.cli.common import (
     DEFAULT_TIMEOUT_S,
     EXIT_CODES_HELP,
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan(commands, client_options)
     _add_status(commands, client_options)
     _add_recover(commands, client_options)
+    add_backup_commands(commands, client_options, _command)
     return parser
 
 

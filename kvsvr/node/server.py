@@ -43,12 +43,14 @@ from kvsvr.api import (
     TableConsistency,
     TableInfo,
 )
+from kvsvr.backup import messages as backup_messages
 from kvsvr.clock import SYSTEM_CLOCK, TEST_CLOCK_RATE_METHOD, Clock, RateClock
 from kvsvr.config import ClusterConfig, ConfigError, load_config, new_cluster_id
 from kvsvr.errors import FrameError, InvalidRequest, KvsvrError
 from kvsvr.keys import decode_key
 from kvsvr.net import serve
 from kvsvr.node import replication
+from kvsvr.node.backup_side import BackupSide
 from kvsvr.node.cache import RowCache
 from kvsvr.node.client_api import ClientApi, GetQuery
 from kvsvr.node.engine import Respond, until_answered
@@ -151,6 +153,13 @@ class Node:
             )
         )
         self.replica_side.gate = self.replication
+        self.backup = BackupSide(
+            storage.copy_committed,
+            config.node_data_dir(node_id),
+            config.cluster_id or "",
+            node_id,
+            votes=lambda: self.replication.ready,
+        )
         self.api.replication = self.replication
         self._start_read_leases()
         # The client requests every entry point starts on the engine.
@@ -315,6 +324,8 @@ class Node:
             return self.serve_row(body)
         if method in replication.METHODS:
             return await self.replication.handle(method, body)
+        if method in backup_messages.METHODS:
+            return await self.backup.handle(method, body)
         if method == Method.MAP:
             return self.client_map()
         if method == Method.STATUS:

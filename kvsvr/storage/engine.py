@@ -67,6 +67,7 @@ from kvsvr.storage.environment import (
 )
 from kvsvr.storage.environment import open_environment as open_environment
 from kvsvr.storage.environment import prefix_end as prefix_end
+from kvsvr.storage.snapshot import copy_environment
 
 _log = logging.getLogger("kvsvr.storage")
 
@@ -455,6 +456,13 @@ class Storage:
                 self._commit_sync(batch)
         finally:
             self._close_env()
+
+    def copy_committed(self, directory: Path) -> Path:
+        """A compacted copy of the committed data, made from one read
+        transaction, into the new `directory` (`snapshot.copy_environment`).
+        Blocks: call it on a worker thread."""
+        self._check_readable()
+        return copy_environment(self._env, directory)
 
     @property
     def stats(self) -> StorageStats:
