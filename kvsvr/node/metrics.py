@@ -1,0 +1,365 @@
+"""The node's Prometheus metrics: what `/metrics` serves.
+
+Almost every number is read at scrape time from what the node keeps anyway:
+`NodeCollector` turns the node's status report (the one `kvsvr status`
+prints: coordinator, storage, rounds, cache, memory, hints, anti-entropy,
+rebuild) into metric families. Nothing on a request's path increments them.
+
+Three things the node does not otherwise keep are counted as they happen:
+
+- client requests by operation and outcome, and their latency, one
+  histogram per operation: `RequestMetrics.timed` wraps a request's answer
+  callback (one `perf_counter` and one histogram observe per request;
+  bench/RESULTS.md has its cost);
+- the duration of each LMDB write transaction with its fsync, and the
+  operations in it: `RequestMetrics.observe_commit`, called once per batch
+  by the storage's commit hook.
+
+Process RSS and CPU come from prometheus_client's `ProcessCollector`.
+Everything lives in the node's own `CollectorRegistry`, never the library's
+global one, so that several nodes in one process (the tests) do not mix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvsvr.errors import KvsvrError
+from kvsvr.protocol.lifecycle import LOST_DATA_STATES, READY, STATES
+
+# Every metric's name starts with this.
+PREFIX: Final = "kvsvr"
+
+# Client operations timed per request (the node's client methods).
+OPERATIONS: Final = ("get", "put", "scan")
+# A request's outcome label: "ok", or the error's wire code (`kvsvr.errors`),
+# so the label's values are a fixed, small set.
+OUTCOME_OK: Final = "ok"
+
+# Request latency buckets, seconds: a cached local read takes tens of
+# microseconds, a durable quorum write a few milliseconds, a request that
+# times out `OPERATION_TIMEOUT_S` (5 s). Fourteen buckets keep a histogram
+# at sixteen series per operation.
+LATENCY_BUCKETS_S: Final = (
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.024,
+    5.0,
+)
+# Commit (write transaction + fsync) buckets, seconds: an fsync is 0.05-5 ms
+# on a local SSD and can reach a second on a busy disk.
+COMMIT_BUCKETS_S: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.5,
+    1.0,
+)
+# Commit batch sizes (operations per transaction), up to the writer's
+# BATCH_OPS_MAX (`kvsvr.storage.engine`).
+BATCH_OPS_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+# The read leases' figures (#26), when the node's status carries them under
+# "read_leases": status key -> (metric name, help, kind). They appear on
+# /metrics as soon as the status reports them.
+READ_LEASE_FIGURES: Final = {
+    "held": ("read_leases_held", "read leases this node holds now", "gauge"),
+    "leases_taken": ("read_leases_taken", "read leases taken since start", "counter"),
+    "lease_waits": ("read_lease_waits", "reads that waited for a lease to end", "counter"),
+}
+
+Respond = Callable[[object, KvsvrError | None], None]
+ClientMethod = Callable[[object, Respond], None]
+
+
+class RequestMetrics:
+    """The counters and histograms updated as requests end and batches commit."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "client requests answered, by operation and outcome",
+            ["operation", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "time from a client request's arrival at the node to its answer",
+            ["operation"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.commit_seconds = Histogram(
+            f"{PREFIX}_storage_commit_seconds",
+            "one LMDB write transaction of the group-commit writer, its fsync included",
+            buckets=COMMIT_BUCKETS_S,
+            registry=registry,
+        )
+        self.commit_batch_ops = Histogram(
+            f"{PREFIX}_storage_commit_batch_ops",
+            "row changes committed by one write transaction (one fsync)",
+            buckets=BATCH_OPS_BUCKETS,
+            registry=registry,
+        )
+        # Children bound once: a label lookup per request would cost more
+        # than the observation itself.
+        self._latency = {op: self.latency.labels(op) for op in OPERATIONS}
+        self._outcomes: dict[tuple[str, str], Any] = {}
+        for op in OPERATIONS:
+            self._outcomes[op, OUTCOME_OK] = self.requests.labels(op, OUTCOME_OK)
+
+    def _count(self, operation: str, outcome: str) -> None:
+        child = self._outcomes.get((operation, outcome))
+        if child is None:
+            child = self._outcomes[operation, outcome] = self.requests.labels(operation, outcome)
+        child.inc()
+
+    def timed(self, operation: str, method: ClientMethod) -> ClientMethod:
+        """`method`, counting each request's outcome and observing its latency."""
+        assert operation in OPERATIONS, operation
+        observe = self._latency[operation].observe
+        count = self._count
+
+        def timed_method(body: object, respond: Respond) -> None:
+            started = time.perf_counter()
+
+            def answered(reply: object, error: KvsvrError | None) -> None:
+                observe(time.perf_counter() - started)
+                count(operation, OUTCOME_OK if error is None else error.code)
+                respond(reply, error)
+
+            method(body, answered)
+
+        return timed_method
+
+    def observe_commit(self, seconds: float, ops: int) -> None:
+        """One batch committed: its transaction's duration and size."""
+        self.commit_seconds.observe(seconds)
+        self.commit_batch_ops.observe(ops)
+
+
+class NodeCollector(Collector):
+    """Metric families read from the node's status report at scrape time."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status()
+        yield from _node_families(status)
+        yield from _coordinator_families(status)
+        yield from _storage_families(status["storage"])
+        yield from _cache_families(status["cache"])
+        yield from _memory_families(status["memory"])
+        replication = status["replication"]
+        yield from _hint_families(replication["hints"])
+        yield from _anti_entropy_families(replication["anti_entropy"])
+        yield from _rebuild_families(replication)
+        yield from _read_lease_families(status.get("read_leases"))
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
+
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
+
+
+def _node_families(status: Mapping[str, Any]) -> Iterator[Metric]:
+    state = str(status["replication"]["state"])
+    states = GaugeMetricFamily(
+        f"{PREFIX}_node_state",
+        "the node's lifecycle state: 1 for the state it is in, 0 for the others",
+        labels=["state"],
+    )
+    for each in STATES:
+        states.add_metric([str(each)], 1.0 if str(each) == state else 0.0)
+    yield states
+    yield _gauge("node_ready", "1 when the node's replica votes and serves", state == READY)
+    yield _gauge("uptime_seconds", "seconds since the node started", status["uptime_s"])
+    yield _counter(
+        "messages_served", "requests of every kind the node answered", status["requests_served"]
+    )
+    peers = GaugeMetricFamily(
+        f"{PREFIX}_peer_connected", "1 while the link to the peer is connected", labels=["peer"]
+    )
+    for peer, link in sorted(status["peers"].items()):
+        peers.add_metric([peer], 1.0 if link == "connected" else 0.0)
+    yield peers
+    yield _gauge(
+        "partitions_held", "partitions this node is a replica of", status["partitions_held"]
+    )
+
+
+def _coordinator_families(status: Mapping[str, Any]) -> Iterator[Metric]:
+    coordinator = status["coordinator"]
+    for name, value in sorted(coordinator.items()):
+        yield _counter(f"coordinator_{name}", f"coordinator operations: {name}", value)
+    writes = coordinator["writes"]
+    yield _gauge(
+        "write_fast_path_ratio",
+        "share of this node's writes chosen in one round trip (fast path), since start",
+        coordinator["fast_path_writes"] / writes if writes else 0.0,
+    )
+    rounds = status["rounds"]
+    yield _counter("quorum_rounds", "quorum rounds this node started", rounds["started"])
+    yield _counter(
+        "quorum_rounds_thrifty", "rounds that asked only a majority first", rounds["thrifty"]
+    )
+    yield _counter(
+        "quorum_rounds_hedged", "thrifty rounds that then asked the others too", rounds["hedged"]
+    )
+    shared = status["read_sharing"]
+    yield _counter(
+        "reads_shared", "strong reads answered by another's round", shared["reads_shared"]
+    )
+    folded = status["write_batching"]
+    yield _counter(
+        "writes_folded", "blind writes folded into one proposal", folded["writes_folded"]
+    )
+    yield _counter(
+        "corrupt_rows_seen", "rows that failed their checksum", status["corrupt_rows_seen"]
+    )
+    yield _counter("rows_repaired", "corrupt rows rebuilt from peers", status["rows_repaired"])
+
+
+def _storage_families(storage: Mapping[str, Any]) -> Iterator[Metric]:
+    yield _counter(
+        "storage_batches_committed", "write transactions committed", storage["batches_committed"]
+    )
+    yield _counter("storage_ops_committed", "row changes committed", storage["ops_committed"])
+    yield _counter("storage_bytes_committed", "bytes committed", storage["bytes_committed"])
+    yield _gauge("storage_batch_ops_max", "largest batch committed", storage["max_batch_ops"])
+
+
+def _cache_families(cache: Mapping[str, Any]) -> Iterator[Metric]:
+    yield _gauge("cache_bytes", "bytes the row cache holds", cache["bytes_used"])
+    yield _gauge("cache_bytes_max", "the row cache's budget (cache_bytes_max)", cache["bytes_max"])
+    yield _gauge("cache_entries", "rows in the row cache", cache["entries"])
+    yield _gauge(
+        "cache_hit_ratio", "share of cache lookups that hit, since start", cache["hit_ratio"]
+    )
+    for name in ("hits", "misses", "evictions"):
+        if name in cache:
+            yield _counter(f"cache_{name}", f"row cache {name}", cache[name])
+
+
+def _memory_families(memory: Mapping[str, Any]) -> Iterator[Metric]:
+    yield _gauge(
+        "memory_rss_anon_bytes", "the node's own memory (RssAnon)", memory["rss_anon_bytes"]
+    )
+    yield _gauge(
+        "memory_rss_file_bytes", "mapped file pages resident (RssFile)", memory["rss_file_bytes"]
+    )
+    yield _counter("memory_trims", "times the LMDB mapping was trimmed", memory["trims"])
+
+
+def _hint_families(hints: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
+    pending = GaugeMetricFamily(
+        f"{PREFIX}_hints_pending", "hints kept for a replica that is down", labels=["target"]
+    )
+    pending_bytes = GaugeMetricFamily(
+        f"{PREFIX}_hints_pending_bytes", "bytes of the hints kept", labels=["target"]
+    )
+    replayed = CounterMetricFamily(
+        f"{PREFIX}_hints_replayed", "hints delivered to their replica", labels=["target"]
+    )
+    dropped = CounterMetricFamily(
+        f"{PREFIX}_hints_dropped",
+        "hints dropped (queue full or expired): anti-entropy repairs those rows",
+        labels=["target", "reason"],
+    )
+    for target, figures in sorted(hints.items()):
+        pending.add_metric([target], figures["pending"])
+        pending_bytes.add_metric([target], figures["bytes"])
+        replayed.add_metric([target], figures["replayed"])
+        dropped.add_metric([target, "full"], figures["dropped_full"])
+        dropped.add_metric([target, "expired"], figures["dropped_expired"])
+    yield from (pending, pending_bytes, replayed, dropped)
+
+
+def _anti_entropy_families(anti_entropy: Mapping[str, Any]) -> Iterator[Metric]:
+    ages = anti_entropy["last_pass_s_ago"]
+    known = [age for age in ages.values() if age is not None]
+    yield _gauge(
+        "anti_entropy_lag_seconds",
+        "the oldest last completed anti-entropy pass among the partitions this node holds",
+        max(known) if known else 0.0,
+    )
+    yield _gauge(
+        "anti_entropy_partitions_unsynced",
+        "held partitions not yet compared with every peer since the node started",
+        sum(1 for age in ages.values() if age is None),
+    )
+    yield _counter("anti_entropy_passes", "anti-entropy passes", anti_entropy["passes"])
+    yield _counter(
+        "anti_entropy_rows_pulled", "rows pulled by anti-entropy", anti_entropy["rows_pulled"]
+    )
+    yield _counter(
+        "anti_entropy_failures", "anti-entropy passes that failed", anti_entropy["failures"]
+    )
+
+
+def _rebuild_families(replication: Mapping[str, Any]) -> Iterator[Metric]:
+    rebuild = replication["rebuild"]
+    done, total = rebuild["tables_done"], rebuild["tables_total"]
+    if replication["state"] in LOST_DATA_STATES:
+        # Rebuilding, perhaps still waiting for peers before the first table.
+        progress = done / total if total else 0.0
+    else:
+        progress = 1.0
+    yield _gauge("rebuild_tables_done", "tables rebuilt from peers so far", done)
+    yield _gauge("rebuild_tables_total", "tables to rebuild from peers", total)
+    yield _gauge(
+        "rebuild_progress_ratio",
+        "share of its tables a node that lost its data has rebuilt (1: nothing to rebuild)",
+        progress,
+    )
+    yield _counter(
+        "rebuild_rows", "rows copied from peers by rebuilds", replication["rows_rebuilt"]
+    )
+
+
+def _read_lease_families(leases: Mapping[str, Any] | None) -> Iterator[Metric]:
+    if leases is None:
+        return
+    for key, (name, help_text, kind) in READ_LEASE_FIGURES.items():
+        if key in leases:
+            make = _gauge if kind == "gauge" else _counter
+            yield make(name, help_text, leases[key])
+
+
+class NodeMetrics:
+    """The node's registry: its status collector, the request metrics and the
+    process collector."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = RequestMetrics(self.registry)
+        self.registry.register(NodeCollector(status))
+        ProcessCollector(registry=self.registry)
