@@ -68,6 +68,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_layers.py": UNIT,
     "test_leases.py": UNIT,
     "test_lifecycle.py": UNIT,
+    "test_logs.py": PROCESS,
     "test_metrics.py": PROCESS,
     "test_module_sizes.py": UNIT,
     "test_node_entry_points.py": PROCESS,

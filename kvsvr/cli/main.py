@@ -25,6 +25,7 @@ from kvsvr.cli.node import run_node_command
 from kvsvr.cli.status import RECOVER_WAIT_S, check_recover, recover_cluster, show_status
 from kvsvr.cli.up import DEFAULT_BASE_PORT, DEFAULT_UP_DIR, UP_NODES_MAX, run_up
 from kvsvr.client import CONSISTENCIES, DEFAULT_TABLE, SCAN_LIMIT_MAX
+from kvsvr.logs import LOG_FORMATS, TEXT
 from kvsvr.protocol.lifecycle import INITIAL_STATES
 
 # --- the parser ---------------------------------------------------------------------
@@ -123,6 +124,17 @@ def _add_up(commands: _Commands) -> None:
         help="also declare the tables of the example apps (chat, moments), adding them "
         "to a reused cluster.toml that lacks them",
     )
+    _add_log_format(parser)
+
+
+def _add_log_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=TEXT,
+        help="node logs as text lines (default) or one JSON object per line "
+        "(time, level, node, event, fields)",
+    )
 
 
 def _add_node(commands: _Commands) -> None:
@@ -136,6 +148,7 @@ def _add_node(commands: _Commands) -> None:
         "this node as a member), 'existing' replaces a member and rebuilds from its peers "
         "before voting (default: the config's initial_state, else new)",
     )
+    _add_log_format(parser)
 
 
 def _client_options() -> argparse.ArgumentParser:

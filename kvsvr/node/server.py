@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from kvsvr import _build
+from kvsvr import _build, logs
 from kvsvr.api import (
     OPERATION_TIMEOUT_S,
     Method,
@@ -467,13 +467,16 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-def run_node(config_path: str, node_id: str, initial_state: str | None = None) -> int:
+def run_node(
+    config_path: str,
+    node_id: str,
+    initial_state: str | None = None,
+    log_format: str = logs.TEXT,
+) -> int:
     """`kvsvr node`: serve until SIGTERM or SIGINT. Returns the exit code.
-    `initial_state` ("new" or "existing") overrides the config's."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {node_id} %(levelname)s %(name)s: %(message)s",
-    )
+    `initial_state` ("new" or "existing") overrides the config's; `log_format`
+    is "text" or "json" (see `kvsvr.logs`)."""
+    logs.configure(node_id, log_format)
     config = load_config(config_path)
     config.node(node_id)  # fail early, with the list of known ids
     _require_cluster_id(config)
