@@ -84,6 +84,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_sim.py": SIMULATION,
     "test_storage.py": UNIT,
     "test_task_free_drive.py": UNIT,
+    "test_top.py": PROCESS,
     "test_write_batching.py": UNIT,
 }
 
