@@ -24,7 +24,13 @@ from kvsvr.config import ConfigError, load_config, parse_config, render_config
 from kvsvr.errors import Conflict
 from kvsvr.local import LocalCluster, free_ports, local_config
 from kvsvr.node.http_endpoint import Answer, Endpoint, serve_http
-from kvsvr.node.metrics import PREFIX, READ_LEASE_FIGURES, NodeMetrics, RequestMetrics
+from kvsvr.node.metrics import (
+    PREFIX,
+    READ_LEASE_FIGURES,
+    Histogram,
+    NodeMetrics,
+    RequestMetrics,
+)
 
 SECRET = "metrics-test-secret"
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json"
@@ -369,7 +375,8 @@ def test_requests_are_counted_by_outcome_and_timed() -> None:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()
-    metrics = RequestMetrics(registry)
+    metrics = RequestMetrics()
+    registry.register(metrics)
     answers: list[object] = []
 
     def ok(body: object, respond: Any) -> None:
@@ -453,3 +460,11 @@ async def test_the_server_keeps_connections_alive_and_refuses_bad_requests() -> 
         )
         assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n"), head
         nursery.cancel_scope.cancel()
+
+
+def test_a_histogram_counts_each_value_in_the_first_bucket_that_holds_it() -> None:
+    histogram = Histogram((0.001, 0.01, 0.1))
+    for value in (0.0005, 0.001, 0.002, 0.05, 3.0):
+        histogram.observe(value)
+    assert histogram.buckets() == [("0.001", 2.0), ("0.01", 3.0), ("0.1", 4.0), ("+Inf", 5.0)]
+    assert histogram.total == pytest.approx(3.0535)

@@ -1,0 +1,164 @@
+"""What a node's metrics cost it: node CPU per 1000 puts while scraped often.
+
+    python -m bench.metrics_serving [--time-s 8] [--clients 32] [--scrape-every-s 0.1] [--rounds 2]
+
+In one run, on one 3-node cluster configuration (fresh data each time), the
+same closed-loop put load (`--clients` tasks, each on its own keys) runs
+`--rounds` times in each of three modes, interleaved so that the machine's
+other load falls on all of them alike:
+
+- `off`: no metrics_address (no request timing, no endpoint);
+- `loop`: the node's endpoint as shipped (`kvsvr.node.http_endpoint`: h11 on
+  the node's trio loop), every node scraped every `--scrape-every-s`;
+- `thread`: prometheus_client's own `start_http_server` (a WSGI server in a
+  thread of the node) on the same registry, scraped alike. The node is run
+  through a launcher that swaps `serve_http` for it; nothing else differs.
+
+Prints, per mode: puts/s, node CPU seconds per 1000 puts (all three nodes,
+from /proc), and the scrape time p50/p99 as the scraper saw it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Final
+
+import trio
+
+import kvsvr
+from bench.output import terminate_on_sigterm
+from bench.proc import cpu_seconds
+from kvsvr.local import LocalCluster, free_ports, local_config
+
+MODES: Final = ("off", "loop", "thread")
+SECRET: Final = "bench-metrics"
+
+# Runs a node with prometheus_client's thread server in place of the
+# endpoint on the trio loop (argv after `-c CODE` is `-m kvsvr node ...`).
+_THREAD_LAUNCHER: Final = """
+import sys, trio, prometheus_client
+import kvsvr.node.server as server
+
+async def serve_in_thread(host, port, endpoint, *, task_status=trio.TASK_STATUS_IGNORED):
+    prometheus_client.start_http_server(port, host, registry=endpoint.registry)
+    task_status.started([])
+    await trio.sleep_forever()
+
+server.serve_http = serve_in_thread
+from kvsvr.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _cluster(directory: Path, mode: str) -> LocalCluster:
+    config = local_config(3, secret=SECRET, partitions=16)
+    if mode != "off":
+        ports = free_ports(3)
+        nodes = tuple(
+            dataclasses.replace(node, metrics_address=("127.0.0.1", port))
+            for node, port in zip(config.nodes, ports, strict=True)
+        )
+        config = dataclasses.replace(config, nodes=nodes)
+    python_args = (lambda _: ("-c", _THREAD_LAUNCHER)) if mode == "thread" else None
+    return LocalCluster.create(directory, config, python_args=python_args)
+
+
+def _scraper(urls: list[str], every_s: float, stop: threading.Event, times: list[float]) -> None:
+    while not stop.is_set():
+        started = time.perf_counter()
+        for url in urls:
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                answer.read()
+            times.append(time.perf_counter() - t0)
+        stop.wait(max(0.0, every_s - (time.perf_counter() - started)))
+
+
+async def _load(addresses: list[str], clients: int, time_s: float) -> int:
+    done = 0
+    async with kvsvr.connect(addresses, secret=SECRET) as client:
+        deadline = trio.current_time() + time_s
+
+        async def one(worker: int) -> None:
+            nonlocal done
+            i = 0
+            while trio.current_time() < deadline:
+                await client.put(f"w{worker}-{i % 100}", b"x" * 100)
+                i += 1
+                done += 1
+
+        async with trio.open_nursery() as nursery:
+            for worker in range(clients):
+                nursery.start_soon(one, worker)
+    return done
+
+
+def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as scratch, _cluster(Path(scratch), mode) as cluster:
+        cluster.start_all()
+        trio.run(_load, cluster.addresses, args.clients, 1.0)  # warm-up
+        urls = []
+        for node in cluster.config.nodes:
+            if node.metrics_address is not None:
+                urls.append(f"http://{node.metrics_address[0]}:{node.metrics_address[1]}/metrics")
+        pids = list(cluster.pids.values())
+        stop = threading.Event()
+        times: list[float] = []
+        scraper = threading.Thread(
+            target=_scraper, args=(urls, args.scrape_every_s, stop, times), daemon=True
+        )
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        scraper.start()
+        ops = trio.run(_load, cluster.addresses, args.clients, args.time_s)
+        stop.set()
+        scraper.join()
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+    times.sort()
+    return {
+        "puts_per_s": ops / args.time_s,
+        "cpu_s_per_1k": cpu / ops * 1000,
+        "scrapes": len(times),
+        "scrape_p50_ms": statistics.median(times) * 1000 if times else 0.0,
+        "scrape_p99_ms": times[int(len(times) * 0.99)] * 1000 if times else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--time-s", type=float, default=8.0)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--scrape-every-s", type=float, default=0.1)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    for round_number in range(args.rounds):
+        for mode in MODES:
+            with terminate_on_sigterm():
+                result = run_mode(mode, args)
+            results[mode].append(result)
+            print(
+                f"round {round_number + 1} {mode:>6}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in result.items()),
+                flush=True,
+            )
+    print()
+    print("| mode | puts/s | node CPU-s / 1k puts | scrapes | scrape p50 ms | scrape p99 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for mode in MODES:
+        runs = results[mode]
+        mean = {key: statistics.mean(r[key] for r in runs) for key in runs[0]}
+        print(
+            f"| {mode} | {mean['puts_per_s']:,.0f} | {mean['cpu_s_per_1k']:.3f} | "
+            f"{mean['scrapes']:.0f} | {mean['scrape_p50_ms']:.2f} | {mean['scrape_p99_ms']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
