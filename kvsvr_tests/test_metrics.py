@@ -468,3 +468,15 @@ def test_a_histogram_counts_each_value_in_the_first_bucket_that_holds_it() -> No
         histogram.observe(value)
     assert histogram.buckets() == [("0.001", 2.0), ("0.01", 3.0), ("0.1", 4.0), ("+Inf", 5.0)]
     assert histogram.total == pytest.approx(3.0535)
+
+
+async def test_a_metrics_port_in_use_is_named_in_the_error() -> None:
+    endpoint = Endpoint(NodeMetrics(fake_status).registry, lambda: "ready")
+    taken = trio.socket.socket()
+    async with trio.open_nursery() as nursery:
+        with taken:
+            await taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(OSError, match=f"metrics_address 127.0.0.1:{port}: cannot listen"):
+                await nursery.start(serve_http, "127.0.0.1", port, endpoint)

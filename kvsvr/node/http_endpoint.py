@@ -89,7 +89,11 @@ async def serve_http(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `endpoint` on host:port until cancelled; `started` with the listeners."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as error:
+        reason = f"metrics_address {host}:{port}: cannot listen ({error.strerror})"
+        raise OSError(error.errno, reason) from error
     connections = trio.Semaphore(CONNECTIONS_MAX)
     async with trio.open_nursery() as nursery:
         handler = partial(_connection, endpoint, connections)
