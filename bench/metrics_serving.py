@@ -9,7 +9,8 @@ other load falls on all of them alike:
 
 - `off`: no metrics_address (no request timing, no endpoint);
 - `loop`: the node's endpoint as shipped (`kvsvr.node.http_endpoint`: h11 on
-  the node's trio loop), every node scraped every `--scrape-every-s`;
+  the node's trio loop, the figures taken on the loop, the text rendered on
+  a worker thread), every node scraped every `--scrape-every-s`;
 - `thread`: prometheus_client's own `start_http_server` (a WSGI server in a
   thread of the node) on the same registry, scraped alike. The node is run
   through a launcher that swaps `serve_http` for it; nothing else differs
@@ -52,7 +53,7 @@ import sys, trio, prometheus_client
 import kvsvr.node.server as server
 
 async def serve_in_thread(host, port, endpoint, *, task_status=trio.TASK_STATUS_IGNORED):
-    prometheus_client.start_http_server(port, host, registry=endpoint.registry)
+    prometheus_client.start_http_server(port, host, registry=endpoint.metrics.registry)
     task_status.started([])
     await trio.sleep_forever()
 

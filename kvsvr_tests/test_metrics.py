@@ -325,11 +325,9 @@ def fake_status(state: str = "ready", **extra: Any) -> dict[str, Any]:
     }
 
 
-def exposition(status: dict[str, Any]) -> dict[str, float]:
-    endpoint = Endpoint(
-        NodeMetrics(lambda: status).registry, lambda: status["replication"]["state"]
-    )
-    answer = endpoint.answer(b"GET", b"/metrics")
+async def exposition(status: dict[str, Any]) -> dict[str, float]:
+    endpoint = Endpoint(NodeMetrics(lambda: status), lambda: status["replication"]["state"])
+    answer = await endpoint.answer(b"GET", b"/metrics")
     assert answer.status == 200
     return {
         sample.name + str(sorted(sample.labels.items())): sample.value
@@ -338,37 +336,38 @@ def exposition(status: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def test_the_status_figures_become_metrics() -> None:
-    samples = exposition(fake_status())
+async def test_the_status_figures_become_metrics() -> None:
+    samples = await exposition(fake_status())
     assert samples["kvsvr_write_fast_path_ratio[]"] == 0.75
     assert samples["kvsvr_hints_pending[('target', 'n2')]"] == 5
     assert samples["kvsvr_anti_entropy_lag_seconds[]"] == 4.0
     assert samples["kvsvr_anti_entropy_partitions_unsynced[]"] == 1
     assert samples["kvsvr_rebuild_progress_ratio[]"] == 1.0  # ready: nothing to rebuild
-    assert exposition(fake_status("rebuilding"))["kvsvr_rebuild_progress_ratio[]"] == 0.5
+    rebuilding = await exposition(fake_status("rebuilding"))
+    assert rebuilding["kvsvr_rebuild_progress_ratio[]"] == 0.5
     assert samples["kvsvr_quorum_rounds_total[]"] == 9
     assert not any(name.startswith("kvsvr_read_lease") for name in samples)
 
 
-def test_read_leases_appear_once_the_status_reports_them() -> None:
+async def test_read_leases_appear_once_the_status_reports_them() -> None:
     leases = {"held": 3, "leases_taken": 10, "lease_waits": 2}
-    samples = exposition(fake_status(read_leases=leases))
+    samples = await exposition(fake_status(read_leases=leases))
     assert samples["kvsvr_read_leases_held[]"] == 3
     assert samples["kvsvr_read_leases_taken_total[]"] == 10
     assert samples["kvsvr_read_lease_waits_total[]"] == 2
 
 
-def test_the_endpoint_answers_each_path() -> None:
+async def test_the_endpoint_answers_each_path() -> None:
     state = ["rebuilding"]
-    endpoint = Endpoint(NodeMetrics(fake_status).registry, lambda: state[0])
-    assert endpoint.answer(b"GET", b"/healthz").status == 200
-    assert endpoint.answer(b"GET", b"/readyz") == Answer(
+    endpoint = Endpoint(NodeMetrics(fake_status), lambda: state[0])
+    assert (await endpoint.answer(b"GET", b"/healthz")).status == 200
+    assert await endpoint.answer(b"GET", b"/readyz") == Answer(
         503, "text/plain; charset=utf-8", b"not ready: rebuilding\n"
     )
     state[0] = "ready"
-    assert endpoint.answer(b"GET", b"/readyz?verbose=1").status == 200
-    assert endpoint.answer(b"GET", b"/nothing").status == 404
-    assert endpoint.answer(b"POST", b"/metrics").status == 405
+    assert (await endpoint.answer(b"GET", b"/readyz?verbose=1")).status == 200
+    assert (await endpoint.answer(b"GET", b"/nothing")).status == 404
+    assert (await endpoint.answer(b"POST", b"/metrics")).status == 405
 
 
 def test_requests_are_counted_by_outcome_and_timed() -> None:
@@ -428,7 +427,7 @@ def test_metrics_address_is_read_checked_and_written_back(tmp_path: Path) -> Non
 
 
 async def _serving(nursery: trio.Nursery) -> int:
-    endpoint = Endpoint(NodeMetrics(fake_status).registry, lambda: "ready")
+    endpoint = Endpoint(NodeMetrics(fake_status), lambda: "ready")
     listeners = await nursery.start(serve_http, "127.0.0.1", 0, endpoint)
     port: int = listeners[0].socket.getsockname()[1]
     return port
@@ -471,7 +470,7 @@ def test_a_histogram_counts_each_value_in_the_first_bucket_that_holds_it() -> No
 
 
 async def test_a_metrics_port_in_use_is_named_in_the_error() -> None:
-    endpoint = Endpoint(NodeMetrics(fake_status).registry, lambda: "ready")
+    endpoint = Endpoint(NodeMetrics(fake_status), lambda: "ready")
     taken = trio.socket.socket()
     async with trio.open_nursery() as nursery:
         with taken:
@@ -480,3 +479,18 @@ async def test_a_metrics_port_in_use_is_named_in_the_error() -> None:
             port = taken.getsockname()[1]
             with pytest.raises(OSError, match=f"metrics_address 127.0.0.1:{port}: cannot listen"):
                 await nursery.start(serve_http, "127.0.0.1", port, endpoint)
+
+
+async def test_a_snapshot_keeps_the_figures_of_its_moment() -> None:
+    """What a scrape renders on its worker thread: copies, not the live counters."""
+    metrics = NodeMetrics(fake_status)
+    metrics.requests.observe_commit(0.001, 3)
+    snapshot = metrics.snapshot()
+    metrics.requests.observe_commit(0.002, 5)
+    metrics.requests.outcomes["put", "ok"] += 7
+    assert snapshot.get_sample_value("kvsvr_storage_commit_batch_ops_count") == 1
+    assert (
+        snapshot.get_sample_value("kvsvr_requests_total", {"operation": "put", "outcome": "ok"})
+        == 0
+    )
+    assert metrics.registry.get_sample_value("kvsvr_storage_commit_batch_ops_count") == 2

@@ -1,11 +1,13 @@
 """The node's HTTP endpoint for monitoring: `/metrics`, `/healthz`, `/readyz`.
 
 It runs on the node's trio loop, in the node's nursery: h11 parses the
-requests (it holds no socket), trio moves the bytes. A scrape therefore
-reads the node's figures on the thread that changes them, so a snapshot is
-never torn by a concurrent update, and the node runs no second thread to
-compete with it for the GIL (bench/RESULTS.md compares this with
-prometheus_client's thread server under load).
+requests (it holds no socket), trio moves the bytes. A scrape takes the
+node's figures on the loop, the thread that changes them, so they are never
+read mid-update (`NodeMetrics.snapshot`: a status report and copies of the
+counters, a fraction of a scrape's cost), then renders the text on a worker
+thread, so that the loop goes on serving requests meanwhile (GIL
+permitting). bench/RESULTS.md compares it with rendering on the loop and
+with prometheus_client's thread server.
 
 - `GET /metrics`: the Prometheus text exposition of the node's registry.
 - `GET /healthz`: 200 while the process serves at all.
@@ -29,8 +31,9 @@ from typing import Final
 
 import h11
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvsvr.node.metrics import NodeMetrics
 from kvsvr.protocol.lifecycle import READY
 
 log = logging.getLogger("kvsvr.node.http")
@@ -58,21 +61,22 @@ class Answer:
 
 
 class Endpoint:
-    """Answers the endpoint's paths; pure apart from what `state` and
-    `registry` read."""
+    """Answers the endpoint's paths from `metrics` and `state`."""
 
-    def __init__(self, registry: CollectorRegistry, state: Callable[[], str]) -> None:
-        self.registry = registry
+    def __init__(self, metrics: NodeMetrics, state: Callable[[], str]) -> None:
+        self.metrics = metrics
         self.state = state
 
-    def answer(self, method: bytes, target: bytes) -> Answer:
+    async def answer(self, method: bytes, target: bytes) -> Answer:
         path = target.split(b"?", 1)[0]
         if path not in (b"/metrics", b"/healthz", b"/readyz"):
             return Answer(404, _TEXT, b"not found: try /metrics, /healthz or /readyz\n")
         if method not in (b"GET", b"HEAD"):
             return Answer(405, _TEXT, b"method not allowed: use GET\n")
         if path == b"/metrics":
-            return Answer(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
+            snapshot = self.metrics.snapshot()
+            body = await trio.to_thread.run_sync(generate_latest, snapshot)
+            return Answer(200, CONTENT_TYPE_LATEST, body)
         if path == b"/healthz":
             return Answer(200, _TEXT, b"ok\n")
         state = str(self.state())
@@ -128,7 +132,7 @@ async def _serve_requests(endpoint: Endpoint, stream: trio.SocketStream) -> None
             if isinstance(request, Answer):
                 await _send(connection, stream, request, head_only=False)
                 return
-            answer = endpoint.answer(request.method, request.target)
+            answer = await endpoint.answer(request.method, request.target)
             await _send(connection, stream, answer, head_only=request.method == b"HEAD")
             if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                 return

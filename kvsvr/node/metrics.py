@@ -121,6 +121,11 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def copy(self) -> Histogram:
+        copied = Histogram(self.bounds)
+        copied.counts, copied.total = list(self.counts), self.total
+        return copied
+
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative counts per `le`, `+Inf` last (what the exposition lists)."""
         cumulative = list(accumulate(self.counts))
@@ -162,6 +167,15 @@ class RequestMetrics(Collector):
         """One batch committed: its transaction's duration and size."""
         self.commit_seconds.observe(seconds)
         self.commit_batch_ops.observe(ops)
+
+    def copy(self) -> RequestMetrics:
+        """The figures as they are now, apart from the ones that go on changing."""
+        copied = RequestMetrics()
+        copied.outcomes = dict(self.outcomes)
+        copied.latency = {op: histogram.copy() for op, histogram in self.latency.items()}
+        copied.commit_seconds = self.commit_seconds.copy()
+        copied.commit_batch_ops = self.commit_batch_ops.copy()
+        return copied
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -391,12 +405,25 @@ def _read_lease_families(leases: Mapping[str, Any] | None) -> Iterator[Metric]:
 
 
 class NodeMetrics:
-    """The node's registry: its status collector, the request metrics and the
-    process collector."""
+    """The node's metrics: the request metrics, its status, the process.
+
+    `snapshot()` takes the figures on the node's loop (a fresh status report
+    and copies of the request counters: cheap), and returns a registry that
+    makes the metric families from those copies only, so it can be rendered
+    on another thread while the loop changes the originals. `registry` is
+    the same metrics read live, for callers on the loop."""
 
     def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+        self.status = status
         self.requests = RequestMetrics()
-        self.registry.register(self.requests)
-        self.registry.register(NodeCollector(status))
-        ProcessCollector(registry=self.registry)
+        self.process = ProcessCollector(registry=None)
+        self.registry = CollectorRegistry(auto_describe=False)
+        for collector in (self.requests, NodeCollector(status), self.process):
+            self.registry.register(collector)
+
+    def snapshot(self) -> CollectorRegistry:
+        registry = CollectorRegistry(auto_describe=False)
+        status = self.status()
+        for collector in (self.requests.copy(), NodeCollector(lambda: status), self.process):
+            registry.register(collector)
+        return registry

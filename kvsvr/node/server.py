@@ -405,7 +405,7 @@ async def serve_node(
                 nursery.start_soon(node.residency.run)
                 if node.metrics is not None and me.metrics_address is not None:
                     host, port = me.metrics_address
-                    endpoint = Endpoint(node.metrics.registry, lambda: node.replication.state)
+                    endpoint = Endpoint(node.metrics, lambda: node.replication.state)
                     await nursery.start(serve_http, host, port, endpoint)
                     log.info("node %s serving metrics on %s:%d", me.id, host, port)
                 log.info("node %s serving on %s", me.id, me.address)
