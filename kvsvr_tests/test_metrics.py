@@ -165,6 +165,27 @@ def test_metrics_are_present_and_move_with_operations(tmp_path: Path) -> None:
             address = client.status("n1")["metrics_address"]
         assert metrics_url(cluster, "n1", "/") == f"http://{address}/"
         check_dashboard_queries(exposed)
+        # Hints: writes while n3 is down are kept for it, and replayed once it is back.
+        cluster.stop("n3")
+        with kvsvr.SyncClient(cluster.addresses[:2], secret=SECRET) as client:
+            for i in range(20):
+                client.put(f"hinted-{i}", b"value")
+        hinted = sum(
+            value(scrape(cluster, n), "kvsvr_hints_pending", target="n3") for n in ("n1", "n2")
+        )
+        assert hinted >= 20, hinted
+        cluster.start("n3")
+        wait_for(
+            lambda: sum(
+                value(scrape(cluster, n), "kvsvr_hints_pending", target="n3") for n in ("n1", "n2")
+            ),
+            lambda pending: pending == 0,
+        )
+        replayed = sum(
+            value(scrape(cluster, n), "kvsvr_hints_replayed_total", target="n3")
+            for n in ("n1", "n2")
+        )
+        assert replayed >= 20, replayed
 
 
 def test_readyz_is_not_ready_while_a_node_rebuilds(tmp_path: Path) -> None:
@@ -249,8 +270,9 @@ def check_dashboard_queries(exposed: set[str]) -> None:
     """Every series a panel queries is one the node exposes (a histogram's
     `_bucket`/`_count`/`_sum`, a counter's `_total`, of its family)."""
     # The read leases' metrics appear once the node's status reports them.
-    samples = set(exposed) | {f"{PREFIX}_{name}" for name, _, _ in READ_LEASE_FIGURES.values()}
-    for name in exposed:
+    families = set(exposed) | {f"{PREFIX}_{name}" for name, _, _ in READ_LEASE_FIGURES.values()}
+    samples = set(families)
+    for name in families:
         samples |= {f"{name}_total", f"{name}_bucket", f"{name}_count", f"{name}_sum"}
     queried = dashboard_metric_names()
     assert queried, "the dashboard queries nothing"
@@ -350,11 +372,25 @@ async def test_the_status_figures_become_metrics() -> None:
 
 
 async def test_read_leases_appear_once_the_status_reports_them() -> None:
-    leases = {"held": 3, "leases_taken": 10, "lease_waits": 2}
+    leases = {
+        "enabled": True,
+        "lease_s": 2.0,
+        "clock_drift_max": 0.01,
+        "held": 3,
+        "granted": 4,
+        "accepts_open": False,
+        "taken": 10,
+        "local_reads": 25,
+        "write_waits": 2,
+    }
     samples = await exposition(fake_status(read_leases=leases))
+    assert samples["kvsvr_read_leases_enabled[]"] == 1
     assert samples["kvsvr_read_leases_held[]"] == 3
+    assert samples["kvsvr_read_leases_granted[]"] == 4
+    assert samples["kvsvr_read_leases_accepts_open[]"] == 0
     assert samples["kvsvr_read_leases_taken_total[]"] == 10
-    assert samples["kvsvr_read_lease_waits_total[]"] == 2
+    assert samples["kvsvr_read_lease_local_reads_total[]"] == 25
+    assert samples["kvsvr_read_lease_write_waits_total[]"] == 2
 
 
 async def test_the_endpoint_answers_each_path() -> None:
