@@ -89,6 +89,10 @@ def _scrape(puts: int, slow_puts: int, cpu_s: float) -> str:
         "# TYPE kvsvr_hints_pending gauge",
         'kvsvr_hints_pending{target="n2"} 3',
         'kvsvr_hints_pending{target="n3"} 4',
+        "# TYPE kvsvr_read_leases_held gauge",
+        "kvsvr_read_leases_held 3",
+        "# TYPE kvsvr_read_lease_local_reads counter",
+        f"kvsvr_read_lease_local_reads_total {puts * 2}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -107,5 +111,10 @@ def test_rates_and_quantiles_are_over_the_interval() -> None:
     assert view.fast_path_share == pytest.approx(0.5)
     assert view.cpu_share == pytest.approx(0.25)
     assert view.hints_pending == 7
+    assert view.leases_held == 3 and view.leased_reads_per_s == pytest.approx(100.0)
     line = format_view([view], 2.0, 0.0)[2]
     assert line.split()[:3] == ["n1", "ready", "50.0"] and "25%" in line
+    assert line.split()[-4:-2] == ["3", "100.0"], line
+    # A node without read leases (or before they are built) shows "-" there.
+    bare = node_view("n1", "ready", {}, {}, seconds=2.0)
+    assert format_view([bare], 2.0, 0.0)[2].split()[-4:-2] == ["-", "-"]

@@ -338,7 +338,8 @@ def _add_top(commands: _Commands, options: argparse.ArgumentParser) -> None:
             "twice, INTERVAL apart, and show per node: requests per second, get and put\n"
             "latency p50/p99, the fast path's share of writes, quorum rounds per second,\n"
             "fsync p99 and batch size, hints pending, anti-entropy lag, rebuild progress,\n"
-            "cache size and hit ratio, RSS and CPU. Redrawn until Ctrl-C, or once with --once."
+            "cache size and hit ratio, read leases held and leased reads per second, RSS\n"
+            "and CPU. Redrawn until Ctrl-C, or once with --once."
         ),
     )
     parser.set_defaults(operation=show_top)

@@ -7,7 +7,8 @@ requests per second, get and put latency (p50/p99, from the histograms'
 bucket counts as Prometheus' `histogram_quantile` reads them), the write
 fast path's share, quorum rounds per second, commit (fsync) p99 and batch
 size, hints pending, anti-entropy lag, rebuild progress, cache size and hit
-ratio, RSS and CPU. These are the numbers the Grafana dashboard
+ratio, read leases held and the strong reads answered locally under them
+per second, RSS and CPU. These are the numbers the Grafana dashboard
 (docs/grafana-dashboard.json) plots. `--once` prints one frame and exits;
 without it the screen is redrawn every interval until Ctrl-C.
 """
@@ -114,6 +115,8 @@ class NodeView:
     rebuild_share: float | None = None
     cache_mib: float | None = None
     cache_hit_share: float | None = None
+    leases_held: float | None = None
+    leased_reads_per_s: float | None = None
     rss_mib: float | None = None
     cpu_share: float | None = None
 
@@ -135,6 +138,7 @@ def node_view(node: str, health: str, before: Samples, after: Samples, seconds: 
     commit_p99 = histogram_quantile(0.99, before, after, "kvsvr_storage_commit_seconds")
     cache_bytes = _one(after, "kvsvr_cache_bytes")
     rss = _one(after, "process_resident_memory_bytes")
+    leased = ("kvsvr_read_lease_local_reads_total", ()) in after
     return NodeView(
         node=node,
         health=health,
@@ -152,6 +156,8 @@ def node_view(node: str, health: str, before: Samples, after: Samples, seconds: 
         rebuild_share=_one(after, "kvsvr_rebuild_progress_ratio"),
         cache_mib=None if cache_bytes is None else cache_bytes / _MIB,
         cache_hit_share=_one(after, "kvsvr_cache_hit_ratio"),
+        leases_held=_one(after, "kvsvr_read_leases_held"),
+        leased_reads_per_s=rate("kvsvr_read_lease_local_reads_total") if leased else None,
         rss_mib=None if rss is None else rss / _MIB,
         cpu_share=rate("process_cpu_seconds_total"),
     )
@@ -172,6 +178,8 @@ _COLUMNS: Final = (
     ("rebuilt", 8),
     ("cache MiB", 10),
     ("hit%", 5),
+    ("leases", 7),
+    ("lease rd/s", 11),
     ("RSS MiB", 8),
     ("CPU%", 5),
 )
@@ -215,6 +223,8 @@ def format_view(views: list[NodeView], seconds: float, now_s: float) -> list[str
             _percent(view.rebuild_share),
             _number(view.cache_mib),
             _percent(view.cache_hit_share),
+            _number(view.leases_held, 0),
+            _number(view.leased_reads_per_s),
             _number(view.rss_mib),
             _percent(view.cpu_share),
         )

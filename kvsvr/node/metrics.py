@@ -90,14 +90,35 @@ COMMIT_BUCKETS_S: Final = (
 # BATCH_OPS_MAX (`kvsvr.storage.engine`).
 BATCH_OPS_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
-# The read leases' figures (#26), when the node's status carries them under
-# "read_leases": status key -> (metric name, help, kind). They appear on
-# /metrics as soon as the status reports them.
+# The read leases' figures (#26), from the "read_leases" section of the
+# node's status: status key -> (metric name, help, kind). They appear on
+# /metrics when the status carries that section; True/False become 1/0.
 READ_LEASE_FIGURES: Final = {
-    "held": ("read_leases_held", "read leases this node holds now", "gauge"),
-    "leases_taken": ("read_leases_taken", "read leases taken since start", "counter"),
-    "lease_waits": ("read_lease_waits", "reads that waited for a lease to end", "counter"),
+    "enabled": ("read_leases_enabled", "1 when this node's strong reads may take leases", "gauge"),
+    "held": ("read_leases_held", "read leases this node holds now (as a reader)", "gauge"),
+    "granted": (
+        "read_leases_granted",
+        "read leases this node has granted that are still in force (as a replica)",
+        "gauge",
+    ),
+    "accepts_open": (
+        "read_leases_accepts_open",
+        "0 while a restarted replica refuses accepts until leases it may have granted end",
+        "gauge",
+    ),
+    "taken": ("read_leases_taken", "strong reads that took a read lease, since start", "counter"),
+    "local_reads": (
+        "read_lease_local_reads",
+        "strong reads answered locally under a lease, with no message, since start",
+        "counter",
+    ),
+    "write_waits": (
+        "read_lease_write_waits",
+        "accept rounds held back by another node's read lease, since start",
+        "counter",
+    ),
 }
+
 
 Respond = Callable[[object, KvsvrError | None], None]
 ClientMethod = Callable[[object, Respond], None]
@@ -401,7 +422,7 @@ def _read_lease_families(leases: Mapping[str, Any] | None) -> Iterator[Metric]:
     for key, (name, help_text, kind) in READ_LEASE_FIGURES.items():
         if key in leases:
             make = _gauge if kind == "gauge" else _counter
-            yield make(name, help_text, leases[key])
+            yield make(name, help_text, float(leases[key]))
 
 
 class NodeMetrics:
