@@ -115,7 +115,8 @@ def value(samples: dict[str, Any], name: str, **labels: str) -> float:
 def test_metrics_are_present_and_move_with_operations(tmp_path: Path) -> None:
     with metrics_cluster(tmp_path) as cluster:
         cluster.start_all()
-        before = scrape(cluster, "n1")
+        before_all = {node_id: scrape(cluster, node_id) for node_id in cluster.ids}
+        before = before_all["n1"]
         exposed = families(cluster, "n1")
         assert REQUIRED <= exposed, sorted(REQUIRED - exposed)
         with kvsvr.SyncClient([cluster.address("n1")], secret=SECRET) as client:
@@ -158,6 +159,15 @@ def test_metrics_are_present_and_move_with_operations(tmp_path: Path) -> None:
         assert value(n1, "kvsvr_rebuild_progress_ratio") == 1.0
         assert value(n1, "process_resident_memory_bytes") > 10 << 20
         assert value(n1, "kvsvr_cache_bytes") > 0
+
+        def cache_lookups(samples: dict[str, Any]) -> float:
+            return value(samples, "kvsvr_cache_hits_total") + value(
+                samples, "kvsvr_cache_misses_total"
+            )
+
+        lookups = sum(cache_lookups(after[n]) - cache_lookups(before_all[n]) for n in after)
+        assert lookups >= 1, lookups
+        assert 0.0 <= value(n1, "kvsvr_cache_hit_ratio") <= 1.0
         assert http_get(metrics_url(cluster, "n1", "/healthz")) == (200, "ok\n")
         assert http_get(metrics_url(cluster, "n1", "/readyz")) == (200, "ready\n")
         # The status reply names the endpoint (what `kvsvr top` finds it by).
