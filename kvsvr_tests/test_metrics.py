@@ -25,7 +25,6 @@ from kvsvr.errors import Conflict
 from kvsvr.local import LocalCluster, free_ports, local_config
 from kvsvr.node.http_endpoint import Answer, Endpoint, serve_http
 from kvsvr.node.metrics import (
-    PREFIX,
     READ_LEASE_FIGURES,
     Histogram,
     NodeMetrics,
@@ -62,6 +61,13 @@ REQUIRED = {
     # lifecycle
     "kvsvr_node_state",
     "kvsvr_node_ready",
+    # read leases
+    "kvsvr_read_leases_enabled",
+    "kvsvr_read_leases_held",
+    "kvsvr_read_leases_granted",
+    "kvsvr_read_leases_taken",
+    "kvsvr_read_lease_local_reads",
+    "kvsvr_read_lease_write_waits",
 }
 
 
@@ -123,6 +129,8 @@ def test_metrics_are_present_and_move_with_operations(tmp_path: Path) -> None:
             for i in range(40):
                 client.put(f"key-{i}", b"value")
                 client.get(f"key-{i}")
+            for _ in range(5):  # the first may take a read lease, the others read under it
+                client.get("key-0")
             client.put("cas-key", b"v1")
             with pytest.raises(Conflict):
                 client.cas("cas-key", b"v2", if_version=99)
@@ -168,11 +176,19 @@ def test_metrics_are_present_and_move_with_operations(tmp_path: Path) -> None:
         lookups = sum(cache_lookups(after[n]) - cache_lookups(before_all[n]) for n in after)
         assert lookups >= 1, lookups
         assert 0.0 <= value(n1, "kvsvr_cache_hit_ratio") <= 1.0
+        # Read leases: strong gets took some and read under them.
+        assert value(n1, "kvsvr_read_leases_enabled") == 1.0
+        taken = sum(value(s, "kvsvr_read_leases_taken_total") for s in after.values())
+        local = sum(value(s, "kvsvr_read_lease_local_reads_total") for s in after.values())
+        assert taken >= 1 and local >= 1, (taken, local)
         assert http_get(metrics_url(cluster, "n1", "/healthz")) == (200, "ok\n")
         assert http_get(metrics_url(cluster, "n1", "/readyz")) == (200, "ready\n")
         # The status reply names the endpoint (what `kvsvr top` finds it by).
         with kvsvr.SyncClient([cluster.address("n1")], secret=SECRET) as client:
-            address = client.status("n1")["metrics_address"]
+            status = client.status("n1")
+        address = status["metrics_address"]
+        # Every read-lease figure the metrics map is one the status reports.
+        assert set(READ_LEASE_FIGURES) <= set(status["read_leases"]), status["read_leases"]
         assert metrics_url(cluster, "n1", "/") == f"http://{address}/"
         check_dashboard_queries(exposed)
         # Hints: writes while n3 is down are kept for it, and replayed once it is back.
@@ -279,10 +295,8 @@ def dashboard_metric_names() -> set[str]:
 def check_dashboard_queries(exposed: set[str]) -> None:
     """Every series a panel queries is one the node exposes (a histogram's
     `_bucket`/`_count`/`_sum`, a counter's `_total`, of its family)."""
-    # The read leases' metrics appear once the node's status reports them.
-    families = set(exposed) | {f"{PREFIX}_{name}" for name, _, _ in READ_LEASE_FIGURES.values()}
-    samples = set(families)
-    for name in families:
+    samples = set(exposed)
+    for name in exposed:
         samples |= {f"{name}_total", f"{name}_bucket", f"{name}_count", f"{name}_sum"}
     queried = dashboard_metric_names()
     assert queried, "the dashboard queries nothing"
