@@ -33,6 +33,8 @@
     zone = "z1"
     # Optional: how *this* node reaches a peer (the fault harness puts proxies here).
     peer_addresses = { n2 = "127.0.0.1:17102" }
+    # Optional: serve /metrics, /healthz and /readyz over HTTP here (off when unset).
+    metrics_address = "127.0.0.1:9101"
 
     [[tables]]
     name = "default"
@@ -82,6 +84,8 @@ class NodeConfig:
     port: int
     zone: str
     peer_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # Where the node serves /metrics, /healthz and /readyz over HTTP; None: off.
+    metrics_address: tuple[str, int] | None = None
 
     @property
     def address(self) -> str:
@@ -195,6 +199,8 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
             str(peer): _address(address, f"{where}.peer_addresses.{peer}")
             for peer, address in peers_raw.items()
         }
+        metrics_raw = raw.get("metrics_address")
+        metrics = None if metrics_raw is None else _address(metrics_raw, f"{where}.metrics_address")
         nodes.append(
             NodeConfig(
                 id=node_id,
@@ -203,11 +209,13 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
                 port=port,
                 zone=str(raw.get("zone", f"zone-{node_id}")),
                 peer_addresses=peers,
+                metrics_address=metrics,
             )
         )
     ids = [n.id for n in nodes]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"node ids must be unique: {ids}")
+    _check_metrics_addresses(nodes)
     for node in nodes:
         for peer in node.peer_addresses:
             if peer not in ids:
@@ -301,6 +309,19 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         unsafe_no_fsync=unsafe_no_fsync,
         **catch_up,
     )
+
+
+def _check_metrics_addresses(nodes: list[NodeConfig]) -> None:
+    """A metrics endpoint needs a port of its own: not a node's, not another's."""
+    taken = {(node.host, node.port): f"node {node.id}'s address" for node in nodes}
+    for node in nodes:
+        if node.metrics_address is None:
+            continue
+        other = taken.get(node.metrics_address)
+        if other is not None:
+            host, port = node.metrics_address
+            raise ConfigError(f"node {node.id}: metrics_address {host}:{port} is {other}")
+        taken[node.metrics_address] = f"node {node.id}'s metrics_address"
 
 
 # [cluster] settings of hinted handoff and anti-entropy: name -> (kind, default, minimum).
@@ -406,6 +427,9 @@ def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
                 for peer, (h, p) in node.peer_addresses.items()
             )
             lines.append(f"peer_addresses = {{ {inner} }}")
+        if node.metrics_address is not None:
+            host, port = node.metrics_address
+            lines.append(f"metrics_address = {_toml_string(f'{host}:{port}')}")
         lines.append("")
     for table in config.tables:
         lines += [

@@ -71,6 +71,8 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_layers.py": UNIT,
     "test_leases.py": UNIT,
     "test_lifecycle.py": UNIT,
+    "test_logs.py": PROCESS,
+    "test_metrics.py": PROCESS,
     "test_module_sizes.py": UNIT,
     "test_node_entry_points.py": PROCESS,
     "test_near_cache.py": PROCESS,
@@ -87,6 +89,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_sim.py": SIMULATION,
     "test_storage.py": UNIT,
     "test_task_free_drive.py": UNIT,
+    "test_top.py": PROCESS,
     "test_write_batching.py": UNIT,
 }
 

@@ -1,7 +1,8 @@
 """The `kvsvr` command: run a local cluster, run a node, read and write keys.
 
     kvsvr up [--nodes 3] [--dir ./kvsvr-data] [--base-port 7100] [--secret S] [--partitions P]
-    kvsvr node --config FILE --id ID [--initial-cluster-state new|existing]
+             [--log-format text|json]
+    kvsvr node --config FILE --id ID [--initial-cluster-state new|existing] [--log-format text|json]
     kvsvr get    KEY [--sort-key SK] [--consistency strong|stale|local] [--max-age-s S] [--raw]
     kvsvr put    KEY VALUE [--sort-key SK] [--if-version V | --if-absent]
     kvsvr cas    KEY VALUE --if-version V [--sort-key SK]
@@ -12,6 +13,7 @@
     kvsvr backup --out DIR [--rate-mib-s R]
     kvsvr verify-backup DIR
     kvsvr restore --from DIR --dir NEWDIR [--nodes N] [--base-port P] [--secret S]
+    kvsvr top    [--once] [--interval-s S]
 
 The key commands say which cluster with `--cluster HOST:PORT[,HOST:PORT...]`
 or `--config FILE` (its nodes and secret), else the `KVSVR_CLUSTER`
@@ -42,9 +44,9 @@ Exit codes:
 another cluster (or its directory to another node), and says so.
 
 The commands live by concern: `kvsvr.cli.main` (the parser and entry point),
-`keys` (get, put, cas, del, scan), `status` (status, recover), `up` and
-`node`, `backup` (backup, verify-backup, restore); `common` holds the exit
-codes and argument types they share.
+`keys` (get, put, cas, del, scan), `status` (status, recover), `top`, `up`
+and `node`, `backup` (backup, verify-backup, restore); `common` holds the
+exit codes and argument types they share.
 """
 
 from kvsvr.cli.common import (

@@ -24,8 +24,10 @@ from kvsvr.cli.common import (
 from kvsvr.cli.keys import cas, delete, get, put, run_client, scan
 from kvsvr.cli.node import run_node_command
 from kvsvr.cli.status import RECOVER_WAIT_S, check_recover, recover_cluster, show_status
+from kvsvr.cli.top import INTERVAL_S_DEFAULT, INTERVAL_S_MAX, INTERVAL_S_MIN, show_top
 from kvsvr.cli.up import DEFAULT_BASE_PORT, DEFAULT_UP_DIR, UP_NODES_MAX, run_up
 from kvsvr.client import CONSISTENCIES, DEFAULT_TABLE, SCAN_LIMIT_MAX
+from kvsvr.logs import LOG_FORMATS, TEXT
 from kvsvr.protocol.lifecycle import INITIAL_STATES
 
 # --- the parser ---------------------------------------------------------------------
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(commands, client_options)
     _add_recover(commands, client_options)
     add_backup_commands(commands, client_options, _command)
+    _add_top(commands, client_options)
     return parser
 
 
@@ -125,6 +128,17 @@ def _add_up(commands: _Commands) -> None:
         help="also declare the tables of the example apps (chat, moments), adding them "
         "to a reused cluster.toml that lacks them",
     )
+    _add_log_format(parser)
+
+
+def _add_log_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=TEXT,
+        help="node logs as text lines (default) or one JSON object per line "
+        "(time, level, node, event, fields)",
+    )
 
 
 def _add_node(commands: _Commands) -> None:
@@ -138,6 +152,7 @@ def _add_node(commands: _Commands) -> None:
         "this node as a member), 'existing' replaces a member and rebuilds from its peers "
         "before voting (default: the config's initial_state, else new)",
     )
+    _add_log_format(parser)
     # For the fault harness only: the node's monotonic clock runs at a rate a
     # test may set (`kvsvr.clock.TEST_CLOCK_RATE_METHOD`), to break the
     # clock-rate assumption read leases make.
@@ -315,6 +330,43 @@ def _add_recover(commands: _Commands, options: argparse.ArgumentParser) -> None:
         default=RECOVER_WAIT_S,
         help=f"how long to wait for the recovery and readiness (default {RECOVER_WAIT_S:g})",
     )
+
+
+def _add_top(commands: _Commands, options: argparse.ArgumentParser) -> None:
+    parser = _command(
+        commands,
+        "top",
+        "a live view of every node's metrics (nodes need a metrics_address)",
+        run_client,
+        parents=[options],
+        description=(
+            "Scrape every node's /metrics endpoint (the metrics_address its status names)\n"
+            "twice, INTERVAL apart, and show per node: requests per second, get and put\n"
+            "latency p50/p99, the fast path's share of writes, quorum rounds per second,\n"
+            "fsync p99 and batch size, hints pending, anti-entropy lag, rebuild progress,\n"
+            "cache size and hit ratio, read leases held and leased reads per second, RSS\n"
+            "and CPU. Redrawn until Ctrl-C, or once with --once."
+        ),
+    )
+    parser.set_defaults(operation=show_top)
+    parser.add_argument(
+        "--once", action="store_true", help="print one frame and exit (4 if a node is not ready)"
+    )
+    parser.add_argument(
+        "--interval-s",
+        type=_interval,
+        default=INTERVAL_S_DEFAULT,
+        help=f"refresh interval and the span of the rates shown (default {INTERVAL_S_DEFAULT:g})",
+    )
+
+
+def _interval(text: str) -> float:
+    value = seconds(allow_zero=False)(text)
+    if not INTERVAL_S_MIN <= value <= INTERVAL_S_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be between {INTERVAL_S_MIN:g} and {INTERVAL_S_MAX:g} seconds"
+        )
+    return value
 
 
 # --- entry point --------------------------------------------------------------------

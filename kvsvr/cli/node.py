@@ -26,6 +26,7 @@ def run_node_command(args: argparse.Namespace) -> int:
             args.config,
             args.id,
             args.initial_cluster_state,
+            args.log_format,
             test_clock_control=args.test_clock_control,
         )
     except ConfigError as exc:

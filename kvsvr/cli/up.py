@@ -110,7 +110,7 @@ def run_up(args: argparse.Namespace) -> int:
         try:
             for node_id in cluster.ids:
                 if not stop.requested:
-                    cluster.start(node_id, wait=False)
+                    cluster.start(node_id, wait=False, extra_args=_node_args(args))
                     _pid_path(cluster, node_id).write_text(
                         f"{cluster.pid(node_id)}\n", encoding="utf-8"
                     )
@@ -121,6 +121,11 @@ def run_up(args: argparse.Namespace) -> int:
             return _supervise(cluster, stop)
         finally:
             _stop_nodes(cluster, stop)
+
+
+def _node_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """What `up` passes on to every `kvsvr node`."""
+    return ("--log-format", args.log_format)
 
 
 def prepare_up_config(

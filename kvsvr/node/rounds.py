@@ -433,6 +433,7 @@ class Rounds:
         self.nursery: trio.Nursery | None = None
         self.round_timer = RoundTimer()
         self.soon = Soon()
+        self.rounds_started = 0  # quorum rounds of every kind (counted in `thrifty_split`)
         self.rounds_thrifty = 0  # rounds that asked a majority first
         self.rounds_hedged = 0  # ... and then had to ask the others too
         self.round_time_s = ROUND_HEDGE_MIN_S  # moving average of thrifty rounds
@@ -471,7 +472,9 @@ class Rounds:
         learn every chosen value from the commits, which carry it to replicas
         that did not accept). That spares the other replicas a request, an
         fsync'd row change and a reply per operation. With too few healthy
-        peers known, everyone is asked at once."""
+        peers known, everyone is asked at once. Called once per round, so
+        it counts the rounds started."""
+        self.rounds_started += 1
         targets = list(current.requests)
         if len(targets) <= current.quorum:
             return targets, []

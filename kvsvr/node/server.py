@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from kvsvr import _build
+from kvsvr import _build, logs
 from kvsvr.api import (
     OPERATION_TIMEOUT_S,
     Method,
@@ -54,6 +54,8 @@ from kvsvr.node.backup_side import BackupSide
 from kvsvr.node.cache import RowCache
 from kvsvr.node.client_api import ClientApi, GetQuery
 from kvsvr.node.engine import Respond, until_answered
+from kvsvr.node.http_endpoint import Endpoint, serve_http
+from kvsvr.node.metrics import NodeMetrics
 from kvsvr.node.repair import ROW_METHOD, Repairs
 from kvsvr.node.replica_side import ReplicaSide
 from kvsvr.node.replication import Collaborators, Replication
@@ -168,6 +170,16 @@ class Node:
             Method.PUT: self.api.put,
             Method.SCAN: self.api.scan,
         }
+        # Prometheus metrics, when the node has a metrics_address (see `kvsvr.node.metrics`).
+        self.metrics: NodeMetrics | None = None
+        if self.me.metrics_address is not None:
+            self.metrics = NodeMetrics(self.client_status)
+            requests = self.metrics.requests
+            self._client_methods = {
+                method: requests.timed(str(method), start)
+                for method, start in self._client_methods.items()
+            }
+            storage.commit_observer = requests.observe_commit
 
     def _start_read_leases(self) -> None:
         """Read leases (`kvsvr.protocol.read_lease`): the grants this replica
@@ -274,6 +286,7 @@ class Node:
         return {
             "node": self.me.id,
             "address": self.me.address,
+            "metrics_address": _address_text(self.me.metrics_address),
             "zone": self.me.zone,
             "uptime_s": round(self.clock.wall_s() - self.started_at, 1),
             # False only under the config's unsafe_no_fsync (benchmarks).
@@ -289,7 +302,11 @@ class Node:
             },
             "coordinator": asdict(self.coordinator.stats),
             "storage": asdict(self.storage.stats),
-            "rounds": {"thrifty": self.rounds.rounds_thrifty, "hedged": self.rounds.rounds_hedged},
+            "rounds": {
+                "started": self.rounds.rounds_started,
+                "thrifty": self.rounds.rounds_thrifty,
+                "hedged": self.rounds.rounds_hedged,
+            },
             "read_sharing": {
                 "rounds_shared": self.api.strong_reads.shared.rounds_shared,
                 "reads_shared": self.api.strong_reads.shared.reads_shared,
@@ -407,6 +424,10 @@ class Node:
             log.warning("one-way message from %s refused: %s", peer, error)
 
 
+def _address_text(address: tuple[str, int] | None) -> str | None:
+    return None if address is None else f"{address[0]}:{address[1]}"
+
+
 def _as_request(body: object) -> Request:
     message = from_wire(body)
     if not isinstance(message, Prepare | Accept | Commit | Read | ScanRequest):
@@ -451,6 +472,11 @@ async def serve_node(
                 await nursery.start(partial(serve, me.host, me.port, node, secret=config.secret))
                 await nursery.start(node.replication.run)
                 nursery.start_soon(node.residency.run)
+                if node.metrics is not None and me.metrics_address is not None:
+                    host, port = me.metrics_address
+                    endpoint = Endpoint(node.metrics, lambda: node.replication.state)
+                    await nursery.start(serve_http, host, port, endpoint)
+                    log.info("node %s serving metrics on %s:%d", me.id, host, port)
                 log.info("node %s serving on %s", me.id, me.address)
                 task_status.started(node)
                 await trio.sleep_forever()
@@ -518,17 +544,15 @@ def run_node(
     config_path: str,
     node_id: str,
     initial_state: str | None = None,
+    log_format: str = logs.TEXT,
     *,
     test_clock_control: bool = False,
 ) -> int:
     """`kvsvr node`: serve until SIGTERM or SIGINT. Returns the exit code.
-    `initial_state` ("new" or "existing") overrides the config's;
-    `test_clock_control`: run on a `RateClock` a test may set (see
-    `kvsvr.clock.TEST_CLOCK_RATE_METHOD`)."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {node_id} %(levelname)s %(name)s: %(message)s",
-    )
+    `initial_state` ("new" or "existing") overrides the config's; `log_format`
+    is "text" or "json" (see `kvsvr.logs`); `test_clock_control`: run on a
+    `RateClock` a test may set (see `kvsvr.clock.TEST_CLOCK_RATE_METHOD`)."""
+    logs.configure(node_id, log_format)
     config = load_config(config_path)
     config.node(node_id)  # fail early, with the list of known ids
     _require_cluster_id(config)

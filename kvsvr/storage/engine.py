@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,7 @@ class StorageStats:
     ops_committed: int = 0
     bytes_committed: int = 0
     max_batch_ops: int = 0
+    commit_seconds_total: float = 0.0  # in write transactions, fsync included
 
 
 @dataclass(slots=True, eq=False)
@@ -236,6 +238,10 @@ class Storage:
         self._failure: StorageFailed | None = None
         self._stats = StorageStats()
         self._commit_thread = CommitThread()
+        # Told of every committed batch, on the trio thread: its write
+        # transaction's seconds (fsync included) and its row changes.
+        self.commit_observer: Callable[[float, int], None] | None = None
+        self._last_commit_s = 0.0  # set on the commit thread, read after it
         # Called after every `_read_hook_every_bytes` of rows read from the map
         # (see `set_read_hook`); None: no hook.
         self._read_hook: Callable[[], object] | None = None
@@ -699,7 +705,9 @@ class Storage:
 
     def _commit_in_thread(self, ops: list[Op]) -> None:
         """One write transaction for `ops` (see `commit_ops`); runs on the commit thread."""
+        started = time.perf_counter()
         commit_ops(self._env, self._dbs, ops)
+        self._last_commit_s = time.perf_counter() - started
 
     def _finish(self, batch: _Batch) -> None:
         """Trio thread, right after the commit: retire the batch's overlay
@@ -715,6 +723,9 @@ class Storage:
         self._stats.ops_committed += len(batch.ops)
         self._stats.bytes_committed += batch.size_bytes
         self._stats.max_batch_ops = max(self._stats.max_batch_ops, len(batch.ops))
+        self._stats.commit_seconds_total += self._last_commit_s
+        if self.commit_observer is not None:
+            self.commit_observer(self._last_commit_s, len(batch.ops))
         batch.set_done()
 
     def _fail(self, batch: _Batch, error: Exception) -> NoReturn:
