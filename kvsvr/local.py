@@ -57,8 +57,23 @@ from typing import Any, Final
 import trio
 
 from kvsvr.client import connect
-from kvsvr.config import ClusterConfig, TableConfig, load_config, local_cluster, render_config
+from kvsvr.config import (
+    ClusterConfig,
+    TableConfig,
+    TLSConfig,
+    load_config,
+    local_cluster,
+    render_config,
+)
 from kvsvr.errors import KvsvrError
+from kvsvr.net.tls import TLSOptions
+from kvsvr.tls import (
+    CA_FILE,
+    CLIENT_CERT_FILE,
+    CLIENT_KEY_FILE,
+    config_client_options,
+    make_local_certificates,
+)
 
 LOOPBACK: Final = "127.0.0.1"
 CONFIG_FILE_NAME: Final = "cluster.toml"
@@ -161,6 +176,31 @@ def local_config(
     return dataclasses.replace(config, **(settings or {}))
 
 
+def with_local_tls(
+    config: ClusterConfig, directory: Path, *, relative_to: Path | None = None
+) -> ClusterConfig:
+    """`config` with TLS on: a new CA and node and client certificates made in
+    `directory` (`kvsvr.tls.make_local_certificates`), each node's naming its
+    host, and [tls] naming them: paths relative to `relative_to` (the config
+    file's folder) if given, else absolute."""
+    make_local_certificates(directory, {node.id: node.host for node in config.nodes})
+    directory = directory.resolve()
+    if relative_to is not None:
+        directory = directory.relative_to(relative_to.resolve())
+    nodes = tuple(
+        dataclasses.replace(
+            node, tls_cert=directory / f"{node.id}.pem", tls_key=directory / f"{node.id}.key"
+        )
+        for node in config.nodes
+    )
+    tls = TLSConfig(
+        ca=directory / CA_FILE,
+        client_cert=directory / CLIENT_CERT_FILE,
+        client_key=directory / CLIENT_KEY_FILE,
+    )
+    return dataclasses.replace(config, nodes=nodes, tls=tls)
+
+
 def write_config(config: ClusterConfig, path: Path, *, data_dir: str = "data") -> Path:
     """Write `config` to `path` for the nodes to read, readable only by its owner
     when it holds a secret. `data_dir` is relative to the file's folder: "data"
@@ -205,10 +245,12 @@ def die_with_parent() -> None:
 # --- readiness ----------------------------------------------------------------------
 
 
-async def node_status(address: str, node_id: str, secret: str | None) -> dict[str, Any]:
+async def node_status(
+    address: str, node_id: str, secret: str | None, tls: TLSOptions | None = None
+) -> dict[str, Any]:
     """One node's status, asked of that node (`KvsvrError` if it does not answer)."""
     with trio.fail_after(STATUS_TIMEOUT_S):
-        async with connect([address], secret=secret, timeout_s=STATUS_TIMEOUT_S) as client:
+        async with connect([address], secret=secret, timeout_s=STATUS_TIMEOUT_S, tls=tls) as client:
             return await client.status(node_id)
 
 
@@ -338,6 +380,11 @@ class LocalCluster:
     def secret(self) -> str | None:
         """The cluster secret, as `kvsvr.connect` takes it."""
         return None if self.config.secret is None else self.config.secret.decode()
+
+    @property
+    def tls(self) -> TLSOptions | None:
+        """What a client connects with to this cluster ([tls]'s client certificate)."""
+        return config_client_options(self.config)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -614,7 +661,7 @@ class LocalCluster:
             while True:
                 self._check_started(node_id)
                 try:
-                    await node_status(self.address(node_id), node_id, self.secret)
+                    await node_status(self.address(node_id), node_id, self.secret, self.tls)
                     return
                 except (KvsvrError, trio.TooSlowError, OSError) as error:
                     last = str(error) or type(error).__name__
@@ -646,7 +693,7 @@ class LocalCluster:
 
     async def _not_ready_because(self, node_id: str) -> str | None:
         try:
-            status = await node_status(self.address(node_id), node_id, self.secret)
+            status = await node_status(self.address(node_id), node_id, self.secret, self.tls)
         except (KvsvrError, trio.TooSlowError, OSError) as error:
             return f"no answer: {error or type(error).__name__}"
         running = [peer for peer in self.ids if self.is_running(peer)]
