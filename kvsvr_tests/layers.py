@@ -57,6 +57,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_client_fakes.py": PROCESS,
     "test_config.py": UNIT,
     "test_tls.py": PROCESS,
+    "test_netns.py": PROCESS,
     "test_listen_advertise.py": PROCESS,
     "test_gc_cycles.py": PROCESS,
     "test_harness.py": PROCESS,
