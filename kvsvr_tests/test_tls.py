@@ -17,7 +17,8 @@ import trio
 import trustme
 
 import kvsvr
-from kvsvr.config import TLSConfig
+from kvsvr import cli
+from kvsvr.config import ConfigError, TLSConfig
 from kvsvr.errors import AuthenticationFailed, InvalidRequest
 from kvsvr.local import LocalCluster, local_config, with_local_tls
 from kvsvr.net import connect, serve
@@ -220,3 +221,48 @@ def test_a_local_cluster_with_its_own_ca_serves(tmp_path: Path) -> None:
             for i in range(10):
                 client.put(f"k{i}", b"v")
             assert client.get("k9").value == b"v"  # type: ignore[union-attr]
+
+
+def test_the_cli_connects_with_tls_flags_or_the_configs_tls(
+    tls_cluster: LocalCluster, pki: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster = ["--cluster", tls_cluster.addresses[0], "--secret", "s"]
+    flags = ["--cacert", str(pki["ca"]), "--cert", str(pki["client_cert"])]
+    flags += ["--key", str(pki["client_key"])]
+    assert cli.main(["put", *cluster, *flags, "cli-key", "v1"]) == cli.EXIT_OK
+    config = ["--config", str(tls_cluster.config_path)]
+    assert cli.main(["get", *config, "cli-key"]) == cli.EXIT_OK  # [tls]'s client certificate
+    assert "v1" in capsys.readouterr().out
+    assert cli.main(["get", *cluster, "cli-key"]) == cli.EXIT_ERROR
+    assert "the node expects TLS" in capsys.readouterr().err
+    assert cli.main(["get", *cluster, "--cert", str(pki["client_cert"]), "k"]) == cli.EXIT_USAGE
+    assert "--cert and --key need --cacert" in capsys.readouterr().err
+    half = ["--cacert", str(pki["ca"]), "--cert", str(pki["client_cert"])]
+    assert cli.main(["get", *cluster, *half, "k"]) == cli.EXIT_USAGE
+    assert "give --cert and --key together" in capsys.readouterr().err
+
+
+def test_up_with_tls_writes_a_ca_and_certificates_beside_its_config(tmp_path: Path) -> None:
+    path, config, reused = cli.prepare_up_config(
+        tmp_path, nodes=3, base_port=7200, secret=None, partitions=None, tls=True
+    )
+    assert not reused and config.tls is not None
+    assert 'ca = "tls/ca.pem"' in path.read_text()  # relative: the folder can move
+    assert config.node_tls_files("n2") == (
+        tmp_path / "tls/ca.pem",
+        tmp_path / "tls/n2.pem",
+        tmp_path / "tls/n2.key",
+    )
+    _, again, reused = cli.prepare_up_config(
+        tmp_path, nodes=3, base_port=7200, secret=None, partitions=None
+    )
+    assert reused and again.tls == config.tls  # a reused TLS config stays TLS
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    cli.prepare_up_config(plain, nodes=3, base_port=7200, secret=None, partitions=None)
+    before = (plain / "cluster.toml").read_text()
+    with pytest.raises(ConfigError, match="without TLS; drop --tls"):
+        cli.prepare_up_config(
+            plain, nodes=3, base_port=7200, secret=None, partitions=None, tls=True
+        )
+    assert (plain / "cluster.toml").read_text() == before and not (plain / "tls").exists()
