@@ -51,7 +51,7 @@ from kvsvr.net.stream import (
 )
 from kvsvr.net.stream import ConnectionStats as ConnectionStats
 from kvsvr.net.stream import ReplyCallback as ReplyCallback
-from kvsvr.net.tls import client_failure_message, start_client_tls
+from kvsvr.net.tls import client_failure, start_client_tls
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +119,12 @@ def _connect_error(peer: str, connect_timeout_s: float, exc: BaseException) -> B
         return AuthenticationFailed(f"authenticating with {peer} failed: {exc}")
     if isinstance(exc, FrameError):
         return Unavailable(f"{peer} does not speak the kvsvr protocol: {exc}")
-    tls_message = client_failure_message(exc)
-    if tls_message is not None:
-        return AuthenticationFailed(f"connecting to {peer}: {tls_message}")
+    tls_failure = client_failure(exc)
+    if tls_failure is not None:
+        message, certain = tls_failure
+        if certain:
+            return AuthenticationFailed(f"connecting to {peer}: {message}")
+        return Unavailable(f"cannot connect to {peer}: {message}")
     if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
         return Unavailable(f"cannot connect to {peer}: {exc}")
     return exc

@@ -142,8 +142,10 @@ def refusal_reason(exc: BaseException) -> str:
     return f"the TLS handshake failed: {reason}"
 
 
-def client_failure_message(exc: BaseException) -> str | None:
-    """What a client says when TLS with a node failed; None if TLS is not why."""
+def client_failure(exc: BaseException) -> tuple[str, bool] | None:
+    """What a client says when TLS with a node failed, and whether that is
+    certain (an authentication failure) rather than possibly the node going
+    away; None if TLS is not why."""
     failure = tls_failure(exc)
     if failure is None:
         return None
@@ -151,14 +153,23 @@ def client_failure_message(exc: BaseException) -> str | None:
     if isinstance(failure, ssl.SSLCertVerificationError):
         return (
             f"the node's TLS certificate is not trusted: {failure.verify_message or reason} "
-            "(is cafile the cluster's CA, and is the address one the certificate names?)"
+            "(is cafile the cluster's CA, and is the address one the certificate names?)",
+            True,
         )
-    # The node ends the connection when it refuses the client's certificate,
-    # right after the client's side of the handshake (TLS 1.3): the client
-    # sees its alert or, as often, only the connection closing.
-    if "ALERT" in reason.upper() or isinstance(failure, ssl.SSLEOFError) or "EOF" in reason:
+    if "ALERT" in reason.upper():
         return (
             f"the node refused this client's TLS certificate ({reason}): a TLS node "
-            "requires a client certificate signed by the cluster's CA"
+            "requires a client certificate signed by the cluster's CA",
+            True,
         )
-    return f"TLS with the node failed: {reason}"
+    if isinstance(failure, ssl.SSLEOFError) or "EOF" in reason:
+        # A node that refuses the client's certificate closes the connection
+        # right after the client's side of the handshake (TLS 1.3), most often
+        # without the alert that would say so; a node that stops does the same.
+        return (
+            f"the node closed the connection during TLS setup ({reason}): it refuses this "
+            "client's certificate (a TLS node requires one signed by the cluster's CA), "
+            "or it stopped",
+            False,
+        )
+    return f"TLS with the node failed: {reason}", True
