@@ -23,17 +23,9 @@ from kvsvr.errors import AuthenticationFailed, InvalidRequest, Unavailable
 from kvsvr.local import LocalCluster, local_config, with_local_tls
 from kvsvr.net import connect, serve
 from kvsvr.net.tls import TLSOptions, client_context, server_context
+from kvsvr_tests.test_rpc import RecordingHandler
 
 SECRET = b"tls-test-secret"
-
-
-class _Echo:
-    async def handle_request(self, peer: str, method: str, body: object) -> object:
-        await trio.lowlevel.checkpoint()
-        return body
-
-    def handle_oneway(self, peer: str, method: str, body: object) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +61,7 @@ def _client_options(
 async def _serving(nursery: trio.Nursery, pki: dict[str, Path], *, tls: bool = True) -> int:
     context = server_context(pki["ca"], pki["node_cert"], pki["node_key"]) if tls else None
     port: int = await nursery.start(
-        partial(serve, "127.0.0.1", 0, _Echo(), secret=SECRET, tls=context)
+        partial(serve, "127.0.0.1", 0, RecordingHandler(), secret=SECRET, tls=context)
     )
     return port
 

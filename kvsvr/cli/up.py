@@ -279,7 +279,8 @@ def _print_banner(
     say(f"  kvsvr put {target} greeting hello")
     say(f"  kvsvr get {target} greeting")
     app_names = {table.name for table in app_tables()}
-    if app_names <= {table.name for table in config.tables}:
+    # The example apps connect without TLS options.
+    if app_names <= {table.name for table in config.tables} and config.tls is None:
         demo_target = "--cluster " + ",".join(cluster.addresses)
         if config.secret is not None:
             demo_target += " --secret SECRET"
