@@ -22,6 +22,10 @@ from kvsvr.config import ConfigError, TLSConfig
 from kvsvr.errors import AuthenticationFailed, InvalidRequest, Unavailable
 from kvsvr.local import LocalCluster, local_config, with_local_tls
 from kvsvr.net import connect, serve
+from kvsvr.net.auth import NONCE_BYTES, is_tls_notice
+from kvsvr.net.framing import FrameDecoder, encode_frame
+from kvsvr.net.messages import encode_request
+from kvsvr.net.stream import receive_frame
 from kvsvr.net.tls import TLSOptions, client_context, server_context
 from kvsvr_tests.test_rpc import RecordingHandler
 
@@ -121,6 +125,35 @@ async def test_a_tls_node_refuses_a_client_it_cannot_trust_and_says_why(
     finally:
         logging.getLogger("kvsvr.net.serving").removeHandler(handler)
     assert "refused 127.0.0.1:" in caplog.text and node_logs in caplog.text
+
+
+async def test_plain_requests_sent_past_the_tls_notice_reach_no_handler(
+    pki: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain client that ignores the notice and sends an open cluster's
+    login and a request anyway: the node refuses it, and nothing is handled."""
+    caplog.set_level(logging.INFO, logger="kvsvr.net.serving")
+    handler = RecordingHandler()
+    context = server_context(pki["ca"], pki["node_cert"], pki["node_key"])
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            partial(serve, "127.0.0.1", 0, handler, secret=None, tls=context)
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(10):
+            assert is_tls_notice(await receive_frame(stream, FrameDecoder()))
+        login = encode_frame(["auth", bytes(NONCE_BYTES), b""])
+        await stream.send_all(login + encode_request(1, "echo", "sent in plain TCP"))
+        with trio.move_on_after(10):  # a node that took the request would keep it open
+            try:
+                while await stream.receive_some():  # until the node closes it
+                    pass
+            except trio.BrokenResourceError:
+                pass  # or resets it
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert handler.requests == []
+    assert "it does not speak TLS" in caplog.text
 
 
 async def test_a_tls_client_refuses_a_plain_node_and_says_why(pki: dict[str, Path]) -> None:
