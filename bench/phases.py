@@ -30,7 +30,8 @@ from bench.load import (
 from bench.node_profiles import Profiler, summarize_cprofile
 from bench.output import phase_amount
 from bench.proc import RssSampler, cpu_seconds, cpu_times, machine_cpu_times, status_kib
-from kvsvr.local import LocalCluster, local_config, temporary_cluster, with_local_tls
+from kvsvr.local import LocalCluster, local_config, temporary_cluster
+from kvsvr.tls import with_local_tls
 
 # A node gets this long to stop after SIGTERM before it is killed.
 NODE_STOP_TIMEOUT_S: Final = 10.0

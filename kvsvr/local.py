@@ -57,23 +57,10 @@ from typing import Any, Final
 import trio
 
 from kvsvr.client import connect
-from kvsvr.config import (
-    ClusterConfig,
-    TableConfig,
-    TLSConfig,
-    load_config,
-    local_cluster,
-    render_config,
-)
+from kvsvr.config import ClusterConfig, TableConfig, load_config, local_cluster, render_config
 from kvsvr.errors import KvsvrError
 from kvsvr.net.tls import TLSOptions
-from kvsvr.tls import (
-    CA_FILE,
-    CLIENT_CERT_FILE,
-    CLIENT_KEY_FILE,
-    config_client_options,
-    make_local_certificates,
-)
+from kvsvr.tls import config_client_options
 
 LOOPBACK: Final = "127.0.0.1"
 CONFIG_FILE_NAME: Final = "cluster.toml"
@@ -174,31 +161,6 @@ def local_config(
         tables=tables,
     )
     return dataclasses.replace(config, **(settings or {}))
-
-
-def with_local_tls(
-    config: ClusterConfig, directory: Path, *, relative_to: Path | None = None
-) -> ClusterConfig:
-    """`config` with TLS on: a new CA and node and client certificates made in
-    `directory` (`kvsvr.tls.make_local_certificates`), each node's naming its
-    host, and [tls] naming them: paths relative to `relative_to` (the config
-    file's folder) if given, else absolute."""
-    make_local_certificates(directory, {node.id: node.host for node in config.nodes})
-    directory = directory.resolve()
-    if relative_to is not None:
-        directory = directory.relative_to(relative_to.resolve())
-    nodes = tuple(
-        dataclasses.replace(
-            node, tls_cert=directory / f"{node.id}.pem", tls_key=directory / f"{node.id}.key"
-        )
-        for node in config.nodes
-    )
-    tls = TLSConfig(
-        ca=directory / CA_FILE,
-        client_cert=directory / CLIENT_CERT_FILE,
-        client_key=directory / CLIENT_KEY_FILE,
-    )
-    return dataclasses.replace(config, nodes=nodes, tls=tls)
 
 
 def write_config(config: ClusterConfig, path: Path, *, data_dir: str = "data") -> Path:

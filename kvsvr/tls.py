@@ -2,10 +2,12 @@
 with (`node_contexts`), the options a tool that reads the config connects
 with (`config_client_options`), and the local CA and certificates that
 `kvsvr up --tls` makes (`make_local_certificates`, with PyCA's
-`cryptography`). The wire side is `kvsvr.net.tls`."""
+`cryptography`) and the config that names them (`with_local_tls`). The
+wire side is `kvsvr.net.tls`."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from kvsvr.config import ClusterConfig, ConfigError
+from kvsvr.config import ClusterConfig, ConfigError, TLSConfig
 from kvsvr.net.tls import TLSOptions, TLSSetupError, client_context, server_context
 
 # A local cluster's certificates are for trying kvsvr out: a year outlives any
@@ -127,3 +129,28 @@ def make_local_certificates(directory: Path, node_hosts: dict[str, str]) -> None
     for node_id, host in node_hosts.items():
         issue(node_id, list(dict.fromkeys([host, *LOCAL_NAMES])))
     issue("client", [])
+
+
+def with_local_tls(
+    config: ClusterConfig, directory: Path, *, relative_to: Path | None = None
+) -> ClusterConfig:
+    """`config` with TLS on: a new CA and node and client certificates made in
+    `directory` (`kvsvr.tls.make_local_certificates`), each node's naming its
+    host, and [tls] naming them: paths relative to `relative_to` (the config
+    file's folder) if given, else absolute."""
+    make_local_certificates(directory, {node.id: node.host for node in config.nodes})
+    directory = directory.resolve()
+    if relative_to is not None:
+        directory = directory.relative_to(relative_to.resolve())
+    nodes = tuple(
+        dataclasses.replace(
+            node, tls_cert=directory / f"{node.id}.pem", tls_key=directory / f"{node.id}.key"
+        )
+        for node in config.nodes
+    )
+    tls = TLSConfig(
+        ca=directory / CA_FILE,
+        client_cert=directory / CLIENT_CERT_FILE,
+        client_key=directory / CLIENT_KEY_FILE,
+    )
+    return dataclasses.replace(config, nodes=nodes, tls=tls)

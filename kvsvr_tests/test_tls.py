@@ -20,13 +20,14 @@ import kvsvr
 from kvsvr import cli
 from kvsvr.config import ConfigError, TLSConfig
 from kvsvr.errors import AuthenticationFailed, InvalidRequest, Unavailable
-from kvsvr.local import LocalCluster, local_config, with_local_tls
+from kvsvr.local import LocalCluster, local_config
 from kvsvr.net import connect, serve
 from kvsvr.net.auth import NONCE_BYTES, is_tls_notice
 from kvsvr.net.framing import FrameDecoder, encode_frame
 from kvsvr.net.messages import encode_request
 from kvsvr.net.stream import receive_frame
 from kvsvr.net.tls import TLSOptions, client_context, server_context
+from kvsvr.tls import with_local_tls
 from kvsvr_tests.test_rpc import RecordingHandler
 
 SECRET = b"tls-test-secret"

@@ -36,11 +36,11 @@ from kvsvr.local import (
     NodeEvent,
     free_ports,
     node_status,
-    with_local_tls,
     write_config,
 )
 from kvsvr.local import LocalClusterError as ClusterError
 from kvsvr.net.tls import client_context
+from kvsvr.tls import with_local_tls
 
 __all__ = ["Cluster", "ClusterError", "NodeEvent", "cluster_config", "open_cluster"]
 

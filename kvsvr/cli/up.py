@@ -31,7 +31,8 @@ from kvsvr.config import (
     new_cluster_id,
     render_config,
 )
-from kvsvr.local import CONFIG_FILE_NAME, LocalCluster, port_is_free, with_local_tls
+from kvsvr.local import CONFIG_FILE_NAME, LocalCluster, port_is_free
+from kvsvr.tls import with_local_tls
 
 # `up` runs every node on this machine; past a handful they only compete for
 # its cores and disk. Real clusters are started node by node with `kvsvr node`.
