@@ -34,7 +34,8 @@ operation's TLS throughput and latency beside the plain run's: the cost of
 TLS, measured in one run on one machine.
 
 `--paced-rate N` paces (c) at N ops/s instead (to compare two builds or
-settings at one load). `--unsafe-no-fsync` runs every node with commits that
+settings at one load). `--no-read-leases` runs the nodes with read leases
+off. `--unsafe-no-fsync` runs every node with commits that
 skip fsync: a ceiling that shows how much of a figure the disk costs, printed
 as such and never a result.
 """
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the closed-loop phases on a TLS cluster and report TLS's cost",
     )
     parser.add_argument(
+        "--no-read-leases",
+        dest="read_leases",
+        action="store_false",
+        help="run every node with read leases off (to measure what they cost writes)",
+    )
+    parser.add_argument(
         "--paced-rate",
         type=float,
         default=None,
@@ -138,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     warning = check_scratch(args.scratch)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    settings = {"unsafe_no_fsync": True} if args.unsafe_no_fsync else {}
+    settings: dict[str, Any] = {"unsafe_no_fsync": True} if args.unsafe_no_fsync else {}
+    if not args.read_leases:
+        settings["read_leases"] = False
     with terminate_on_sigterm():
         baseline = None
         if not args.no_baseline:

@@ -98,6 +98,26 @@ def parser() -> argparse.ArgumentParser:
         + "; or 'none' (default kill,pause,partition,corrupt)",
     )
     runner.add_argument(
+        "--clock-rate",
+        type=_positive,
+        metavar="R",
+        help="the clock nemesis runs clocks at this rate (e.g. 0.2: 5x slow, far outside "
+        "the assumed bound, to show the checker finds the stale reads it allows); "
+        "default: 1 +/- the cluster's clock_drift_max",
+    )
+    runner.add_argument(
+        "--lease-s",
+        type=_positive,
+        metavar="S",
+        help="the cluster's read-lease length (default: the config's default)",
+    )
+    runner.add_argument(
+        "--no-read-leases",
+        dest="read_leases",
+        action="store_false",
+        help="run the cluster with read leases off",
+    )
+    runner.add_argument(
         "--workload",
         choices=WORKLOADS,
         default="register",
@@ -118,6 +138,23 @@ def parser() -> argparse.ArgumentParser:
         help="register workload: strong reads send the version of the value the client "
         "holds (kvsvr's client near cache); the node answers 'unchanged' without the value "
         "when its quorum chose that version",
+    )
+    runner.add_argument(
+        "--key-affinity",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="register workload: the share of a client's operations on the keys homed at "
+        "its node, as kvsvr's client sends a key's requests to its preferred coordinator "
+        "(read leases need it: a node leases only keys it alone writes); the rest go to "
+        "any key, e.g. 0.9 (default 0: every key alike)",
+    )
+    runner.add_argument(
+        "--reads",
+        type=_fraction,
+        metavar="F",
+        help="register workload: the share of reads; the rest are writes and "
+        "compare-and-sets, half each (default 0.4)",
     )
     runner.add_argument(
         "--seed",
@@ -205,9 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         node_count=args.nodes,
         time_s=args.time_s,
         nemeses=args.nemesis,
+        clock_rate=args.clock_rate,
+        lease_s=args.lease_s,
+        read_leases=args.read_leases,
         workload=args.workload,
         stale_reads=args.stale_reads,
         near_cache=args.near_cache,
+        key_affinity=args.key_affinity,
+        read_fraction=args.reads,
         seed=args.seed,
         clients_per_node=args.clients_per_node,
         key_count=args.keys,
