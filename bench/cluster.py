@@ -28,6 +28,11 @@ fraction (sum over nodes of `fast_path_writes / writes` from `status`, target
 RSS per node. `--profile` runs py-spy on every node during the measured
 windows. A JSON result goes to `--out`.
 
+`--tls` then runs (b) again on a fresh 3-node cluster whose every link (client
+and peer) runs TLS, with a local CA made for the run, and reports each
+operation's TLS throughput and latency beside the plain run's: the cost of
+TLS, measured in one run on one machine.
+
 `--paced-rate N` paces (c) at N ops/s instead (to compare two builds or
 settings at one load). `--no-read-leases` runs the nodes with read leases
 off. `--unsafe-no-fsync` runs every node with commits that
@@ -94,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run the closed-loop phases on a TLS cluster and report TLS's cost",
+    )
+    parser.add_argument(
         "--no-read-leases",
         dest="read_leases",
         action="store_false",
@@ -151,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             args, 3, 3, ["put", "get", "cas"], "cluster", paced=paced, settings=settings
         )
         check_fsync_setting(cluster, fsync=not args.unsafe_no_fsync)
+        cluster_tls = None
+        if args.tls:
+            cluster_tls = run_cluster_phases(
+                args, 3, 3, ["put", "get", "cas"], "cluster-tls", settings=settings, tls=True
+            )
     phases = cluster["phases"]
     single_put_rate = baseline["phases"]["put"]["ops_per_s"] if baseline else math.nan
     targets = {
@@ -179,10 +194,72 @@ def main(argv: list[str] | None = None) -> int:
         "cluster": cluster,
         "targets": targets,
     }
+    if cluster_tls is not None:
+        result["cluster_tls"] = cluster_tls
+        result["tls_cost"] = tls_cost(cluster, cluster_tls)
     print_report(args, baseline, cluster, targets)
+    if cluster_tls is not None:
+        print_tls_cost(cluster_tls, result["tls_cost"])
     path = write_result(args, result)
     print(f"\nresult: {path}")
     return 0
+
+
+def tls_cost(plain: dict[str, Any], tls: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per operation: TLS ops/s over plain ops/s, and both runs' p50 and p99."""
+    cost = {}
+    for operation in ("put", "get", "cas"):
+        a, b = plain["phases"][operation], tls["phases"][operation]
+        cost[operation] = {
+            "plain_ops_per_s": a["ops_per_s"],
+            "tls_ops_per_s": b["ops_per_s"],
+            "throughput_ratio_tls_over_plain": b["ops_per_s"] / a["ops_per_s"]
+            if a["ops_per_s"]
+            else math.nan,
+            "plain_p50_ms": a["p50_ms"],
+            "tls_p50_ms": b["p50_ms"],
+            "plain_p99_ms": a["p99_ms"],
+            "tls_p99_ms": b["p99_ms"],
+            # CPU per operation holds better than throughput on a shared machine.
+            "plain_node_cpu_s_per_1k_ops": _cpu_per_1k_ops(a),
+            "tls_node_cpu_s_per_1k_ops": _cpu_per_1k_ops(b),
+        }
+    return cost
+
+
+def _cpu_per_1k_ops(phase: dict[str, Any]) -> float:
+    return sum(phase["node_cpu_s"].values()) / phase["ops"] * 1000 if phase["ops"] else math.nan
+
+
+def print_tls_cost(cluster_tls: dict[str, Any], cost: dict[str, dict[str, float]]) -> None:
+    print_phases(cluster_tls["phases"], {op: f"{name}, TLS" for op, name in NAMES.items()}, [])
+    rows = [
+        [
+            operation,
+            figures["plain_ops_per_s"],
+            figures["tls_ops_per_s"],
+            figures["throughput_ratio_tls_over_plain"],
+            figures["plain_p99_ms"],
+            figures["tls_p99_ms"],
+            figures["plain_node_cpu_s_per_1k_ops"],
+            figures["tls_node_cpu_s_per_1k_ops"],
+        ]
+        for operation, figures in cost.items()
+    ]
+    print_table(
+        "TLS cost (same run, same machine)",
+        [
+            "op",
+            "plain ops/s",
+            "TLS ops/s",
+            "TLS / plain",
+            "plain p99 ms",
+            "TLS p99 ms",
+            "plain node cpu s/1k ops",
+            "TLS node cpu s/1k ops",
+        ],
+        rows,
+    )
 
 
 def print_report(

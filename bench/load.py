@@ -56,6 +56,7 @@ class WorkerSpec:
     keys_per_task: int
     value_bytes: int
     key_tag: str
+    tls: kvsvr.TLSOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class LoadGenerator:
         keys_per_task: int,
         value_bytes: int,
         secret: str | None = BENCH_SECRET,
+        tls: kvsvr.TLSOptions | None = None,
     ) -> None:
         self.clients = clients
         self.task_counts = split_clients(clients, processes)
@@ -140,6 +142,7 @@ class LoadGenerator:
                     keys_per_task,
                     value_bytes,
                     key_tag,
+                    tls,
                 )
                 process = context.Process(
                     target=_worker_main, args=(spec, child_end), name=f"bench-worker-{index}"
@@ -234,7 +237,10 @@ class LoadGenerator:
 
 
 def load_generator(
-    addresses: list[str], secret: str | None, args: argparse.Namespace
+    addresses: list[str],
+    secret: str | None,
+    args: argparse.Namespace,
+    tls: kvsvr.TLSOptions | None = None,
 ) -> LoadGenerator:
     """The load generator that `bench.output.add_load_options`' options describe."""
     return LoadGenerator(
@@ -244,6 +250,7 @@ def load_generator(
         keys_per_task=args.keys_per_client,
         value_bytes=args.value_bytes,
         secret=secret,
+        tls=tls,
     )
 
 
@@ -275,7 +282,7 @@ async def _worker_loop(spec: WorkerSpec, connection: multiprocessing.connection.
     ]
     versions: dict[bytes, int] = {}  # the last version each key was seen at
     async with kvsvr.connect(
-        spec.addresses, secret=spec.secret, timeout_s=CLIENT_TIMEOUT_S
+        spec.addresses, secret=spec.secret, timeout_s=CLIENT_TIMEOUT_S, tls=spec.tls
     ) as client:
         connection.send(("ready", None))
         while True:

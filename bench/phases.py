@@ -9,6 +9,8 @@ import argparse
 import contextlib
 import math
 import secrets
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -29,6 +31,7 @@ from bench.node_profiles import Profiler, summarize_cprofile
 from bench.output import phase_amount
 from bench.proc import RssSampler, cpu_seconds, cpu_times, machine_cpu_times, status_kib
 from kvsvr.local import LocalCluster, local_config, temporary_cluster
+from kvsvr.tls import with_local_tls
 
 # A node gets this long to stop after SIGTERM before it is killed.
 NODE_STOP_TIMEOUT_S: Final = 10.0
@@ -46,13 +49,15 @@ def bench_cluster(
     keep: bool = False,
     cprofile_dir: Path | None = None,
     settings: dict[str, Any] | None = None,
+    tls: bool = False,
 ) -> Iterator[LocalCluster]:
     """`node_count` nodes with `replication`, ready, in a fresh scratch
     directory under `scratch_root` (on the disk being measured: not a tmpfs);
     stopped (SIGTERM, then SIGKILL) on the way out and the directory deleted
     unless `keep`. The nodes also die with the benchmark if it is killed
     outright. With `cprofile_dir`, each node runs under cProfile, which
-    writes `<directory name>-<node>.prof` there when the node stops."""
+    writes `<directory name>-<node>.prof` there when the node stops. With
+    `tls`, every link runs TLS, with a local CA made for the run."""
     if cprofile_dir is not None:
         cprofile_dir.mkdir(parents=True, exist_ok=True)
     run_name = f"kvsvr-{node_count}n-{secrets.token_hex(4)}"
@@ -65,16 +70,22 @@ def bench_cluster(
     config = local_config(
         node_count, secret=BENCH_SECRET, replication=replication, settings=settings
     )
-    with temporary_cluster(
-        config,
-        root=scratch_root,
-        prefix=f"{run_name}-",
-        keep=keep,
-        die_with_parent=True,
-        python_args=python_args,
-        stop_timeout_s=NODE_STOP_TIMEOUT_S,
-    ) as cluster:
-        yield cluster
+    with contextlib.ExitStack() as cleanup:
+        if tls:
+            tls_dir = Path(tempfile.mkdtemp(prefix=f"{run_name}-tls-", dir=scratch_root))
+            if not keep:
+                cleanup.callback(shutil.rmtree, tls_dir, ignore_errors=True)
+            config = with_local_tls(config, tls_dir)
+        with temporary_cluster(
+            config,
+            root=scratch_root,
+            prefix=f"{run_name}-",
+            keep=keep,
+            die_with_parent=True,
+            python_args=python_args,
+            stop_timeout_s=NODE_STOP_TIMEOUT_S,
+        ) as cluster:
+            yield cluster
 
 
 def cprofile_paths(cluster: LocalCluster, cprofile_dir: Path) -> dict[str, Path]:
@@ -273,12 +284,13 @@ def run_cluster_phases(
     label: str,
     paced: Sequence[tuple[str, float]] = (),
     settings: dict[str, Any] | None = None,
+    tls: bool = False,
 ) -> dict[str, Any]:
     """Start a cluster, load it (populate, then one measured phase per
     operation, in order, then one paced phase per (operation, rate) of
     `paced`, named "<operation>-paced"), stop it: each phase's summary,
     node RSS, status. `settings` override `ClusterConfig` fields (such as
-    `unsafe_no_fsync`)."""
+    `unsafe_no_fsync`); `tls` runs every link with TLS."""
     duration_s, ops = phase_amount(args)
     phases: dict[str, Any] = {}
     cprofile_dir = args.out / f"{args.run_id}-profiles" if args.cprofile else None
@@ -289,14 +301,18 @@ def run_cluster_phases(
         keep=args.keep,
         cprofile_dir=cprofile_dir,
         settings=settings,
+        tls=tls,
     ) as cluster:
         rss_at_start_kib = {node: status_kib(pid, "VmRSS") for node, pid in cluster.pids.items()}
         with (
             RssSampler(cluster.pids) as rss,
             kvsvr.SyncClient(
-                cluster.addresses, secret=cluster.secret, timeout_s=CLIENT_TIMEOUT_S
+                cluster.addresses,
+                secret=cluster.secret,
+                timeout_s=CLIENT_TIMEOUT_S,
+                tls=cluster.tls,
             ) as status_client,
-            load_generator(cluster.addresses, cluster.secret, args) as load,
+            load_generator(cluster.addresses, cluster.secret, args, cluster.tls) as load,
         ):
             populate_s = load.populate()
             for operation in operations:
@@ -337,6 +353,7 @@ def run_cluster_phases(
         "nodes": node_count,
         "replication": replication,
         "settings": settings or {},
+        "tls": tls,
         "phases": phases,
         "load_processes": load.processes,
         "load_tasks_per_process": load.task_counts,

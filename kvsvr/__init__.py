@@ -31,6 +31,7 @@ from kvsvr.errors import (
     Unavailable,
 )
 from kvsvr.local import LocalCluster, temporary_cluster
+from kvsvr.net.tls import TLSOptions
 
 try:
     __version__: str = _metadata.version("kvsvr")
@@ -48,6 +49,7 @@ __all__ = [
     "KvsvrError",
     "LocalCluster",
     "SyncClient",
+    "TLSOptions",
     "Timeout",
     "Unavailable",
     "__version__",

@@ -75,6 +75,7 @@ from kvsvr.client_cache import (
 from kvsvr.client_options import CONSISTENCIES
 from kvsvr.client_routing import parse_address, route
 from kvsvr.client_sync import SYNC_CLOSE_TIMEOUT_S, SyncClient
+from kvsvr.net.tls import TLSOptions
 
 __all__ = [
     "CONNECT_ATTEMPT_TIMEOUT_S",
@@ -97,6 +98,7 @@ __all__ = [
     "ReadConsistency",
     "SessionVersions",
     "SyncClient",
+    "TLSOptions",
     "TableInfo",
     "connect",
     "format_address",

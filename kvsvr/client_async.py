@@ -6,6 +6,7 @@ whole client's guarantees."""
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -45,16 +46,19 @@ from kvsvr.client_options import (
     check_value,
     check_version,
     secret_bytes,
+    tls_context,
 )
 from kvsvr.client_routing import (
     address_list,
     node_address,
+    not_ready_because,
     parse_address,
     partition_hash_seed,
     route,
 )
 from kvsvr.errors import InvalidRequest, KvsvrError, Timeout, Unavailable
 from kvsvr.keys import KeyPart, UserKey, encode_key, split_user_key, to_bytes
+from kvsvr.net.tls import TLSOptions
 from kvsvr.protocol.placement import partition_of
 
 logger = logging.getLogger(__name__)
@@ -105,27 +109,6 @@ def _item(value: bytes, version: int) -> Item:
     return item
 
 
-def _not_ready_because(status: Mapping[str, Any]) -> str | None:
-    """Why a node (its `cluster_status` entry) is not ready yet; None if it is."""
-    if status.get("health") != "ready":
-        return str(status.get("health"))
-    replication = status.get("replication")
-    if not isinstance(replication, Mapping):
-        return "no replication status"
-    state = replication.get("state")
-    if state != "ready":
-        return f"replica {state}"
-    peers = replication.get("peers")
-    down = sorted(
-        str(peer)
-        for peer, seen in (peers.items() if isinstance(peers, Mapping) else ())
-        if not (isinstance(seen, Mapping) and seen.get("up"))
-    )
-    if down:
-        return f"sees {', '.join(down)} down"
-    return None
-
-
 # --- the async client ---------------------------------------------------------------
 
 
@@ -142,6 +125,7 @@ class Client:
         timeout_s: float,
         home_address: str | None = None,
         near_cache_bytes: int | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._nursery = nursery
         # Per partition, its replicas with their addresses (see `_candidates`),
@@ -153,6 +137,7 @@ class Client:
         self._hash_seeds: dict[str, int] = {}
         self._set_map(partition_map)
         self._secret = secret
+        self._tls = tls
         self._timeout_s = check_timeout(timeout_s)
         self._home_address = home_address  # the node `status()` asks by default
         self._connections: dict[str, net.RpcConnection] = {}
@@ -390,7 +375,7 @@ class Client:
         with trio.move_on_after(timeout_s):
             while True:
                 for status in await self.cluster_status():
-                    reason = _not_ready_because(status)
+                    reason = not_ready_because(status)
                     if reason is None:
                         waiting.pop(str(status.get("node")), None)
                     else:
@@ -684,6 +669,7 @@ class Client:
                     port,
                     secret=self._secret,
                     connect_timeout_s=min(CONNECT_ATTEMPT_TIMEOUT_S, self._timeout_s),
+                    tls=self._tls,
                 )
             except Unavailable:
                 self._mark_down(address)
@@ -697,6 +683,14 @@ class Client:
         self._down_until[address] = trio.current_time() + NODE_DOWN_S
 
 
+@dataclass(frozen=True, slots=True)
+class _Link:
+    """How a client's connections authenticate: the secret, and TLS if any."""
+
+    secret: bytes | None
+    tls: ssl.SSLContext | None
+
+
 async def _fetch_map(connection: net.RpcConnection) -> PartitionMap:
     return PartitionMap.from_wire(await connection.request(Method.MAP, MapRequest().to_wire()))
 
@@ -708,13 +702,15 @@ async def connect(
     secret: str | bytes | None = None,
     timeout_s: float = 5.0,
     near_cache_bytes: int | None = None,
+    tls: TLSOptions | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a kvsvr cluster: `async with kvsvr.connect(...) as client:`.
 
     `addresses` is a list of "host:port" (or one string, comma-separated); the
     first that answers supplies the partition map. `secret` is the cluster
     secret (None for an open cluster). `near_cache_bytes` turns on the
-    client's near cache with that budget (None or 0: off). Raises
+    client's near cache with that budget (None or 0: off). `tls` connects with
+    TLS to a cluster that runs it (`TLSOptions(cafile, certfile, keyfile)`). Raises
     `Unavailable` if no address answers, `AuthenticationFailed` if the secret
     is refused, and `Timeout` if all that takes longer than `timeout_s`.
     """
@@ -722,13 +718,14 @@ async def connect(
     secret_checked = secret_bytes(secret)
     timeout = check_timeout(timeout_s)
     near_bytes = check_near_cache_bytes(near_cache_bytes)
+    link = _Link(secret_checked, tls_context(tls))
     # As in RpcConnection._hosted: the body's exception is carried out of the
     # nursery and re-raised as is, not wrapped in an ExceptionGroup.
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         client: Client | None = None
         try:
-            client = await _bootstrap(nursery, seeds, secret_checked, timeout, near_bytes)
+            client = await _bootstrap(nursery, seeds, link, timeout, near_bytes)
             yield client
         except BaseException as exc:
             body_error = exc
@@ -742,7 +739,7 @@ async def connect(
 async def _bootstrap(
     nursery: trio.Nursery,
     seeds: list[tuple[str, int]],
-    secret: bytes | None,
+    link: _Link,
     timeout_s: float,
     near_cache_bytes: int = 0,
 ) -> Client:
@@ -753,7 +750,7 @@ async def _bootstrap(
             for host, port in seeds:
                 try:
                     return await _client_from_seed(
-                        nursery, host, port, secret, timeout_s, near_cache_bytes
+                        nursery, host, port, link, timeout_s, near_cache_bytes
                     )
                 except Unavailable as exc:
                     failures.append(str(exc))
@@ -769,12 +766,13 @@ async def _client_from_seed(
     nursery: trio.Nursery,
     host: str,
     port: int,
-    secret: bytes | None,
+    link: _Link,
     timeout_s: float,
     near_cache_bytes: int = 0,
 ) -> Client:
+    connect_timeout_s = min(CONNECT_ATTEMPT_TIMEOUT_S, timeout_s)
     connection = await net.connect(
-        host, port, secret=secret, connect_timeout_s=min(CONNECT_ATTEMPT_TIMEOUT_S, timeout_s)
+        host, port, secret=link.secret, connect_timeout_s=connect_timeout_s, tls=link.tls
     )
     await nursery.start(connection.run)
     try:
@@ -788,7 +786,8 @@ async def _client_from_seed(
     client = Client(
         nursery,
         partition_map,
-        secret=secret,
+        secret=link.secret,
+        tls=link.tls,
         timeout_s=timeout_s,
         home_address=address,
         near_cache_bytes=near_cache_bytes,

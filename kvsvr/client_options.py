@@ -6,10 +6,12 @@ sent, in the caller's terms (a `str` value, a negative budget...)."""
 from __future__ import annotations
 
 import math
+import ssl
 from typing import Final
 
 from kvsvr.api import SCAN_LIMIT_MAX, VALUE_BYTES_MAX, ReadConsistency, read_consistency
 from kvsvr.errors import InvalidRequest
+from kvsvr.net.tls import TLSOptions, TLSSetupError, client_context
 
 # The read consistencies' names, as callers pass them.
 CONSISTENCIES: Final = tuple(consistency.value for consistency in ReadConsistency)
@@ -84,3 +86,15 @@ def secret_bytes(secret: str | bytes | None) -> bytes | None:
     if isinstance(secret, str):
         return secret.encode("utf-8") or None
     raise InvalidRequest(f"secret must be str, bytes or None, not {type(secret).__name__}")
+
+
+def tls_context(tls: object) -> ssl.SSLContext | None:
+    """The client's TLS context from its `TLSOptions` (None: plain TCP)."""
+    if tls is None:
+        return None
+    if not isinstance(tls, TLSOptions):
+        raise InvalidRequest(f"tls must be a kvsvr.TLSOptions or None, not {type(tls).__name__}")
+    try:
+        return client_context(tls)
+    except TLSSetupError as exc:
+        raise InvalidRequest(str(exc)) from None

@@ -14,6 +14,7 @@ from kvsvr.api import DEFAULT_TABLE, SCAN_LIMIT_DEFAULT, PartitionMap
 from kvsvr.client_async import Client, Item, connect
 from kvsvr.errors import KvsvrError
 from kvsvr.keys import KeyPart, UserKey
+from kvsvr.net.tls import TLSOptions
 
 # Time `SyncClient.close` waits for its trio thread to finish closing connections.
 SYNC_CLOSE_TIMEOUT_S: Final = 10.0
@@ -40,6 +41,7 @@ class SyncClient:
         secret: str | bytes | None = None,
         timeout_s: float = 5.0,
         near_cache_bytes: int | None = None,
+        tls: TLSOptions | None = None,
     ) -> None:
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -49,7 +51,7 @@ class SyncClient:
         self._closed = False
         self._thread = threading.Thread(
             target=trio.run,
-            args=(self._main, addresses, secret, timeout_s, near_cache_bytes),
+            args=(self._main, addresses, secret, timeout_s, near_cache_bytes, tls),
             name="kvsvr-sync-client",
             daemon=True,  # a forgotten close() must not keep the interpreter alive
         )
@@ -68,10 +70,15 @@ class SyncClient:
         secret: str | bytes | None,
         timeout_s: float,
         near_cache_bytes: int | None,
+        tls: TLSOptions | None,
     ) -> None:
         try:
             async with connect(
-                addresses, secret=secret, timeout_s=timeout_s, near_cache_bytes=near_cache_bytes
+                addresses,
+                secret=secret,
+                timeout_s=timeout_s,
+                near_cache_bytes=near_cache_bytes,
+                tls=tls,
             ) as client:
                 self._stop = trio.Event()
                 self._token = trio.lowlevel.current_trio_token()

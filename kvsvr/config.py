@@ -28,9 +28,12 @@
 
     [[nodes]]
     id = "n1"
-    host = "127.0.0.1"
-    port = 7101
+    host = "127.0.0.1"        # what peers and clients are told and dial; or, in one
+    port = 7101               # key, advertise = "10.0.0.5:7101"
+    listen = "0.0.0.0:7101"   # optional: what the node binds (default: host:port)
     zone = "z1"
+    tls_cert = "tls/n1.pem"   # optional: this node's certificate and key, over [tls]'s
+    tls_key = "tls/n1.key"
     # Optional: how *this* node reaches a peer (the fault harness puts proxies here).
     peer_addresses = { n2 = "127.0.0.1:17102" }
     # Optional: serve /metrics, /healthz and /readyz over HTTP here (off when unset).
@@ -42,7 +45,14 @@
     ttl_s = 0                 # 0: rows never expire
     read_leases = true        # false: this table's strong reads never take leases
 
-Relative `data_dir` paths are taken relative to the config file's folder.
+    [tls]                     # optional: absent = plain TCP (kvsvr.net.tls)
+    ca = "tls/ca.pem"         # the CA every node and client certificate is signed by
+    cert = "tls/node.pem"     # the nodes' certificate and key, unless a node names its own
+    key = "tls/node.key"
+    client_cert = "tls/client.pem"  # what tools reading this file present as clients
+    client_key = "tls/client.key"
+
+Relative `data_dir` and TLS paths are taken relative to the config file's folder.
 A node needs `id` (`kvsvr/protocol/lifecycle.py` says what it and
 `initial_state` decide); clients do not read either.
 """
@@ -53,7 +63,7 @@ import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from kvsvr.protocol.lifecycle import CLUSTER_ID_CHARS_MAX, INITIAL_STATES, NEW
 from kvsvr.protocol.placement import PARTITIONS_MAX, NodePlace, replica_sets
@@ -86,10 +96,31 @@ class NodeConfig:
     peer_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     # Where the node serves /metrics, /healthz and /readyz over HTTP; None: off.
     metrics_address: tuple[str, int] | None = None
+    # What the node binds; None: its advertised host:port (`host`, `port`).
+    listen: tuple[str, int] | None = None
+    tls_cert: Path | None = None  # None: [tls]'s cert and key
+    tls_key: Path | None = None
 
     @property
     def address(self) -> str:
+        """The advertised address: what peers and clients are told and dial."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return self.listen if self.listen is not None else (self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """The [tls] table: TLS on every client and peer link, certificates
+    checked both ways against `ca`."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +153,7 @@ class ClusterConfig:
     unsafe_no_fsync: bool = False
     cluster_id: str | None = None  # None: a config only clients read
     initial_state: str = NEW
+    tls: TLSConfig | None = None  # None: plain TCP
     read_leases: bool = True
     lease_s: float = LEASE_S_DEFAULT
     clock_drift_max: float = CLOCK_DRIFT_MAX_DEFAULT
@@ -157,6 +189,16 @@ class ClusterConfig:
     def node_data_dir(self, node_id: str) -> Path:
         return self.data_dir / node_id
 
+    def node_tls_files(self, node_id: str) -> tuple[Path, Path, Path] | None:
+        """(ca, cert, key) of a node's TLS, or None when the cluster has none."""
+        if self.tls is None:
+            return None
+        node = self.node(node_id)
+        cert = node.tls_cert or self.tls.cert
+        key = node.tls_key or self.tls.key
+        assert cert is not None and key is not None, "parse_config requires both"
+        return self.tls.ca, cert, key
+
 
 def _address(text: Any, where: str) -> tuple[str, int]:
     if not isinstance(text, str) or ":" not in text:
@@ -189,9 +231,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         if not isinstance(raw, dict):
             raise ConfigError(f"{where} must be a table")
         node_id = _require(raw, "id", str, where)
-        port = _require(raw, "port", int, where)
-        if not 0 < port < 65536:
-            raise ConfigError(f"{where}: port {port} out of range")
+        host, port = _advertised(raw, where)
         peers_raw = raw.get("peer_addresses", {})
         if not isinstance(peers_raw, dict):
             raise ConfigError(f"{where}: peer_addresses must be a table")
@@ -205,17 +245,21 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
             NodeConfig(
                 id=node_id,
                 index=position,
-                host=str(raw.get("host", "127.0.0.1")),
+                host=host,
                 port=port,
                 zone=str(raw.get("zone", f"zone-{node_id}")),
                 peer_addresses=peers,
                 metrics_address=metrics,
+                listen=_address(raw["listen"], f"{where}.listen") if "listen" in raw else None,
+                tls_cert=_path(raw, "tls_cert", source, where),
+                tls_key=_path(raw, "tls_key", source, where),
             )
         )
     ids = [n.id for n in nodes]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"node ids must be unique: {ids}")
     _check_metrics_addresses(nodes)
+    tls = _tls_config(data.get("tls"), nodes, source)
     for node in nodes:
         for peer in node.peer_addresses:
             if peer not in ids:
@@ -307,6 +351,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         source=source,
         cache_bytes_max=cache_bytes_max,
         unsafe_no_fsync=unsafe_no_fsync,
+        tls=tls,
         **catch_up,
     )
 
@@ -314,6 +359,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
 def _check_metrics_addresses(nodes: list[NodeConfig]) -> None:
     """A metrics endpoint needs a port of its own: not a node's, not another's."""
     taken = {(node.host, node.port): f"node {node.id}'s address" for node in nodes}
+    taken.update({node.listen_address: f"node {node.id}'s listen address" for node in nodes})
     for node in nodes:
         if node.metrics_address is None:
             continue
@@ -322,6 +368,66 @@ def _check_metrics_addresses(nodes: list[NodeConfig]) -> None:
             host, port = node.metrics_address
             raise ConfigError(f"node {node.id}: metrics_address {host}:{port} is {other}")
         taken[node.metrics_address] = f"node {node.id}'s metrics_address"
+
+
+def _advertised(raw: dict[str, Any], where: str) -> tuple[str, int]:
+    """A node's advertised host and port: `advertise`, or `host` and `port`."""
+    if "advertise" in raw:
+        if "host" in raw or "port" in raw:
+            raise ConfigError(f"{where}: give either 'advertise' or 'host' and 'port', not both")
+        return _address(raw["advertise"], f"{where}.advertise")
+    port = _require(raw, "port", int, where)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{where}: port {port} out of range")
+    host = raw.get("host", "127.0.0.1")
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"{where}: 'host' must be a non-empty string")
+    return host, port
+
+
+def _path(table: dict[str, Any], key: str, source: Path | None, where: str) -> Path | None:
+    """An optional file path, relative to the config file's folder."""
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: '{key}' must be a non-empty path")
+    path = Path(value)
+    return source.parent / path if source is not None and not path.is_absolute() else path
+
+
+def _tls_config(raw: object, nodes: list[NodeConfig], source: Path | None) -> TLSConfig | None:
+    if raw is None:
+        for node in nodes:
+            if node.tls_cert is not None or node.tls_key is not None:
+                raise ConfigError(f"node {node.id} names a TLS certificate but there is no [tls]")
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("[tls] must be a table")
+    unknown = set(raw) - {"ca", "cert", "key", "client_cert", "client_key"}
+    if unknown:
+        raise ConfigError(f"[tls]: unknown keys {sorted(unknown)}")
+    ca = _path(raw, "ca", source, "[tls]")
+    if ca is None:
+        raise ConfigError("[tls]: missing 'ca'")
+    tls = TLSConfig(
+        ca=ca,
+        **{name: _path(raw, name, source, "[tls]") for name in _TLS_PAIRED},
+    )
+    if (tls.client_cert is None) != (tls.client_key is None):
+        raise ConfigError("[tls]: give both client_cert and client_key, or neither")
+    for node in nodes:
+        cert, key = node.tls_cert or tls.cert, node.tls_key or tls.key
+        if cert is None or key is None:
+            raise ConfigError(
+                f"node {node.id}: TLS is on but it has no certificate and key "
+                "(tls_cert and tls_key, or cert and key under [tls])"
+            )
+    return tls
+
+
+# [tls]'s paths besides the CA, in TLSConfig's order.
+_TLS_PAIRED: Final = ("cert", "key", "client_cert", "client_key")
 
 
 # [cluster] settings of hinted handoff and anti-entropy: name -> (kind, default, minimum).
@@ -430,6 +536,9 @@ def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
         if node.metrics_address is not None:
             host, port = node.metrics_address
             lines.append(f"metrics_address = {_toml_string(f'{host}:{port}')}")
+        if node.listen is not None:
+            lines.append(f"listen = {_toml_string(f'{node.listen[0]}:{node.listen[1]}')}")
+        lines += _path_lines(tls_cert=node.tls_cert, tls_key=node.tls_key)
         lines.append("")
     for table in config.tables:
         lines += [
@@ -441,7 +550,15 @@ def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
             *([] if table.read_leases else ["read_leases = false"]),
             "",
         ]
+    if config.tls is not None:
+        tls = config.tls
+        lines += ["[tls]", *_path_lines(ca=tls.ca, **{n: getattr(tls, n) for n in _TLS_PAIRED})]
+        lines.append("")
     return "\n".join(lines)
+
+
+def _path_lines(**paths: Path | None) -> list[str]:
+    return [f"{name} = {_toml_string(str(path))}" for name, path in paths.items() if path]
 
 
 def local_cluster(

@@ -61,6 +61,8 @@ from kvsvr.client import connect
 from kvsvr.clock import TEST_CLOCK_RATE_METHOD
 from kvsvr.config import ClusterConfig, TableConfig, load_config, local_cluster, render_config
 from kvsvr.errors import KvsvrError
+from kvsvr.net.tls import TLSOptions
+from kvsvr.tls import config_client_options
 
 LOOPBACK: Final = "127.0.0.1"
 CONFIG_FILE_NAME: Final = "cluster.toml"
@@ -207,10 +209,12 @@ def die_with_parent() -> None:
 # --- readiness ----------------------------------------------------------------------
 
 
-async def node_status(address: str, node_id: str, secret: str | None) -> dict[str, Any]:
+async def node_status(
+    address: str, node_id: str, secret: str | None, tls: TLSOptions | None = None
+) -> dict[str, Any]:
     """One node's status, asked of that node (`KvsvrError` if it does not answer)."""
     with trio.fail_after(STATUS_TIMEOUT_S):
-        async with connect([address], secret=secret, timeout_s=STATUS_TIMEOUT_S) as client:
+        async with connect([address], secret=secret, timeout_s=STATUS_TIMEOUT_S, tls=tls) as client:
             return await client.status(node_id)
 
 
@@ -361,6 +365,11 @@ class LocalCluster:
     def secret(self) -> str | None:
         """The cluster secret, as `kvsvr.connect` takes it."""
         return None if self.config.secret is None else self.config.secret.decode()
+
+    @property
+    def tls(self) -> TLSOptions | None:
+        """What a client connects with to this cluster ([tls]'s client certificate)."""
+        return config_client_options(self.config)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -637,7 +646,7 @@ class LocalCluster:
             while True:
                 self._check_started(node_id)
                 try:
-                    await node_status(self.address(node_id), node_id, self.secret)
+                    await node_status(self.address(node_id), node_id, self.secret, self.tls)
                     return
                 except (KvsvrError, trio.TooSlowError, OSError) as error:
                     last = str(error) or type(error).__name__
@@ -669,7 +678,7 @@ class LocalCluster:
 
     async def _not_ready_because(self, node_id: str) -> str | None:
         try:
-            status = await node_status(self.address(node_id), node_id, self.secret)
+            status = await node_status(self.address(node_id), node_id, self.secret, self.tls)
         except (KvsvrError, trio.TooSlowError, OSError) as error:
             return f"no answer: {error or type(error).__name__}"
         running = [peer for peer in self.ids if self.is_running(peer)]

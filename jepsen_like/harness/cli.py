@@ -212,6 +212,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"checker budget; past it the verdict is unknown (default {CHECK_TIMEOUT_S:g})",
     )
     runner.add_argument(
+        "--tls",
+        action="store_true",
+        help="run every client and peer link with TLS (a local CA made for the run); "
+        "the partition proxies forward its bytes",
+    )
+    runner.add_argument(
         "--overwrite",
         action="store_true",
         help="delete an earlier run's outputs in --out first (else refused)",
@@ -253,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_timeout_s=args.check_timeout_s,
         progress=show_progress,
         overwrite=args.overwrite,
+        tls=args.tls,
     )
     try:
         result = run(config)

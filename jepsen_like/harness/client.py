@@ -14,6 +14,7 @@ it certainly did not happen.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any, Final
 
 import trio
@@ -68,10 +69,12 @@ class NodeClient:
         nursery: trio.Nursery,
         *,
         operation_timeout_s: float = OPERATION_TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
         self.secret = secret
+        self.tls = tls
         self.operation_timeout_s = operation_timeout_s
         self._nursery = nursery
         self._connection: net.RpcConnection | None = None
@@ -138,7 +141,7 @@ class NodeClient:
             return connection
         try:
             connection = await net.connect(
-                *self.address, secret=self.secret, connect_timeout_s=CONNECT_TIMEOUT_S
+                *self.address, secret=self.secret, connect_timeout_s=CONNECT_TIMEOUT_S, tls=self.tls
             )
         except Unavailable as error:
             raise NotSent(str(error)) from error

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -39,6 +40,8 @@ from kvsvr.local import (
     write_config,
 )
 from kvsvr.local import LocalClusterError as ClusterError
+from kvsvr.net.tls import client_context
+from kvsvr.tls import with_local_tls
 
 __all__ = ["Cluster", "ClusterError", "NodeEvent", "cluster_config", "open_cluster"]
 
@@ -59,6 +62,8 @@ class Cluster:
         self.local = local
         self.directory = local.directory
         self.config = local.config
+        options = local.tls
+        self._tls = client_context(options) if options is not None else None
         self.config_path = local.config_path
         self.network = network
         self.events: list[NodeEvent] = local.events
@@ -72,6 +77,11 @@ class Cluster:
     @property
     def secret(self) -> bytes | None:
         return self.config.secret
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """What the harness's clients connect with (None: plain TCP)."""
+        return self._tls
 
     def address(self, node_id: str) -> tuple[str, int]:
         return self.local.host_port(node_id)
@@ -117,7 +127,9 @@ class Cluster:
         if not self.is_running(node_id):
             return "not running"
         try:
-            status = await node_status(self.local.address(node_id), node_id, self.local.secret)
+            status = await node_status(
+                self.local.address(node_id), node_id, self.local.secret, self.local.tls
+            )
             return str(status["replication"]["state"])
         except (KvsvrError, trio.TooSlowError, OSError, KeyError, TypeError) as error:
             return f"no answer ({error})"
@@ -247,11 +259,14 @@ async def open_cluster(
     rng: random.Random | None = None,
     tables: tuple[TableConfig, ...] = (TableConfig("default"),),
     settings: dict[str, Any] | None = None,
+    tls: bool = False,
 ) -> AsyncIterator[Cluster]:
     """A running cluster in `directory` (created; should be fresh); stopped on exit.
 
     With `proxies` every node-to-node link goes through a `LinkProxy`
-    (`cluster.network`); clients always reach nodes directly.
+    (`cluster.network`); clients always reach nodes directly. With `tls`
+    every link runs TLS (a local CA made in `directory/tls`): the proxies
+    forward its bytes as they forward plain ones.
     """
     if node_count < 1:
         raise ValueError("a cluster needs at least one node")
@@ -279,6 +294,8 @@ async def open_cluster(
             tables=tables,
             settings=settings,
         )
+        if tls:
+            config = with_local_tls(config, root / "tls")
         local = LocalCluster(
             write_config(config, root / CONFIG_FILE_NAME),
             # Own session: a terminal's Ctrl-C reaches the harness only, which

@@ -178,6 +178,8 @@ class RunConfig:
     # Delete an earlier run's outputs in out_dir first (else such a directory
     # is refused: its old LMDB data would make the new history meaningless).
     overwrite: bool = False
+    # Every client and peer link runs TLS (a local CA made for the run).
+    tls: bool = False
 
 
 @dataclass(slots=True)
@@ -261,7 +263,9 @@ async def _client_loop(
     process_stride: int,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        client = NodeClient(worker.node, cluster.address(worker.node), cluster.secret, nursery)
+        client = NodeClient(
+            worker.node, cluster.address(worker.node), cluster.secret, nursery, tls=cluster.tls
+        )
         try:
             while not stop.is_set():
                 op = workload.next_op(worker, rng)
@@ -294,7 +298,9 @@ async def _final_reads(
             for attempt in range(FINAL_READ_ATTEMPTS_MAX):
                 node = nodes[(position + attempt) % len(nodes)]
                 worker = Worker(thread=-1, process=next(processes), node=node)
-                client = NodeClient(node, cluster.address(node), cluster.secret, nursery)
+                client = NodeClient(
+                    node, cluster.address(node), cluster.secret, nursery, tls=cluster.tls
+                )
                 try:
                     completion = await _perform(
                         history, worker, workload.final_read(key), workload, client
@@ -539,6 +545,7 @@ async def node_statuses(cluster: Cluster) -> dict[str, Any]:
                     *cluster.address(node_id),
                     secret=cluster.secret,
                     connect_timeout_s=STATUS_TIMEOUT_S,
+                    tls=cluster.tls,
                 )
                 async with connection:
                     statuses[node_id] = await connection.request("status", {})
@@ -575,7 +582,9 @@ async def probe_corruption(
             continue
         for node_id, keys in nemesis.corrupted.items():
             async with trio.open_nursery() as nursery:
-                client = NodeClient(node_id, cluster.address(node_id), cluster.secret, nursery)
+                client = NodeClient(
+                    node_id, cluster.address(node_id), cluster.secret, nursery, tls=cluster.tls
+                )
                 for key in keys:
                     probe: dict[str, Any] = {"node": node_id, "key": key}
                     try:
@@ -697,6 +706,7 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
                 out / "cluster",
                 config.node_count,
                 rng=random.Random(f"{config.seed}-network"),
+                tls=config.tls,
                 settings=settings,
             ) as cluster:
                 nemesis_rng = random.Random(f"{config.seed}-nemesis-choices")

@@ -19,6 +19,7 @@ import heapq
 import logging
 import os
 import shutil
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,8 +53,10 @@ from kvsvr.backup.messages import (
     EndRequest,
 )
 from kvsvr.client import Client, connect
+from kvsvr.client_options import tls_context
 from kvsvr.errors import CorruptRow, KvsvrError, Unavailable
 from kvsvr.keys import decode_key
+from kvsvr.net.tls import TLSOptions
 from kvsvr.protocol.placement import partition_of
 from kvsvr.storage import decode_row
 from kvsvr.storage.snapshot import DATA_FILE_NAME, CopyReader
@@ -109,12 +112,14 @@ async def take_backup(
     *,
     rate_bytes_per_s: int,
     progress: Progress = lambda _: None,
+    tls: TLSOptions | None = None,
 ) -> BackupResult:
     """Take a backup of the cluster at `addresses` into the new directory `out`
-    (it may exist if empty). Raises `BackupFailed`, and removes what it wrote."""
+    (it may exist if empty), over TLS with `tls`. Raises `BackupFailed`, and
+    removes what it wrote."""
     _prepare_out(out)
     try:
-        return await _take(addresses, secret, out, rate_bytes_per_s, progress)
+        return await _take(addresses, secret, out, rate_bytes_per_s, progress, tls)
     except BaseException:
         _clear_out(out)
         raise
@@ -142,13 +147,14 @@ async def _take(
     out: Path,
     rate_bytes_per_s: int,
     progress: Progress,
+    tls: TLSOptions | None,
 ) -> BackupResult:
-    async with connect(list(addresses), secret=secret) as client:
+    async with connect(list(addresses), secret=secret, tls=tls) as client:
         layout = await client.partition_map(refresh=True)
         # The backup's start: every node's copy is made after it.
         started_at_ms = int(time.time() * 1000)
         copies, cluster_id, lost = await _pull_copies(
-            layout, secret, out / COPIES_DIR_NAME, rate_bytes_per_s, progress
+            layout, secret, out / COPIES_DIR_NAME, rate_bytes_per_s, progress, tls_context(tls)
         )
         _require_majorities(layout, copies, lost)
         progress(f"copies from {', '.join(sorted(copies))}; merging")
@@ -186,6 +192,7 @@ async def _pull_copies(
     copies_dir: Path,
     rate_bytes_per_s: int,
     progress: Progress,
+    tls: ssl.SSLContext | None,
 ) -> tuple[dict[str, Path], str, dict[str, str]]:
     """Every reachable node's copy: (node id -> copy directory, the cluster id,
     node id -> why its copy is missing)."""
@@ -199,7 +206,7 @@ async def _pull_copies(
         directory.mkdir(parents=True, mode=0o700)
         try:
             reply = await _pull_one(
-                host, port, secret_bytes, directory / DATA_FILE_NAME, rate_bytes_per_s
+                host, port, secret_bytes, directory / DATA_FILE_NAME, rate_bytes_per_s, tls
             )
         except (KvsvrError, OSError, trio.TooSlowError) as error:
             shutil.rmtree(directory, ignore_errors=True)
@@ -230,9 +237,16 @@ def _describe(error: BaseException) -> str:
 
 
 async def _pull_one(
-    host: str, port: int, secret: bytes | None, path: Path, rate_bytes_per_s: int
+    host: str,
+    port: int,
+    secret: bytes | None,
+    path: Path,
+    rate_bytes_per_s: int,
+    tls: ssl.SSLContext | None,
 ) -> BeginReply:
-    connection = await net.connect(host, port, secret=secret, connect_timeout_s=CONNECT_TIMEOUT_S)
+    connection = await net.connect(
+        host, port, secret=secret, connect_timeout_s=CONNECT_TIMEOUT_S, tls=tls
+    )
     async with connection:
         body = BeginRequest(rate_bytes_per_s).to_wire()
         with trio.fail_after(COPY_TIMEOUT_S):

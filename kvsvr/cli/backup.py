@@ -120,10 +120,10 @@ def run_backup(args: argparse.Namespace) -> int:
     if args.rate_kib_s is not None:  # tests: a slow backup to interrupt
         rate = args.rate_kib_s * 1024
     try:
-        addresses, secret = _cluster_target(args)
+        addresses, secret, tls = _cluster_target(args)
         result = trio.run(
             lambda: take_backup(
-                addresses, secret, Path(args.out), rate_bytes_per_s=rate, progress=say
+                addresses, secret, Path(args.out), rate_bytes_per_s=rate, progress=say, tls=tls
             )
         )
     except BackupRefused as exc:

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from typing import Final
 
 from kvsvr.client import parse_address
+from kvsvr.config import ClusterConfig
 from kvsvr.errors import InvalidRequest
+from kvsvr.net.tls import TLSOptions
 from kvsvr.protocol.placement import PARTITIONS_MAX
 
 EXIT_OK: Final = 0
@@ -98,3 +100,35 @@ def addresses(text: str) -> list[str]:
         except InvalidRequest as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return addresses
+
+
+# --- TLS ----------------------------------------------------------------------------
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cacert",
+        metavar="FILE",
+        dest="tls_cacert",
+        help="connect with TLS, trusting this CA (default: --config's [tls])",
+    )
+    parser.add_argument(
+        "--cert", metavar="FILE", dest="tls_cert", help="client certificate (with --cacert)"
+    )
+    parser.add_argument(
+        "--key", metavar="FILE", dest="tls_key", help="the client certificate's key"
+    )
+
+
+def tls_options(args: argparse.Namespace, config: ClusterConfig | None) -> TLSOptions | None:
+    """The client's TLS from --cacert/--cert/--key, else from the config's [tls]
+    (its CA and client certificate); None: plain TCP."""
+    if args.tls_cacert is None:
+        if args.tls_cert is not None or args.tls_key is not None:
+            raise UsageError("--cert and --key need --cacert (the CA that signed the nodes)")
+        if config is None or config.tls is None:
+            return None
+        return TLSOptions(config.tls.ca, config.tls.client_cert, config.tls.client_key)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("give --cert and --key together")
+    return TLSOptions(args.tls_cacert, args.tls_cert, args.tls_key)

@@ -22,8 +22,9 @@ from kvsvr.cli.common import (
     complain,
     say,
     show,
+    tls_options,
 )
-from kvsvr.client import Client, connect
+from kvsvr.client import Client, TLSOptions, connect
 from kvsvr.config import ConfigError, load_config
 from kvsvr.errors import (
     AuthenticationFailed,
@@ -63,14 +64,14 @@ def run_client(args: argparse.Namespace) -> int:
     if validate is not None:
         validate(args)  # a UsageError before anything is sent
     try:
-        addresses, secret = _cluster_target(args)
+        addresses, secret, tls = _cluster_target(args)
         value_from_stdin = getattr(args, "value", None) == "-"
         if value_from_stdin:
             args.value_bytes = sys.stdin.buffer.read()
         elif getattr(args, "value", None) is not None:
             args.value_bytes = os.fsencode(args.value)
         operation = cast(Operation, args.operation)
-        return trio.run(_run_operation, operation, args, addresses, secret)
+        return trio.run(_run_operation, operation, args, addresses, secret, tls)
     except KvsvrError as exc:
         complain(f"{_error_name(exc)}: {exc}")
         return exit_code_for(exc)
@@ -79,20 +80,24 @@ def run_client(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
-def _cluster_target(args: argparse.Namespace) -> tuple[list[str], str | bytes | None]:
-    """The addresses to try and the secret, from the options and environment."""
+def _cluster_target(
+    args: argparse.Namespace,
+) -> tuple[list[str], str | bytes | None, TLSOptions | None]:
+    """The addresses to try, the secret and the TLS options, from the options
+    and environment."""
     secret: str | bytes | None = args.secret
     if secret is None:
         secret = os.environ.get("KVSVR_SECRET") or None
     if args.cluster:
-        return cast(list[str], args.cluster), secret
+        return cast(list[str], args.cluster), secret, tls_options(args, None)
     if args.config:
         config = load_config(args.config)
-        return [node.address for node in config.nodes], secret or config.secret
+        addresses_of_config = [node.address for node in config.nodes]
+        return addresses_of_config, secret or config.secret, tls_options(args, config)
     from_environment = os.environ.get("KVSVR_CLUSTER", "")
     if from_environment.strip():
         try:
-            return addresses(from_environment), secret
+            return addresses(from_environment), secret, tls_options(args, None)
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"KVSVR_CLUSTER: {exc}") from None
     raise UsageError("say which cluster: --cluster HOST:PORT[,...] or --config FILE")
@@ -103,8 +108,9 @@ async def _run_operation(
     args: argparse.Namespace,
     addresses: list[str],
     secret: str | bytes | None,
+    tls: TLSOptions | None,
 ) -> int:
-    async with connect(addresses, secret=secret, timeout_s=args.timeout_s) as client:
+    async with connect(addresses, secret=secret, timeout_s=args.timeout_s, tls=tls) as client:
         return await operation(client, args)
 
 

@@ -15,6 +15,7 @@ from kvsvr.cli.common import (
     EXIT_CODES_HELP,
     EXIT_USAGE,
     UsageError,
+    add_tls_flags,
     addresses,
     complain,
     int_in,
@@ -128,6 +129,12 @@ def _add_up(commands: _Commands) -> None:
         help="also declare the tables of the example apps (chat, moments), adding them "
         "to a reused cluster.toml that lacks them",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="run TLS on every link: a new cluster gets a local CA and node and client "
+        "certificates in DIR/tls, and clients use them through --config",
+    )
     _add_log_format(parser)
 
 
@@ -170,6 +177,7 @@ def _client_options() -> argparse.ArgumentParser:
     )
     target.add_argument("--config", help="a cluster config file: its nodes and secret")
     options.add_argument("--secret", help="cluster secret (default: $KVSVR_SECRET, or --config's)")
+    add_tls_flags(options)
     options.add_argument(
         "--table", default=DEFAULT_TABLE, help=f"table name (default {DEFAULT_TABLE!r})"
     )

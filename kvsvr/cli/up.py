@@ -32,6 +32,7 @@ from kvsvr.config import (
     render_config,
 )
 from kvsvr.local import CONFIG_FILE_NAME, LocalCluster, port_is_free
+from kvsvr.tls import with_local_tls
 
 # `up` runs every node on this machine; past a handful they only compete for
 # its cores and disk. Real clusters are started node by node with `kvsvr node`.
@@ -53,6 +54,8 @@ SUPERVISE_POLL_S: Final = 0.2
 LOG_TAIL_LINES: Final = 10
 
 DEFAULT_UP_DIR: Final = "kvsvr-data"
+# `up --tls` keeps its CA, certificates and keys in DIR/tls.
+TLS_DIR_NAME: Final = "tls"
 DEFAULT_BASE_PORT: Final = 7100
 
 
@@ -93,11 +96,16 @@ def run_up(args: argparse.Namespace) -> int:
             secret=args.secret,
             partitions=args.partitions,
             apps=args.apps,
+            tls=args.tls,
         )
     except (ConfigError, OSError) as exc:
         complain(str(exc))
         return EXIT_ERROR
-    busy = [node.address for node in config.nodes if not port_is_free(node.port, node.host)]
+    busy = [
+        f"{host}:{port}"
+        for host, port in (node.listen_address for node in config.nodes)
+        if not port_is_free(port, host)
+    ]
     if busy:
         complain(
             f"already in use: {', '.join(busy)} (is another `kvsvr up` running?); "
@@ -136,13 +144,16 @@ def prepare_up_config(
     secret: str | None,
     partitions: int | None,
     apps: bool = False,
+    tls: bool = False,
 ) -> tuple[Path, ClusterConfig, bool]:
     """The config `up` runs: `directory/cluster.toml` if it describes the same
     nodes and ports (then True: reused), else a new one written there. Raises
     ConfigError if the existing file would be contradicted (other nodes, ports,
     partitions or secret), since that would strand the data it describes.
     `apps` declares the example apps' tables too: in a new file, or appended
-    to a reused one that lacks them (its other lines are kept as they are)."""
+    to a reused one that lacks them (its other lines are kept as they are).
+    `tls` makes a new file's cluster run TLS, with a local CA and
+    certificates made in `directory/tls` (a reused file must have [tls])."""
     path = directory / CONFIG_FILE_NAME
     tables = (TableConfig("default"), *app_tables()) if apps else (TableConfig("default"),)
     wanted = local_cluster(
@@ -170,11 +181,17 @@ def prepare_up_config(
             raise ConfigError(
                 f"{path} has a different secret; drop --secret, edit the file, or use another --dir"
             )
+        if tls and existing.tls is None:
+            raise ConfigError(
+                f"{path} describes a cluster without TLS; drop --tls, or use another --dir"
+            )
         if apps:
             existing = _add_missing_tables(path, existing, app_tables())
         if existing.cluster_id is None:
             existing = _add_cluster_id(path)
         return path, existing, True
+    if tls:
+        wanted = with_local_tls(wanted, directory / TLS_DIR_NAME, relative_to=directory)
     # data_dir "." is relative to the config file: node i keeps its data in directory/ni.
     path.write_text(render_config(wanted, data_dir="."), encoding="utf-8")
     if secret is not None:
@@ -260,15 +277,16 @@ def _print_banner(
     for node_id in cluster.ids:
         pid = cluster.pid(node_id) or "?"
         say(f"  {node_id}  {cluster.address(node_id)}  pid {pid}  log {cluster.log_path(node_id)}")
-    if config.secret is None:
+    if config.secret is None and config.tls is None:
         target = "--cluster " + ",".join(cluster.addresses)
     else:
-        target = f"--config {config_path}"  # carries the secret; not echoed here
+        target = f"--config {config_path}"  # carries the secret and TLS; not echoed here
     say("talk to it:")
     say(f"  kvsvr put {target} greeting hello")
     say(f"  kvsvr get {target} greeting")
     app_names = {table.name for table in app_tables()}
-    if app_names <= {table.name for table in config.tables}:
+    # The example apps connect without TLS options.
+    if app_names <= {table.name for table in config.tables} and config.tls is None:
         demo_target = "--cluster " + ",".join(cluster.addresses)
         if config.secret is not None:
             demo_target += " --secret SECRET"

@@ -15,6 +15,10 @@ carries an empty proof). A client that holds a secret refuses such a server,
 since it cannot tell it from an impostor; a client without one refuses a server
 that requires one.
 
+A node that serves TLS sends `TLS_NOTICE` in plain TCP before anything else
+and runs this exchange inside TLS (`kvsvr.net.tls`); a client without TLS
+that gets the notice instead of a hello refuses at once, saying why.
+
 The two classes below only turn messages into messages; the caller moves them
 over the wire as frames. Every state and transition of both sides is in
 `_TRANSITIONS`.
@@ -38,6 +42,13 @@ PROOF_BYTES: Final = hashlib.sha256().digest_size
 DENIAL_REASON_CHARS_MAX: Final = 256
 
 RandomBytes = Callable[[int], bytes]
+
+# What a TLS node sends, in plain TCP, before the TLS handshake.
+TLS_NOTICE: Final = ["tls", 1]
+
+
+def is_tls_notice(message: object) -> bool:
+    return message == TLS_NOTICE
 
 
 class HandshakeState(enum.Enum):
@@ -151,6 +162,12 @@ class ClientHandshake(_Handshake):
         self._server_nonce = b""
 
     def receive_hello(self, message: object) -> list[object]:
+        if is_tls_notice(message):
+            self._refuse(
+                "refuse hello",
+                "the node expects TLS and this client connects in plain TCP: "
+                "connect with TLS options (the CLI's --cacert, --cert and --key)",
+            )
         try:
             server_nonce, auth_required = _parse_hello(message)
         except FrameError:

@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import os
+import ssl
 from contextlib import AsyncExitStack
 from functools import partial
 from types import TracebackType
@@ -50,6 +51,7 @@ from kvsvr.net.stream import (
 )
 from kvsvr.net.stream import ConnectionStats as ConnectionStats
 from kvsvr.net.stream import ReplyCallback as ReplyCallback
+from kvsvr.net.tls import client_failure, start_client_tls
 
 logger = logging.getLogger(__name__)
 
@@ -69,23 +71,37 @@ DEADLINES_STALE_MAX: Final = 1024
 
 
 async def connect(
-    host: str, port: int, *, secret: bytes | None, connect_timeout_s: float
+    host: str,
+    port: int,
+    *,
+    secret: bytes | None,
+    connect_timeout_s: float,
+    tls: ssl.SSLContext | None = None,
+    tls_server_name: str | None = None,
 ) -> RpcConnection:
     """Open a TCP connection to a kvsvr node and authenticate.
 
-    `connect_timeout_s` bounds the TCP connect and the handshake together.
+    `connect_timeout_s` bounds the TCP connect and the handshakes together.
+    With `tls` (`kvsvr.net.tls.client_context`) the connection runs TLS, and
+    the node's certificate must name `tls_server_name` (default: `host`).
     Raises `Unavailable` if the node cannot be reached, times out, or does not
-    speak the protocol, and `AuthenticationFailed` if the secrets do not match.
+    speak the protocol, and `AuthenticationFailed` if the secrets do not match
+    or TLS fails (one end uses it and the other not, or a certificate is
+    refused).
     The returned connection must be started before use: `async with connection:`
     or `await nursery.start(connection.run)`.
     """
     peer = format_peer(host, port)
-    stream: trio.SocketStream | None = None
+    stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(connect_timeout_s):
-            stream = await trio.open_tcp_stream(host, port)
-            set_nodelay(stream)
-            decoder = await _client_handshake(stream, secret)
+            stream = socket_stream = await trio.open_tcp_stream(host, port)
+            set_nodelay(socket_stream)
+            decoder = FrameDecoder()
+            if tls is not None:
+                server_name = tls_server_name or host
+                stream = await start_client_tls(socket_stream, decoder, tls, server_name)
+            await _client_handshake(stream, decoder, secret)
     except BaseException as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
@@ -103,18 +119,24 @@ def _connect_error(peer: str, connect_timeout_s: float, exc: BaseException) -> B
         return AuthenticationFailed(f"authenticating with {peer} failed: {exc}")
     if isinstance(exc, FrameError):
         return Unavailable(f"{peer} does not speak the kvsvr protocol: {exc}")
+    tls_failure = client_failure(exc)
+    if tls_failure is not None:
+        message, certain = tls_failure
+        if certain:
+            return AuthenticationFailed(f"connecting to {peer}: {message}")
+        return Unavailable(f"cannot connect to {peer}: {message}")
     if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
         return Unavailable(f"cannot connect to {peer}: {exc}")
     return exc
 
 
-async def _client_handshake(stream: trio.SocketStream, secret: bytes | None) -> FrameDecoder:
+async def _client_handshake(
+    stream: trio.abc.Stream, decoder: FrameDecoder, secret: bytes | None
+) -> None:
     handshake = ClientHandshake(secret, os.urandom)
-    decoder = FrameDecoder()
     auth = handshake.receive_hello(await receive_frame(stream, decoder))
     await stream.send_all(encode_frame(auth))
     handshake.receive_verdict(await receive_frame(stream, decoder))
-    return decoder
 
 
 class _ReplyWaiter:
@@ -207,7 +229,7 @@ class RpcConnection:
     A closed connection stays closed: reconnecting is the caller's business.
     """
 
-    def __init__(self, stream: trio.SocketStream, decoder: FrameDecoder, peer: str) -> None:
+    def __init__(self, stream: trio.abc.Stream, decoder: FrameDecoder, peer: str) -> None:
         self.peer = peer
         self.stats = ConnectionStats()
         self._stream = stream

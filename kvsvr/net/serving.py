@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from functools import partial
 from typing import Final, Protocol
@@ -38,6 +39,7 @@ from kvsvr.net.stream import (
     send_queued_frames,
     set_nodelay,
 )
+from kvsvr.net.tls import refusal_reason, start_server_tls
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ SERVER_REQUESTS_IN_FLIGHT_MAX: Final = 256
 # connections are closed at once rather than degrading every existing one.
 SERVER_CONNECTIONS_MAX: Final = 1024
 
-# Time a new connection gets to authenticate, so a peer that connects and then
+# Time a new connection gets to authenticate (TLS and HMAC), so a peer that connects and then
 # stays silent does not hold a connection slot forever.
 HANDSHAKE_TIMEOUT_S: Final = 5.0
 
@@ -84,6 +86,7 @@ async def serve(
     handler: Handler,
     *,
     secret: bytes | None,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections forever, serving each with `handler`.
@@ -92,33 +95,42 @@ async def serve(
     `port = await nursery.start(serve, host, 0, handler, secret=...)`. With a
     `host` that resolves to several addresses and port 0, each listener gets its
     own port and only the first is reported. `secret=None` serves an open
-    cluster. No connection's failure, however malformed its input, stops the
-    server.
+    cluster. With `tls` (`kvsvr.net.tls.server_context`) every connection
+    must run TLS, with a certificate the context trusts. No connection's
+    failure, however malformed its input, stops the server.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_port = int(listeners[0].socket.getsockname()[1])
-    server = _Server(handler, secret)
+    server = _Server(handler, secret, tls)
     task_status.started(bound_port)
     await trio.serve_listeners(server.serve_connection, listeners)
 
 
 class _Server:
-    def __init__(self, handler: Handler, secret: bytes | None) -> None:
+    def __init__(self, handler: Handler, secret: bytes | None, tls: ssl.SSLContext | None) -> None:
         self._handler = handler
         self._secret = secret
+        self._tls = tls
         self._connections = 0
 
-    async def serve_connection(self, stream: trio.SocketStream) -> None:
-        peer = peer_of(stream)
+    async def serve_connection(self, socket_stream: trio.SocketStream) -> None:
+        peer = peer_of(socket_stream)
         if self._connections >= SERVER_CONNECTIONS_MAX:
             logger.warning("refusing %s: already serving %d connections", peer, self._connections)
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(socket_stream)
             return
         self._connections += 1
+        stream: trio.abc.Stream = socket_stream
         try:
-            set_nodelay(stream)
-            decoder = await self._handshake(stream, peer)
-            if decoder is not None:
+            set_nodelay(socket_stream)
+            decoder: FrameDecoder | None = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as handshake_scope:
+                if self._tls is not None:
+                    stream = await self._start_tls(socket_stream, peer)
+                decoder = await self._handshake(stream, peer)
+            if handshake_scope.cancelled_caught:
+                logger.info("handshake with %s timed out after %s s", peer, HANDSHAKE_TIMEOUT_S)
+            elif decoder is not None:
                 await _ServerConnection(stream, decoder, self._handler, peer).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             logger.debug("connection from %s broke: %s", peer, exc)
@@ -128,31 +140,38 @@ class _Server:
             self._connections -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _handshake(self, stream: trio.SocketStream, peer: str) -> FrameDecoder | None:
+    async def _start_tls(
+        self, stream: trio.SocketStream, peer: str
+    ) -> trio.SSLStream[trio.SocketStream]:
+        assert self._tls is not None
+        try:
+            return await start_server_tls(stream, self._tls)
+        except trio.BrokenResourceError as exc:
+            logger.warning("refused %s: %s", peer, refusal_reason(exc))
+            raise
+
+    async def _handshake(self, stream: trio.abc.Stream, peer: str) -> FrameDecoder | None:
         """The decoder (holding any bytes read past the handshake) if the peer
         authenticated, else None."""
         handshake = ServerHandshake(self._secret, os.urandom)
         decoder = FrameDecoder()
-        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-            await stream.send_all(encode_frame(handshake.hello()))
-            try:
-                auth: object = await receive_frame(stream, decoder)
-            except FrameError as exc:
-                logger.info("bad handshake frame from %s: %s", peer, exc)
-                auth = None  # denied below as malformed
-            verdict = handshake.receive_auth(auth)
-            await stream.send_all(encode_frame(verdict))
-            if handshake.authenticated:
-                return decoder
-            logger.warning("denied %s: %s", peer, handshake.denial_reason)
-            return None
-        logger.info("handshake with %s timed out after %s s", peer, HANDSHAKE_TIMEOUT_S)
+        await stream.send_all(encode_frame(handshake.hello()))
+        try:
+            auth: object = await receive_frame(stream, decoder)
+        except FrameError as exc:
+            logger.info("bad handshake frame from %s: %s", peer, exc)
+            auth = None  # denied below as malformed
+        verdict = handshake.receive_auth(auth)
+        await stream.send_all(encode_frame(verdict))
+        if handshake.authenticated:
+            return decoder
+        logger.warning("denied %s: %s", peer, handshake.denial_reason)
         return None
 
 
 class _ServerConnection:
     def __init__(
-        self, stream: trio.SocketStream, decoder: FrameDecoder, handler: Handler, peer: str
+        self, stream: trio.abc.Stream, decoder: FrameDecoder, handler: Handler, peer: str
     ) -> None:
         self._stream = stream
         self._decoder = decoder

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import ssl
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -115,12 +116,19 @@ class PeerLink:
     """One multiplexed connection to a peer node, reconnected on demand."""
 
     def __init__(
-        self, peer: NodeConfig, host: str, port: int, secret: bytes | None, nursery: trio.Nursery
+        self,
+        peer: NodeConfig,
+        host: str,
+        port: int,
+        secret: bytes | None,
+        nursery: trio.Nursery,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.peer = peer
         self.host = host
         self.port = port
         self.secret = secret
+        self.tls = tls  # mutual TLS; the peer's certificate must name its advertised host
         self.nursery = nursery
         self.connection: RpcConnection | None = None
         self.down_until = 0.0
@@ -148,6 +156,8 @@ class PeerLink:
                     self.port,
                     secret=self.secret,
                     connect_timeout_s=PEER_CONNECT_TIMEOUT_S,
+                    tls=self.tls,
+                    tls_server_name=self.peer.host,
                 )
             except KvsvrError:
                 self.down_until = trio.current_time() + PEER_RETRY_AFTER_S

@@ -24,6 +24,7 @@ import gc
 import logging
 import random
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -80,6 +81,7 @@ from kvsvr.protocol.read_lease import Grants, Holds
 from kvsvr.protocol.state import Row
 from kvsvr.storage import Storage
 from kvsvr.storage.residency import ResidencyGuard
+from kvsvr.tls import node_contexts
 
 log = logging.getLogger("kvsvr.node")
 
@@ -215,14 +217,14 @@ class Node:
             "write_waits": stats.lease_waits,
         }
 
-    def link_peers(self, nursery: trio.Nursery) -> None:
+    def link_peers(self, nursery: trio.Nursery, tls: ssl.SSLContext | None = None) -> None:
         self.nursery = nursery
         links = {}
         for peer in self.config.nodes:
             if peer.index == self.me.index:
                 continue
             host, port = self.me.peer_addresses.get(peer.id, (peer.host, peer.port))
-            links[peer.index] = PeerLink(peer, host, port, self.config.secret, nursery)
+            links[peer.index] = PeerLink(peer, host, port, self.config.secret, nursery, tls)
         self.rounds.link(nursery, links)
         self.replica_side.nursery = nursery
         self.repairs.nursery = nursery
@@ -448,6 +450,7 @@ async def serve_node(
     directory or the peers belong to another cluster."""
     me = config.node(node_id)
     _require_cluster_id(config)
+    tls = node_contexts(config, node_id)
     data_dir = config.node_data_dir(node_id)
     data_dir.mkdir(parents=True, exist_ok=True)
     storage = Storage.open(
@@ -468,8 +471,18 @@ async def serve_node(
             await storage_nursery.start(storage.run)
             node = Node(config, node_id, storage, initial_state=initial_state, clock=clock)
             async with trio.open_nursery() as nursery:
-                node.link_peers(nursery)
-                await nursery.start(partial(serve, me.host, me.port, node, secret=config.secret))
+                node.link_peers(nursery, tls.client if tls else None)
+                listen_host, listen_port = me.listen_address
+                await nursery.start(
+                    partial(
+                        serve,
+                        listen_host,
+                        listen_port,
+                        node,
+                        secret=config.secret,
+                        tls=tls.server if tls else None,
+                    )
+                )
                 await nursery.start(node.replication.run)
                 nursery.start_soon(node.residency.run)
                 if node.metrics is not None and me.metrics_address is not None:
@@ -477,7 +490,14 @@ async def serve_node(
                     endpoint = Endpoint(node.metrics, lambda: node.replication.state)
                     await nursery.start(serve_http, host, port, endpoint)
                     log.info("node %s serving metrics on %s:%d", me.id, host, port)
-                log.info("node %s serving on %s", me.id, me.address)
+                log.info(
+                    "node %s serving on %s:%s (advertised as %s)%s",
+                    me.id,
+                    listen_host,
+                    listen_port,
+                    me.address,
+                    " with TLS" if tls else "",
+                )
                 task_status.started(node)
                 await trio.sleep_forever()
     finally:
