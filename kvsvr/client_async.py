@@ -49,10 +49,12 @@ from kvsvr.client_options import (
 from kvsvr.client_routing import (
     address_list,
     node_address,
+    not_ready_because,
     parse_address,
     partition_hash_seed,
     route,
 )
+from kvsvr.client_watch import StartVersion, Watch
 from kvsvr.errors import InvalidRequest, KvsvrError, Timeout, Unavailable
 from kvsvr.keys import KeyPart, UserKey, encode_key, split_user_key, to_bytes
 from kvsvr.protocol.placement import partition_of
@@ -103,27 +105,6 @@ def _item(value: bytes, version: int) -> Item:
     _set_item_version(item, version)
     _set_item_key(item, None)
     return item
-
-
-def _not_ready_because(status: Mapping[str, Any]) -> str | None:
-    """Why a node (its `cluster_status` entry) is not ready yet; None if it is."""
-    if status.get("health") != "ready":
-        return str(status.get("health"))
-    replication = status.get("replication")
-    if not isinstance(replication, Mapping):
-        return "no replication status"
-    state = replication.get("state")
-    if state != "ready":
-        return f"replica {state}"
-    peers = replication.get("peers")
-    down = sorted(
-        str(peer)
-        for peer, seen in (peers.items() if isinstance(peers, Mapping) else ())
-        if not (isinstance(seen, Mapping) and seen.get("up"))
-    )
-    if down:
-        return f"sees {', '.join(down)} down"
-    return None
 
 
 # --- the async client ---------------------------------------------------------------
@@ -321,6 +302,18 @@ class Client:
             items.append(Item(value=value, version=version, key=sort_key))
         return items
 
+    def watch(
+        self,
+        key: UserKey,
+        *,
+        table: str = DEFAULT_TABLE,
+        start_version: StartVersion = None,
+        partition: bool = False,
+    ) -> Watch:
+        """The changes of a key (`partition=True`: of every row of a partition
+        key) after `start_version` (None: from the current version): `Watch`."""
+        return Watch(self, key, self._check_table(table), start_version, partition)
+
     async def status(self, node: str | None = None) -> dict[str, Any]:
         """A node's status (id, partitions held, counters...). `node` is a node
         id or "host:port"; None asks the node the client first reached."""
@@ -390,7 +383,7 @@ class Client:
         with trio.move_on_after(timeout_s):
             while True:
                 for status in await self.cluster_status():
-                    reason = _not_ready_because(status)
+                    reason = not_ready_because(status)
                     if reason is None:
                         waiting.pop(str(status.get("node")), None)
                     else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 import crc32c
 
@@ -80,3 +80,24 @@ def partition_hash_seed(table: str) -> int | None:
         if _crc32c(probe, seed) & mask != partition_of(table, probe, PARTITIONS_MAX):
             return None
     return seed
+
+
+def not_ready_because(status: Mapping[str, Any]) -> str | None:
+    """Why a node (its `cluster_status` entry) is not ready yet; None if it is."""
+    if status.get("health") != "ready":
+        return str(status.get("health"))
+    replication = status.get("replication")
+    if not isinstance(replication, Mapping):
+        return "no replication status"
+    state = replication.get("state")
+    if state != "ready":
+        return f"replica {state}"
+    peers = replication.get("peers")
+    down = sorted(
+        str(peer)
+        for peer, seen in (peers.items() if isinstance(peers, Mapping) else ())
+        if not (isinstance(seen, Mapping) and seen.get("up"))
+    )
+    if down:
+        return f"sees {', '.join(down)} down"
+    return None

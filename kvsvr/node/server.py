@@ -56,6 +56,7 @@ from kvsvr.node.repair import ROW_METHOD, Repairs
 from kvsvr.node.replica_side import ReplicaSide
 from kvsvr.node.replication import Collaborators, Replication
 from kvsvr.node.rounds import PAXOS_METHOD, PAXOS_ONEWAY_METHOD, PeerLink, Rounds
+from kvsvr.node.watch import WatchHub
 from kvsvr.node.writes import Writes
 from kvsvr.protocol import lifecycle
 from kvsvr.protocol.coordinator import Coordinator
@@ -110,6 +111,12 @@ class Node:
         self.hlc = HybridClock(self.me.index)
         me = self.me.index
         self.replica_side = ReplicaSide(storage, self.tables, self.schedule_repair)
+        self.watches = WatchHub(
+            self.tables,
+            lambda table, key: self.replica_side.read_row(table, key).version,
+            lambda table, partition_key: me in self.replicas_of(table, partition_key),
+        )
+        storage.row_placed = self.watches.row_placed
         self.rounds = Rounds(me, self.replica_side.nowait, self.replica_side.oneway)
         self.peers: dict[int, PeerLink] = self.rounds.peers
         self.repairs = Repairs(me, storage, self.peers, self.replicas_of, clock)
@@ -266,6 +273,7 @@ class Node:
             "repairs_failed": self.repairs.repairs_failed,
             "requests_served": self.requests_served,
             "replication": self.replication.status(),
+            "watches": self.watches.status(),
         }
 
     # ------------------------------------------------------------ the handler
@@ -282,6 +290,8 @@ class Node:
             return self.client_map()
         if method == Method.STATUS:
             return self.client_status()
+        if method == Method.WATCH:
+            return await self.watches.watch(peer, body)
         if method == Method.RECOVER:
             request = RecoverRequest.from_wire(body)
             return await self.replication.recover(request.accept_data_loss)

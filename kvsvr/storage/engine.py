@@ -235,6 +235,9 @@ class Storage:
         self._failure: StorageFailed | None = None
         self._stats = StorageStats()
         self._commit_thread = CommitThread()
+        # Told of every decoded row staged, with its sub-database's name (the
+        # node's watch change log: `kvsvr.node.watch`). Must not raise.
+        self.row_placed: Callable[[bytes, bytes, Row], None] | None = None
         # Called after every `_read_hook_every_bytes` of rows read from the map
         # (see `set_read_hook`); None: no hook.
         self._read_hook: Callable[[], object] | None = None
@@ -636,6 +639,8 @@ class Storage:
         self._overlay[op.db_name][op.key] = op
         if op.row is not None and op.data is not None:
             self._decoded.put(op.db_name, op.key, op.row, len(op.data))
+            if self.row_placed is not None:
+                self.row_placed(op.db_name, op.key, op.row)
         else:
             self._decoded.drop(op.db_name, op.key)
 
