@@ -12,9 +12,9 @@ delivered twice; when the history is gone the watch raises `WatchCompacted`.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import trio
 
@@ -177,4 +177,35 @@ def _check_start(
     return cursors
 
 
-__all__ = ["DEFAULT_TABLE", "StartVersion", "Watch", "WatchEvent"]
+class SyncWatch:
+    """`with sync_client.watch(key) as events: for event in events:` — a
+    `Watch` driven from the `SyncClient`'s thread through `run`."""
+
+    def __init__(self, watch: Watch, run: Callable[..., Any]) -> None:
+        self._watch = watch
+        self._run = run
+
+    @property
+    def version(self) -> int:
+        return self._watch.version
+
+    @property
+    def versions(self) -> dict[bytes, int]:
+        return self._watch.versions
+
+    def __enter__(self) -> SyncWatch:
+        self._run(self._watch.__aenter__)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._run(self._watch.__aexit__, None, None, None)
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        return self
+
+    def __next__(self) -> WatchEvent:
+        event: WatchEvent = self._run(self._watch.__anext__)
+        return event
+
+
+__all__ = ["DEFAULT_TABLE", "StartVersion", "SyncWatch", "Watch", "WatchEvent"]
