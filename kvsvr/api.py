@@ -330,16 +330,25 @@ WATCH_WAIT_MAX_S: Final = 30.0
 
 @dataclass(slots=True)
 class WatchRequest:
-    """The changes after `cursors` of one key (`sort_key` set) or of every row
-    of one partition key (`sort_key` None). `cursors` maps a sort key to the
-    last version the watcher has; a key missing from it is watched from 0.
-    The node answers at once if it has changes, else within `wait_s`."""
+    """The changes after `cursors` of one key (`sort_key` set) or of the rows
+    of one partition key with sort keys in [start, end) (`sort_key` None; None
+    or empty bounds: from the first, to the last). `cursors` maps a sort key
+    to the last version the watcher has; a key missing from it is watched
+    from 0. The node answers at once if it has changes, else within `wait_s`."""
 
     table: str
     partition_key: bytes
     sort_key: bytes | None
     cursors: dict[bytes, int]
     wait_s: float
+    start: bytes | None = None
+    end: bytes | None = None
+
+    def covers(self, sort_key: bytes) -> bool:
+        """Whether the watch covers the row with this sort key."""
+        if self.sort_key is not None:
+            return sort_key == self.sort_key
+        return (not self.start or sort_key >= self.start) and (not self.end or sort_key < self.end)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -348,6 +357,8 @@ class WatchRequest:
             "sort_key": self.sort_key,
             "cursors": self.cursors,
             "wait_s": self.wait_s,
+            "start": self.start,
+            "end": self.end,
         }
 
     @staticmethod
@@ -363,15 +374,20 @@ class WatchRequest:
         cursors = checked.get("cursors")
         if not isinstance(cursors, dict) or len(cursors) > WATCH_CURSORS_MAX:
             raise InvalidRequest(f"cursors must be a map of at most {WATCH_CURSORS_MAX} keys")
-        for key, version in cursors.items():
-            if not isinstance(key, bytes) or not isinstance(version, int) or version < 0:
-                raise InvalidRequest("cursors map sort keys (bytes) to versions (ints >= 0)")
-            if sort_key is not None and key != sort_key:
-                raise InvalidRequest("a one-key watch's cursors name only its sort key")
+        start = _optional_bytes(checked, "start")
+        end = _optional_bytes(checked, "end")
+        if sort_key is not None and (start or end):
+            raise InvalidRequest("start and end bound a partition watch, not a one-key watch")
         wait_s = checked.get("wait_s")
         if not isinstance(wait_s, int | float) or not 0 <= wait_s <= WATCH_WAIT_MAX_S:
             raise InvalidRequest(f"wait_s must be in [0, {WATCH_WAIT_MAX_S}]")
-        return WatchRequest(table, partition_key, sort_key, cursors, float(wait_s))
+        request = WatchRequest(table, partition_key, sort_key, cursors, float(wait_s), start, end)
+        for key, version in cursors.items():
+            if not isinstance(key, bytes) or not isinstance(version, int) or version < 0:
+                raise InvalidRequest("cursors map sort keys (bytes) to versions (ints >= 0)")
+            if not request.covers(key):
+                raise InvalidRequest(f"cursor of sort key {key!r}, which the watch does not cover")
+        return request
 
 
 @dataclass(slots=True, frozen=True)

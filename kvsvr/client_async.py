@@ -309,10 +309,13 @@ class Client:
         table: str = DEFAULT_TABLE,
         start_version: StartVersion = None,
         partition: bool = False,
+        start: KeyPart | None = None,
+        end: KeyPart | None = None,
     ) -> Watch:
-        """The changes of a key (`partition=True`: of every row of a partition
-        key) after `start_version` (None: from the current version): `Watch`."""
-        return Watch(self, key, self._check_table(table), start_version, partition)
+        """The changes of a key (`partition=True`: of the rows of a partition key
+        with sort keys in [start, end)) after `start_version` (None: from the
+        current version): see `Watch`."""
+        return Watch(self, key, self._check_table(table), start_version, partition, start, end)
 
     async def status(self, node: str | None = None) -> dict[str, Any]:
         """A node's status (id, partitions held, counters...). `node` is a node

@@ -155,11 +155,18 @@ class SyncClient:
         table: str = DEFAULT_TABLE,
         start_version: StartVersion = None,
         partition: bool = False,
+        start: KeyPart | None = None,
+        end: KeyPart | None = None,
     ) -> SyncWatch:
         """`Client.watch` as an iterator: `with client.watch(key) as events:
         for event in events: ...`."""
         watch = self._async.watch(
-            key, table=table, start_version=start_version, partition=partition
+            key,
+            table=table,
+            start_version=start_version,
+            partition=partition,
+            start=start,
+            end=end,
         )
         return SyncWatch(watch, self._run)
 

@@ -56,6 +56,8 @@ class Watch:
         table: str,
         start_version: StartVersion,
         partition: bool,
+        start: KeyPart | None = None,
+        end: KeyPart | None = None,
     ) -> None:
         self._sort_key: bytes | None
         if partition:
@@ -65,6 +67,10 @@ class Watch:
         else:
             self._partition_key, self._sort_key = split_user_key(key)
         encode_key(self._partition_key, self._sort_key or b"")  # checks sizes
+        if not partition and (start is not None or end is not None):
+            raise InvalidRequest("start and end bound a partition watch (partition=True)")
+        self._start_key = None if start is None else to_bytes(start)
+        self._end_key = None if end is None else to_bytes(end)
         self._client = client
         self._table = table
         self._cursors: dict[bytes, int] = {}
@@ -95,7 +101,11 @@ class Watch:
             self._cursors = {self._sort_key: 0 if item is None else item.version}
         else:
             items = await self._client.scan(
-                self._partition_key, table=self._table, limit=WATCH_CURSORS_MAX
+                self._partition_key,
+                table=self._table,
+                start=self._start_key,
+                end=self._end_key,
+                limit=WATCH_CURSORS_MAX,
             )
             if len(items) >= WATCH_CURSORS_MAX:
                 raise InvalidRequest(
@@ -132,7 +142,13 @@ class Watch:
                 f"a partition watch covers at most {WATCH_CURSORS_MAX} keys (WATCH_CURSORS_MAX)"
             )
         body = WatchRequest(
-            self._table, self._partition_key, self._sort_key, dict(self._cursors), WATCH_HOLD_S
+            self._table,
+            self._partition_key,
+            self._sort_key,
+            dict(self._cursors),
+            WATCH_HOLD_S,
+            self._start_key,
+            self._end_key,
         ).to_wire()
         give_up_at = trio.current_time() + self._client.timeout_s
         while True:

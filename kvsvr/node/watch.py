@@ -147,7 +147,8 @@ class WatchHub:
         else:
             prefix = partition_prefix(request.partition_key)
             logged = [key[len(prefix) :] for key in self.log.keys_in_group(db, prefix)]
-            sort_keys = sorted(set(logged) | set(request.cursors))
+            covered = [sort_key for sort_key in logged if request.covers(sort_key)]
+            sort_keys = sorted(set(covered) | set(request.cursors))
         events: list[WatchEvent] = []
         for sort_key in sort_keys:
             key = encode_key(request.partition_key, sort_key)

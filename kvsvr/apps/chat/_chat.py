@@ -53,7 +53,7 @@ from kvsvr.apps._tables import (
     TEXT_MESSAGE_TTL_S,
 )
 from kvsvr.client import Client
-from kvsvr.errors import Conflict, KvsvrError, Unavailable
+from kvsvr.errors import Conflict, KvsvrError, Unavailable, WatchCompacted
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +84,9 @@ DELIVERY_PAGE: Final = 100
 # leaves the group to the next sweep (`deliver_all`) instead of blocking.
 DELIVERY_QUEUE_MAX: Final = 1000
 
-# Long-poll: the store has no watch API, so `wait_for_messages` polls the
-# mailbox counter, starting fast and backing off to this interval.
-POLL_FIRST_S: Final = 0.02
-POLL_MAX_S: Final = 0.5
+# Pause before `wait_for_messages` watches its mailbox again after the watch
+# failed (history gone, or no replica reachable for the client's timeout).
+WATCH_RESTART_S: Final = 0.1
 
 KINDS: Final = ("text", "media")
 CATEGORIES: Final = ("messages", "contacts", "profile")
@@ -449,20 +448,33 @@ class Chat:
         self, user: int, after_seq: int = 0, *, timeout_s: float = 30.0, limit: int = 100
     ) -> Fetched:
         """Long-poll: return as soon as the user has messages after
-        `after_seq`, or an empty result after `timeout_s`. The store has no
-        watch API, so this polls the user's mailbox counter (one strong read
-        per poll), backing off from POLL_FIRST_S to POLL_MAX_S."""
-        delay = POLL_FIRST_S
-        counter_key = (_user(user), "seq/msg")
+        `after_seq`, or an empty result after `timeout_s`. It watches the
+        mailbox rows after `after_seq` (`Client.watch`): the node tells it of
+        each new row the moment it is written, and nothing is read until then."""
         with trio.move_on_after(timeout_s):
             while True:
-                if await read_counter(self.client, counter_key, table=CHAT_META) > after_seq:
-                    fetched = await self.fetch(user, after_seq, limit=limit)
-                    if fetched.cursor > after_seq:
-                        return fetched
-                await trio.sleep(delay)
-                delay = min(POLL_MAX_S, delay * 2)
+                try:
+                    return await self._wait_on_watch(user, after_seq, limit)
+                except (WatchCompacted, Unavailable) as error:
+                    # History gone or no replica reachable: watch again from a fetch.
+                    logger.info("mailbox watch of user %d restarts: %s", user, error)
+                    await trio.sleep(WATCH_RESTART_S)
         return Fetched([], after_seq)
+
+    async def _wait_on_watch(self, user: int, after_seq: int, limit: int) -> Fetched:
+        async with self.client.watch(
+            _user(user),
+            table=CHAT_INBOX,
+            partition=True,
+            start=seq_key(MESSAGE_PREFIX, after_seq + 1),
+            end=MESSAGE_END,
+        ) as events:
+            # The watch holds from here: a message stored after this fetch wakes it.
+            while True:
+                fetched = await self.fetch(user, after_seq, limit=limit)
+                if fetched.cursor > after_seq:
+                    return fetched
+                await events.__anext__()
 
     # --- sync ---
 
