@@ -12,9 +12,9 @@ delivered twice; when the history is gone the watch raises `WatchCompacted`.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias
 
 import trio
 
@@ -29,8 +29,47 @@ from kvsvr.api import (
 from kvsvr.errors import InvalidRequest, Unavailable
 from kvsvr.keys import KeyPart, UserKey, encode_key, split_user_key, to_bytes
 
-if TYPE_CHECKING:
-    from kvsvr.client_async import Client
+
+class _Versioned(Protocol):
+    """What a watch reads of `Client.get`'s and `Client.scan`'s items."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def key(self) -> bytes | None: ...
+
+
+class WatchingClient(Protocol):
+    """The parts of `kvsvr.Client` a watch uses (named here, not imported,
+    so that the client module and this one do not import each other)."""
+
+    @property
+    def timeout_s(self) -> float: ...
+
+    async def get(self, key: UserKey, *, table: str = ...) -> _Versioned | None: ...
+
+    async def scan(
+        self,
+        partition_key: KeyPart,
+        *,
+        table: str = ...,
+        start: KeyPart | None = ...,
+        end: KeyPart | None = ...,
+        limit: int = ...,
+    ) -> Sequence[_Versioned]: ...
+
+    async def _call(
+        self,
+        table: str,
+        partition_key: bytes,
+        method: str,
+        body: object,
+        *,
+        repeatable: bool,
+        deadline: float,
+    ) -> object: ...
+
 
 # How long the node may hold one watch request with nothing to say. Shorter
 # than the node's WATCH_WAIT_MAX_S; each empty answer costs one round trip.
@@ -51,7 +90,7 @@ class Watch:
 
     def __init__(
         self,
-        client: Client,
+        client: WatchingClient,
         key: UserKey,
         table: str,
         start_version: StartVersion,

@@ -59,6 +59,7 @@ from kvsvr.node.rounds import PAXOS_METHOD, PAXOS_ONEWAY_METHOD, PeerLink, Round
 from kvsvr.node.watch import WatchHub
 from kvsvr.node.writes import Writes
 from kvsvr.protocol import lifecycle
+from kvsvr.protocol.changes import ChangeLog
 from kvsvr.protocol.coordinator import Coordinator
 from kvsvr.protocol.eventual import NODE_INDEX_MAX, HybridClock
 from kvsvr.protocol.messages import (
@@ -115,8 +116,10 @@ class Node:
             self.tables,
             lambda table, key: self.replica_side.read_row(table, key).version,
             lambda table, partition_key: me in self.replicas_of(table, partition_key),
+            ChangeLog(bytes_max=config.watch_history_bytes_max),
         )
-        storage.row_placed = self.watches.row_placed
+        if config.watch_history_bytes_max > 0:
+            storage.row_placed = self.watches.row_placed
         self.rounds = Rounds(me, self.replica_side.nowait, self.replica_side.oneway)
         self.peers: dict[int, PeerLink] = self.rounds.peers
         self.repairs = Repairs(me, storage, self.peers, self.replicas_of, clock)

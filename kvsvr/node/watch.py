@@ -53,7 +53,7 @@ class WatchHub:
         self.tables = tables
         self.read_version = read_version
         self.is_replica = is_replica
-        self.log = log or ChangeLog()
+        self.log = log if log is not None else ChangeLog()
         self._db_of_table = table_db_names(tables)
         self._waiting: dict[LogKey, set[trio.Event]] = {}
         self._held_by_peer: dict[str, int] = {}
@@ -90,6 +90,8 @@ class WatchHub:
     async def watch(self, peer: str, body: object) -> object:
         """Answer one watch request (see the module docstring)."""
         request = WatchRequest.from_wire(body)
+        if self.log.bytes_max == 0:
+            raise Unavailable("watches are off on this node (watch_history_bytes_max = 0)")
         if request.table not in self.tables:
             raise InvalidRequest(f"unknown table {request.table!r}")
         encode_key(request.partition_key)  # checks its size

@@ -1,0 +1,192 @@
+"""The node's watch hub (`kvsvr.node.watch`) in one trio process, without
+sockets: a held request wakes on a chosen version of its key, limits hold,
+bad requests change nothing, and the config's switch for the change log."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from kvsvr.api import WATCH_CURSORS_MAX, WatchRequest, watch_reply_from_wire
+from kvsvr.config import ConfigError, TableConfig, local_cluster, parse_config, render_config
+from kvsvr.errors import InvalidRequest, Unavailable, WatchCompacted
+from kvsvr.keys import encode_key
+from kvsvr.node import watch as watch_module
+from kvsvr.node.watch import WatchHub
+from kvsvr.protocol.changes import ChangeLog
+from kvsvr.protocol.state import Row
+from kvsvr.storage.environment import table_db_names
+
+TABLES = {"default": TableConfig("default")}
+DB = table_db_names(TABLES)["default"]
+
+
+def _hub(rows: dict[bytes, int] | None = None, *, bytes_max: int = 1 << 20) -> WatchHub:
+    known = rows if rows is not None else {}
+    return WatchHub(
+        TABLES,
+        lambda table, key: known.get(key, 0),
+        lambda table, partition_key: True,
+        ChangeLog(bytes_max=bytes_max),
+    )
+
+
+def _row(version: int, value: bytes | None) -> Row:
+    return Row(version=version, value=value)
+
+
+def _request(sort_key: bytes | None, cursors: dict[bytes, int], wait_s: float = 5.0) -> object:
+    return WatchRequest("default", b"p", sort_key, cursors, wait_s).to_wire()
+
+
+async def test_a_held_watch_wakes_on_its_key_only(autojump_clock: trio.testing.MockClock) -> None:
+    hub = _hub()
+    key = encode_key(b"p", b"a")
+    answers: list[object] = []
+
+    async def ask() -> None:
+        answers.append(await hub.watch("client", _request(b"a", {b"a": 0}, wait_s=10.0)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await trio.sleep(1.0)
+        assert hub.held == 1
+        hub.row_placed(DB, encode_key(b"p", b"other"), _row(1, b"x"))  # not its key
+        await trio.sleep(1.0)
+        assert not answers
+        hub.row_placed(DB, key, _row(1, b"v1"))
+        await trio.lowlevel.checkpoint()  # wakes without the clock moving: pushed, not polled
+    assert hub.held == 0
+    events = watch_reply_from_wire(answers[0])
+    assert [(e.key, e.version, e.previous_version, e.value) for e in events] == [
+        (b"a", 1, 0, b"v1")
+    ]
+
+
+async def test_a_partition_watch_wakes_on_any_row_in_its_range(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = _hub()
+    answers: list[object] = []
+    request = WatchRequest("default", b"p", None, {}, 10.0, b"m/", b"m0").to_wire()
+
+    async def ask() -> None:
+        answers.append(await hub.watch("client", request))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await trio.sleep(1.0)
+        hub.row_placed(DB, encode_key(b"p", b"id/1"), _row(1, b"index"))  # out of range
+        hub.row_placed(DB, encode_key(b"q", b"m/1"), _row(1, b"other partition"))
+        hub.row_placed(DB, encode_key(b"p", b"m/1"), _row(1, b"hello"))
+    events = watch_reply_from_wire(answers[0])
+    assert [(e.key, e.value) for e in events] == [(b"m/1", b"hello")]
+
+
+async def test_nothing_to_say_answers_empty_after_wait_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = _hub()
+    started = trio.current_time()
+    answer = await hub.watch("client", _request(b"a", {b"a": 0}, wait_s=3.0))
+    assert watch_reply_from_wire(answer) == []
+    assert trio.current_time() - started == pytest.approx(3.0)
+    assert hub.held == 0
+
+
+async def test_lost_history_is_watch_compacted() -> None:
+    hub = _hub({encode_key(b"p", b"a"): 7})
+    with pytest.raises(WatchCompacted, match="after version 3"):
+        await hub.watch("client", _request(b"a", {b"a": 3}))
+
+
+async def test_the_per_connection_limit_refuses_one_more(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watch_module, "WATCHES_PER_CONNECTION_MAX", 2)
+    hub = _hub()
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(hub.watch, "client", _request(b"a", {b"a": 0}, 5.0))
+        await trio.sleep(1.0)
+        with pytest.raises(Unavailable, match="WATCHES_PER_CONNECTION_MAX"):
+            await hub.watch("client", _request(b"a", {b"a": 0}, 5.0))
+        # Another connection is not refused.
+        nursery.start_soon(hub.watch, "other", _request(b"a", {b"a": 0}, 5.0))
+        await trio.sleep(1.0)
+        assert hub.held == 3
+        nursery.cancel_scope.cancel()
+    assert hub.held == 0 and not hub._waiting and not hub._held_by_peer
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"table": "default", "partition_key": b"", "cursors": {}, "wait_s": 1},
+        {"table": "default", "partition_key": b"p", "cursors": [], "wait_s": 1},
+        {"table": "default", "partition_key": b"p", "cursors": {b"a": -1}, "wait_s": 1},
+        {
+            "table": "default",
+            "partition_key": b"p",
+            "sort_key": b"a",
+            "cursors": {b"b": 1},
+            "wait_s": 1,
+        },
+        {"table": "default", "partition_key": b"p", "cursors": {}, "wait_s": 31},
+        {
+            "table": "default",
+            "partition_key": b"p",
+            "cursors": {},
+            "wait_s": 1,
+            "start": b"m",
+            "sort_key": b"a",
+        },
+        {
+            "table": "default",
+            "partition_key": b"p",
+            "cursors": {b"a": 1},
+            "wait_s": 1,
+            "start": b"m",
+        },
+        {
+            "table": "default",
+            "partition_key": b"p",
+            "cursors": {b"%d" % i: 1 for i in range(WATCH_CURSORS_MAX + 1)},
+            "wait_s": 1,
+        },
+        {"table": "nope", "partition_key": b"p", "cursors": {}, "wait_s": 1},
+        "not a map",
+    ],
+)
+async def test_a_malformed_watch_is_refused_and_holds_nothing(body: object) -> None:
+    hub = _hub()
+    with pytest.raises(InvalidRequest):
+        await hub.watch("client", body)
+    assert hub.held == 0 and not hub._waiting
+
+
+async def test_watches_are_refused_when_the_log_is_off() -> None:
+    hub = _hub(bytes_max=0)
+    with pytest.raises(Unavailable, match="watches are off"):
+        await hub.watch("client", _request(b"a", {b"a": 0}))
+
+
+def test_the_change_log_bound_is_a_config_setting() -> None:
+    config = local_cluster(1, 7100)
+    assert "watch_history_bytes_max" not in render_config(config)  # the default
+    text = render_config(config).replace(
+        "[cluster]\n", "[cluster]\nwatch_history_bytes_max = 0\n", 1
+    )
+    off = parse_config(tomllib.loads(text))
+    assert off.watch_history_bytes_max == 0
+    assert parse_config(tomllib.loads(render_config(off))) == off
+    for bad in ("-1", '"big"', "true"):
+        text = render_config(config).replace(
+            "[cluster]\n", f"[cluster]\nwatch_history_bytes_max = {bad}\n", 1
+        )
+        with pytest.raises(ConfigError, match="watch_history_bytes_max"):
+            parse_config(tomllib.loads(text))
