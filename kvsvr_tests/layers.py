@@ -37,6 +37,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_bench_etcd_go.py": UNIT,
     "test_bench_load.py": UNIT,
     "test_bench_wakeup.py": PROCESS,
+    "test_bench_watch.py": PROCESS,
     "test_build.py": UNIT,
     "test_cache.py": UNIT,
     "test_cache_memory.py": PROCESS,
