@@ -53,6 +53,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_checker_report.py": UNIT,
     "test_checker_search.py": SIMULATION,
     "test_checker_stale.py": UNIT,
+    "test_checker_watch.py": UNIT,
     "test_cli.py": PROCESS,
     "test_client.py": PROCESS,
     "test_client_fakes.py": PROCESS,
