@@ -190,3 +190,82 @@ def test_the_change_log_bound_is_a_config_setting() -> None:
         )
         with pytest.raises(ConfigError, match="watch_history_bytes_max"):
             parse_config(tomllib.loads(text))
+
+
+async def test_a_skip_is_settled_by_the_peers_before_the_watch_passes_it() -> None:
+    asked: list[tuple[str, bytes, int, int]] = []
+
+    async def ask_peers(
+        table: str, key: bytes, low: int, high: int
+    ) -> list[tuple[int, bytes | None]]:
+        asked.append((table, key, low, high))
+        return [(2, b"v2")]  # a peer learned version 2; 3 was folded into 4
+
+    hub = WatchHub(TABLES, lambda t, k: 0, lambda t, p: True, ChangeLog(), ask_peers)
+    key = encode_key(b"p", b"a")
+    hub.row_placed(DB, key, _row(1, b"v1"))
+    hub.row_placed(DB, key, _row(4, b"v4"))
+    events = watch_reply_from_wire(await hub.watch("client", _request(b"a", {b"a": 1})))
+    assert asked == [("default", key, 1, 4)]
+    assert [(e.version, e.previous_version, e.value) for e in events] == [
+        (2, 1, b"v2"),
+        (4, 2, b"v4"),
+    ]
+    # Settled once for every later watcher.
+    await hub.watch("client", _request(b"a", {b"a": 1}))
+    assert len(asked) == 1 and hub.fills == 1
+
+
+async def test_a_skip_the_peers_cannot_settle_is_not_passed() -> None:
+    async def ask_peers(
+        table: str, key: bytes, low: int, high: int
+    ) -> list[tuple[int, bytes | None]]:
+        raise Unavailable("only 0 of the 1 peers needed")
+
+    hub = WatchHub(TABLES, lambda t, k: 0, lambda t, p: True, ChangeLog(), ask_peers)
+    key = encode_key(b"p", b"a")
+    hub.row_placed(DB, key, _row(1, b"v1"))
+    hub.row_placed(DB, key, _row(3, b"v3"))
+    with pytest.raises(Unavailable, match="peers needed"):
+        await hub.watch("client", _request(b"a", {b"a": 1}))
+    # Before the skip, what the node has is delivered as usual.
+    events = watch_reply_from_wire(await hub.watch("client", _request(b"a", {b"a": 0})))
+    assert [e.version for e in events] == [1]
+
+
+async def test_peer_history_needs_a_majority_that_vouches() -> None:
+    replies: dict[int, object] = {
+        2: {"vouch": True, "changes": [[5, b"five"]]},
+        3: {"vouch": False, "changes": []},
+        4: {"vouch": True, "changes": [[6, None]]},
+        5: "malformed",
+    }
+
+    async def call_peer(target: int, method: str, body: object) -> object:
+        assert method == watch_module.HISTORY_METHOD and body == ["default", b"\x00\x01p", 4, 7]
+        if target not in replies:
+            raise Unavailable("down")
+        return replies[target]
+
+    five = watch_module.PeerHistory(1, lambda t, p: [1, 2, 3, 4, 5], call_peer)
+    assert sorted(await five.ask("default", b"\x00\x01p", 4, 7)) == [(5, b"five"), (6, None)]
+    del replies[4]
+    with pytest.raises(Unavailable, match="only 1 of the 2 peers needed"):
+        await five.ask("default", b"\x00\x01p", 4, 7)
+    alone = watch_module.PeerHistory(1, lambda t, p: [1], call_peer)
+    assert await alone.ask("default", b"\x00\x01p", 4, 7) == []
+
+
+def test_serve_history_answers_from_the_log_and_refuses_bad_bodies() -> None:
+    hub = _hub()
+    key = encode_key(b"p", b"a")
+    for version in (1, 2, 5):
+        hub.row_placed(DB, key, _row(version, b"v%d" % version))
+    assert hub.serve_history(["default", key, 0, 5]) == {
+        "vouch": True,
+        "changes": [[1, b"v1"], [2, b"v2"]],
+    }
+    assert hub.serve_history(["default", b"\x00\x01q", 0, 5])["vouch"] is False
+    for bad in (None, ["default", key, 0], ["nope", key, 0, 5], ["default", key, -1, 5]):
+        with pytest.raises(InvalidRequest):
+            hub.serve_history(bad)

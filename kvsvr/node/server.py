@@ -56,7 +56,7 @@ from kvsvr.node.repair import ROW_METHOD, Repairs
 from kvsvr.node.replica_side import ReplicaSide
 from kvsvr.node.replication import Collaborators, Replication
 from kvsvr.node.rounds import PAXOS_METHOD, PAXOS_ONEWAY_METHOD, PeerLink, Rounds
-from kvsvr.node.watch import WatchHub
+from kvsvr.node.watch import HISTORY_METHOD, PeerHistory, WatchHub
 from kvsvr.node.writes import Writes
 from kvsvr.protocol import lifecycle
 from kvsvr.protocol.changes import ChangeLog
@@ -74,7 +74,7 @@ from kvsvr.protocol.messages import (
     to_wire,
 )
 from kvsvr.protocol.placement import partition_of
-from kvsvr.protocol.state import Row
+from kvsvr.protocol.state import EMPTY_ROW, Row
 from kvsvr.storage import Storage
 from kvsvr.storage.residency import ResidencyGuard
 
@@ -114,9 +114,12 @@ class Node:
         self.replica_side = ReplicaSide(storage, self.tables, self.schedule_repair)
         self.watches = WatchHub(
             self.tables,
-            lambda table, key: self.replica_side.read_row(table, key).version,
+            lambda table, key: (storage.read_row(table, key) or EMPTY_ROW).version,
             lambda table, partition_key: me in self.replicas_of(table, partition_key),
             ChangeLog(bytes_max=config.watch_history_bytes_max),
+            PeerHistory(
+                me, self.replicas_of, lambda peer, method, body: self.peers[peer].call(method, body)
+            ).ask,
         )
         if config.watch_history_bytes_max > 0:
             storage.row_placed = self.watches.row_placed
@@ -287,6 +290,8 @@ class Node:
             return await until_answered(partial(self._answer_paxos, body))
         if method == ROW_METHOD:
             return self.serve_row(body)
+        if method == HISTORY_METHOD:
+            return self.watches.serve_history(body)
         if method in replication.METHODS:
             return await self.replication.handle(method, body)
         if method == Method.MAP:

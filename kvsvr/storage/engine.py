@@ -235,8 +235,9 @@ class Storage:
         self._failure: StorageFailed | None = None
         self._stats = StorageStats()
         self._commit_thread = CommitThread()
-        # Told of every decoded row staged, with its sub-database's name (the
-        # node's watch change log: `kvsvr.node.watch`). Must not raise.
+        # Told of every decoded row about to be staged, with its sub-database's
+        # name, while reads still see the row it replaces (the node's watch
+        # change log: `kvsvr.node.watch`). Must not raise.
         self.row_placed: Callable[[bytes, bytes, Row], None] | None = None
         # Called after every `_read_hook_every_bytes` of rows read from the map
         # (see `set_read_hook`); None: no hook.
@@ -633,14 +634,14 @@ class Storage:
 
     def _place(self, batch: _Batch, op: Op) -> None:
         """Add `op` to `batch` and make it what reads see."""
+        if op.row is not None and self.row_placed is not None:
+            self.row_placed(op.db_name, op.key, op.row)  # reads still see the old row
         self._seq += 1
         op.seq = self._seq
         batch.ops.append(op)
         self._overlay[op.db_name][op.key] = op
         if op.row is not None and op.data is not None:
             self._decoded.put(op.db_name, op.key, op.row, len(op.data))
-            if self.row_placed is not None:
-                self.row_placed(op.db_name, op.key, op.row)
         else:
             self._decoded.drop(op.db_name, op.key)
 
