@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--no-watch-log",
+        action="store_true",
+        help=(
+            "run every node with watch_history_bytes_max = 0 (no change log, no "
+            "watches): the write path's cost of the log, side by side with a run without it"
+        ),
+    )
+    parser.add_argument(
         "--paced-rate",
         type=float,
         default=None,
@@ -128,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     warning = check_scratch(args.scratch)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    settings = {"unsafe_no_fsync": True} if args.unsafe_no_fsync else {}
+    settings: dict[str, Any] = {"unsafe_no_fsync": True} if args.unsafe_no_fsync else {}
+    if args.no_watch_log:
+        settings["watch_history_bytes_max"] = 0
     with terminate_on_sigterm():
         baseline = None
         if not args.no_baseline:

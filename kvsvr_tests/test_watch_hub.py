@@ -269,3 +269,21 @@ def test_serve_history_answers_from_the_log_and_refuses_bad_bodies() -> None:
     for bad in (None, ["default", key, 0], ["nope", key, 0, 5], ["default", key, -1, 5]):
         with pytest.raises(InvalidRequest):
             hub.serve_history(bad)
+
+
+async def test_an_eventual_table_delivers_what_its_replica_applies_without_asking_peers() -> None:
+    async def ask_peers(
+        table: str, key: bytes, low: int, high: int
+    ) -> list[tuple[int, bytes | None]]:
+        raise AssertionError("an eventual table has no skips to settle")
+
+    tables = {"default": TableConfig("default"), "feed": TableConfig("feed", "eventual")}
+    hub = WatchHub(tables, lambda t, k: 0, lambda t, p: True, ChangeLog(), ask_peers)
+    feed = table_db_names(tables)["feed"]
+    key = encode_key(b"p", b"a")
+    stamps = [(5 << 22) | 1, (9 << 22) | 2]  # hybrid clock stamps, far apart
+    for stamp in stamps:
+        hub.row_placed(feed, key, _row(stamp, b"s%d" % stamp))
+    body = WatchRequest("feed", b"p", b"a", {b"a": 0}, 1.0).to_wire()
+    events = watch_reply_from_wire(await hub.watch("client", body))
+    assert [e.version for e in events] == stamps

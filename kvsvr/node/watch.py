@@ -79,6 +79,11 @@ class WatchHub:
         self.ask_peers = ask_peers
         self._db_of_table = table_db_names(tables)
         self._table_of_db = {db: table for table, db in self._db_of_table.items()}
+        # An eventual table's versions are clock stamps: what its replica
+        # applies is delivered as it comes, with no skips to settle.
+        self._eventual_dbs = {
+            db for table, db in self._db_of_table.items() if tables[table].consistency == "eventual"
+        }
         self._waiting: dict[LogKey, set[trio.Event]] = {}
         self._held_by_peer: dict[str, int] = {}
         self.held = 0
@@ -110,7 +115,10 @@ class WatchHub:
         if table is None:
             return
         old_version = partial(self._old_version, table, key)
-        if self.log.record(db, key, row.version, row.value, group, old_version=old_version):
+        settled = db in self._eventual_dbs
+        if self.log.record(
+            db, key, row.version, row.value, group, old_version=old_version, settled=settled
+        ):
             self._wake((db, key))
             self._wake((db, group))
 

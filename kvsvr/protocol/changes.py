@@ -141,12 +141,15 @@ class ChangeLog:
         group: bytes = b"",
         *,
         old_version: Callable[[], int | None],
+        settled: bool = False,
     ) -> Change | None:
         """The replica's row of `key` (one of `group`, its partition key's
         prefix) is now at chosen `version`. `old_version` reads the version
         it held before (None: unreadable), asked only when the log does not
-        follow the key yet. Returns the new change, or None when this is not
-        news (a promise or an accept rewrote the row)."""
+        follow the key yet. `settled`: the change never counts as a skip (an
+        eventual table's versions are clock stamps, never consecutive).
+        Returns the new change, or None when this is not news (a promise or
+        an accept rewrote the row)."""
         log_key = (db, key)
         log = self._keys.get(log_key)
         if log is None:
@@ -163,7 +166,7 @@ class ChangeLog:
         if version <= previous:
             self._shrink()
             return None
-        change = Change(key, version, previous, value)
+        change = Change(key, version, previous, value, checked=settled)
         log.changes.append(change)
         self.size_bytes += change.size_bytes
         self.changes_recorded += 1
