@@ -109,11 +109,14 @@ class WatchHub:
         """The store is about to stage `row` (still reading the old one): log
         it if its chosen version is new, and wake the watches of its key and
         of its partition key."""
-        partition, _ = decode_key(key)
-        group = partition_prefix(partition)
         table = self._table_of_db.get(db)
         if table is None:
             return
+        try:
+            partition, _ = decode_key(key)
+        except KvsvrError:
+            return  # not a row key; the hook must not fail the write
+        group = partition_prefix(partition)
         old_version = partial(self._old_version, table, key)
         settled = db in self._eventual_dbs
         if self.log.record(
@@ -168,9 +171,16 @@ class WatchHub:
         fills = 0
         while True:
             events, gaps = self._events(request)
-            if not events and gaps and fills < FILLS_PER_REQUEST_MAX:
+            if gaps and fills < FILLS_PER_REQUEST_MAX:
+                # Settled before answering, so that a partition's busy keys
+                # never keep a skip of a quiet one waiting.
                 fills += 1
-                await self._fill(request.table, *gaps[0])
+                try:
+                    await self._fill(request.table, *gaps[0])
+                except Unavailable:
+                    if not events:
+                        raise
+                    return self._answer(events)  # what comes before the skip
                 continue
             if events or trio.current_time() >= deadline:
                 await trio.lowlevel.checkpoint()
