@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,47 @@ async def test_a_watcher_that_stops_reading_costs_the_node_nothing(tmp_path: Pat
                 assert grown < 32 * 1024 * 1024
                 with trio.fail_after(DEADLINE_S), pytest.raises(kvsvr.WatchCompacted):
                     await events.__anext__()
+
+
+async def test_the_sync_iterator_and_the_command_line(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path, nodes=3) as cluster:
+        await cluster.astart_all()
+        async with cluster.connect(CLIENT_TIMEOUT_S) as client:
+            await client.wait_ready(timeout_s=DEADLINE_S)
+            await client.put("k", b"one")
+            await client.put("k", b"two")
+            await client.delete("k")
+
+        def sync_watch() -> list[tuple[int, int, bytes | None]]:
+            with kvsvr.SyncClient(cluster.addresses, secret=cluster.secret) as sync:
+                with sync.watch("k", start_version=0) as events:
+                    return [
+                        (e.version, e.previous_version, e.value)
+                        for _, e in zip(range(3), events, strict=False)
+                    ]
+
+        with trio.fail_after(DEADLINE_S):
+            got = await trio.to_thread.run_sync(sync_watch)
+        assert got == [(1, 0, b"one"), (2, 1, b"two"), (3, 2, None)]
+        command = [
+            sys.executable,
+            "-m",
+            "kvsvr",
+            "watch",
+            "--cluster",
+            ",".join(cluster.addresses),
+            "--secret",
+            cluster.secret,
+            "k",
+            "--start-version",
+            "1",
+            "--count",
+            "2",
+        ]
+        with trio.fail_after(DEADLINE_S):
+            done = await trio.run_process(command, capture_stdout=True, capture_stderr=True)
+        assert done.stdout.decode().splitlines() == ["two\t(version 2)", "(deleted)\t(version 3)"]
+        bad = await trio.run_process(
+            [*command[:-2], "--count", "0"], capture_stderr=True, check=False
+        )
+        assert bad.returncode == 2 and b"--count" in bad.stderr
