@@ -43,6 +43,7 @@ from kvsvr.apps._store import (
     read_counter,
     scan_retrying,
     seq_key,
+    seq_of,
     unpack,
 )
 from kvsvr.apps._tables import (
@@ -52,7 +53,7 @@ from kvsvr.apps._tables import (
     MEDIA_MESSAGE_TTL_S,
     TEXT_MESSAGE_TTL_S,
 )
-from kvsvr.client import Client
+from kvsvr.client import Client, Item
 from kvsvr.errors import Conflict, KvsvrError, Unavailable, WatchCompacted
 
 logger = logging.getLogger(__name__)
@@ -470,11 +471,26 @@ class Chat:
             end=MESSAGE_END,
         ) as events:
             # The watch holds from here: a message stored after this fetch wakes it.
-            while True:
-                fetched = await self.fetch(user, after_seq, limit=limit)
-                if fetched.cursor > after_seq:
-                    return fetched
-                await events.__anext__()
+            fetched = await self.fetch(user, after_seq, limit=limit)
+            if fetched.cursor > after_seq:
+                return fetched
+            # The events carry the new rows (each a chosen version, as a strong
+            # read would return it), so the wake-up needs no read of its own.
+            arrived: dict[int, Item] = {}
+            async for event in events:
+                if event.value is None:
+                    continue
+                seq = seq_of(event.key, MESSAGE_PREFIX)
+                arrived[seq] = Item(value=event.value, version=event.version, key=event.key)
+                ordered = [arrived[s] for s in sorted(arrived)][:limit]
+                rows, cursor = contiguous(
+                    ordered, prefix=MESSAGE_PREFIX, after_seq=after_seq, now_ms=now_ms(self.clock)
+                )
+                if rows:
+                    fetched = await self._messages(rows, after_seq, cursor)
+                    if fetched.cursor > after_seq:
+                        return fetched
+        raise AssertionError("a watch's events never end")
 
     # --- sync ---
 
