@@ -85,6 +85,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_storage.py": UNIT,
     "test_task_free_drive.py": UNIT,
     "test_watch_cluster.py": PROCESS,
+    "test_watch_harness.py": PROCESS,
     "test_watch_hub.py": UNIT,
     "test_watch_log.py": UNIT,
     "test_write_batching.py": UNIT,
