@@ -31,18 +31,16 @@ Prints a table and writes `--out/watch-<time>.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
 import kvsvr
-from bench.output import print_table
+from bench.output import print_table, write_results
 from bench.phases import percentile
 from bench.proc import cpu_seconds
 from kvsvr.apps import app_tables
@@ -258,15 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in results
         ],
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"watch-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(
-        json.dumps(
-            {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2
-        ),
-        encoding="utf-8",
-    )
-    print(f"\nwrote {path}")
+    write_results(args, "watch", results)
     return 0
 
 
