@@ -17,7 +17,7 @@ from kvsvr.errors import InvalidRequest, Unavailable, WatchCompacted
 from kvsvr.keys import encode_key
 from kvsvr.node import watch as watch_module
 from kvsvr.node.watch import WatchHub
-from kvsvr.protocol.changes import ChangeLog
+from kvsvr.protocol.changes import ANSWER_BYTES_MAX, ChangeLog
 from kvsvr.protocol.state import Row
 from kvsvr.storage.environment import table_db_names
 
@@ -96,6 +96,21 @@ async def test_nothing_to_say_answers_empty_after_wait_s(
     assert watch_reply_from_wire(answer) == []
     assert trio.current_time() - started == pytest.approx(3.0)
     assert hub.held == 0
+
+
+async def test_a_partition_answer_is_bounded_in_bytes_and_the_rest_follows() -> None:
+    hub = _hub(bytes_max=64 << 20)
+    value = b"x" * (1 << 20)
+    for i in range(12):
+        hub.row_placed(DB, encode_key(b"p", b"k%02d" % i), _row(1, value))
+    cursors: dict[bytes, int] = {}
+    answers = 0
+    while len(cursors) < 12:
+        events = watch_reply_from_wire(await hub.watch("client", _request(None, cursors)))
+        assert events and sum(len(e.value or b"") for e in events) <= ANSWER_BYTES_MAX + len(value)
+        cursors.update((e.key, e.version) for e in events)
+        answers += 1
+    assert answers >= 3  # 12 MiB of values never go in one answer
 
 
 async def test_lost_history_is_watch_compacted() -> None:

@@ -34,7 +34,7 @@ from kvsvr.api import WatchEvent, WatchRequest, watch_reply_to_wire
 from kvsvr.config import TableConfig
 from kvsvr.errors import InvalidRequest, KvsvrError, Unavailable, WatchCompacted
 from kvsvr.keys import decode_key, encode_key, partition_prefix
-from kvsvr.protocol.changes import ChangeLog, LogKey
+from kvsvr.protocol.changes import ANSWER_BYTES_MAX, ChangeLog, LogKey
 from kvsvr.protocol.state import Row
 from kvsvr.storage.environment import table_db_names
 
@@ -241,7 +241,9 @@ class WatchHub:
     ) -> tuple[list[WatchEvent], list[tuple[bytes, int, int]]]:
         """The events to deliver now, by key, and the skips (key, low, high)
         that stop a key's events until the peers were asked; `WatchCompacted`
-        if a key's history is gone."""
+        if a key's history is gone. A partition's keys add events until
+        `ANSWER_BYTES_MAX` is reached (one key's events stay within it too),
+        so an answer stays well under the frame limit."""
         db = self._db_of_table[request.table]
         if request.sort_key is not None:
             sort_keys = [request.sort_key]
@@ -252,7 +254,10 @@ class WatchHub:
             sort_keys = sorted(set(covered) | set(request.cursors))
         events: list[WatchEvent] = []
         gaps: list[tuple[bytes, int, int]] = []
+        answer_bytes = 0
         for sort_key in sort_keys:
+            if answer_bytes >= ANSWER_BYTES_MAX:
+                break  # the other keys' events go in the next answer
             key = encode_key(request.partition_key, sort_key)
             cursor = request.cursors.get(sort_key, 0)
             answer = self.log.after(db, key, cursor, partial(self.read_version, request.table, key))
@@ -266,6 +271,7 @@ class WatchHub:
             for change in answer.changes:
                 events.append(WatchEvent(sort_key, change.version, previous, change.value))
                 previous = change.version
+                answer_bytes += change.size_bytes
             if answer.gap is not None:
                 gaps.append((key, *answer.gap))
         return events, gaps

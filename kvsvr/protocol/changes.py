@@ -51,7 +51,10 @@ CHANGE_OVERHEAD_BYTES: Final = 160
 # Changes one answer to a watch (or to a peer) carries at most: bounds a
 # reply's size along with the frame limit (values are at most RECORD_BYTES_MAX).
 CHANGES_PER_ANSWER_MAX: Final = 256
-# Bytes of values one answer carries at most (one change always fits).
+# Bytes of changes (`Change.size_bytes`) one answer gathers before it stops:
+# one change always fits, and a partition watch's answer adds no more keys
+# past it, so an answer stays under twice this plus one value, well within
+# the 16 MiB frame limit.
 ANSWER_BYTES_MAX: Final = 4 * 1024 * 1024
 
 
