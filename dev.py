@@ -53,6 +53,8 @@ COMPILED_MODULES = [
     "kvsvr/protocol/replica.py",
     "kvsvr/protocol/rounds.py",
     "kvsvr/protocol/state.py",
+    "kvsvr/protocol/write_leases.py",
+    "kvsvr/protocol/read_lease.py",
     "kvsvr/storage/codec.py",
     "kvsvr/storage/commit.py",
     "kvsvr/storage/decoded_rows.py",

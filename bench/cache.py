@@ -1,14 +1,20 @@
-"""What the node's row cache buys: YCSB B (95% read, zipfian) on 3 nodes, 1 KiB values.
+"""What the node's row cache and read leases buy: YCSB B (95% read, zipfian)
+on 3 nodes, 1 KiB values.
 
     .venv/bin/python -m bench.cache                     # 10 s per phase
-    .venv/bin/python -m bench.cache --time-s 30 --clients 64
+    .venv/bin/python -m bench.cache --time-s 30 --clients 64 --rounds 3
 
-Two 3-node clusters, started side by side and loaded with the same keys: one
-with the default row cache (`cache_bytes_max` 64 MiB), one with it off (0).
-Three closed-loop phases, one after the other, all with the same driver
-(`bench.driver`, the same one `bench compare` uses):
+Three 3-node clusters, started side by side and loaded with the same keys:
+the default one (row cache of 64 MiB, read leases on), the same with read
+leases off, and one with neither (`cache_bytes_max` 0). Four closed-loop
+phases, one after the other, all with the same driver (`bench.driver`, the
+same one `bench compare` uses):
 
-  strong, cache on     strong reads: a quorum still answers versions; the
+  strong, leases       strong reads: the read that takes a key's lease runs
+                       a quorum round; the reads after it, while the lease
+                       lasts, are answered from the coordinator's cache
+                       with no message
+  strong, cache on     without leases: a quorum answers versions; the
                        coordinator's cache supplies the value when it holds
                        the chosen version, so replicas send no value
   strong, cache off    the same reads and writes without the cache
@@ -17,10 +23,12 @@ Three closed-loop phases, one after the other, all with the same driver
                        client's session version)
 
 It prints ops/s, p50 and p99 (ms), the servers' CPU per 1000 operations and
-each node's cache figures, then the two target ratios: strong cache
-on / off (target >= 1.3x) and stale / strong without cache (target >= 3x),
-and the same two ratios of server CPU per operation (what the ratios would
-be if the load generator did not share the machine's cores with the nodes).
+each node's cache and lease figures, then the target ratios: strong reads
+with leases / without (target >= 2x), the servers' CPU per leased strong
+read over a stale read's (target <= 1.3x), strong cache on / off (target >=
+1.3x) and stale / strong without cache (target >= 3x), and the ratios of
+server CPU per operation (what the ratios would be if the load generator
+did not share the machine's cores with the nodes).
 
 `--workload C` runs the same phases with reads only: the read paths alone,
 without the 5% of writes that cost B's servers most of their CPU.
@@ -44,6 +52,8 @@ from bench.workloads import WORKLOADS
 from kvsvr.config import TableConfig
 
 # The targets for the two ratios.
+LEASES_ON_OVER_OFF_TARGET: Final = 2.0
+LEASED_CPU_OVER_STALE_TARGET: Final = 1.3
 CACHE_ON_OVER_OFF_TARGET: Final = 1.3
 STALE_OVER_STRONG_TARGET: Final = 3.0
 CACHE_BYTES_ON: Final = 64 << 20
@@ -55,10 +65,15 @@ class CachedKvsvrCluster(KvsvrCluster):
     config's cache budget chosen by the caller; started and stopped the same way."""
 
     cache_bytes_max: int = CACHE_BYTES_ON
+    read_leases: bool = True
     tables: tuple[TableConfig, ...] = (TableConfig("default"),)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "cache_bytes_max": self.cache_bytes_max}
+        return {
+            **super().settings(),
+            "cache_bytes_max": self.cache_bytes_max,
+            "read_leases": self.read_leases,
+        }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +101,10 @@ def node_statuses(cluster: KvsvrCluster) -> list[dict[str, Any]]:
 
 def cache_totals(statuses: list[dict[str, Any]]) -> dict[str, int]:
     names = ("hits", "misses", "evictions", "stale_served", "fallbacks")
-    return {name: sum(int(s["cache"].get(name, 0)) for s in statuses) for name in names}
+    totals = {name: sum(int(s["cache"].get(name, 0)) for s in statuses) for name in names}
+    for name in ("taken", "local_reads", "write_waits"):
+        totals[f"leases_{name}"] = sum(int(s["read_leases"][name]) for s in statuses)
+    return totals
 
 
 def measure(
@@ -131,6 +149,7 @@ def measure(
     }
 
 
+STRONG_LEASES: Final = "strong, leases"
 STRONG_ON: Final = "strong, cache on"
 STRONG_OFF: Final = "strong, cache off"
 STALE_ON: Final = "stale, cache on"
@@ -147,7 +166,13 @@ def ratios(phases: list[dict[str, Any]]) -> dict[str, float]:
     cpu_off = median(STRONG_OFF, "servers_cpu_s_per_1000_ops")
     cpu_on = median(STRONG_ON, "servers_cpu_s_per_1000_ops")
     cpu_stale = median(STALE_ON, "servers_cpu_s_per_1000_ops")
+    unleased = median(STRONG_ON, "ops_per_s")
+    cpu_leased = median(STRONG_LEASES, "servers_cpu_s_per_1000_ops")
     return {
+        "strong_leases_on_over_off": median(STRONG_LEASES, "ops_per_s") / unleased
+        if unleased
+        else 0.0,
+        "cpu_leased_over_stale": cpu_leased / cpu_stale if cpu_stale else 0.0,
         "strong_cache_on_over_off": median(STRONG_ON, "ops_per_s") / off if off else 0.0,
         "stale_over_strong_cache_off": median(STALE_ON, "ops_per_s") / off if off else 0.0,
         "cpu_strong_cache_on_over_off": cpu_off / cpu_on if cpu_on else 0.0,
@@ -160,16 +185,17 @@ def run(options: Options, work_dir: Path | None = None) -> dict[str, Any]:
         # Both loaded the same way before they start (rows written straight
         # into every replica's LMDB): the reads, not the load, are measured.
         preload = (options.keys, options.value_bytes, options.seed)
-        on = CachedKvsvrCluster(
-            3, Path(directory) / "cache-on", preload=preload, cache_bytes_max=CACHE_BYTES_ON
-        )
+        leases = CachedKvsvrCluster(3, Path(directory) / "leases", preload=preload)
+        on = CachedKvsvrCluster(3, Path(directory) / "cache-on", preload=preload, read_leases=False)
         off = CachedKvsvrCluster(
-            3, Path(directory) / "cache-off", preload=preload, cache_bytes_max=0
+            3, Path(directory) / "cache-off", preload=preload, cache_bytes_max=0, read_leases=False
         )
         try:
+            leases.start()
             on.start()
             off.start()
             plan = [
+                (leases, STRONG_LEASES, "strong"),
                 (on, STRONG_ON, "strong"),
                 (off, STRONG_OFF, "strong"),
                 (on, STALE_ON, "stale"),
@@ -180,8 +206,13 @@ def run(options: Options, work_dir: Path | None = None) -> dict[str, Any]:
                 for cluster, label, consistency in plan[turn:] + plan[:turn]:
                     phase = measure(cluster, label, consistency, options)
                     phases.append({**phase, "round": round_})
-            statuses = {"cache on": node_statuses(on), "cache off": node_statuses(off)}
+            statuses = {
+                "leases": node_statuses(leases),
+                "cache on": node_statuses(on),
+                "cache off": node_statuses(off),
+            }
         finally:
+            leases.stop()
             on.stop()
             off.stop()
     return {
@@ -209,7 +240,7 @@ def report(results: dict[str, Any]) -> list[str]:
         f"{options['processes']} processes, {options['time_s']:g} s per phase, "
         f"{options.get('rounds', 1)} round(s)",
         f"{'phase':<22}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv CPU-s/1k':>14}"
-        f"{'hits':>8}{'misses':>8}{'stale':>8}{'fallback':>9}{'busy cores':>11}",
+        f"{'hits':>8}{'misses':>8}{'stale':>8}{'fallback':>9}{'leased':>8}{'busy cores':>11}",
     ]
     for phase in results["phases"]:
         latency = phase["latency_ms"]
@@ -223,7 +254,8 @@ def report(results: dict[str, Any]) -> list[str]:
             f"{name:<22}{phase['ops_per_s']:>9.0f}{latency.get('p50_ms', 0):>9.2f}"
             f"{latency.get('p99_ms', 0):>9.2f}{phase['servers_cpu_s_per_1000_ops']:>14.3f}"
             f"{cache['hits']:>8}{cache['misses']:>8}{cache['stale_served']:>8}"
-            f"{cache['fallbacks']:>9}{phase['machine_busy_cores']:>11.2f}"
+            f"{cache['fallbacks']:>9}{cache.get('leases_local_reads', 0):>8}"
+            f"{phase['machine_busy_cores']:>11.2f}"
         )
     on_off = results["ratios"]["strong_cache_on_over_off"]
     stale = results["ratios"]["stale_over_strong_cache_off"]
@@ -236,7 +268,14 @@ def report(results: dict[str, Any]) -> list[str]:
                 for r in per_round
             )
         )
+    leased = results["ratios"]["strong_leases_on_over_off"]
+    leased_cpu = results["ratios"]["cpu_leased_over_stale"]
     lines += [
+        f"strong reads, leases on / off (cache on): {leased:.2f}x "
+        f"(target >= {LEASES_ON_OVER_OFF_TARGET}x: {_met(leased, LEASES_ON_OVER_OFF_TARGET)})",
+        f"servers' CPU per leased strong read / per stale read: {leased_cpu:.2f}x (target <= "
+        f"{LEASED_CPU_OVER_STALE_TARGET}x: "
+        f"{_met(LEASED_CPU_OVER_STALE_TARGET, leased_cpu)})",
         f"strong reads, cache on / off: {on_off:.2f}x "
         f"(target >= {CACHE_ON_OVER_OFF_TARGET}x: {_met(on_off, CACHE_ON_OVER_OFF_TARGET)})",
         f"stale (cache on) / strong (cache off): {stale:.2f}x "

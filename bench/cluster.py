@@ -29,7 +29,8 @@ RSS per node. `--profile` runs py-spy on every node during the measured
 windows. A JSON result goes to `--out`.
 
 `--paced-rate N` paces (c) at N ops/s instead (to compare two builds or
-settings at one load). `--unsafe-no-fsync` runs every node with commits that
+settings at one load). `--no-read-leases` runs the nodes with read leases
+off. `--unsafe-no-fsync` runs every node with commits that
 skip fsync: a ceiling that shows how much of a figure the disk costs, printed
 as such and never a result.
 """
@@ -101,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--no-read-leases",
+        dest="read_leases",
+        action="store_false",
+        help="run every node with read leases off (to measure what they cost writes)",
+    )
+    parser.add_argument(
         "--paced-rate",
         type=float,
         default=None,
@@ -139,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     settings: dict[str, Any] = {"unsafe_no_fsync": True} if args.unsafe_no_fsync else {}
     if args.no_watch_log:
         settings["watch_history_bytes_max"] = 0
+    if not args.read_leases:
+        settings["read_leases"] = False
     with terminate_on_sigterm():
         baseline = None
         if not args.no_baseline:

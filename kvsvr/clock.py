@@ -8,6 +8,9 @@ hand it one that runs fast, slow, or by hand.
 
 `SYSTEM_CLOCK` reads the operating system's clocks and is the default.
 `ManualClock` is for sans-IO tests: time moves only when the test moves it.
+`RateClock` runs the monotonic clock at a chosen rate of real time: the
+fault injector's clock-rate fault (read leases assume rates stay within
+`clock_drift_max` of real time; a test must be able to break that).
 """
 
 from __future__ import annotations
@@ -65,4 +68,41 @@ class ManualClock:
         return self._monotonic
 
 
+class RateClock:
+    """The system clocks, with the monotonic one running at `rate` times
+    real time (1.0: real time). The rate may change at any moment; the clock
+    stays continuous and never goes back. The wall clock is left as it is:
+    only rates matter to leases, and the wall clock may jump anyway."""
+
+    RATE_MIN = 0.01
+    RATE_MAX = 100.0
+
+    def __init__(self, rate: float = 1.0) -> None:
+        self._base_real = time.monotonic()
+        self._base = self._base_real
+        self.rate = 1.0
+        self.set_rate(rate)
+
+    def set_rate(self, rate: float) -> None:
+        assert self.RATE_MIN <= rate <= self.RATE_MAX, "clock rate out of range"
+        now_real = time.monotonic()
+        self._base = self._base + (now_real - self._base_real) * self.rate
+        self._base_real = now_real
+        self.rate = rate
+
+    def wall_s(self) -> float:
+        return time.time()
+
+    def wall_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def monotonic(self) -> float:
+        return self._base + (time.monotonic() - self._base_real) * self.rate
+
+
 SYSTEM_CLOCK: Clock = SystemClock()
+
+# The request that sets a node's clock rate, `{"rate": r}`: served only by a
+# node started with `kvsvr node --test-clock-control` (the fault harness's
+# `clock` nemesis), which runs on a `RateClock`.
+TEST_CLOCK_RATE_METHOD = "test_clock_rate"

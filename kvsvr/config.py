@@ -19,6 +19,10 @@
     anti_entropy_interval_s = 600  # a digest comparison with every peer this often (and at start)
     anti_entropy_rows_per_s = 2500
     tombstone_grace_s = 14400     # eventual tables: tombstones purged after this (> hint_ttl_s)
+    # Read leases (docs/DESIGN.md, "Read leases"); these are the defaults.
+    read_leases = true            # a strong read may take a lease and later ones read locally
+    lease_s = 2.0                 # a lease's length; a write via another node may wait this long
+    clock_drift_max = 0.01        # the assumed bound on any node's clock-rate error (1%)
     # For benchmarks only (as etcd's --unsafe-no-fsync): commits skip fsync, so
     # an acknowledged write can be lost to a machine crash or power cut.
     unsafe_no_fsync = false
@@ -35,6 +39,7 @@
     name = "default"
     consistency = "strong"    # or "eventual"
     ttl_s = 0                 # 0: rows never expire
+    read_leases = true        # false: this table's strong reads never take leases
 
 Relative `data_dir` paths are taken relative to the config file's folder.
 A node needs `id` (`kvsvr/protocol/lifecycle.py` says what it and
@@ -52,10 +57,19 @@ from typing import Any
 from kvsvr.protocol.changes import HISTORY_BYTES_MAX as WATCH_HISTORY_BYTES_DEFAULT
 from kvsvr.protocol.lifecycle import CLUSTER_ID_CHARS_MAX, INITIAL_STATES, NEW
 from kvsvr.protocol.placement import PARTITIONS_MAX, NodePlace, replica_sets
+from kvsvr.protocol.read_lease import CLOCK_DRIFT_MAX_MAX, LEASE_S_MAX, LeaseTiming
 
 # Table names become LMDB sub-database names; keep them short and plain.
 TABLE_NAME_BYTES_MAX = 64
 TABLES_MAX = 100  # each table is an LMDB sub-database; LMDB wants a fixed maximum
+# Read leases. A lease saves the quorum round of every strong read of a key
+# for `lease_s` after the read that took it; it costs a write to that key
+# through another node (or any write in the first `lease_s` after a replica
+# restarts) a wait of up to `lease_s`. 2 s keeps that wait short next to the
+# client's operation timeout while a hot key is read thousands of times per lease.
+LEASE_S_DEFAULT = 2.0
+# Quartz oscillators are off by tens of parts per million; 1% is a wide margin.
+CLOCK_DRIFT_MAX_DEFAULT = 0.01
 
 
 class ConfigError(ValueError):
@@ -82,6 +96,7 @@ class TableConfig:
     consistency: str = "strong"
     ttl_s: float = 0.0
     write_quorum: int = 1  # eventual tables: replicas that must acknowledge a write
+    read_leases: bool = True  # strong tables: strong reads may take read leases
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +121,16 @@ class ClusterConfig:
     watch_history_bytes_max: int = WATCH_HISTORY_BYTES_DEFAULT
     cluster_id: str | None = None  # None: a config only clients read
     initial_state: str = NEW
+    read_leases: bool = True
+    lease_s: float = LEASE_S_DEFAULT
+    clock_drift_max: float = CLOCK_DRIFT_MAX_DEFAULT
+
+    @property
+    def lease_timing(self) -> LeaseTiming | None:
+        """The read-lease timing, None when leases are off."""
+        if not self.read_leases:
+            return None
+        return LeaseTiming(self.lease_s, self.clock_drift_max)
 
     def node(self, node_id: str) -> NodeConfig:
         for node in self.nodes:
@@ -213,7 +238,10 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         write_quorum = raw.get("write_quorum", 1)
         if not isinstance(write_quorum, int) or write_quorum < 1:
             raise ConfigError(f"{where}: write_quorum must be an int >= 1")
-        tables.append(TableConfig(name, consistency, float(ttl_s), write_quorum))
+        table_leases = raw.get("read_leases", True)
+        if not isinstance(table_leases, bool):
+            raise ConfigError(f"{where}: read_leases must be true or false")
+        tables.append(TableConfig(name, consistency, float(ttl_s), write_quorum, table_leases))
     names = [t.name for t in tables]
     if len(set(names)) != len(names):
         raise ConfigError(f"table names must be unique: {names}")
@@ -270,6 +298,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
     return ClusterConfig(
         nodes=tuple(nodes),
         tables=tuple(tables),
+        **_lease_settings(cluster),
         cluster_id=cluster_id,
         initial_state=initial_state,
         partitions=partitions,
@@ -316,6 +345,26 @@ def _catch_up_settings(cluster: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def _lease_settings(cluster: dict[str, Any]) -> dict[str, Any]:
+    read_leases = cluster.get("read_leases", True)
+    if not isinstance(read_leases, bool):
+        raise ConfigError("read_leases must be true or false")
+    lease_s = cluster.get("lease_s", LEASE_S_DEFAULT)
+    if isinstance(lease_s, bool) or not isinstance(lease_s, int | float):
+        raise ConfigError("lease_s must be a number")
+    if not 0.01 <= lease_s <= LEASE_S_MAX:
+        raise ConfigError(f"lease_s must be between 0.01 and {LEASE_S_MAX:g} seconds")
+    drift = cluster.get("clock_drift_max", CLOCK_DRIFT_MAX_DEFAULT)
+    if isinstance(drift, bool) or not isinstance(drift, int | float):
+        raise ConfigError("clock_drift_max must be a number")
+    if not 0 <= drift < CLOCK_DRIFT_MAX_MAX:
+        raise ConfigError(
+            f"clock_drift_max must be at least 0 and below {CLOCK_DRIFT_MAX_MAX:g} "
+            "(a fraction: 0.01 is 1%)"
+        )
+    return {"read_leases": read_leases, "lease_s": float(lease_s), "clock_drift_max": float(drift)}
+
+
 def load_config(path: str | Path) -> ClusterConfig:
     path = Path(path)
     try:
@@ -347,6 +396,9 @@ def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
         f"map_size_mb = {config.map_size_bytes >> 20}",
         f"cache_bytes_max = {config.cache_bytes_max}",
         *(f"{name} = {getattr(config, name)!r}" for name in _CATCH_UP),
+        f"read_leases = {'true' if config.read_leases else 'false'}",
+        f"lease_s = {config.lease_s!r}",
+        f"clock_drift_max = {config.clock_drift_max!r}",
         # Written only when set, so that a config never mentions it by accident.
         *(["unsafe_no_fsync = true"] if config.unsafe_no_fsync else []),
         *(
@@ -378,6 +430,7 @@ def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
             f"consistency = {_toml_string(table.consistency)}",
             f"ttl_s = {table.ttl_s}",
             f"write_quorum = {table.write_quorum}",
+            *([] if table.read_leases else ["read_leases = false"]),
             "",
         ]
     return "\n".join(lines)

@@ -56,7 +56,9 @@ from typing import Any, Final
 
 import trio
 
+from kvsvr import net
 from kvsvr.client import connect
+from kvsvr.clock import TEST_CLOCK_RATE_METHOD
 from kvsvr.config import ClusterConfig, TableConfig, load_config, local_cluster, render_config
 from kvsvr.errors import KvsvrError
 
@@ -212,6 +214,24 @@ async def node_status(address: str, node_id: str, secret: str | None) -> dict[st
             return await client.status(node_id)
 
 
+async def set_clock_rate(address: str, secret: str | None, rate: float) -> float:
+    """Set the rate of a node's monotonic clock (a node started with
+    `--test-clock-control`); the rate it runs at now."""
+    host, _, port = address.rpartition(":")
+    with trio.fail_after(STATUS_TIMEOUT_S):
+        connection = await net.connect(
+            host,
+            int(port),
+            secret=secret.encode() if secret else None,
+            connect_timeout_s=STATUS_TIMEOUT_S,
+        )
+        async with connection:
+            reply = await connection.request(TEST_CLOCK_RATE_METHOD, {"rate": rate})
+    if not isinstance(reply, dict) or not isinstance(reply.get("rate"), float):
+        raise KvsvrError(f"unexpected answer to a clock-rate request: {reply!r}")
+    return float(reply["rate"])
+
+
 def not_ready_because(status: dict[str, Any], running_peers: Iterable[str]) -> str | None:
     """Why a node with this status is not ready; None if its replica votes and
     it sees every peer of `running_peers` up."""
@@ -290,13 +310,15 @@ class LocalCluster:
         die_with_parent: bool = False,
         python_args: Callable[[str], Sequence[str]] | None = None,
         stop_timeout_s: float = STOP_TIMEOUT_S,
+        node_args: Sequence[str] = (),
     ) -> None:
         """`log_dir`: where `<id>.log` go (default `logs/` next to the config).
         `new_session`: the nodes get a session of their own, so a terminal's
         Ctrl-C reaches only this process (which then stops them in order).
         `die_with_parent`: the kernel kills a node when the thread that started
         it ends (PR_SET_PDEATHSIG; start nodes from the main thread then).
-        `python_args(node_id)`: interpreter arguments before `-m kvsvr`."""
+        `python_args(node_id)`: interpreter arguments before `-m kvsvr`.
+        `node_args`: arguments to `kvsvr node` at every start."""
         self.config_path = Path(config_path).resolve()
         self.directory = self.config_path.parent
         self.config: ClusterConfig = load_config(self.config_path)
@@ -307,6 +329,7 @@ class LocalCluster:
         self._die_with_parent = die_with_parent
         self._python_args = python_args
         self._stop_timeout_s = stop_timeout_s
+        self._node_args = tuple(node_args)
         self._created_at = time.monotonic()
         self._nodes = {
             node.id: _Node(node.id, node.host, node.port, self.log_dir / f"{node.id}.log")
@@ -421,7 +444,7 @@ class LocalCluster:
         argv = node_argv(
             config_path or self.config_path,
             node_id,
-            extra_args=extra_args,
+            extra_args=(*self._node_args, *extra_args),
             python_args=self._python_args(node_id) if self._python_args else (),
         )
         with node.log_path.open("ab") as log:

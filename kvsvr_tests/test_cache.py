@@ -95,8 +95,11 @@ async def test_a_cache_hit_skips_the_coordinators_own_version_read(
 ) -> None:
     """A node (replication 1, in process): a strong get with the key cached
     reads the local row once (as the replica), not twice (also as the
-    coordinator looking up the version it knows), and answers the same."""
-    config = dataclasses.replace(local_cluster(1, free_base_port(1), secret="s"), data_dir=tmp_path)
+    coordinator looking up the version it knows), and answers the same.
+    Read leases are off: with one, the warm get reads nothing (next test)."""
+    config = dataclasses.replace(
+        local_cluster(1, free_base_port(1), secret="s"), data_dir=tmp_path, read_leases=False
+    )
     async with trio.open_nursery() as nursery:
         node: Node = await nursery.start(serve_node, config, "n1")
         reads = 0
@@ -118,4 +121,38 @@ async def test_a_cache_hit_skips_the_coordinators_own_version_read(
         warm = await node.client_get({"table": "default", "key": key})
         assert reads == 1 and node.cache.stats.hits == 1
         assert cold == warm == {"version": 1, "value": b"v"}
+        nursery.cancel_scope.cancel()
+
+
+@pure_python_only
+async def test_a_leased_key_is_read_from_the_cache_with_no_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A strong get that took a read lease leaves the key's value in the
+    cache; the next strong get is answered from it without reading a row or
+    sending a message, until a write of this node ends the lease."""
+    config = dataclasses.replace(local_cluster(1, free_base_port(1), secret="s"), data_dir=tmp_path)
+    async with trio.open_nursery() as nursery:
+        node: Node = await nursery.start(serve_node, config, "n1")
+        reads = 0
+        read_row = node.storage.read_row
+
+        def counting_read_row(table: str, key: bytes) -> Any:
+            nonlocal reads
+            reads += 1
+            return read_row(table, key)
+
+        monkeypatch.setattr(node.storage, "read_row", counting_read_row)
+        key = encode_key(b"k")
+        await node.client_put({"table": "default", "key": key, "value": b"v"})
+        cold = await node.client_get({"table": "default", "key": key})
+        assert node.coordinator.stats.leases_taken == 1
+        reads = 0  # the replica reads its row for every request of a round
+        warm = await node.client_get({"table": "default", "key": key})
+        assert reads == 0 and node.api.leased_reads == 1
+        assert cold == warm == {"version": 1, "value": b"v"}
+        await node.client_put({"table": "default", "key": key, "value": b"w"})
+        after = await node.client_get({"table": "default", "key": key})
+        assert after == {"version": 2, "value": b"w"} and node.api.leased_reads == 1
+        assert node.lease_status()["held"] == 1  # the read after the write took a new one
         nursery.cancel_scope.cancel()

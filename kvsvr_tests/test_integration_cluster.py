@@ -272,8 +272,11 @@ async def test_two_of_three_paused_times_out_in_bounded_time(tmp_path: Path) -> 
             cluster.connect(UNAVAILABLE_TIMEOUT_S) as client,
             cluster.connect(CLIENT_TIMEOUT_S) as patient,
         ):
-            own, foreign = await _keys_by_preference(client, survivor, "acked", 2)
-            assert await patient.get(own[0]) is not None  # opens its connection to the survivor
+            own, foreign = await _keys_by_preference(client, survivor, "acked", 3)
+            # Opens its connection to the survivor, with a key of its own: the
+            # read takes a read lease on it, under which the survivor would
+            # answer it alone.
+            assert await patient.get(own[2]) is not None
             for node_id in paused:
                 cluster.pause(node_id)
             try:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvsvr.protocol import coordinator as coordinator_module
+from kvsvr.protocol import write_leases as write_leases_module
 from kvsvr.protocol.coordinator import LEASE_ENTRY_BYTES, Coordinator, Lease
 from kvsvr_tests.build_mode import pure_python_only
 
@@ -36,7 +36,7 @@ def test_the_table_is_bounded_in_bytes_and_forgets_the_oldest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     entry = LEASE_ENTRY_BYTES + len(b"k000")
-    monkeypatch.setattr(coordinator_module, "LEASES_BYTES_MAX", 10 * entry)
+    monkeypatch.setattr(write_leases_module, "LEASES_BYTES_MAX", 10 * entry)
     coordinator = Coordinator(1, random.Random(0))
     for index in range(10):
         coordinator.put_lease("t", b"k%03d" % index, Lease((1, 1), index, True))

@@ -27,6 +27,8 @@ from kvsvr.protocol.coordinator import (
     Round,
 )
 from kvsvr.protocol.messages import (
+    LEASE_FOR_MAX,
+    WAIT_S_MAX,
     Accept,
     AcceptReply,
     Commit,
@@ -505,7 +507,9 @@ messages = st.one_of(
         st.none() | ints,
         ints,
     ),
-    st.builds(Read, st.text(max_size=8), st.binary(max_size=16), ints),
+    st.builds(
+        Read, st.text(max_size=8), st.binary(max_size=16), ints, st.integers(0, LEASE_FOR_MAX)
+    ),
     st.builds(
         ScanRequest,
         st.text(max_size=8),
@@ -525,7 +529,13 @@ messages = st.one_of(
         accepted,
         ints,
     ),
-    st.builds(AcceptReply, st.booleans(), ballots, ints),
+    st.builds(
+        AcceptReply,
+        st.booleans(),
+        ballots,
+        ints,
+        st.floats(min_value=0.0, max_value=WAIT_S_MAX),
+    ),
     st.builds(
         ReadReply,
         ints,
@@ -536,6 +546,7 @@ messages = st.one_of(
         ints,
         ballots,
         ints,
+        st.booleans(),
     ),
     st.builds(
         ScanReply,
@@ -642,12 +653,15 @@ def _sample_messages() -> list[Request | Reply]:
         Commit("t", KEY, 8, (4, 1), True, b"v", 5, 12),
         Commit("t", KEY, 8, (4, 1), False, None, None, 12),
         Read("t", KEY, 7),
+        Read("t", KEY, 7, 3),
         ScanRequest("t", b"p", b"a", b"z", 10),
         Promise(True, (4, 1), 7, True, b"v", 5, accepted, 11, ((6, 10), (5, 9))),
         Promise(False, (4, 1), 7, False, None, None, None, 11),
         AcceptReply(True, (4, 1), 7),
+        AcceptReply(False, (4, 1), 7, 1.5),
         ReadReply(7, True, b"v", 5, (3, 1), 8, (4, 1), 11),
         ReadReply(7, False, None, None, None, 0, (4, 1), 11),
+        ReadReply(7, False, None, None, None, 0, (4, 1), 11, True),
         ScanReply((ScanEntry(b"k", 1, b"v", None, 0),), False),
     ]
 

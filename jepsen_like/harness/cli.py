@@ -99,6 +99,26 @@ def parser() -> argparse.ArgumentParser:
         + "; or 'none' (default kill,pause,partition,corrupt)",
     )
     runner.add_argument(
+        "--clock-rate",
+        type=_positive,
+        metavar="R",
+        help="the clock nemesis runs clocks at this rate (e.g. 0.2: 5x slow, far outside "
+        "the assumed bound, to show the checker finds the stale reads it allows); "
+        "default: 1 +/- the cluster's clock_drift_max",
+    )
+    runner.add_argument(
+        "--lease-s",
+        type=_positive,
+        metavar="S",
+        help="the cluster's read-lease length (default: the config's default)",
+    )
+    runner.add_argument(
+        "--no-read-leases",
+        dest="read_leases",
+        action="store_false",
+        help="run the cluster with read leases off",
+    )
+    runner.add_argument(
         "--workload",
         choices=WORKLOADS,
         default="register",
@@ -129,6 +149,23 @@ def parser() -> argparse.ArgumentParser:
         help="register workload: N watchers per node follow every key through the faults; "
         "each watcher's stream must be in order, without duplicates or a skipped visible "
         f"version (0-{WATCHERS_PER_NODE_MAX}, default 0)",
+    )
+    runner.add_argument(
+        "--key-affinity",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="register workload: the share of a client's operations on the keys homed at "
+        "its node, as kvsvr's client sends a key's requests to its preferred coordinator "
+        "(read leases need it: a node leases only keys it alone writes); the rest go to "
+        "any key, e.g. 0.9 (default 0: every key alike)",
+    )
+    runner.add_argument(
+        "--reads",
+        type=_fraction,
+        metavar="F",
+        help="register workload: the share of reads; the rest are writes and "
+        "compare-and-sets, half each (default 0.4)",
     )
     runner.add_argument(
         "--seed",
@@ -210,10 +247,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         node_count=args.nodes,
         time_s=args.time_s,
         nemeses=args.nemesis,
+        clock_rate=args.clock_rate,
+        lease_s=args.lease_s,
+        read_leases=args.read_leases,
         workload=args.workload,
         stale_reads=args.stale_reads,
         near_cache=args.near_cache,
         watchers_per_node=args.watchers,
+        key_affinity=args.key_affinity,
+        read_fraction=args.reads,
         seed=args.seed,
         clients_per_node=args.clients_per_node,
         key_count=args.keys,

@@ -35,6 +35,7 @@ from kvsvr.local import (
     NodeEvent,
     free_ports,
     node_status,
+    set_clock_rate,
     write_config,
 )
 from kvsvr.local import LocalClusterError as ClusterError
@@ -162,6 +163,12 @@ class Cluster:
         """SIGCONT a paused node (a no-op for one that is not paused)."""
         self.local.resume(node_id)
 
+    async def set_clock_rate(self, node_id: str, rate: float) -> float:
+        """Run the node's monotonic clock at `rate` times real time (nodes of
+        `open_cluster` run with `--test-clock-control`); raises KvsvrError
+        (or trio.TooSlowError) if the node does not answer."""
+        return await set_clock_rate(self.local.address(node_id), self.local.secret, rate)
+
     async def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop every node: resume the paused, SIGTERM all, SIGKILL the stragglers."""
         await self.local.astop_all(timeout_s)
@@ -278,6 +285,8 @@ async def open_cluster(
             # then stops every node in order (paused ones included).
             new_session=True,
             stop_timeout_s=STOP_TIMEOUT_S,
+            # The `clock` nemesis sets the nodes' clock rates.
+            node_args=("--test-clock-control",),
         )
         cluster = Cluster(local, network)
         nursery.start_soon(cluster.watch_exits)

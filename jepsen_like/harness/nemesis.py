@@ -18,6 +18,11 @@ Names (for `--nemesis`):
 * `delay`: every link delays bytes by 75 +/- 50 ms; heal removes the delay.
 * `flaky`: every link closes a connection on 5 % of the chunks it carries.
 * `reset`: reset (RST) every node-to-node connection at once; nothing to heal.
+* `clock`: the monotonic clock of a random minority runs fast or slow, at the
+  edge of the cluster's `clock_drift_max` (1 +/- the bound), or at a fixed
+  rate far outside it (`ClockNemesis(rate=...)`, `--clock-rate`: the test that
+  the harness finds the stale reads a broken assumption allows); heal sets
+  rate 1. A node restarted meanwhile runs at rate 1 anyway.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from jepsen_like.harness.corrupt import Corruption, corrupt_file
 from jepsen_like.harness.history import History
 from jepsen_like.harness.partitions import SHAPES, describe_cut, shape_cut
 from jepsen_like.harness.proxy import Blackhole, Network
+from kvsvr.errors import KvsvrError
 
 # Time between the starts of two faults, drawn uniformly (seconds).
 FAULT_INTERVAL_MIN_S: Final = 3.0
@@ -49,7 +55,17 @@ DELAY_JITTER_S: Final = 0.050
 # Chance per chunk that the `flaky` nemesis closes the connection carrying it.
 FLAKY_CLOSE_FRACTION: Final = 0.05
 
-NEMESES: Final = ("kill", "pause", "partition", "corrupt", "delay", "flaky", "reset", "wipe")
+NEMESES: Final = (
+    "kill",
+    "pause",
+    "partition",
+    "corrupt",
+    "delay",
+    "flaky",
+    "reset",
+    "wipe",
+    "clock",
+)
 
 
 class NemesisError(Exception):
@@ -285,14 +301,50 @@ class ResetNemesis:
         return {}
 
 
+class ClockNemesis:
+    name = "clock"
+
+    def __init__(self, cluster: Cluster, rng: random.Random, rate: float | None = None) -> None:
+        """`rate`: the rate every clock it changes runs at; None: 1 +/- the
+        cluster's `clock_drift_max`, drawn per node."""
+        self.cluster = cluster
+        self.rng = rng
+        self.rate = rate
+        self.changed: list[str] = []
+
+    async def start(self) -> dict[str, Any]:
+        drift = self.cluster.config.clock_drift_max
+        rates: dict[str, float | str] = {}
+        for node_id in _minority(self.cluster.node_ids, self.rng):
+            rate = self.rate if self.rate is not None else self.rng.choice((1 - drift, 1 + drift))
+            try:
+                rates[node_id] = await self.cluster.set_clock_rate(node_id, rate)
+                self.changed.append(node_id)
+            except (KvsvrError, trio.TooSlowError, OSError) as error:
+                rates[node_id] = f"not set: {error}"
+        return {"rates": rates}
+
+    async def heal(self) -> dict[str, Any]:
+        changed, self.changed = self.changed, []
+        restored: dict[str, float | str] = {}
+        for node_id in changed:
+            try:
+                restored[node_id] = await self.cluster.set_clock_rate(node_id, 1.0)
+            except (KvsvrError, trio.TooSlowError, OSError) as error:
+                restored[node_id] = f"not set: {error}"
+        return {"rates": restored}
+
+
 def make_nemesis(
     name: str,
     cluster: Cluster,
     rng: random.Random,
     *,
     keys: Callable[[], Sequence[str]] | None = None,
+    clock_rate: float | None = None,
 ) -> Nemesis:
-    """A nemesis by name (see `NEMESES`); `keys` tells `corrupt` which keys to aim at."""
+    """A nemesis by name (see `NEMESES`); `keys` tells `corrupt` which keys to
+    aim at; `clock_rate` is the `clock` nemesis's rate (None: within bound)."""
     if name == "kill":
         return KillNemesis(cluster, rng)
     if name == "pause":
@@ -309,6 +361,8 @@ def make_nemesis(
         return ResetNemesis(cluster, rng)
     if name == "wipe":
         return WipeNemesis(cluster, rng)
+    if name == "clock":
+        return ClockNemesis(cluster, rng, clock_rate)
     raise ValueError(f"unknown nemesis {name!r}; expected some of {', '.join(NEMESES)}")
 
 

@@ -152,6 +152,11 @@ class RunConfig:
     node_count: int = 3
     time_s: float = 60.0
     nemeses: tuple[str, ...] = ("kill", "pause", "partition", "corrupt")
+    # The `clock` nemesis's rate (None: 1 +/- the cluster's clock_drift_max).
+    clock_rate: float | None = None
+    # Read leases: on or off, and their length (None: the config's default).
+    read_leases: bool = True
+    lease_s: float | None = None
     workload: str = "register"
     # The share of the register workload's reads sent as stale reads (0: all
     # strong). They are checked for per-process monotonicity, not linearizability.
@@ -162,6 +167,11 @@ class RunConfig:
     # Watchers per node following every key (0: none); their streams are
     # checked against the history (`jepsen_like.checker.watch`).
     watchers_per_node: int = 0
+    # Register workload: the share of a client's operations on the keys homed
+    # at its node (as kvsvr's client routes them); read leases need it.
+    key_affinity: float = 0.0
+    # Register workload: the share of reads (None: the workload's 0.4).
+    read_fraction: float | None = None
     seed: int = 0
     clients_per_node: int = 3
     key_count: int = 4
@@ -676,6 +686,9 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
             keys_rng,
             stale_reads=config.stale_reads,
             near_cache=config.near_cache,
+            key_affinity=config.key_affinity,
+            read_fraction=config.read_fraction,
+            node_ids=[f"n{i}" for i in range(1, config.node_count + 1)],
         )
     history = History(out / "history.jsonl")
     watchers = None
@@ -690,12 +703,24 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
     try:
         async with trio.open_nursery() as guard:
             guard.start_soon(_cancel_on_sigterm, guard.cancel_scope)
+            settings: dict[str, Any] = {"read_leases": config.read_leases}
+            if config.lease_s is not None:
+                settings["lease_s"] = config.lease_s
             async with open_cluster(
-                out / "cluster", config.node_count, rng=random.Random(f"{config.seed}-network")
+                out / "cluster",
+                config.node_count,
+                rng=random.Random(f"{config.seed}-network"),
+                settings=settings,
             ) as cluster:
                 nemesis_rng = random.Random(f"{config.seed}-nemesis-choices")
                 nemeses = [
-                    make_nemesis(name, cluster, nemesis_rng, keys=workload.active_keys)
+                    make_nemesis(
+                        name,
+                        cluster,
+                        nemesis_rng,
+                        keys=workload.active_keys,
+                        clock_rate=config.clock_rate,
+                    )
                     for name in config.nemeses
                 ]
                 outcome = await drive(

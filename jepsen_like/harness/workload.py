@@ -28,6 +28,7 @@ records the `if_version` it sends.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -159,8 +160,14 @@ class KeyRotation:
         self._left[key] = self.rng.randint(KEY_OPS_MIN, KEY_OPS_MAX)
         return key
 
-    def pick(self, rng: random.Random) -> str:
-        position = rng.randrange(len(self.active))
+    def pick(self, rng: random.Random, home: tuple[int, int] | None = None) -> str:
+        """A key in use; with `home = (i, n)`, one of the keys at positions
+        i, i + n, i + 2n... (the keys homed at node i of n), if there is one."""
+        if home is not None and home[0] < len(self.active):
+            first, step = home
+            position = rng.randrange(first, len(self.active), step)
+        else:
+            position = rng.randrange(len(self.active))
         key = self.active[position]
         self._left[key] -= 1
         if self._left[key] <= 0:
@@ -182,9 +189,22 @@ class RegisterWorkload:
         write_fraction: float = 0.3,
         stale_read_fraction: float = 0.0,
         near_cache: bool = False,
+        key_affinity: float = 0.0,
+        node_ids: Sequence[str] = (),
     ) -> None:
+        """`key_affinity`: the share of a client's operations on the keys
+        homed at its node (key position modulo the node count, `node_ids` in
+        order), as kvsvr's client sends a key's requests to its preferred
+        coordinator; the rest go to any key (0: every key alike). Read leases
+        need it: a node leases only keys that it alone writes."""
         if not 0.0 <= stale_read_fraction <= 1.0:
             raise ValueError(f"stale_read_fraction {stale_read_fraction} is not within [0, 1]")
+        if not 0.0 <= key_affinity <= 1.0:
+            raise ValueError(f"key_affinity {key_affinity} is not within [0, 1]")
+        if key_affinity > 0 and not node_ids:
+            raise ValueError("key_affinity needs the node ids")
+        self.key_affinity = key_affinity
+        self.homes = {node: index for index, node in enumerate(node_ids)}
         self.keys = KeyRotation("r", key_count, rng if rng is not None else random.Random(0))
         self.read_fraction = read_fraction
         self.write_fraction = write_fraction
@@ -206,7 +226,12 @@ class RegisterWorkload:
         return self._next_value
 
     def next_op(self, worker: Worker, rng: random.Random) -> PlannedOp:
-        key = self.keys.pick(rng)
+        home = None
+        # Drawn only with an affinity, so the runs of a seed without one keep
+        # their sequence of operations.
+        if self.key_affinity > 0 and rng.random() < self.key_affinity:
+            home = (self.homes[worker.node], len(self.homes))
+        key = self.keys.pick(rng, home)
         roll = rng.random()
         if roll < self.read_fraction:
             # Drawn only when asked for, so the runs of a seed without stale
@@ -336,15 +361,36 @@ def make_workload(
     *,
     stale_reads: float = 0.0,
     near_cache: bool = False,
+    key_affinity: float = 0.0,
+    node_ids: Sequence[str] = (),
+    read_fraction: float | None = None,
 ) -> Workload:
     """The named workload; `stale_reads` is the share of register reads sent
-    stale, `near_cache` makes its strong reads send the version they hold."""
+    stale, `near_cache` makes its strong reads send the version they hold,
+    `key_affinity` the share of a client's operations on its node's keys,
+    `read_fraction` the share of register reads (the rest are writes and
+    compare-and-sets, half each; None: 0.4, 0.3, 0.3)."""
+    if read_fraction is not None and name != "register":
+        raise ValueError("the read fraction is a register workload option")
     if name == "register":
-        return RegisterWorkload(
-            key_count, rng, stale_read_fraction=stale_reads, near_cache=near_cache
+        fractions: dict[str, float] = (
+            {}
+            if read_fraction is None
+            else {"read_fraction": read_fraction, "write_fraction": (1 - read_fraction) / 2}
         )
-    if stale_reads or near_cache:
-        raise ValueError("stale reads and the near cache are register workload options")
+        return RegisterWorkload(
+            key_count,
+            rng,
+            **fractions,
+            stale_read_fraction=stale_reads,
+            near_cache=near_cache,
+            key_affinity=key_affinity,
+            node_ids=node_ids,
+        )
+    if stale_reads or near_cache or key_affinity:
+        raise ValueError(
+            "stale reads, the near cache and key affinity are register workload options"
+        )
     if name == "kv":
         return KvWorkload(key_count, rng)
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")

@@ -16,6 +16,7 @@ from typing import Any
 
 from jepsen_like.sim.world import NetworkFaults, World
 from kvsvr.protocol.coordinator import Mutation, Outcome, Status
+from kvsvr.protocol.read_lease import LeaseTiming
 
 # Final reads after healing: each is retried until one succeeds, at most this often.
 FINAL_READ_ATTEMPTS = 20
@@ -43,6 +44,15 @@ class SimConfig:
     # Let each seed draw its own network profile (loss, duplication, delays up
     # to beyond the round timeout, so that late replies land in later rounds).
     vary_network: bool = True
+    # Read leases, in simulated seconds (a lease spans many operations and
+    # several nemesis actions), and the clock-rate bound they assume: each
+    # node's clock runs at a rate drawn within the bound, from a generator of
+    # its own so that seeds keep their schedules.
+    read_leases: bool = True
+    lease_s: float = 0.05
+    clock_drift_max: float = 0.01
+    # node -> clock rate, overriding the drawn ones (to break the assumption).
+    clock_rates: dict[int, float] | None = None
 
 
 @dataclass
@@ -53,6 +63,7 @@ class SimResult:
     messages: int = 0
     sim_time_s: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    local_reads: int = 0
 
 
 def _decode(value: bytes | None) -> int | None:
@@ -176,7 +187,14 @@ class _Run:
             loss=config.loss,
             duplication=config.duplication,
         )
-        self.world = World(seed, config.nodes, faults, trace)
+        leases = LeaseTiming(config.lease_s, config.clock_drift_max) if config.read_leases else None
+        rate_rng = random.Random(seed ^ 0xC10C)
+        rho = config.clock_drift_max
+        clock_rates = {
+            node: rate_rng.uniform(1 - rho, 1 + rho) for node in range(1, config.nodes + 1)
+        }
+        clock_rates.update(config.clock_rates or {})
+        self.world = World(seed, config.nodes, faults, trace, leases, clock_rates)
         self.rng = self.world.rng
         self.fold_rng = random.Random(seed ^ 0xF01D)
         self.history: list[dict[str, Any]] = []
@@ -276,4 +294,5 @@ def simulate(
         messages=world.messages_sent,
         sim_time_s=world.now_s,
         counts=counts,
+        local_reads=world.local_reads,
     )

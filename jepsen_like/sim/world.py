@@ -27,9 +27,11 @@ from kvsvr.protocol.coordinator import (
     Outcome,
     Replies,
     Round,
+    Status,
     is_positive,
 )
-from kvsvr.protocol.messages import Reply, Request, ScanRequest
+from kvsvr.protocol.messages import Accept, Read, Reply, Request, ScanRequest
+from kvsvr.protocol.read_lease import Grants, Holds, LeaseTiming
 from kvsvr.protocol.state import EMPTY_ROW, Row
 
 # A round the driver has waited this long for is answered with what came in.
@@ -58,6 +60,15 @@ class SimNode:
     coordinator: Coordinator | None = None
     up: bool = True
     incarnation: int = 0
+    # The node's monotonic clock: clock_offset + clock_rate * simulated time.
+    clock_rate: float = 1.0
+    clock_offset: float = 0.0
+    # Read leases (None when the world runs without them): the grants this
+    # replica made, the leases this coordinator holds, and the value each
+    # held key had when it was read or written under the lease.
+    grants: Grants | None = None
+    holds: Holds | None = None
+    leased_values: dict[tuple[str, bytes], tuple[int, bytes | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,14 +91,22 @@ class World:
         node_count: int = 3,
         faults: NetworkFaults | None = None,
         trace: Callable[[str], None] | None = None,
+        leases: LeaseTiming | None = None,
+        clock_rates: dict[int, float] | None = None,
     ) -> None:
+        """`leases`: run with read leases. `clock_rates`: node -> the rate of
+        its monotonic clock against simulated time (1.0 when not named)."""
         self.seed = seed
         self.rng = random.Random(seed)
         self.now_s = 0.0
         self.faults = faults or NetworkFaults()
+        self.leases = leases
         self.nodes = {i: SimNode(i) for i in range(1, node_count + 1)}
         for node in self.nodes.values():
             node.coordinator = Coordinator(node.node_id, random.Random(self.rng.getrandbits(64)))
+            node.clock_rate = (clock_rates or {}).get(node.node_id, 1.0)
+            node.clock_offset = 1000.0 * node.node_id
+            self._start_leases(node)
         self.replicas = sorted(self.nodes)
         self.blocked: set[tuple[int, int]] = set()  # directed links that drop everything
         self._events: list[tuple[float, int, Callable[[], None]]] = []
@@ -98,6 +117,7 @@ class World:
         # Every value ever chosen per (table, key, version), across all replicas.
         self.chosen: dict[tuple[str, bytes, int], bytes | None] = {}
         self.messages_sent = 0
+        self.local_reads = 0  # strong reads a lease holder answered with no message
 
     # ------------------------------------------------------------ events
 
@@ -117,6 +137,18 @@ class World:
             when, _, action = heapq.heappop(self._events)
             self.now_s = when
             action()
+
+    def clock(self, node: SimNode) -> float:
+        return node.clock_offset + node.clock_rate * self.now_s
+
+    def _start_leases(self, node: SimNode) -> None:
+        """A node starting up: no grants remembered (so none made for one
+        hold period), no leases held."""
+        node.leased_values = {}
+        if self.leases is None:
+            return
+        node.grants = Grants(self.leases, started_at=self.clock(node))
+        node.holds = Holds(self.leases)
 
     def log(self, text: str) -> None:
         if self._trace is not None:
@@ -158,6 +190,7 @@ class World:
             return
         node.up = True
         node.coordinator = Coordinator(node_id, random.Random(self.rng.getrandbits(64)))
+        self._start_leases(node)
         self.log(f"restart n{node_id}")
 
     # ------------------------------------------------------------ network
@@ -206,7 +239,18 @@ class World:
 
             return ScanReply(entries, len(keys) > message.limit)
         slot = (message.table, message.key)
-        new_row, reply = replica.handle(node.rows.get(slot, EMPTY_ROW), message)
+        row = node.rows.get(slot, EMPTY_ROW)
+        grants = node.grants
+        new_row: Row | None
+        reply: Reply | None
+        if grants is not None and isinstance(message, Read) and message.lease_for:
+            granted = grants.grant(message.table, message.key, message.lease_for, self.clock(node))
+            return replica.on_read(row, message, granted)
+        if grants is not None and isinstance(message, Accept):
+            wait_s = grants.wait_s(message.table, message.key, message.ballot[1], self.clock(node))
+            new_row, reply = replica.on_accept(row, message, wait_s)
+        else:
+            new_row, reply = replica.handle(row, message)
         if new_row is not None:
             node.rows[slot] = new_row
             self._record_chosen(message.table, message.key, new_row)
@@ -279,6 +323,12 @@ class World:
     def _send_round(self, op: _RunningOp, round_number: int) -> None:
         if op.finished or op.round_number != round_number or op.current is None:
             return
+        holds = self.nodes[op.node_id].holds
+        if holds is not None:
+            for message in op.current.requests.values():
+                if isinstance(message, Accept):
+                    holds.accept_sent(message.table, message.key)
+                    break  # one key per round
         for dst, message in op.current.requests.items():
             self._send(op.node_id, dst, ("request", op.node_id, op.op_token, round_number, message))
         worst_rtt_s = 2 * self.faults.delay_max_s
@@ -319,6 +369,29 @@ class World:
     ) -> None:
         table = "default"
         now_ms = int(self.now_s * 1000)
+        node = self.nodes[node_id]
+        holds = node.holds
+        if holds is not None and node.up:
+            slot = (table, key)
+            holds.write_started(table, key)
+            incarnation = node.incarnation
+
+            def done(outcome: Outcome | None) -> None:
+                if node.incarnation == incarnation:
+                    known = outcome is not None and outcome.status != Status.UNAVAILABLE
+                    if outcome is not None and outcome.status == Status.OK:
+                        node.leased_values[slot] = (outcome.version, mutation.value)
+                    holds.write_finished(table, key, known)
+                on_done(outcome)
+
+            self.start(
+                node_id,
+                lambda c: c.write(
+                    table, key, self.replicas, mutation, now_ms, self._known(node_id, key)
+                ),
+                done,
+            )
+            return
         self.start(
             node_id,
             lambda c: c.write(
@@ -330,10 +403,44 @@ class World:
     def read(self, node_id: int, key: bytes, on_done: Callable[[Outcome | None], None]) -> None:
         table = "default"
         now_ms = int(self.now_s * 1000)
+        node = self.nodes[node_id]
+        holds = node.holds
+        if holds is None or not node.up:
+            self.start(
+                node_id,
+                lambda c: c.read(table, key, self.replicas, now_ms, self._known(node_id, key)),
+                on_done,
+            )
+            return
+        slot = (table, key)
+        leased = node.leased_values.get(slot)
+        if leased is not None and holds.reads_locally(table, key, self.clock(node)):
+            # Answered from the holder's own copy, with no message.
+            version, value = leased
+            self.local_reads += 1
+            self.log(f"n{node_id} reads {key!r} locally at version {version}")
+            self.at(LOCAL_DELAY_S, lambda: on_done(Outcome(Status.OK, version, value)))
+            return
+        sent_at = self.clock(node)
+        started = holds.read_started(table, key)
+        incarnation = node.incarnation
+
+        def done(outcome: Outcome | None) -> None:
+            if (
+                outcome is not None
+                and outcome.leased
+                and node.incarnation == incarnation
+                and holds.took(table, key, sent_at, self.clock(node), started)
+            ):
+                node.leased_values[slot] = (outcome.version, outcome.value)
+            on_done(outcome)
+
         self.start(
             node_id,
-            lambda c: c.read(table, key, self.replicas, now_ms, self._known(node_id, key)),
-            on_done,
+            lambda c: c.read(
+                table, key, self.replicas, now_ms, self._known(node_id, key), lease=True
+            ),
+            done,
         )
 
     def _known(self, node_id: int, key: bytes) -> int:

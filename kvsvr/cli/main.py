@@ -138,6 +138,10 @@ def _add_node(commands: _Commands) -> None:
         "this node as a member), 'existing' replaces a member and rebuilds from its peers "
         "before voting (default: the config's initial_state, else new)",
     )
+    # For the fault harness only: the node's monotonic clock runs at a rate a
+    # test may set (`kvsvr.clock.TEST_CLOCK_RATE_METHOD`), to break the
+    # clock-rate assumption read leases make.
+    parser.add_argument("--test-clock-control", action="store_true", help=argparse.SUPPRESS)
 
 
 def _client_options() -> argparse.ArgumentParser:

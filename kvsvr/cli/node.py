@@ -20,9 +20,14 @@ def run_node_command(args: argparse.Namespace) -> int:
             raise
         complain(f"this kvsvr has no node implementation ({exc})")
         return EXIT_ERROR
-    run_node = cast(Callable[[str, str, str | None], int], server.run_node)
+    run_node = cast(Callable[..., int], server.run_node)
     try:
-        return run_node(args.config, args.id, args.initial_cluster_state)
+        return run_node(
+            args.config,
+            args.id,
+            args.initial_cluster_state,
+            test_clock_control=args.test_clock_control,
+        )
     except ConfigError as exc:
         complain(f"bad config: {exc}")
         return EXIT_ERROR

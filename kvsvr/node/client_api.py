@@ -35,7 +35,7 @@ from kvsvr.clock import Clock
 from kvsvr.config import NodeConfig, TableConfig
 from kvsvr.errors import Conflict, InvalidRequest, KvsvrError, Unavailable
 from kvsvr.keys import decode_key, partition_prefix
-from kvsvr.node.cache import RowCache
+from kvsvr.node.cache import CachedRow, RowCache
 from kvsvr.node.engine import Drive, OperationDone, Respond, StrongReads
 from kvsvr.node.replica_side import ReplicaSide
 from kvsvr.node.replication import Replication
@@ -45,6 +45,7 @@ from kvsvr.node.writes import Writes
 from kvsvr.protocol.catchup_messages import APPLY, ROWS, ApplyRows, RowsReply, RowsRequest
 from kvsvr.protocol.coordinator import Coordinator, Mutation, Outcome, Status
 from kvsvr.protocol.eventual import HybridClock, eventual_row
+from kvsvr.protocol.read_lease import Holds
 from kvsvr.protocol.state import EMPTY_ROW
 from kvsvr.storage import decode_row, encode_row
 
@@ -134,6 +135,7 @@ class ClientApi:
         self.hlc = hlc
         self.clock = clock
         self.replication: Replication | None = None  # set by the node once built
+        self.leased_reads = 0  # strong reads answered under a read lease, with no message
         self.nursery: trio.Nursery | None = None
 
     def _eventual(self, table: str) -> bool:
@@ -227,6 +229,15 @@ class ClientApi:
             respond(answer, None)
             return
         table, key, replicas = get.table, get.key, get.replicas
+        holds = self.rounds.holds
+        if holds is not None and holds.reads_locally(table, key, self.clock.monotonic()):
+            entry = self.cache.get(table, key)
+            if entry is not None:
+                # A read lease of ours holds: no other node can get a version
+                # chosen, and we have none in flight (`kvsvr.protocol.read_lease`).
+                self.leased_reads += 1
+                respond(self._leased_answer(entry, get.cached_version), None)
+                return
 
         def make() -> Operation:
             return self._strong_read_operation(table, key, replicas)
@@ -282,7 +293,43 @@ class ClientApi:
         cached = None if entry is None else (entry.version, entry.value, entry.expires_at_ms)
         # Replicas compare against the cached version when there is one.
         known = -1 if cached is not None else self._local_version(table, key, replicas)
-        return self.coordinator.read(table, key, replicas, self.clock.wall_ms(), known, cached)
+        holds = self.rounds.holds
+        if holds is None or not self.cache.enabled or not self.tables[table].read_leases:
+            return self.coordinator.read(table, key, replicas, self.clock.wall_ms(), known, cached)
+        return self._leasing_read(holds, table, key, replicas, known, cached)
+
+    def _leasing_read(
+        self,
+        holds: Holds,
+        table: str,
+        key: bytes,
+        replicas: list[int],
+        known: int,
+        cached: tuple[int, bytes | None, int | None] | None,
+    ) -> Operation:
+        """A strong read that asks for a read lease, counted from before its
+        first request leaves; once held, the key's value waits in the cache
+        for the reads the lease answers."""
+        clock = self.clock
+        sent_at = clock.monotonic()
+        started = holds.read_started(table, key)
+        outcome: Outcome = yield from self.coordinator.read(
+            table, key, replicas, clock.wall_ms(), known, cached, lease=True
+        )
+        if outcome.leased and outcome.status == Status.OK:
+            now = clock.monotonic()
+            if holds.took(table, key, sent_at, now, started):
+                self.cache.put(
+                    table, key, outcome.version, outcome.value, outcome.expires_at_ms, now
+                )
+        return outcome
+
+    def _leased_answer(self, entry: CachedRow, client_version: int | None) -> dict[str, Any]:
+        if client_version is not None and entry.version == client_version:
+            if entry.value is not None:
+                self.cache.stats.unchanged += 1
+                return GetReply(entry.version, None, unchanged=True).to_wire()
+        return self._answer(entry.version, entry.value, entry.expires_at_ms)
 
     def _strong_get_reply(
         self, table: str, key: bytes, outcome: Outcome, client_version: int | None

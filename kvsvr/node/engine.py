@@ -34,6 +34,7 @@ from kvsvr.node.rounds import (
 )
 from kvsvr.node.write_queue import Operation, Slot
 from kvsvr.protocol.coordinator import Outcome, Replies, Round
+from kvsvr.protocol.messages import Accept
 
 log = logging.getLogger("kvsvr.node")
 
@@ -142,6 +143,13 @@ class Drive:
 
     def _start_round(self, current: Round) -> None:
         rounds = self.rounds
+        holds = rounds.holds
+        if holds is not None:
+            # An Accept of ours may get a version chosen that a read lease
+            # of ours does not hold: the lease ends before it leaves.
+            message = next(iter(current.requests.values()))
+            if type(message) is Accept:
+                holds.accept_sent(message.table, message.key)
         round_deadline = min(trio.current_time() + ROUND_TIMEOUT_S, self.deadline.at)
         collector = RoundCollector(current.quorum)
         first, rest = rounds.thrifty_split(current)

@@ -15,11 +15,13 @@ from typing import Protocol
 import trio
 
 from kvsvr.api import SCAN_LIMIT_MAX
+from kvsvr.clock import SYSTEM_CLOCK, Clock
 from kvsvr.config import TableConfig
 from kvsvr.errors import CorruptRow, InvalidRequest, KvsvrError, Unavailable
 from kvsvr.node.rounds import ReplicaAnswer
 from kvsvr.protocol import replica
-from kvsvr.protocol.messages import Commit, Reply, Request, ScanReply, ScanRequest
+from kvsvr.protocol.messages import Accept, Commit, Read, Reply, Request, ScanReply, ScanRequest
+from kvsvr.protocol.read_lease import Grants
 from kvsvr.protocol.state import EMPTY_ROW, Row
 from kvsvr.storage import Storage, encode_row
 from kvsvr.storage.engine import CommitTicket, prefix_end
@@ -54,6 +56,10 @@ class ReplicaSide:
         self.gate: VoteGate | None = None  # set once catch-up exists: see `Node`
         self.nursery: trio.Nursery | None = None
         self.corrupt_rows_seen = 0
+        # The read leases this replica granted (None: leases are off), timed
+        # on `clock`. Set by the node.
+        self.grants: Grants | None = None
+        self.clock: Clock = SYSTEM_CLOCK
 
     def check_table(self, table: str) -> None:
         if table not in self.tables:
@@ -125,11 +131,35 @@ class ReplicaSide:
             raise InvalidRequest("commit is a one-way message")
         if self.eventual(message.table):
             raise InvalidRequest(f"table {message.table!r} is eventual: no Paxos rounds")
-        new_row, reply = replica.handle(self.read_row(message.table, message.key), message)
+        row = self.read_row(message.table, message.key)
+        if self.grants is not None and type(message) in (Read, Accept):
+            return self._with_leases(row, message, self.grants)
+        new_row, reply = replica.handle(row, message)
         assert reply is not None
         if new_row is None:
             return reply, None
         # Durable before the answer leaves: a forgotten promise breaks Paxos.
+        return reply, self.storage.stage(message.table, message.key, new_row)
+
+    def _with_leases(
+        self, row: Row, message: Request, grants: Grants
+    ) -> tuple[Reply, CommitTicket | None]:
+        """A read that asks for a lease is granted one (unless the table takes
+        none, or `Grants` refuses); an Accept from a node other than the
+        key's lease holders waits for their leases to lapse."""
+        now = self.clock.monotonic()
+        if isinstance(message, Read):
+            granted = (
+                message.lease_for > 0
+                and self.tables[message.table].read_leases
+                and grants.grant(message.table, message.key, message.lease_for, now)
+            )
+            return replica.on_read(row, message, granted), None
+        assert isinstance(message, Accept)
+        wait_s = grants.wait_s(message.table, message.key, message.ballot[1], now)
+        new_row, reply = replica.on_accept(row, message, wait_s)
+        if new_row is None:
+            return reply, None
         return reply, self.storage.stage(message.table, message.key, new_row)
 
     def _must_wait_to_vote(self, message: Request) -> bool:

@@ -38,6 +38,7 @@ from kvsvr.protocol.messages import (
     from_wire,
     to_wire,
 )
+from kvsvr.protocol.read_lease import Holds
 
 log = logging.getLogger("kvsvr.node")
 
@@ -435,6 +436,9 @@ class Rounds:
         self.rounds_thrifty = 0  # rounds that asked a majority first
         self.rounds_hedged = 0  # ... and then had to ask the others too
         self.round_time_s = ROUND_HEDGE_MIN_S  # moving average of thrifty rounds
+        # The read leases this coordinator holds (None: leases are off): every
+        # Accept round it sends ends its lease on the key (`Drive`).
+        self.holds: Holds | None = None
 
     def link(self, nursery: trio.Nursery, peers: dict[int, PeerLink]) -> None:
         """Start the runners in `nursery` and reach the peers through `peers`."""

@@ -43,7 +43,7 @@ from kvsvr.api import (
     TableConsistency,
     TableInfo,
 )
-from kvsvr.clock import SYSTEM_CLOCK, Clock
+from kvsvr.clock import SYSTEM_CLOCK, TEST_CLOCK_RATE_METHOD, Clock, RateClock
 from kvsvr.config import ClusterConfig, ConfigError, load_config, new_cluster_id
 from kvsvr.errors import FrameError, InvalidRequest, KvsvrError
 from kvsvr.keys import decode_key
@@ -74,6 +74,7 @@ from kvsvr.protocol.messages import (
     to_wire,
 )
 from kvsvr.protocol.placement import partition_of
+from kvsvr.protocol.read_lease import Grants, Holds
 from kvsvr.protocol.state import EMPTY_ROW, Row
 from kvsvr.storage import Storage
 from kvsvr.storage.residency import ResidencyGuard
@@ -164,11 +165,46 @@ class Node:
         )
         self.replica_side.gate = self.replication
         self.api.replication = self.replication
+        self._start_read_leases()
         # The client requests every entry point starts on the engine.
         self._client_methods: dict[str, Callable[[object, Respond], None]] = {
             Method.GET: self.api.get,
             Method.PUT: self.api.put,
             Method.SCAN: self.api.scan,
+        }
+
+    def _start_read_leases(self) -> None:
+        """Read leases (`kvsvr.protocol.read_lease`): the grants this replica
+        makes, the leases this coordinator holds. A replica accepts nothing
+        for one hold period after it starts, or after its rows are rebuilt,
+        since it may have forgotten grants it made before; a node with an
+        empty data directory founding a new cluster made none."""
+        timing = self.config.lease_timing
+        if timing is None:
+            return
+        clock = self.clock
+        grants = Grants(timing, started_at=clock.monotonic())
+        if self.replication.start.kind == "ask_peers":
+            grants.open_accepts()
+        self.replication.readiness.on_rebuilt = lambda: grants.restart(clock.monotonic())
+        self.replica_side.grants = grants
+        self.replica_side.clock = clock
+        self.rounds.holds = Holds(timing)
+
+    def lease_status(self) -> dict[str, Any]:
+        grants, holds = self.replica_side.grants, self.rounds.holds
+        now = self.clock.monotonic()
+        stats = self.coordinator.stats
+        return {
+            "enabled": holds is not None,
+            "lease_s": self.config.lease_s,
+            "clock_drift_max": self.config.clock_drift_max,
+            "held": 0 if holds is None else holds.count(now),
+            "granted": 0 if grants is None else grants.count(now),
+            "accepts_open": grants is None or grants.accepts_open(now),
+            "taken": stats.leases_taken,
+            "local_reads": self.api.leased_reads,
+            "write_waits": stats.lease_waits,
         }
 
     def link_peers(self, nursery: trio.Nursery) -> None:
@@ -266,6 +302,7 @@ class Node:
                 "groups_folded": self.writes.queues.groups_folded,
                 "writes_folded": self.writes.queues.writes_folded,
             },
+            "read_leases": self.lease_status(),
             "cache": {
                 **asdict(self.cache.stats),
                 "hit_ratio": round(self.cache.hit_ratio(), 4),
@@ -300,6 +337,8 @@ class Node:
             return self.client_status()
         if method == Method.WATCH:
             return await self.watches.watch(peer, body)
+        if method == TEST_CLOCK_RATE_METHOD:
+            return self._set_clock_rate(body)
         if method == Method.RECOVER:
             request = RecoverRequest.from_wire(body)
             return await self.replication.recover(request.accept_data_loss)
@@ -309,6 +348,25 @@ class Node:
         if not isinstance(body, dict):
             raise InvalidRequest(f"{method}: the body must be a map")
         raise InvalidRequest(f"unknown method {method!r}")
+
+    def _set_clock_rate(self, body: object) -> dict[str, Any]:
+        clock = self.clock
+        if not isinstance(clock, RateClock):
+            raise InvalidRequest(
+                "this node's clock rate cannot be set (start it with --test-clock-control)"
+            )
+        rate = body.get("rate") if isinstance(body, dict) else None
+        if (
+            not isinstance(rate, int | float)
+            or isinstance(rate, bool)
+            or not RateClock.RATE_MIN <= rate <= RateClock.RATE_MAX
+        ):
+            raise InvalidRequest(
+                f"rate must be a number from {RateClock.RATE_MIN} to {RateClock.RATE_MAX}"
+            )
+        clock.set_rate(float(rate))
+        log.warning("test clock control: the monotonic clock now runs at %.3fx real time", rate)
+        return {"rate": clock.rate}
 
     def handle_request_nowait(
         self,
@@ -417,10 +475,14 @@ def _require_cluster_id(config: ClusterConfig) -> None:
         )
 
 
-async def _main(config: ClusterConfig, node_id: str, initial_state: str | None) -> None:
+async def _main(
+    config: ClusterConfig, node_id: str, initial_state: str | None, clock: Clock
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(serve_node, config, node_id, initial_state=initial_state))
+            nursery.start_soon(
+                partial(serve_node, config, node_id, initial_state=initial_state, clock=clock)
+            )
             async for signum in signals:
                 log.info("signal %d: stopping", signum)
                 nursery.cancel_scope.cancel()
@@ -459,9 +521,17 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-def run_node(config_path: str, node_id: str, initial_state: str | None = None) -> int:
+def run_node(
+    config_path: str,
+    node_id: str,
+    initial_state: str | None = None,
+    *,
+    test_clock_control: bool = False,
+) -> int:
     """`kvsvr node`: serve until SIGTERM or SIGINT. Returns the exit code.
-    `initial_state` ("new" or "existing") overrides the config's."""
+    `initial_state` ("new" or "existing") overrides the config's;
+    `test_clock_control`: run on a `RateClock` a test may set (see
+    `kvsvr.clock.TEST_CLOCK_RATE_METHOD`)."""
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {node_id} %(levelname)s %(name)s: %(message)s",
@@ -472,7 +542,10 @@ def run_node(config_path: str, node_id: str, initial_state: str | None = None) -
     log.info("build: %s", _build.describe(_build.compiled_modules()))
     tune_gc()
     try:
-        trio.run(_main, config, node_id, initial_state)
+        clock: Clock = RateClock() if test_clock_control else SYSTEM_CLOCK
+        if test_clock_control:
+            log.warning("test clock control is on: for the fault harness only")
+        trio.run(_main, config, node_id, initial_state, clock)
     except (lifecycle.WrongCluster, BaseExceptionGroup) as failure:
         refused = _leaves(failure)
         if not all(isinstance(leaf, lifecycle.WrongCluster) for leaf in refused):

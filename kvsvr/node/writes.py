@@ -203,6 +203,9 @@ class TurnWrite:
         if self.timer is not None:
             self.timer.then = None
         operation, self.folded = writes.group_operation(self.slot, group)
+        holds = writes.rounds.holds
+        if holds is not None:
+            holds.write_started(*self.slot)
         Drive(writes.rounds, operation, self.deadline, self._group_done).start()
 
     def _group_done(self, outcome: Outcome | None, error: KvsvrError | None) -> None:
@@ -210,6 +213,10 @@ class TurnWrite:
         writes = self.writes
         group = self.write.group
         assert group is not None
+        holds = writes.rounds.holds
+        if holds is not None:
+            known = outcome is not None and outcome.status != Status.UNAVAILABLE
+            holds.write_finished(*self.slot, known)
         try:
             if outcome is None:
                 fail_group(group, "the write it was folded with did not finish; outcome unknown")

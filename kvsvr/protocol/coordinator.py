@@ -25,7 +25,6 @@ chosen still holds a majority's promise and skips phase 1 (the fast path).
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -61,6 +60,10 @@ from kvsvr.protocol.rounds import Round as Round
 from kvsvr.protocol.rounds import Status as Status
 from kvsvr.protocol.rounds import is_positive as is_positive
 from kvsvr.protocol.state import Ballot
+from kvsvr.protocol.write_leases import LEASE_ENTRY_BYTES as LEASE_ENTRY_BYTES
+from kvsvr.protocol.write_leases import LEASES_BYTES_MAX as LEASES_BYTES_MAX
+from kvsvr.protocol.write_leases import Lease as Lease
+from kvsvr.protocol.write_leases import WriteLeases
 
 # Rounds one operation may try before giving up with Unavailable. Each failed
 # round means a duel with another coordinator or a missing majority; beyond a
@@ -80,47 +83,6 @@ READ_WAITS_MAX = 3
 # randomised so that duelling coordinators fall out of step.
 BACKOFF_BASE_S = 0.002
 BACKOFF_MAX_S = 0.2
-# Keys for which a coordinator remembers that it holds the promise (fast path),
-# bounded in bytes so that a node writing millions of distinct keys does not
-# grow without end (a forgotten lease only costs one extra round trip). An
-# entry is the key, its slot in an OrderedDict and one packed int: about
-# LEASE_ENTRY_BYTES + len(key), so 16 MiB remember ~80,000 short keys. A
-# bound in bytes, not entries, counts long keys at their size.
-LEASES_BYTES_MAX = 16 << 20
-LEASE_ENTRY_BYTES = 160
-_U64 = (1 << 64) - 1
-
-
-@dataclass(slots=True)
-class Lease:
-    """This coordinator's last proposal on a key was chosen under `ballot`."""
-
-    ballot: Ballot
-    version: int
-    present: bool | None  # None: not known (then if_absent takes the full path)
-
-
-_PRESENT_CODES: dict[bool | None, int] = {None: 0, False: 1, True: 2}
-_PRESENT_OF_CODE: tuple[bool | None, ...] = (None, False, True)
-
-
-def _pack_lease(lease: Lease) -> int | None:
-    """A lease as one int (version, ballot round, ballot node, presence in
-    64-bit fields): a quarter of the memory of the objects, for many keys. None
-    if a field does not fit (a ballot past 2**64 - 1, as only a peer that sent
-    one could make us reach): that key then goes without a lease."""
-    round_, node = lease.ballot
-    if not (0 <= lease.version <= _U64 and 0 <= round_ <= _U64 and 0 <= node <= _U64):
-        return None
-    return lease.version | round_ << 64 | node << 128 | _PRESENT_CODES[lease.present] << 192
-
-
-def _unpack_lease(packed: int) -> Lease:
-    return Lease(
-        ((packed >> 64) & _U64, (packed >> 128) & _U64),
-        packed & _U64,
-        _PRESENT_OF_CODE[packed >> 192],
-    )
 
 
 @dataclass(slots=True)
@@ -134,19 +96,20 @@ class CoordinatorStats:
     unavailable: int = 0
     duels: int = 0
     read_waits: int = 0  # reads that found their own proposal in flight and read again
+    lease_waits: int = 0  # accept rounds held back by another node's read lease
+    leases_taken: int = 0  # strong reads that took a read lease
 
 
-class Coordinator:
-    """One node's coordinator state, shared by all the operations it runs."""
+class Coordinator(WriteLeases):
+    """One node's coordinator state, shared by all the operations it runs
+    (the promises it holds, `WriteLeases`, included)."""
 
     def __init__(self, node_id: NodeId, rng: random.Random) -> None:
         assert node_id > 0, "node ids start at 1 so that ballot (0, 0) is below all"
+        super().__init__()
         self.node_id = node_id
         self.rng = rng
         self.round_seen = 0
-        # table -> key -> packed Lease (see `_pack_lease`), least recently put first.
-        self._leases: dict[str, OrderedDict[bytes, int]] = {}
-        self.lease_bytes = 0
         self.stats = CoordinatorStats()
         self._op_counter = 0
 
@@ -163,53 +126,6 @@ class Coordinator:
 
     def observe(self, ballot: Ballot) -> None:
         self.round_seen = max(self.round_seen, ballot[0])
-
-    def has_lease(self, table: str, key: bytes) -> bool:
-        leases = self._leases.get(table)
-        return leases is not None and key in leases
-
-    def lease_count(self) -> int:
-        return sum(len(leases) for leases in self._leases.values())
-
-    def take_lease(self, table: str, key: bytes) -> Lease | None:
-        leases = self._leases.get(table)
-        if leases is None:
-            return None
-        packed = leases.pop(key, None)
-        if packed is None:
-            return None
-        self.lease_bytes -= LEASE_ENTRY_BYTES + len(key)
-        return _unpack_lease(packed)
-
-    def drop_lease(self, table: str, key: bytes) -> None:
-        self.take_lease(table, key)
-
-    def put_lease(self, table: str, key: bytes, lease: Lease) -> None:
-        leases = self._leases.get(table)
-        if leases is None:
-            leases = self._leases[table] = OrderedDict()
-        packed = _pack_lease(lease)
-        if leases.pop(key, None) is None:
-            if packed is None:
-                return
-            self.lease_bytes += LEASE_ENTRY_BYTES + len(key)
-        elif packed is None:
-            self.lease_bytes -= LEASE_ENTRY_BYTES + len(key)
-            return
-        leases[key] = packed
-        while self.lease_bytes > LEASES_BYTES_MAX:
-            # The oldest of this table first; another table's when this one
-            # holds nothing else (a table's dict only grows by one per put).
-            victim = leases if len(leases) > 1 else self._largest_other(table)
-            old_key, _ = victim.popitem(last=False)
-            self.lease_bytes -= LEASE_ENTRY_BYTES + len(old_key)
-        assert self.lease_bytes >= 0
-
-    def _largest_other(self, table: str) -> OrderedDict[bytes, int]:
-        return max(
-            (leases for name, leases in self._leases.items() if name != table),
-            key=len,
-        )
 
     def known_for(self, node: NodeId, known_version: int) -> int:
         """The version to tell `node` we already hold. Our own replica sends its
@@ -243,11 +159,15 @@ class Coordinator:
         now_ms: int,
         known_version: int = -1,
         cached: CachedValue | None = None,
+        lease: bool = False,
     ) -> Generator[Round, Replies, Outcome]:
         """A linearizable read of one key. With `cached` (a version and its value
         the caller holds), no replica sends that version's value, and the cached
-        value answers only if a majority's latest chosen version is exactly it."""
-        return _read(self, table, key, replicas, now_ms, known_version, cached)
+        value answers only if a majority's latest chosen version is exactly it.
+        With `lease`, the read asks its replicas for a read lease on the key;
+        `Outcome.leased` says whether it holds one (counted from before the
+        read's first round left, by the caller's clock)."""
+        return _read(self, table, key, replicas, now_ms, known_version, cached, lease)
 
     def scan(
         self,
@@ -285,8 +205,10 @@ def _accept_round(
     op_id: int,
     commit: tuple[int, Ballot] | None,
     oneway: list[tuple[NodeId, Request]],
-) -> Generator[Round, Replies, set[NodeId] | None]:
-    """Phase 2. Returns the acceptors when a majority accepted, else None."""
+) -> Generator[Round, Replies, tuple[set[NodeId] | None, float]]:
+    """Phase 2. Returns the acceptors when a majority accepted, else None;
+    and how long to wait before trying again when replicas held the accept
+    back for a read lease (0.0 otherwise)."""
     commit_version, commit_ballot = commit if commit is not None else (0, (0, 0))
     message = Accept(
         table,
@@ -303,12 +225,16 @@ def _accept_round(
         {node: message for node in replicas}, quorum=majority(replicas), oneway=oneway
     )
     acceptors = {n for n, r in replies.items() if isinstance(r, AcceptReply) and r.ok}
+    wait_s = 0.0
     for reply in replies.values():
         if isinstance(reply, AcceptReply) and not reply.ok:
             coordinator.observe(reply.promised)
+            wait_s = max(wait_s, reply.wait_s)
     if len(acceptors) >= majority(replicas):
-        return acceptors
-    return None
+        return acceptors, 0.0
+    if wait_s > 0:
+        coordinator.stats.lease_waits += 1
+    return None, wait_s
 
 
 def _write(
@@ -351,7 +277,7 @@ def _write(
         lease = None
     if lease is not None:
         attempted = lease.version + mutation.versions
-        acceptors = yield from _accept_round(
+        acceptors, delay_s = yield from _accept_round(
             coordinator,
             table,
             key,
@@ -408,7 +334,7 @@ def _write(
             # committed. Finish it under our ballot before anything else.
             stats.recoveries += 1
             proposal = Mutation(in_flight.value, in_flight.expires_at_ms)
-            acceptors = yield from _accept_round(
+            acceptors, wait_s = yield from _accept_round(
                 coordinator,
                 table,
                 key,
@@ -421,8 +347,9 @@ def _write(
                 [],
             )
             if acceptors is None:
-                stats.duels += 1
-                delay_s = coordinator.backoff_s(attempt)
+                if wait_s == 0:
+                    stats.duels += 1
+                delay_s = max(coordinator.backoff_s(attempt), wait_s)
                 continue
             pending_oneway = commit_messages(
                 table,
@@ -511,7 +438,7 @@ def _write(
             return Outcome(Status.CONFLICT, version=chosen.version, detail="condition failed")
 
         attempted = chosen.version + mutation.versions
-        acceptors = yield from _accept_round(
+        acceptors, wait_s = yield from _accept_round(
             coordinator,
             table,
             key,
@@ -525,8 +452,9 @@ def _write(
         )
         pending_oneway = []
         if acceptors is None:
-            stats.duels += 1
-            delay_s = coordinator.backoff_s(attempt)
+            if wait_s == 0:
+                stats.duels += 1
+            delay_s = max(coordinator.backoff_s(attempt), wait_s)
             continue
         return (
             yield from _finish_write(
@@ -574,9 +502,11 @@ def _read(
     now_ms: int,
     known_version: int,
     cached: CachedValue | None = None,
+    lease: bool = False,
 ) -> Generator[Round, Replies, Outcome]:
     stats = coordinator.stats
     stats.reads += 1
+    lease_for = coordinator.node_id if lease else 0
     cache_hit = False
     quorum = majority(replicas)
     delay_s = 0.0
@@ -590,6 +520,7 @@ def _read(
                     table,
                     key,
                     cached[0] if cached is not None else coordinator.known_for(node, known_version),
+                    lease_for,
                 )
                 for node in replicas
             },
@@ -621,9 +552,9 @@ def _read(
             # A proposal above the latest chosen version may or may not be
             # chosen: settle it with a full Paxos round, then read again.
             coordinator.drop_lease(table, key)
-            outcome = yield from _recover(coordinator, table, key, replicas)
+            outcome, wait_s = yield from _recover(coordinator, table, key, replicas)
             if outcome is None:
-                delay_s = coordinator.backoff_s(attempt - waits)
+                delay_s = max(coordinator.backoff_s(attempt - waits), wait_s)
                 continue
             chosen = outcome
         elif not chosen.value_known and cached is not None and cached[0] == chosen.version:
@@ -656,12 +587,31 @@ def _read(
         if repairs:
             yield Round({}, quorum=0, oneway=repairs)
         present = is_present(chosen.value, chosen.expires_at_ms, now_ms)
+        # A read lease holds with grants from a majority none of which holds
+        # a proposal above the version read: any other proposal then needs
+        # an accept from a granting replica, which it refuses until the
+        # lease lapses. A read that recovered a proposal takes no lease.
+        leased = (
+            lease
+            and not in_flight
+            and sum(
+                1
+                for reply in replies.values()
+                if isinstance(reply, ReadReply)
+                and reply.lease
+                and reply.accepted_version <= chosen.version
+            )
+            >= quorum
+        )
+        if leased:
+            stats.leases_taken += 1
         return Outcome(
             Status.OK,
             version=chosen.version,
             value=chosen.value if present else None,
             expires_at_ms=chosen.expires_at_ms if present else None,
             cache_hit=cache_hit,
+            leased=leased,
         )
     stats.unavailable += 1
     return Outcome(Status.UNAVAILABLE, detail="no majority of replicas answered in time")
@@ -669,9 +619,10 @@ def _read(
 
 def _recover(
     coordinator: Coordinator, table: str, key: bytes, replicas: list[NodeId]
-) -> Generator[Round, Replies, Chosen | None]:
+) -> Generator[Round, Replies, tuple[Chosen | None, float]]:
     """Phase 1 plus, if a proposal is in flight, phase 2 for it. Returns the
-    latest chosen value afterwards, or None if this attempt lost a duel."""
+    latest chosen value afterwards, or None if this attempt lost a duel; and
+    how long a read lease held its accept back (0.0 if none did)."""
     coordinator.stats.recoveries += 1
     quorum = majority(replicas)
     ballot = coordinator.next_ballot()
@@ -682,12 +633,12 @@ def _recover(
         if isinstance(reply, Promise) and not reply.ok:
             coordinator.observe(reply.promised)
     if len(promises) < quorum:
-        return None
+        return None, 0.0
     chosen = latest_chosen({n: r for n, r in replies.items() if isinstance(r, Promise) and r.ok})
     in_flight = highest_proposal(promises, chosen.version)
     if in_flight is None:
-        return chosen if chosen.value_known else None
-    acceptors = yield from _accept_round(
+        return (chosen if chosen.value_known else None), 0.0
+    acceptors, wait_s = yield from _accept_round(
         coordinator,
         table,
         key,
@@ -700,7 +651,7 @@ def _recover(
         [],
     )
     if acceptors is None:
-        return None
+        return None, wait_s
     commits = commit_messages(
         table,
         key,
@@ -714,8 +665,9 @@ def _recover(
     )
     coordinator.put_lease(table, key, Lease(ballot, in_flight.version, in_flight.value is not None))
     yield Round({}, quorum=0, oneway=commits)
-    return Chosen(
-        in_flight.version, in_flight.value, in_flight.expires_at_ms, True, in_flight.op_id
+    return (
+        Chosen(in_flight.version, in_flight.value, in_flight.expires_at_ms, True, in_flight.op_id),
+        0.0,
     )
 
 

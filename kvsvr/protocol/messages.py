@@ -9,10 +9,15 @@ never reaches the replica state machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from kvsvr.errors import FrameError
 from kvsvr.protocol.state import RECENT_OPS_MAX, Accepted, Ballot
+
+# Bounds on the read-lease fields: a node index, and how long an Accept may
+# be told to wait (a replica's hold is well under a minute).
+LEASE_FOR_MAX: Final = 65535
+WAIT_S_MAX: Final = 3600.0
 
 # ---------------------------------------------------------------- requests
 
@@ -68,11 +73,14 @@ class Commit:
 
 @dataclass(slots=True, unsafe_hash=True)
 class Read:
-    """Report your chosen version and any proposal in flight."""
+    """Report your chosen version and any proposal in flight. With
+    `lease_for` (a node index; 0: none), also grant that node a read lease
+    on the key (see `kvsvr.protocol.read_lease`)."""
 
     table: str
     key: bytes
     known_version: int
+    lease_for: int = 0
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -108,6 +116,9 @@ class AcceptReply:
     ok: bool
     promised: Ballot
     version: int  # the replica's chosen version
+    # > 0: refused only because another node holds a read lease on the key
+    # (or the replica restarted lately); the Accept may go ahead after this long.
+    wait_s: float = 0.0
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -120,6 +131,7 @@ class ReadReply:
     accepted_version: int  # 0 when nothing is in flight
     promised: Ballot
     op_id: int  # of the chosen value at `version`
+    lease: bool = False  # the read lease `Read.lease_for` asked for was granted
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -249,7 +261,7 @@ def to_wire(message: Request | Reply) -> list[Any]:
         ]
     if type(message) is AcceptReply:
         promised = message.promised
-        return ["accepted", message.ok, [promised[0], promised[1]], message.version]
+        return ["accepted", message.ok, [promised[0], promised[1]], message.version, message.wait_s]
     if type(message) is Commit:
         ballot = message.ballot
         return [
@@ -264,7 +276,7 @@ def to_wire(message: Request | Reply) -> list[Any]:
             message.op_id,
         ]
     if type(message) is Read:
-        return ["read", message.table, message.key, message.known_version]
+        return ["read", message.table, message.key, message.known_version, message.lease_for]
     if type(message) is ReadReply:
         accepted = message.accepted_ballot
         promised = message.promised
@@ -278,6 +290,7 @@ def to_wire(message: Request | Reply) -> list[Any]:
             message.accepted_version,
             [promised[0], promised[1]],
             message.op_id,
+            message.lease,
         ]
     match message:
         case Prepare():
@@ -314,7 +327,7 @@ def to_wire(message: Request | Reply) -> list[Any]:
                 message.op_id,
             ]
         case Read():
-            return ["read", message.table, message.key, message.known_version]
+            return ["read", message.table, message.key, message.known_version, message.lease_for]
         case ScanRequest():
             return [
                 "scan",
@@ -338,7 +351,13 @@ def to_wire(message: Request | Reply) -> list[Any]:
                 [[version, op_id] for version, op_id in message.recent_ops],
             ]
         case AcceptReply():
-            return ["accepted", message.ok, _ballot_out(message.promised), message.version]
+            return [
+                "accepted",
+                message.ok,
+                _ballot_out(message.promised),
+                message.version,
+                message.wait_s,
+            ]
         case ReadReply():
             return [
                 "readreply",
@@ -350,6 +369,7 @@ def to_wire(message: Request | Reply) -> list[Any]:
                 message.accepted_version,
                 _ballot_out(message.promised),
                 message.op_id,
+                message.lease,
             ]
         case ScanReply():
             return [
@@ -367,11 +387,11 @@ _FIELD_COUNTS = {
     "prepare": 5,
     "accept": 10,
     "commit": 9,
-    "read": 4,
+    "read": 5,
     "scan": 6,
     "promise": 10,
-    "accepted": 4,
-    "readreply": 9,
+    "accepted": 5,
+    "readreply": 10,
     "scanreply": 3,
 }
 
@@ -418,9 +438,9 @@ def _fast_from_wire(raw: list[Any]) -> Request | Reply | None:
                 (commit[0], commit[1]),
             )
     elif tag == "accepted":
-        if size != 4:
+        if size != 5:
             return None
-        _, ok, promised, version = raw
+        _, ok, promised, version, wait_s = raw
         if (
             type(ok) is bool
             and type(promised) is list
@@ -428,8 +448,10 @@ def _fast_from_wire(raw: list[Any]) -> Request | Reply | None:
             and type(promised[0]) is int
             and type(promised[1]) is int
             and type(version) is int
+            and type(wait_s) is float
+            and 0.0 <= wait_s <= WAIT_S_MAX
         ):
-            return AcceptReply(ok, (promised[0], promised[1]), version)
+            return AcceptReply(ok, (promised[0], promised[1]), version, wait_s)
     elif tag == "commit":
         if size != 9:
             return None
@@ -451,15 +473,32 @@ def _fast_from_wire(raw: list[Any]) -> Request | Reply | None:
                 table, key, version, (ballot[0], ballot[1]), has_value, value, expires, op_id
             )
     elif tag == "read":
-        if size != 4:
+        if size != 5:
             return None
-        _, table, key, known = raw
-        if type(table) is str and type(key) is bytes and type(known) is int:
-            return Read(table, key, known)
+        _, table, key, known, lease_for = raw
+        if (
+            type(table) is str
+            and type(key) is bytes
+            and type(known) is int
+            and type(lease_for) is int
+            and 0 <= lease_for <= LEASE_FOR_MAX
+        ):
+            return Read(table, key, known, lease_for)
     elif tag == "readreply":
-        if size != 9:
+        if size != 10:
             return None
-        _, version, has_value, value, expires, accepted, accepted_version, promised, op_id = raw
+        (
+            _,
+            version,
+            has_value,
+            value,
+            expires,
+            accepted,
+            accepted_version,
+            promised,
+            op_id,
+            lease,
+        ) = raw
         if (
             type(version) is int
             and type(has_value) is bool
@@ -480,6 +519,7 @@ def _fast_from_wire(raw: list[Any]) -> Request | Reply | None:
             and type(promised[0]) is int
             and type(promised[1]) is int
             and type(op_id) is int
+            and type(lease) is bool
         ):
             return ReadReply(
                 version,
@@ -490,6 +530,7 @@ def _fast_from_wire(raw: list[Any]) -> Request | Reply | None:
                 accepted_version,
                 (promised[0], promised[1]),
                 op_id,
+                lease,
             )
     elif tag == "promise":
         if size != 10:
@@ -611,7 +652,12 @@ def _checked_from_wire(raw: Any) -> Request | Reply:
                 _int(raw[8], "op id"),
             )
         case "read":
-            return Read(_str(raw[1], "table"), _bytes(raw[2], "key"), _int(raw[3], "known"))
+            lease_for = _int(raw[4], "lease for")
+            if not 0 <= lease_for <= LEASE_FOR_MAX:
+                raise FrameError(f"lease for {lease_for} is not a node index")
+            return Read(
+                _str(raw[1], "table"), _bytes(raw[2], "key"), _int(raw[3], "known"), lease_for
+            )
         case "scan":
             return ScanRequest(
                 _str(raw[1], "table"),
@@ -633,7 +679,12 @@ def _checked_from_wire(raw: Any) -> Request | Reply:
                 _recent_ops_in(raw[9]),
             )
         case "accepted":
-            return AcceptReply(_bool(raw[1], "ok"), _ballot_in(raw[2]), _int(raw[3], "version"))
+            wait_s = raw[4]
+            if type(wait_s) is not float or not 0.0 <= wait_s <= WAIT_S_MAX:
+                raise FrameError(f"wait_s must be a float in [0, {WAIT_S_MAX}]")
+            return AcceptReply(
+                _bool(raw[1], "ok"), _ballot_in(raw[2]), _int(raw[3], "version"), wait_s
+            )
         case "readreply":
             return ReadReply(
                 _int(raw[1], "version"),
@@ -644,6 +695,7 @@ def _checked_from_wire(raw: Any) -> Request | Reply:
                 _int(raw[6], "accepted version"),
                 _ballot_in(raw[7]),
                 _int(raw[8], "op id"),
+                _bool(raw[9], "lease"),
             )
         case "scanreply":
             if not isinstance(raw[1], list):

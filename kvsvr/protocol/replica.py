@@ -16,6 +16,9 @@ Accept   otherwise                            -> (piggy-backed commit only); ref
 Commit   version > chosen, value known (sent,
          or the proposal accepted under ballot) -> chosen = (version, value)
 Read     always                               -> unchanged; ReadReply
+Accept   held back by a read lease (the IO
+         layer's `Grants.wait_s` > 0)          -> (piggy-backed commit only);
+                                                 refused with wait_s
 
 Prepare needs a strictly higher ballot so that a coordinator that restarted
 and reuses a ballot can never collect a second set of promises for it.
@@ -158,7 +161,11 @@ def on_prepare(row: Row, message: Prepare) -> tuple[Row | None, Promise]:
     )
 
 
-def on_accept(row: Row, message: Accept) -> tuple[Row | None, AcceptReply]:
+def on_accept(row: Row, message: Accept, wait_s: float = 0.0) -> tuple[Row | None, AcceptReply]:
+    """`wait_s` > 0: another node holds a read lease on the key (or this
+    replica restarted less than a lease ago), so the proposal is refused,
+    whatever its ballot, and the coordinator told how long to wait. A commit
+    it carries is still learned: a chosen value never hurts a lease."""
     changed: Row | None = None
     if message.commit_version > 0:
         changed = apply_commit(
@@ -166,6 +173,10 @@ def on_accept(row: Row, message: Accept) -> tuple[Row | None, AcceptReply]:
         )
         if changed is not None:
             row = changed
+    if wait_s > 0:
+        return changed, AcceptReply(
+            ok=False, promised=row.promised, version=row.version, wait_s=wait_s
+        )
     accepted = row.accepted
     refused = (
         message.ballot < row.promised
@@ -200,7 +211,9 @@ def on_commit(row: Row, message: Commit) -> Row | None:
     )
 
 
-def on_read(row: Row, message: Read) -> ReadReply:
+def on_read(row: Row, message: Read, lease: bool = False) -> ReadReply:
+    """`lease`: the IO layer granted the read lease `message.lease_for` asked for."""
+    assert not lease or message.lease_for > 0, "a lease is granted only when asked for"
     include_value = row.version > message.known_version
     accepted = row.accepted
     return ReadReply(
@@ -212,6 +225,7 @@ def on_read(row: Row, message: Read) -> ReadReply:
         accepted_version=0 if accepted is None else accepted.version,
         promised=row.promised,
         op_id=row.op_id,
+        lease=lease,
     )
 
 

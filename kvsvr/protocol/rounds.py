@@ -74,6 +74,7 @@ class Outcome:
     detail: str = ""
     entries: tuple[ScanEntry, ...] = ()
     cache_hit: bool = False  # a read whose value came from the caller's cache
+    leased: bool = False  # a read that took a read lease (`Coordinator.read(lease=True)`)
 
 
 @dataclass(slots=True, unsafe_hash=True)

@@ -88,8 +88,13 @@ class Readiness:
         # round trip of its first vote, not a beat later (see
         # `lifecycle.decide_new`).
         self.announce = trio.Event()
+        # Called when the replica becomes ready after rebuilding its rows
+        # (the node's read-lease grants start a quiet period then).
+        self.on_rebuilt: Callable[[], None] | None = None
 
-    def become_ready(self) -> None:
+    def become_ready(self, *, rebuilt: bool = False) -> None:
+        if rebuilt and self.on_rebuilt is not None:
+            self.on_rebuilt()
         self.ready = True
         self.ready_event.set()
         self.state = READY

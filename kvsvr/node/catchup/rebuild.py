@@ -114,8 +114,8 @@ class Startup:
     def _identity(self) -> Identity:
         return Identity(self.cluster_id, self.names[self.me])
 
-    def _become_ready(self, why: str) -> None:
-        self.readiness.become_ready()
+    def _become_ready(self, why: str, *, rebuilt: bool = False) -> None:
+        self.readiness.become_ready(rebuilt=rebuilt)
         log.info("replica ready (%s)", why)
 
     async def wait_to_vote(self) -> None:
@@ -212,7 +212,7 @@ class Startup:
         await self.storage.wait_durable(self.storage.stage_meta(REBUILD_PENDING_KEY, None))
         self.stats.finished_at = self.context.clock.wall_s()
         self.stats.waiting_for = ()
-        self._become_ready(f"rebuilt {self.stats.rows_rebuilt} rows from peers")
+        self._become_ready(f"rebuilt {self.stats.rows_rebuilt} rows from peers", rebuilt=True)
 
     def operator_message(self, lost: dict[int, tuple[int, ...]]) -> str:
         return lifecycle.needs_operator_message(
