@@ -121,14 +121,28 @@ async def test_a_watcher_resumes_on_another_node_when_its_node_dies(tmp_path: Pa
                         seen_before_kill.append(len(seen))
                         await cluster.akill(victim)
 
+            def caught_up() -> bool:
+                """Every write done and its version seen (the event may come
+                before the put's reply, so both sides ask)."""
+                return len(written) >= total and bool(seen) and seen[-1].version >= max(written)
+
+            async def read(events: kvsvr.Watch, done: trio.CancelScope) -> None:
+                async for event in events:
+                    seen.append(event)
+                    if caught_up():
+                        done.cancel()
+
+            async def write_then_stop(done: trio.CancelScope) -> None:
+                await write()
+                if caught_up():
+                    done.cancel()
+
             with trio.fail_after(DEADLINE_S * 2):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(write)
-                    async with client.watch("k", start_version=0) as events:
-                        async for event in events:
-                            seen.append(event)
-                            if written and len(written) >= total and event.version >= max(written):
-                                break
+                async with client.watch("k", start_version=0) as events:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(read, events, nursery.cancel_scope)
+                        nursery.start_soon(write_then_stop, nursery.cancel_scope)
+            assert caught_up()
             assert cluster.pid(victim) is None
             assert 0 < seen_before_kill[0] < len(seen)  # killed mid-stream
             others = [node for node in cluster.ids if node != victim]
