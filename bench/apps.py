@@ -21,7 +21,6 @@ Prints p50/p99/mean/max per operation and writes `--out/apps-<time>.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import trio
 
 import kvsvr
-from bench.output import print_table
+from bench.output import print_table, write_results
 from bench.phases import percentile
 from kvsvr.apps import app_tables
 from kvsvr.apps.moments import FANOUT_BATCH, Moments
@@ -152,15 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in results
         ],
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"apps-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(
-        json.dumps(
-            {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2
-        ),
-        encoding="utf-8",
-    )
-    print(f"\nwrote {path}")
+    write_results(args, "apps", results)
     return 0
 
 

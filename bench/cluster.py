@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the closed-loop phases on a TLS cluster and report TLS's cost",
     )
     parser.add_argument(
+        "--no-watch-log",
+        action="store_true",
+        help=(
+            "run every node with watch_history_bytes_max = 0 (no change log, no "
+            "watches): the write path's cost of the log, side by side with a run without it"
+        ),
+    )
+    parser.add_argument(
         "--no-read-leases",
         dest="read_leases",
         action="store_false",
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     settings: dict[str, Any] = {"unsafe_no_fsync": True} if args.unsafe_no_fsync else {}
+    if args.no_watch_log:
+        settings["watch_history_bytes_max"] = 0
     if not args.read_leases:
         settings["read_leases"] = False
     with terminate_on_sigterm():

@@ -351,6 +351,17 @@ def write_result(args: argparse.Namespace, result: dict[str, Any]) -> Path:
     return path
 
 
+def write_results(args: argparse.Namespace, name: str, results: list[dict[str, Any]]) -> Path:
+    """`args.out/<name>-<time>.json` with the arguments and `results`; prints its path."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    body = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    path.write_text(json.dumps(body, indent=2), encoding="utf-8")
+    print(f"\nwrote {path}")
+    return path
+
+
 def _plain(value: object) -> object:
     if isinstance(value, dict):
         return {str(key): _plain(item) for key, item in value.items()}

@@ -19,7 +19,9 @@ from importlib import metadata as _metadata
 # First: importing _build refuses a compiled build older than its sources,
 # before anything compiled is imported.
 from kvsvr import _build  # noqa: F401  (imported for that check)
+from kvsvr.api import WatchEvent
 from kvsvr.client import Client, Item, SyncClient, connect
+from kvsvr.client_watch import Watch
 from kvsvr.config import ClusterConfig, load_config
 from kvsvr.errors import (
     AuthenticationFailed,
@@ -29,6 +31,7 @@ from kvsvr.errors import (
     KvsvrError,
     Timeout,
     Unavailable,
+    WatchCompacted,
 )
 from kvsvr.local import LocalCluster, temporary_cluster
 from kvsvr.net.tls import TLSOptions
@@ -52,6 +55,9 @@ __all__ = [
     "TLSOptions",
     "Timeout",
     "Unavailable",
+    "Watch",
+    "WatchCompacted",
+    "WatchEvent",
     "__version__",
     "connect",
     "load_config",

@@ -94,6 +94,7 @@ class Method(StrEnum):
     MAP = "map"
     STATUS = "status"
     RECOVER = "recover"
+    WATCH = "watch"
 
 
 class ReadConsistency(StrEnum):
@@ -317,6 +318,116 @@ class ScanRequest:
         if not isinstance(limit, int) or not 1 <= limit <= SCAN_LIMIT_MAX:
             raise InvalidRequest(f"limit must be between 1 and {SCAN_LIMIT_MAX}")
         return ScanRequest(table, partition_key, start, end, limit, _timeout(checked))
+
+
+# A partition watch resumes from one version per key: at most this many keys
+# (a request carries them all; 1000 cursors are ~20 KiB on the wire).
+WATCH_CURSORS_MAX: Final = 1000
+# The longest a node holds a watch request with nothing to deliver before it
+# answers with no events (the client asks again at once).
+WATCH_WAIT_MAX_S: Final = 30.0
+
+
+@dataclass(slots=True)
+class WatchRequest:
+    """The changes after `cursors` of one key (`sort_key` set) or of the rows
+    of one partition key with sort keys in [start, end) (`sort_key` None; None
+    or empty bounds: from the first, to the last). `cursors` maps a sort key
+    to the last version the watcher has; a key missing from it is watched
+    from 0. The node answers at once if it has changes, else within `wait_s`."""
+
+    table: str
+    partition_key: bytes
+    sort_key: bytes | None
+    cursors: dict[bytes, int]
+    wait_s: float
+    start: bytes | None = None
+    end: bytes | None = None
+
+    def covers(self, sort_key: bytes) -> bool:
+        """Whether the watch covers the row with this sort key."""
+        if self.sort_key is not None:
+            return sort_key == self.sort_key
+        return (not self.start or sort_key >= self.start) and (not self.end or sort_key < self.end)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "partition_key": self.partition_key,
+            "sort_key": self.sort_key,
+            "cursors": self.cursors,
+            "wait_s": self.wait_s,
+            "start": self.start,
+            "end": self.end,
+        }
+
+    @staticmethod
+    def from_wire(body: object) -> WatchRequest:
+        checked = _body(body, Method.WATCH)
+        table = _table(checked)
+        partition_key = checked.get("partition_key")
+        if not isinstance(partition_key, bytes) or not partition_key:
+            raise InvalidRequest("partition_key must be non-empty bytes")
+        sort_key = checked.get("sort_key")
+        if sort_key is not None and not isinstance(sort_key, bytes):
+            raise InvalidRequest("sort_key must be bytes or None")
+        cursors = checked.get("cursors")
+        if not isinstance(cursors, dict) or len(cursors) > WATCH_CURSORS_MAX:
+            raise InvalidRequest(f"cursors must be a map of at most {WATCH_CURSORS_MAX} keys")
+        start = _optional_bytes(checked, "start")
+        end = _optional_bytes(checked, "end")
+        if sort_key is not None and (start or end):
+            raise InvalidRequest("start and end bound a partition watch, not a one-key watch")
+        wait_s = checked.get("wait_s")
+        if not isinstance(wait_s, int | float) or not 0 <= wait_s <= WATCH_WAIT_MAX_S:
+            raise InvalidRequest(f"wait_s must be in [0, {WATCH_WAIT_MAX_S}]")
+        request = WatchRequest(table, partition_key, sort_key, cursors, float(wait_s), start, end)
+        for key, version in cursors.items():
+            if not isinstance(key, bytes) or not isinstance(version, int) or version < 0:
+                raise InvalidRequest("cursors map sort keys (bytes) to versions (ints >= 0)")
+            if not request.covers(key):
+                raise InvalidRequest(f"cursor of sort key {key!r}, which the watch does not cover")
+        return request
+
+
+@dataclass(slots=True, frozen=True)
+class WatchEvent:
+    """One chosen version of one key. `value` None: the key was deleted.
+    `previous_version` is the version before it in the watch's order: the
+    versions between were folded into one write or never reached the node's
+    replica (see docs/DESIGN.md "Watch")."""
+
+    key: bytes  # the sort key (b"" for a key without one)
+    version: int
+    previous_version: int
+    value: bytes | None
+
+    @property
+    def deleted(self) -> bool:
+        return self.value is None
+
+
+def watch_reply_to_wire(events: list[WatchEvent]) -> dict[str, Any]:
+    return {
+        "events": [[e.key, e.version, e.previous_version, e.value] for e in events],
+    }
+
+
+def watch_reply_from_wire(reply: object) -> list[WatchEvent]:
+    body = _reply_body(reply, Method.WATCH)
+    events: list[WatchEvent] = []
+    for item in _list_field(body, "events"):
+        if (
+            not isinstance(item, list)
+            or len(item) != 4
+            or not isinstance(item[0], bytes)
+            or not isinstance(item[1], int)
+            or not isinstance(item[2], int)
+            or not (item[3] is None or isinstance(item[3], bytes))
+        ):
+            raise KvsvrError(f"malformed watch event: {item!r}")
+        events.append(WatchEvent(item[0], item[1], item[2], item[3]))
+    return events
 
 
 @dataclass(slots=True, unsafe_hash=True)

@@ -37,6 +37,8 @@ from kvsvr.api import (
     report_from_wire,
 )
 from kvsvr.client_cache import NearCache, SessionVersions, near_reply
+from kvsvr.client_item import Item as Item
+from kvsvr.client_item import item_of
 from kvsvr.client_options import (
     check_consistency,
     check_limit,
@@ -56,6 +58,7 @@ from kvsvr.client_routing import (
     partition_hash_seed,
     route,
 )
+from kvsvr.client_watch import StartVersion, Watch
 from kvsvr.errors import InvalidRequest, KvsvrError, Timeout, Unavailable
 from kvsvr.keys import KeyPart, UserKey, encode_key, split_user_key, to_bytes
 from kvsvr.net.tls import TLSOptions
@@ -77,36 +80,6 @@ CONNECT_ATTEMPT_TIMEOUT_S: Final = 2.0
 READY_POLL_S: Final = 0.1
 
 _crc32c = crc32c.crc32c
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """A stored value and the version that wrote it.
-
-    `key` is set by `scan` only, where it is the row's *sort key* (the partition
-    key is the one scanned); `get` leaves it None, as the caller knows the key.
-    """
-
-    value: bytes
-    version: int
-    key: bytes | None = None
-
-
-# `Item(value, version)` for the hot path: a frozen dataclass's __init__ sets
-# each field through `object.__setattr__`, which costs twice as much as
-# filling the slots directly. Same class, same fields, same immutability.
-_new_object = object.__new__
-_set_item_value = Item.__dict__["value"].__set__
-_set_item_version = Item.__dict__["version"].__set__
-_set_item_key = Item.__dict__["key"].__set__
-
-
-def _item(value: bytes, version: int) -> Item:
-    item: Item = _new_object(Item)
-    _set_item_value(item, value)
-    _set_item_version(item, version)
-    _set_item_key(item, None)
-    return item
 
 
 # --- the async client ---------------------------------------------------------------
@@ -229,7 +202,7 @@ class Client:
         except trio.TooSlowError:
             raise self._timed_out("get") from None
         self._session.observe(table, encoded, version)
-        return None if value is None else _item(value, version)
+        return None if value is None else item_of(value, version)
 
     async def put(
         self,
@@ -305,6 +278,21 @@ class Client:
             self._session.observe(table, encode_key(partition, sort_key), version)
             items.append(Item(value=value, version=version, key=sort_key))
         return items
+
+    def watch(
+        self,
+        key: UserKey,
+        *,
+        table: str = DEFAULT_TABLE,
+        start_version: StartVersion = None,
+        partition: bool = False,
+        start: KeyPart | None = None,
+        end: KeyPart | None = None,
+    ) -> Watch:
+        """The changes of a key (`partition=True`: of the rows of a partition key
+        with sort keys in [start, end)) after `start_version` (None: from the
+        current version): see `Watch`."""
+        return Watch(self, key, self._check_table(table), start_version, partition, start, end)
 
     async def status(self, node: str | None = None) -> dict[str, Any]:
         """A node's status (id, partitions held, counters...). `node` is a node

@@ -12,6 +12,7 @@ import trio
 
 from kvsvr.api import DEFAULT_TABLE, SCAN_LIMIT_DEFAULT, PartitionMap
 from kvsvr.client_async import Client, Item, connect
+from kvsvr.client_watch import StartVersion, SyncWatch
 from kvsvr.errors import KvsvrError
 from kvsvr.keys import KeyPart, UserKey
 from kvsvr.net.tls import TLSOptions
@@ -153,6 +154,28 @@ class SyncClient:
         return self._run(
             self._async.scan, partition_key, table=table, start=start, end=end, limit=limit
         )
+
+    def watch(
+        self,
+        key: UserKey,
+        *,
+        table: str = DEFAULT_TABLE,
+        start_version: StartVersion = None,
+        partition: bool = False,
+        start: KeyPart | None = None,
+        end: KeyPart | None = None,
+    ) -> SyncWatch:
+        """`Client.watch` as an iterator: `with client.watch(key) as events:
+        for event in events: ...`."""
+        watch = self._async.watch(
+            key,
+            table=table,
+            start_version=start_version,
+            partition=partition,
+            start=start,
+            end=end,
+        )
+        return SyncWatch(watch, self._run)
 
     def status(self, node: str | None = None) -> dict[str, Any]:
         return self._run(self._async.status, node)

@@ -10,6 +10,7 @@
     data_dir = "kvsvr-data"   # each node keeps its LMDB in data_dir/<node id>
     map_size_mb = 1024        # LMDB map size per node
     cache_bytes_max = 67108864  # each node's row cache; 0 turns it off
+    watch_history_bytes_max = 33554432  # each node's change log for watches; 0: no watches
     # Catching up (hinted handoff, anti-entropy, tombstones); these are the defaults.
     hint_bytes_max = 268435456    # hints kept per unreachable target, in bytes ...
     hints_max = 2000000           # ... and in count; beyond either, anti-entropy catches up
@@ -65,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from kvsvr.protocol.changes import HISTORY_BYTES_MAX as WATCH_HISTORY_BYTES_DEFAULT
 from kvsvr.protocol.lifecycle import CLUSTER_ID_CHARS_MAX, INITIAL_STATES, NEW
 from kvsvr.protocol.placement import PARTITIONS_MAX, NodePlace, replica_sets
 from kvsvr.protocol.read_lease import CLOCK_DRIFT_MAX_MAX, LEASE_S_MAX, LeaseTiming
@@ -151,6 +153,7 @@ class ClusterConfig:
     anti_entropy_rows_per_s: int = 2_500
     tombstone_grace_s: float = 14_400.0
     unsafe_no_fsync: bool = False
+    watch_history_bytes_max: int = WATCH_HISTORY_BYTES_DEFAULT
     cluster_id: str | None = None  # None: a config only clients read
     initial_state: str = NEW
     tls: TLSConfig | None = None  # None: plain TCP
@@ -319,6 +322,13 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         or cache_bytes_max < 0
     ):
         raise ConfigError("cache_bytes_max must be an int >= 0 (0 turns the cache off)")
+    watch_history_bytes_max = cluster.get("watch_history_bytes_max", WATCH_HISTORY_BYTES_DEFAULT)
+    if (
+        not isinstance(watch_history_bytes_max, int)
+        or isinstance(watch_history_bytes_max, bool)
+        or watch_history_bytes_max < 0
+    ):
+        raise ConfigError("watch_history_bytes_max must be an int >= 0 (0 turns watches off)")
     catch_up = _catch_up_settings(cluster)
     map_size_mb = cluster.get("map_size_mb", 1024)
     if not isinstance(map_size_mb, int) or map_size_mb < 1:
@@ -352,6 +362,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> ClusterCon
         cache_bytes_max=cache_bytes_max,
         unsafe_no_fsync=unsafe_no_fsync,
         tls=tls,
+        watch_history_bytes_max=watch_history_bytes_max,
         **catch_up,
     )
 
@@ -517,6 +528,11 @@ def render_config(config: ClusterConfig, data_dir: str | None = None) -> str:
         f"clock_drift_max = {config.clock_drift_max!r}",
         # Written only when set, so that a config never mentions it by accident.
         *(["unsafe_no_fsync = true"] if config.unsafe_no_fsync else []),
+        *(
+            [f"watch_history_bytes_max = {config.watch_history_bytes_max}"]
+            if config.watch_history_bytes_max != WATCH_HISTORY_BYTES_DEFAULT
+            else []
+        ),
         "",
     ]
     for node in config.nodes:

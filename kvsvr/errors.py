@@ -84,6 +84,13 @@ class FrameError(KvsvrError):
     code = "frame"
 
 
+class WatchCompacted(KvsvrError):
+    """The history a watch needs to resume from its version is gone (the
+    node's change log is bounded): read the key again and watch from there."""
+
+    code = "watch_compacted"
+
+
 ERRORS_BY_CODE: dict[str, type[KvsvrError]] = {
     cls.code: cls
     for cls in (
@@ -95,6 +102,7 @@ ERRORS_BY_CODE: dict[str, type[KvsvrError]] = {
         AuthenticationFailed,
         CorruptRow,
         FrameError,
+        WatchCompacted,
     )
 }
 

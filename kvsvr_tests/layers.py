@@ -39,6 +39,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_bench_wakeup.py": PROCESS,
     "test_backup_cluster.py": PROCESS,
     "test_backup_units.py": UNIT,
+    "test_bench_watch.py": PROCESS,
     "test_build.py": UNIT,
     "test_cache.py": UNIT,
     "test_cache_memory.py": PROCESS,
@@ -55,6 +56,7 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_checker_report.py": UNIT,
     "test_checker_search.py": SIMULATION,
     "test_checker_stale.py": UNIT,
+    "test_checker_watch.py": UNIT,
     "test_cli.py": PROCESS,
     "test_client.py": PROCESS,
     "test_client_fakes.py": PROCESS,
@@ -93,6 +95,10 @@ FILE_LAYERS: Final[dict[str, str]] = {
     "test_storage.py": UNIT,
     "test_task_free_drive.py": UNIT,
     "test_top.py": PROCESS,
+    "test_watch_cluster.py": PROCESS,
+    "test_watch_harness.py": PROCESS,
+    "test_watch_hub.py": UNIT,
+    "test_watch_log.py": UNIT,
     "test_write_batching.py": UNIT,
 }
 

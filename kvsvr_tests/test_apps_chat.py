@@ -7,8 +7,9 @@
   receiver syncs, the union of what sync returned is every change exactly once.
 * Expiry with an injected clock: text at 72 h, media at 120 h.
 * Groups: the 501st member is refused; messages are stored once, delivered
-  asynchronously (and resumably) to members' mailboxes; unread counts follow
-  each member's last-read index.
+  asynchronously (and resumably) to members' mailboxes by a deliverer woken
+  by a watch, whoever sent them; unread counts follow each member's last-read
+  index.
 * Long-poll: a waiting receiver wakes when a message arrives, and times out
   empty otherwise.
 """
@@ -303,20 +304,24 @@ async def test_group_delivery_resumes_after_a_crash_without_duplicates(
 
 
 async def test_background_delivery_task_reaches_a_waiting_member(client: kvsvr.Client) -> None:
-    chat = Chat(client)
-    alice, bob = await chat.create_account("a"), await chat.create_account("b")
-    group = await chat.create_group(alice, "g", [bob])
+    # The sender is another Chat (as if another process): nothing tells the
+    # deliverer of the message but its watch of the group's delivery row.
+    sender, deliverer = Chat(client), Chat(client)
+    alice, bob = await sender.create_account("a"), await sender.create_account("b")
+    group = await sender.create_group(alice, "g", [bob])
     async with trio.open_nursery() as nursery:
-        await nursery.start(chat.run_delivery)
+        await nursery.start(deliverer.run_delivery)
 
-        async def send_later() -> None:
+        async def send_later(text: str) -> None:
             await trio.sleep(0.2)
-            await chat.send_group(alice, group, "hello group")
+            await sender.send_group(alice, group, text)
 
-        nursery.start_soon(send_later)
-        woke = await chat.wait_for_messages(bob, 0, timeout_s=30)
+        for text in ("hello group", "and again"):
+            cursor = (await sender.fetch(bob)).cursor
+            nursery.start_soon(send_later, text)
+            woke = await sender.wait_for_messages(bob, cursor, timeout_s=20)
+            assert [m.body for m in woke.messages] == [text.encode()]
         nursery.cancel_scope.cancel()
-    assert [m.body for m in woke.messages] == [b"hello group"]
 
 
 def test_tables_toml_declares_every_app_table() -> None:

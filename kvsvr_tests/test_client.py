@@ -25,7 +25,7 @@ from kvsvr.client import (
     parse_address,
     route,
 )
-from kvsvr.client_async import _item
+from kvsvr.client_item import item_of
 from kvsvr.errors import (
     AuthenticationFailed,
     Conflict,
@@ -176,7 +176,7 @@ def test_the_client_routes_every_key_as_partition_of_does() -> None:
 
 
 def test_items_made_on_the_hot_path_are_plain_items() -> None:
-    item = _item(b"v", 3)
+    item = item_of(b"v", 3)
     assert type(item) is Item
     assert item == Item(b"v", 3) and hash(item) == hash(Item(b"v", 3))
     assert repr(item) == repr(Item(value=b"v", version=3, key=None))

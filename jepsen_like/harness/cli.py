@@ -29,6 +29,7 @@ from jepsen_like.harness.run import (
     RunInterrupted,
     run,
 )
+from jepsen_like.harness.watchers import WATCHERS_PER_NODE_MAX
 from jepsen_like.harness.workload import DEFAULT_KEY_COUNT, WORKLOADS
 
 EXIT_HARNESS_FAILED: Final = 4
@@ -140,6 +141,16 @@ def parser() -> argparse.ArgumentParser:
         "when its quorum chose that version",
     )
     runner.add_argument(
+        "--watchers",
+        type=int,
+        choices=range(0, WATCHERS_PER_NODE_MAX + 1),
+        default=0,
+        metavar="N",
+        help="register workload: N watchers per node follow every key through the faults; "
+        "each watcher's stream must be in order, without duplicates or a skipped visible "
+        f"version (0-{WATCHERS_PER_NODE_MAX}, default 0)",
+    )
+    runner.add_argument(
         "--key-affinity",
         type=_fraction,
         default=0.0,
@@ -248,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workload=args.workload,
         stale_reads=args.stale_reads,
         near_cache=args.near_cache,
+        watchers_per_node=args.watchers,
         key_affinity=args.key_affinity,
         read_fraction=args.reads,
         seed=args.seed,

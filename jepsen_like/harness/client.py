@@ -27,7 +27,10 @@ from kvsvr.api import (
     Method,
     PutReply,
     PutRequest,
+    WatchEvent,
+    WatchRequest,
     read_consistency,
+    watch_reply_from_wire,
 )
 from kvsvr.errors import FrameError, InvalidRequest, Timeout, Unavailable
 from kvsvr.keys import encode_key
@@ -123,6 +126,12 @@ class NodeClient:
             timeout_s=self.operation_timeout_s,
         )
         return PutReply.from_wire(await self._request(Method.PUT, request.to_wire())).version
+
+    async def watch(self, key: str, cursor: int, wait_s: float) -> list[WatchEvent]:
+        """The key's changes after version `cursor` that this node can chain
+        from it, held up to `wait_s` while there are none (kvsvr's watch)."""
+        request = WatchRequest(TABLE, key.encode(), b"", {b"": cursor}, wait_s)
+        return watch_reply_from_wire(await self._request(Method.WATCH, request.to_wire()))
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None

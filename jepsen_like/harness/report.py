@@ -174,6 +174,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             lines.append("stale reads at the nodes: " + "; ".join(caches))
     for problem in summary.get("stale_read_problems", []):
         lines.append(f"STALE READ WENT BACK IN TIME: {problem}")
+    watch = summary.get("watch")
+    if watch:
+        lines.append(
+            f"watchers: {watch['events']} events, {watch['node_switches']} resumes on another "
+            f"node, {watch['resets']} re-reads after WatchCompacted; "
+            f"{len(watch['problems'])} problems"
+        )
+        lines.extend(f"WATCH STREAM PROBLEM: {problem}" for problem in watch["problems"][:20])
     for event in summary.get("unexpected_exits", []):
         lines.append(
             f"node {event['node']} exited unexpectedly at {event['at_s']:.1f} s: {event['detail']}"

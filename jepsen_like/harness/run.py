@@ -39,6 +39,7 @@ from jepsen_like.checker import (
     without_stale_reads,
     write_html_report,
 )
+from jepsen_like.checker.watch import check_watch_streams
 from jepsen_like.harness.client import NodeClient
 from jepsen_like.harness.cluster import Cluster, open_cluster
 from jepsen_like.harness.history import History, checker_ops
@@ -52,6 +53,7 @@ from jepsen_like.harness.nemesis import (
     make_nemesis,
     run_schedule,
 )
+from jepsen_like.harness.watchers import WatchRecorder
 from jepsen_like.harness.workload import (
     Completion,
     PlannedOp,
@@ -162,6 +164,9 @@ class RunConfig:
     # Register strong reads send the version of the value the client holds;
     # the node may answer "unchanged" (kvsvr's client near cache).
     near_cache: bool = False
+    # Watchers per node following every key (0: none); their streams are
+    # checked against the history (`jepsen_like.checker.watch`).
+    watchers_per_node: int = 0
     # Register workload: the share of a client's operations on the keys homed
     # at its node (as kvsvr's client routes them); read leases need it.
     key_affinity: float = 0.0
@@ -348,6 +353,7 @@ async def drive(
     seed: int = 0,
     clients_per_node: int = 3,
     progress: bool = False,
+    watchers: WatchRecorder | None = None,
 ) -> DriveOutcome:
     """Run clients on every node while the nemeses strike, heal, let the tail
     run, stop the clients, then read every key once more."""
@@ -370,6 +376,8 @@ async def drive(
         if progress:
             nursery.start_soon(_progress, history, timing.time_s, begin, windows)
         async with trio.open_nursery() as clients:
+            if watchers is not None:
+                clients.start_soon(watchers.run, cluster, workload, stop_clients)
             for worker in workers:
                 clients.start_soon(
                     _client_loop,
@@ -692,6 +700,11 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
             node_ids=[f"n{i}" for i in range(1, config.node_count + 1)],
         )
     history = History(out / "history.jsonl")
+    watchers = None
+    if config.watchers_per_node:
+        if workload.name != "register":
+            raise ValueError("watchers check register histories: use the register workload")
+        watchers = WatchRecorder(config.watchers_per_node, out / "watch.jsonl")
     timing = Timing(config.time_s, config.warmup_s, config.tail_s)
     statuses: dict[str, Any] = {}
     probes: list[dict[str, Any]] = []
@@ -729,12 +742,15 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
                     seed=config.seed,
                     clients_per_node=config.clients_per_node,
                     progress=config.progress,
+                    watchers=watchers,
                 )
                 probes = await probe_corruption(cluster, nemeses, history)
                 statuses = await node_statuses(cluster)
             guard.cancel_scope.cancel()
     finally:
         history.close()
+        if watchers is not None:
+            watchers.close()
     if outcome is None:
         raise RunInterrupted("the run was stopped (SIGTERM) before it finished; nodes are stopped")
     result = check_history(history, workload, config.check_timeout_s)
@@ -743,7 +759,10 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
     rates = ops_per_s(outcome, counts)
     reasons = invalid_reasons(counts, rates, config.min_ops_per_s)
     served_bad = [p for p in probes if p["outcome"] == "served_bad"]
-    verdict = final_verdict(result.verdict, bool(served_bad), bool(stale))
+    watch_problems = (
+        [] if watchers is None else check_watch_streams(history.events, watchers.events)
+    )
+    verdict = final_verdict(result.verdict, bool(served_bad), bool(stale) or bool(watch_problems))
     files = {"history": str(out / "history.jsonl")}
     if result.verdict == NOT_LINEARIZABLE:
         files["report"] = str(
@@ -763,6 +782,14 @@ async def run_test(config: RunConfig, workload: Workload | None = None) -> RunRe
         "stale_reads": count_stale_reads(history.events),
         "unchanged_reads": sum(1 for e in history.client_events() if e.get("unchanged")),
         "stale_read_problems": [str(p) for p in stale],
+        "watch": None
+        if watchers is None
+        else {
+            "events": len(watchers.events),
+            "resets": watchers.resets,
+            "node_switches": watchers.switches,
+            "problems": [str(p) for p in watch_problems],
+        },
         "corruption_probes": probes,
         "corrupt_data_served": served_bad,
         "faults": [asdict(w) for w in outcome.windows],

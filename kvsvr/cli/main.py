@@ -27,6 +27,7 @@ from kvsvr.cli.node import run_node_command
 from kvsvr.cli.status import RECOVER_WAIT_S, check_recover, recover_cluster, show_status
 from kvsvr.cli.top import INTERVAL_S_DEFAULT, INTERVAL_S_MAX, INTERVAL_S_MIN, show_top
 from kvsvr.cli.up import DEFAULT_BASE_PORT, DEFAULT_UP_DIR, UP_NODES_MAX, run_up
+from kvsvr.cli.watch import watch
 from kvsvr.client import CONSISTENCIES, DEFAULT_TABLE, SCAN_LIMIT_MAX
 from kvsvr.logs import LOG_FORMATS, TEXT
 from kvsvr.protocol.lifecycle import INITIAL_STATES
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cas(commands, client_options)
     _add_del(commands, client_options)
     _add_scan(commands, client_options)
+    _add_watch(commands, client_options)
     _add_status(commands, client_options)
     _add_recover(commands, client_options)
     add_backup_commands(commands, client_options, _command)
@@ -264,6 +266,24 @@ def _add_del(commands: _Commands, options: argparse.ArgumentParser) -> None:
         metavar="V",
         help="delete only if the key is at version V",
     )
+
+
+def _add_watch(commands: _Commands, options: argparse.ArgumentParser) -> None:
+    parser = _command(
+        commands, "watch", "print a key's changes as they happen", run_client, parents=[options]
+    )
+    parser.set_defaults(operation=watch)
+    _add_key(parser)
+    parser.add_argument(
+        "--partition", action="store_true", help="every row of the partition key KEY"
+    )
+    parser.add_argument(
+        "--start-version",
+        type=int_in(0, 2**63 - 1),
+        metavar="V",
+        help="the changes after version V (default: from the current version)",
+    )
+    parser.add_argument("--count", type=int_in(1, 2**31), metavar="N", help="stop after N changes")
 
 
 def _add_scan(commands: _Commands, options: argparse.ArgumentParser) -> None:

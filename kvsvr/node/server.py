@@ -61,8 +61,10 @@ from kvsvr.node.repair import ROW_METHOD, Repairs
 from kvsvr.node.replica_side import ReplicaSide
 from kvsvr.node.replication import Collaborators, Replication
 from kvsvr.node.rounds import PAXOS_METHOD, PAXOS_ONEWAY_METHOD, PeerLink, Rounds
+from kvsvr.node.watch import HISTORY_METHOD, PeerHistory, WatchHub
 from kvsvr.node.writes import Writes
 from kvsvr.protocol import lifecycle
+from kvsvr.protocol.changes import ChangeLog
 from kvsvr.protocol.coordinator import Coordinator
 from kvsvr.protocol.eventual import NODE_INDEX_MAX, HybridClock
 from kvsvr.protocol.messages import (
@@ -78,7 +80,7 @@ from kvsvr.protocol.messages import (
 )
 from kvsvr.protocol.placement import partition_of
 from kvsvr.protocol.read_lease import Grants, Holds
-from kvsvr.protocol.state import Row
+from kvsvr.protocol.state import EMPTY_ROW, Row
 from kvsvr.storage import Storage
 from kvsvr.storage.residency import ResidencyGuard
 from kvsvr.tls import node_contexts
@@ -117,6 +119,17 @@ class Node:
         self.hlc = HybridClock(self.me.index)
         me = self.me.index
         self.replica_side = ReplicaSide(storage, self.tables, self.schedule_repair)
+        self.watches = WatchHub(
+            self.tables,
+            lambda table, key: (storage.read_row(table, key) or EMPTY_ROW).version,
+            lambda table, partition_key: me in self.replicas_of(table, partition_key),
+            ChangeLog(bytes_max=config.watch_history_bytes_max),
+            PeerHistory(
+                me, self.replicas_of, lambda peer, method, body: self.peers[peer].call(method, body)
+            ).ask,
+        )
+        if config.watch_history_bytes_max > 0:
+            storage.row_placed = self.watches.row_placed
         self.rounds = Rounds(me, self.replica_side.nowait, self.replica_side.oneway)
         self.peers: dict[int, PeerLink] = self.rounds.peers
         self.repairs = Repairs(me, storage, self.peers, self.replicas_of, clock)
@@ -331,6 +344,7 @@ class Node:
             "repairs_failed": self.repairs.repairs_failed,
             "requests_served": self.requests_served,
             "replication": self.replication.status(),
+            "watches": self.watches.status(),
         }
 
     # ------------------------------------------------------------ the handler
@@ -341,6 +355,8 @@ class Node:
             return await until_answered(partial(self._answer_paxos, body))
         if method == ROW_METHOD:
             return self.serve_row(body)
+        if method == HISTORY_METHOD:
+            return self.watches.serve_history(body)
         if method in replication.METHODS:
             return await self.replication.handle(method, body)
         if method in backup_messages.METHODS:
@@ -349,6 +365,8 @@ class Node:
             return self.client_map()
         if method == Method.STATUS:
             return self.client_status()
+        if method == Method.WATCH:
+            return await self.watches.watch(peer, body)
         if method == TEST_CLOCK_RATE_METHOD:
             return self._set_clock_rate(body)
         if method == Method.RECOVER:

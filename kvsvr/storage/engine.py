@@ -242,6 +242,9 @@ class Storage:
         # transaction's seconds (fsync included) and its row changes.
         self.commit_observer: Callable[[float, int], None] | None = None
         self._last_commit_s = 0.0  # set on the commit thread, read after it
+        # Told of every decoded row about to be staged (sub-database, key, row) while
+        # reads still see the row it replaces (`kvsvr.node.watch`). Must not raise.
+        self.row_placed: Callable[[bytes, bytes, Row], None] | None = None
         # Called after every `_read_hook_every_bytes` of rows read from the map
         # (see `set_read_hook`); None: no hook.
         self._read_hook: Callable[[], object] | None = None
@@ -644,6 +647,8 @@ class Storage:
 
     def _place(self, batch: _Batch, op: Op) -> None:
         """Add `op` to `batch` and make it what reads see."""
+        if op.row is not None and self.row_placed is not None:
+            self.row_placed(op.db_name, op.key, op.row)  # reads still see the old row
         self._seq += 1
         op.seq = self._seq
         batch.ops.append(op)

@@ -12,7 +12,9 @@ in kvsvr/apps/README.md. In short, per user `u<id>`:
 
 and per group `g<id>`: its info, member list (one row, CAS), message counter
 and delivery cursor in chat_meta, its messages in chat_group (eventual, written
-once), its message-id index in chat_inbox.
+once), its message-id index in chat_inbox. The deliverer's wake-up rows:
+
+    chat_meta   ("delivery/<group % DELIVERY_SHARDS>", "g/<group>")  the group's latest seq
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from typing import Any, Final
 import msgpack
 import trio
 
+from kvsvr.api import WATCH_CURSORS_MAX
 from kvsvr.apps._store import (
     COUNTER_ATTEMPTS_MAX,
+    SEQ_MAX,
     AppError,
     Clock,
     LogRow,
@@ -43,6 +47,7 @@ from kvsvr.apps._store import (
     read_counter,
     scan_retrying,
     seq_key,
+    seq_of,
     unpack,
 )
 from kvsvr.apps._tables import (
@@ -52,8 +57,14 @@ from kvsvr.apps._tables import (
     MEDIA_MESSAGE_TTL_S,
     TEXT_MESSAGE_TTL_S,
 )
-from kvsvr.client import Client
-from kvsvr.errors import Conflict, KvsvrError, Unavailable
+from kvsvr.apps.chat._wake import (
+    DELIVERY_SHARDS,
+    WATCH_RESTART_S,
+    delivery_row,
+    watch_delivery_rows,
+)
+from kvsvr.client import Client, Item
+from kvsvr.errors import Conflict, KvsvrError, Unavailable, WatchCompacted
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +91,9 @@ FETCH_LIMIT_MAX: Final = 1000
 DELIVERY_CONCURRENCY: Final = 50
 # Group messages one delivery pass reads at a time.
 DELIVERY_PAGE: Final = 100
-# Groups waiting for the background delivery task; past this, `send_group`
-# leaves the group to the next sweep (`deliver_all`) instead of blocking.
+# Groups waiting for the background delivery task; past this, its watches
+# wait (and the nodes hold nothing for them meanwhile).
 DELIVERY_QUEUE_MAX: Final = 1000
-
-# Long-poll: the store has no watch API, so `wait_for_messages` polls the
-# mailbox counter, starting fast and backing off to this interval.
-POLL_FIRST_S: Final = 0.02
-POLL_MAX_S: Final = 0.5
 
 KINDS: Final = ("text", "media")
 CATEGORIES: Final = ("messages", "contacts", "profile")
@@ -209,7 +215,6 @@ class Chat:
         self.client = client
         self.clock = clock
         self._ids: dict[str, _IdRange] = {}
-        self._delivery_queue: trio.MemorySendChannel[int] | None = None
 
     # --- accounts and ids ---
 
@@ -449,20 +454,51 @@ class Chat:
         self, user: int, after_seq: int = 0, *, timeout_s: float = 30.0, limit: int = 100
     ) -> Fetched:
         """Long-poll: return as soon as the user has messages after
-        `after_seq`, or an empty result after `timeout_s`. The store has no
-        watch API, so this polls the user's mailbox counter (one strong read
-        per poll), backing off from POLL_FIRST_S to POLL_MAX_S."""
-        delay = POLL_FIRST_S
-        counter_key = (_user(user), "seq/msg")
+        `after_seq`, or an empty result after `timeout_s`. It watches the
+        mailbox rows after `after_seq` (`Client.watch`): the node tells it of
+        each new row the moment it is written, and nothing is read until then."""
         with trio.move_on_after(timeout_s):
             while True:
-                if await read_counter(self.client, counter_key, table=CHAT_META) > after_seq:
-                    fetched = await self.fetch(user, after_seq, limit=limit)
+                try:
+                    return await self._wait_on_watch(user, after_seq, limit)
+                except (WatchCompacted, Unavailable) as error:
+                    # History gone or no replica reachable: watch again from a fetch.
+                    logger.info("mailbox watch of user %d restarts: %s", user, error)
+                    await trio.sleep(WATCH_RESTART_S)
+        return Fetched([], after_seq)
+
+    async def _wait_on_watch(self, user: int, after_seq: int, limit: int) -> Fetched:
+        # The next WATCH_CURSORS_MAX - 1 mailbox rows (a watch covers at most
+        # WATCH_CURSORS_MAX): when they are all there, the fetch returns them.
+        window_end = min(after_seq + WATCH_CURSORS_MAX, SEQ_MAX)
+        async with self.client.watch(
+            _user(user),
+            table=CHAT_INBOX,
+            partition=True,
+            start=seq_key(MESSAGE_PREFIX, after_seq + 1),
+            end=seq_key(MESSAGE_PREFIX, window_end),
+        ) as events:
+            # The watch holds from here: a message stored after this fetch wakes it.
+            fetched = await self.fetch(user, after_seq, limit=limit)
+            if fetched.cursor > after_seq:
+                return fetched
+            # The events carry the new rows (each a chosen version, as a strong
+            # read would return it), so the wake-up needs no read of its own.
+            arrived: dict[int, Item] = {}
+            async for event in events:
+                if event.value is None:
+                    continue
+                seq = seq_of(event.key, MESSAGE_PREFIX)
+                arrived[seq] = Item(value=event.value, version=event.version, key=event.key)
+                ordered = [arrived[s] for s in sorted(arrived)][:limit]
+                rows, cursor = contiguous(
+                    ordered, prefix=MESSAGE_PREFIX, after_seq=after_seq, now_ms=now_ms(self.clock)
+                )
+                if rows:
+                    fetched = await self._messages(rows, after_seq, cursor)
                     if fetched.cursor > after_seq:
                         return fetched
-                await trio.sleep(delay)
-                delay = min(POLL_MAX_S, delay * 2)
-        return Fetched([], after_seq)
+        raise AssertionError("a watch's events never end")
 
     # --- sync ---
 
@@ -560,9 +596,10 @@ class Chat:
         self, sender: int, group: int, body: bytes | str, *, message_id: str | None = None
     ) -> int:
         """Store a group message once and return its group sequence; the
-        members' mailboxes get it from `deliver_pending` (the background
-        `run_delivery` task, if one runs, is told at once). Pass the same
-        `message_id` to retry: the message is then stored once."""
+        members' mailboxes get it from `deliver_pending` (the `run_delivery`
+        task, in any process, is woken by a watch of the group's delivery
+        row). Pass the same `message_id` to retry: the message is then stored
+        once."""
         data = body.encode() if isinstance(body, str) else body
         assert len(data) <= MESSAGE_BODY_BYTES_MAX, len(data)
         members, _ = await self._members(group)
@@ -596,11 +633,10 @@ class Chat:
             table=CHAT_GROUP,
         )
         await self.mark_read(sender, group, group_seq)
-        if self._delivery_queue is not None:
-            try:
-                self._delivery_queue.send_nowait(group)
-            except trio.WouldBlock:
-                pass  # the queue is full: the next sweep delivers it
+        # Written after the message, so a deliverer woken by it finds the message.
+        await put_retrying(
+            self.client, delivery_row(group), pack({"seq": group_seq}), table=CHAT_META
+        )
         return group_seq
 
     async def deliver_pending(self, group: int) -> int:
@@ -692,24 +728,33 @@ class Chat:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """The asynchronous delivery task: `nursery.start(chat.run_delivery)`.
-        It first sweeps every group (resuming a crashed deliverer's work), then
-        delivers each group `send_group` reports, until cancelled. A failed
-        pass is logged and left to the next message or sweep."""
+        It watches the groups' delivery rows (`DELIVERY_SHARDS` partition
+        watches; `send_group` in any process writes one per message), is
+        started once they hold, sweeps every group (resuming a crashed
+        deliverer's work), then delivers each group a watch names, until
+        cancelled. A failed pass is logged and left to the next message."""
         send, receive = trio.open_memory_channel[int](DELIVERY_QUEUE_MAX)
-        self._delivery_queue = send
-        try:
+        queued: set[int] = set()  # a burst of messages to one group: one pass
+
+        async def wake(group: int) -> None:
+            if group not in queued:
+                queued.add(group)
+                await send.send(group)
+
+        async with trio.open_nursery() as nursery:
+            for shard in range(DELIVERY_SHARDS):
+                await nursery.start(watch_delivery_rows, self.client, shard, wake)
             task_status.started()
             try:
                 await self.deliver_all()
             except KvsvrError as error:
                 logger.warning("group delivery sweep failed: %s", error)
             async for group in receive:
+                queued.discard(group)
                 try:
                     await self.deliver_pending(group)
                 except KvsvrError as error:
                     logger.warning("delivery to group %d failed: %s", group, error)
-        finally:
-            self._delivery_queue = None
 
     async def mark_read(self, user: int, group: int, group_seq: int) -> None:
         """The user has read the group up to `group_seq` (never moves back)."""
